@@ -1,0 +1,7 @@
+"""Allows ``python -m libshare`` as an alias of the ``libshare`` command."""
+
+import sys
+
+from libshare.cli import main
+
+sys.exit(main())

@@ -1,0 +1,130 @@
+"""libshare configuration: ``/etc/libshare/libshare.toml`` plus overrides.
+
+Every key has a default, so a missing file is fine. Precedence, lowest first: built-in
+defaults, the file (``--config PATH`` or ``$LIBSHARE_CONFIG`` or the system path),
+environment (``$LIBSHARE_STATE_DIR``), command-line options (``--state-dir``).
+
+The state directory holds everything libshare writes on a host::
+
+    STATE/store/              content-addressed library objects (sharing engine)
+    STATE/regions/images/     region images named by their SHA-256 (DIGEST.img)
+    STATE/regions/groups/     GROUP.img: symlink to the group's current image
+    STATE/running/            one JSON record per running enrolled domain (hook)
+    STATE/digests.json        cache of region digests keyed by inode/size/mtime
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from libshare.errors import LibshareError
+
+SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/libshare")
+MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings; ``source`` names the file they came from (or None)."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    default_model: str = "nvdimm"
+    default_group: str = "default"
+    log_level: str = "info"
+    libvirt_uri: str = "qemu:///system"
+    hook_timeout: float = 5.0
+    source: Path | None = field(default=None, compare=False)
+
+    @property
+    def regions_dir(self) -> Path:
+        """Return the folder holding region images and per-group links."""
+        return self.state_dir / "regions"
+
+    @property
+    def store_dir(self) -> Path:
+        """Return the folder of the content-addressed library store."""
+        return self.state_dir / "store"
+
+    @property
+    def running_dir(self) -> Path:
+        """Return the folder of running-domain records written by the hook."""
+        return self.state_dir / "running"
+
+    def group_region_link(self, group: str) -> Path:
+        """Return the stable path (a symlink) that points at ``group``'s current image."""
+        return self.regions_dir / "groups" / f"{group}.img"
+
+    def region_image(self, digest: str) -> Path:
+        """Return where the region image whose SHA-256 is ``digest`` lives on this host."""
+        return self.regions_dir / "images" / f"{digest}.img"
+
+    @property
+    def digest_cache(self) -> Path:
+        """Return the file caching SHA-256 digests of region images by inode/size/mtime."""
+        return self.state_dir / "digests.json"
+
+
+_KEYS: dict[str, type] = {
+    "state_dir": str,
+    "default_model": str,
+    "default_group": str,
+    "log_level": str,
+    "libvirt_uri": str,
+    "hook_timeout": float,
+}
+
+
+def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """Return ``values`` converted to Config field types; raise on unknown or bad keys."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key not in _KEYS:
+            raise LibshareError(f"{where}: unknown key {key!r} (known: {', '.join(_KEYS)})")
+        want = _KEYS[key]
+        if want is float and isinstance(value, int | float) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, want):
+            raise LibshareError(f"{where}: {key} must be a {want.__name__}")
+        out[key] = value
+    if "state_dir" in out:
+        out["state_dir"] = Path(out["state_dir"])
+    if out.get("default_model", "nvdimm") not in MODELS:
+        raise LibshareError(f"{where}: default_model must be one of {', '.join(MODELS)}")
+    if out.get("log_level", "info") not in LOG_LEVELS:
+        raise LibshareError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}")
+    return out
+
+
+def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = None,
+         environ: dict[str, str] | None = None) -> Config:
+    """Return the effective Config.
+
+    ``path`` is an explicit config file (it must exist); otherwise ``$LIBSHARE_CONFIG``
+    (must exist) or the system file (optional). ``state_dir`` overrides everything.
+    """
+    env = os.environ if environ is None else environ
+    explicit = path or env.get("LIBSHARE_CONFIG")
+    cfg_path = Path(explicit) if explicit else SYSTEM_CONFIG
+    values: dict[str, Any] = {}
+    source: Path | None = None
+    if cfg_path.exists():
+        try:
+            with open(cfg_path, "rb") as fh:
+                raw = tomllib.load(fh)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise LibshareError(f"cannot read config {cfg_path}: {exc}") from exc
+        values = _check(raw.get("libshare", raw), str(cfg_path))
+        source = cfg_path
+    elif explicit:
+        raise LibshareError(f"config file {cfg_path} does not exist")
+    cfg = replace(Config(), **values, source=source)
+    override = state_dir or env.get("LIBSHARE_STATE_DIR")
+    if override:
+        cfg = replace(cfg, state_dir=Path(override))
+    return cfg
