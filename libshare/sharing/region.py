@@ -1,0 +1,634 @@
+"""Region images: deterministic build, verify, list and garbage-collect.
+
+Owns ``cfg.regions_dir``: ``images/DIGEST.img`` (one file per distinct image, named by
+the hex SHA-256 of its bytes, mode 0444), ``groups/GROUP.img`` (a relative symlink to
+the group's current image, switched atomically), ``.lock`` and the temporary
+``.build-*`` / ``images/.tmp-*`` entries of a build in progress.
+
+Image layout (the guest sees the file as a label-less NVDIMM namespace)::
+
+    0        4 KiB of zeros
+    4 KiB    NVDIMM PFN info block (libshare.sharing.pfn): mode RAM, align and
+             dataoff 2 MiB, npfns = (size - 2 MiB) / 4 KiB  -> the guest builds an
+             fsdax device /dev/pmem0 that starts at 2 MiB
+    8 KiB    zeros up to 2 MiB
+    2 MiB    EROFS filesystem (mkfs.erofs, uncompressed, 4 KiB blocks,
+             -Enoinline_data so every file is block-aligned and DAX-mappable)
+    ...      zeros up to the total size, a multiple of 2 MiB
+
+Inside the filesystem every store object lives at a path that depends only on its
+content and name: ``/lib/<sha256[:2]>/<sha256>/<name>``, where ``name`` is the SONAME
+(else the smallest basename it was seen under). The hash directory makes paths unique
+and stable across rebuilds and hosts (adding a library never moves another one), and
+the real basename keeps guest ``/proc/PID/maps`` readable ("/.../libc.so.6").
+``/.libshare/manifest.json`` lists, per file: path, sha256, build_id, soname, size and
+the guest paths it serves, plus the group name.
+
+Determinism: the staging tree has fixed modes, mkfs.erofs gets ``-T0`` (all times 0),
+``--all-root``, ``-x-1`` (no xattrs) and a UUID derived from the manifest; the PFN
+uuid derives from the filesystem UUID. The same store objects, selection and group
+give the byte-identical image on every host. The group name is part of the manifest,
+so two trust groups never share one image file (nor its host page cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import uuid as uuidlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libshare.config import Config
+from libshare.digest import sha256_file
+from libshare.errors import LibshareError, UsageError
+from libshare.sharing import pfn
+from libshare.sharing.erofs import LAYOUT_FLAT_PLAIN, LAYOUT_NAMES, Erofs, ErofsError
+from libshare.sharing.store import (
+    OBJECT_MODE,
+    Progress,
+    StoreEntry,
+    StoreIndex,
+    check_object,
+    fsync_dir,
+    load_index,
+    object_path,
+)
+from libshare.units import REGION_ALIGN, human, round_up
+
+DATAOFF = REGION_ALIGN
+MANIFEST_PATH = "/.libshare/manifest.json"
+MANIFEST_VERSION = 1
+DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MKFS_OPTIONS = ["--quiet", "-x-1", "-T0", "--all-root", "-Enoinline_data"]
+CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_region` produced."""
+
+    path: str            # the image, named by its digest
+    digest: str          # hex SHA-256 of the image file
+    size: int            # bytes, a multiple of 2 MiB
+    files: int           # libraries in the image
+    group: str
+    link: str            # the group's stable path (symlink to ``path``)
+    fs_size: int         # bytes of the EROFS filesystem
+    data_size: int       # sum of the library sizes
+    new: bool            # False if an identical image already existed
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class ImageInfo:
+    """One image found by :func:`list_images`."""
+
+    path: str
+    digest: str
+    size: int
+    groups: list[str] = field(default_factory=list)
+    files: int | None = None
+    manifest_group: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the image description as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+@dataclass
+class GcResult:
+    """What :func:`gc` removed (or would remove with ``dry_run``) and what it kept."""
+
+    removed: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)     # path -> reason
+    freed: int = 0
+    leftovers: list[str] = field(default_factory=list)     # temporaries of dead builds
+    dry_run: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+# ---------------------------------------------------------------------------- selection
+
+def parse_selection_file(path: str | os.PathLike[str]) -> list[str]:
+    """Return the entries (guest paths or sha256s) listed in ``path``, '#' comments removed."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read selection file {path}: {exc.strerror}") from exc
+    out = []
+    for line in text.splitlines():
+        item = line.split("#", 1)[0].strip()
+        if item:
+            out.append(item)
+    return out
+
+
+def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreEntry]:
+    """Return the store entries chosen by ``selection``, sorted by sha256.
+
+    ``selection`` is "all" (every object), a path to a selection file, or a list of
+    guest paths / hex sha256s. Raises LibshareError naming the first unknown entry.
+    """
+    if selection == "all":
+        chosen = list(index.entries.values())
+    else:
+        items = parse_selection_file(selection) if isinstance(selection, str) else selection
+        by_path = index.by_path()
+        picked: dict[str, StoreEntry] = {}
+        for item in items:
+            sha = item.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", item) else by_path.get(item)
+            if sha is None or sha not in index.entries:
+                raise LibshareError(f"selection: {item} is not in the store "
+                                    "(import it with 'libshare store import')")
+            picked[sha] = index.entries[sha]
+        chosen = list(picked.values())
+    return sorted(chosen, key=lambda e: e.sha256)
+
+
+def fs_path(entry: StoreEntry) -> str:
+    """Return the stable path of ``entry`` inside the region filesystem."""
+    return f"/lib/{entry.sha256[:2]}/{entry.sha256}/{entry.name}"
+
+
+def manifest_bytes(entries: list[StoreEntry], group: str) -> bytes:
+    """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``."""
+    doc = {
+        "version": MANIFEST_VERSION,
+        "group": group,
+        "files": [{"path": fs_path(e), "sha256": e.sha256, "build_id": e.build_id,
+                   "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
+                  for e in sorted(entries, key=lambda x: x.sha256)],
+    }
+    return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
+
+
+# ---------------------------------------------------------------------------- build
+
+@contextlib.contextmanager
+def _locked(cfg: Config) -> Iterator[None]:
+    """Hold the regions lock (builds and gc exclude each other)."""
+    cfg.regions_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.regions_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
+           progress: Progress | None) -> None:
+    """Fill the staging tree ``root`` with the objects of ``entries`` and the manifest."""
+    total = len(entries)
+    for n, e in enumerate(entries, 1):
+        if progress:
+            progress("stage", n, total)
+        dest = root / fs_path(e).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = object_path(store_dir, e.sha256)
+        linked = False
+        if stat.S_IMODE(src.stat().st_mode) == OBJECT_MODE:
+            try:
+                os.link(src, dest)
+                linked = True
+            except OSError:
+                pass
+        if not linked:
+            shutil.copyfile(src, dest)
+            os.chmod(dest, OBJECT_MODE)
+    meta = root / ".libshare"
+    meta.mkdir()
+    (meta / "manifest.json").write_bytes(manifest)
+    os.chmod(meta / "manifest.json", 0o444)
+    for dirpath, _dirs, _files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        os.utime(dirpath, (0, 0))
+
+
+def _mkfs(fs_uuid: str, out: Path, root: Path) -> None:
+    """Run mkfs.erofs; raise LibshareError with its last error line on failure."""
+    mkfs = shutil.which("mkfs.erofs")
+    if mkfs is None:
+        raise LibshareError("mkfs.erofs not found (install erofs-utils)")
+    cmd = [mkfs, *MKFS_OPTIONS, f"-U{fs_uuid}", str(out), str(root)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0 or not out.exists():
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        raise LibshareError(f"mkfs.erofs failed: {lines[-1] if lines else proc.returncode}")
+
+
+def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
+                 progress: Progress | None) -> str:
+    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256."""
+    h = hashlib.sha256()
+    head = bytes(pfn.INFO_OFFSET) + block
+    head += bytes(DATAOFF - len(head))
+    written = 0
+    with open(tmp, "wb") as out:
+        out.write(head)
+        h.update(head)
+        written += len(head)
+        with open(fs_image, "rb") as fs:
+            while chunk := fs.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                written += len(chunk)
+                if progress:
+                    progress("write", written, total)
+        pad = total - written
+        zeros = bytes(min(CHUNK, pad))
+        while pad > 0:  # write real zeros: a sparse hole would cost a guest nothing, but
+            n = min(pad, len(zeros))  # we want the size on disk to be honest and stable
+            out.write(zeros[:n])
+            h.update(zeros[:n])
+            pad -= n
+        if progress:
+            progress("write", total, total)
+        out.flush()
+        os.fchmod(out.fileno(), 0o444)
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
+def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
+    """Point ``group``'s stable link at ``image`` atomically; return the link path."""
+    link = cfg.group_region_link(group)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(image, link.parent)
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(link.parent)
+    return link
+
+
+def check_group(group: str) -> None:
+    """Raise UsageError unless ``group`` is a valid trust-group name."""
+    if not GROUP_NAME.match(group):
+        raise UsageError(f"invalid group name {group!r} (letters, digits, '_', '.', '-')")
+
+
+def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
+                 size: int | None = None, progress: Progress | None = None) -> BuildResult:
+    """Build ``group``'s region image from the store and make it the group's current one.
+
+    ``selection``: see :func:`select_entries`. ``size``: total image size wanted
+    (rounded up to 2 MiB; LibshareError if the content needs more). Returns a
+    :class:`BuildResult`. On any failure or interrupt nothing is left under a digest name
+    and the group link is unchanged.
+    """
+    check_group(group)
+    index = load_index(cfg.store_dir)
+    entries = select_entries(index, selection)
+    if not entries:
+        raise LibshareError("nothing to put in the region: the store is empty "
+                            "(import libraries with 'libshare store import DIR')")
+    for e in entries:
+        problem = check_object(cfg.store_dir, e)
+        if problem:
+            raise LibshareError(problem)
+    manifest = manifest_bytes(entries, group)
+    fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
+    images = cfg.regions_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    with _locked(cfg):
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
+        tmp_image: Path | None = None
+        try:
+            root = staging / "root"
+            root.mkdir()
+            _stage(cfg.store_dir, entries, root, manifest, progress)
+            if progress:
+                progress("mkfs.erofs", 0, 0)
+            fs_image = staging / "fs.erofs"
+            _mkfs(fs_uuid, fs_image, root)
+            fs_size = fs_image.stat().st_size
+            need = DATAOFF + round_up(fs_size, REGION_ALIGN)
+            total = need if size is None else round_up(size, REGION_ALIGN)
+            if total < need:
+                raise LibshareError(f"--size {human(size or 0)} is too small: the region "
+                                    f"needs {human(need)} ({need} bytes)")
+            block = pfn.build(total, DATAOFF, pfn.uuid_from(
+                hashlib.sha256(b"libshare-region-pfn\0" + uuidlib.UUID(fs_uuid).bytes).digest()))
+            fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
+            os.close(fd)
+            tmp_image = Path(name)
+            digest = _write_image(tmp_image, block, fs_image, total, progress)
+            final = cfg.region_image(digest)
+            new = not final.exists()
+            if new:
+                os.replace(tmp_image, final)
+            else:
+                tmp_image.unlink()
+            tmp_image = None
+            fsync_dir(images)
+            link = switch_group_link(cfg, group, final)
+        finally:
+            if tmp_image is not None:
+                with contextlib.suppress(OSError):
+                    tmp_image.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
+                       group=group, link=str(link), fs_size=fs_size,
+                       data_size=sum(e.size for e in entries), new=new)
+
+
+def pfn_uuid(seed: bytes) -> uuidlib.UUID:
+    """Return the UUID derived from ``seed`` (see :func:`libshare.sharing.pfn.uuid_from`)."""
+    return uuidlib.UUID(bytes=pfn.uuid_from(seed))
+
+
+# ---------------------------------------------------------------------------- verify
+
+def read_manifest(fs: Erofs) -> dict[str, Any]:
+    """Return the parsed manifest of the region filesystem ``fs``; ErofsError if unusable."""
+    ino = fs.lookup(MANIFEST_PATH)
+    try:
+        doc = json.loads(fs.read_inode(ino))
+    except ValueError as exc:
+        raise ErofsError(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != MANIFEST_VERSION \
+            or not isinstance(doc.get("files"), list):
+        raise ErofsError("manifest has an unsupported format")
+    return doc
+
+
+def verify(path: str | os.PathLike[str], check_name: bool = True,
+           fsck: bool = False) -> str | None:
+    """Return the first problem found in the region image at ``path``, or None if sound.
+
+    Checks, in order: file size (a multiple of 2 MiB), zeros before the info block, the
+    PFN info block (signature, Fletcher-64, mode, align, dataoff, npfns == size),
+    the EROFS superblock (magic, crc32c, block count within the file), the manifest,
+    every listed file (present, plain layout for DAX, size, SHA-256), optionally
+    ``fsck.erofs --extract`` on a copy of the filesystem, and finally, if the file is
+    named ``<sha256>.img``, that its SHA-256 matches the name.
+    """
+    spath = os.fspath(path)
+    try:
+        with open(spath, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return f"{spath}: not a regular file"
+            problem = _verify_open(fh, st.st_size)
+    except OSError as exc:
+        return f"{spath}: {exc.strerror or exc}"
+    if problem:
+        return problem
+    if fsck:
+        problem = fsck_region(spath)
+        if problem:
+            return problem
+    m = DIGEST_NAME.match(os.path.basename(spath))
+    if check_name and m:
+        digest = sha256_file(spath)
+        if digest != m.group(1):
+            return f"content does not match the file name (SHA-256 is {digest})"
+    return None
+
+
+def _verify_open(fh: Any, size: int) -> str | None:
+    """Return the first structural or content problem of the open image ``fh``."""
+    if size < DATAOFF + REGION_ALIGN:
+        return f"image too small ({size} bytes): truncated or not a region image"
+    if size % REGION_ALIGN:
+        return f"size {size} is not a multiple of 2 MiB: truncated or padded"
+    head = fh.read(DATAOFF)
+    if len(head) != DATAOFF:
+        return "short read of the image head"
+    if head[:pfn.INFO_OFFSET] != bytes(pfn.INFO_OFFSET):
+        return "the first 4 KiB are not zero"
+    block = head[pfn.INFO_OFFSET:pfn.INFO_OFFSET + pfn.BLOCK_SIZE]
+    info = pfn.unpack(block)
+    problem = pfn.validate(info, size, block)
+    if problem:
+        return f"PFN info block: {problem}"
+    if info.dataoff != DATAOFF:
+        return f"PFN info block: dataoff {info.dataoff} (libshare images use {DATAOFF})"
+    try:
+        fs = Erofs(fh, offset=info.dataoff, length=size - info.dataoff)
+        manifest = read_manifest(fs)
+        for item in manifest["files"]:
+            problem = _verify_file(fs, item)
+            if problem:
+                return problem
+    except ErofsError as exc:
+        return f"filesystem: {exc}"
+    except (KeyError, TypeError) as exc:
+        return f"filesystem: manifest entry malformed ({exc})"
+    return None
+
+
+def _verify_file(fs: Erofs, item: dict[str, Any]) -> str | None:
+    """Return a problem with the manifest entry ``item`` in ``fs``, or None."""
+    path = item["path"]
+    ino = fs.lookup(path)
+    if not ino.is_reg:
+        return f"{path}: not a regular file"
+    if ino.layout != LAYOUT_FLAT_PLAIN:
+        return f"{path}: {LAYOUT_NAMES.get(ino.layout, ino.layout)} layout, DAX needs flat-plain"
+    if ino.size != item["size"]:
+        return f"{path}: size {ino.size}, manifest says {item['size']}"
+    h = hashlib.sha256()
+    for chunk in fs.iter_chunks(ino, CHUNK):
+        h.update(chunk)
+    if h.hexdigest() != item["sha256"]:
+        return f"{path}: SHA-256 {h.hexdigest()} does not match the manifest"
+    return None
+
+
+def fsck_region(path: str) -> str | None:
+    """Return a problem reported by ``fsck.erofs --extract`` on the image's filesystem.
+
+    erofs-utils 1.5 has no offset option, so the filesystem part is copied to a
+    temporary file next to the image first. None if fsck.erofs is not installed.
+    """
+    tool = shutil.which("fsck.erofs")
+    if tool is None:
+        return None
+    with open(path, "rb") as src, tempfile.NamedTemporaryFile(
+            prefix=".fsck-", dir=os.path.dirname(os.path.abspath(path))) as tmp:
+        src.seek(DATAOFF)
+        shutil.copyfileobj(src, tmp, CHUNK)
+        tmp.flush()
+        proc = subprocess.run([tool, "--extract", tmp.name], capture_output=True, text=True,
+                              check=False)
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return f"fsck.erofs: {lines[-1] if lines else f'exit {proc.returncode}'}"
+    return None
+
+
+# ---------------------------------------------------------------------------- ls / gc
+
+def group_links(cfg: Config) -> dict[str, str]:
+    """Return group name -> real path of its current image (dangling links included)."""
+    gdir = cfg.regions_dir / "groups"
+    out: dict[str, str] = {}
+    if gdir.is_dir():
+        for link in sorted(gdir.iterdir()):
+            if link.name.endswith(".img") and not link.name.startswith(".") \
+                    and link.is_symlink():
+                out[link.name[:-4]] = os.path.realpath(link)
+    return out
+
+
+def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
+    """Return every image under the images directory with the groups pointing at it."""
+    images = cfg.regions_dir / "images"
+    links = group_links(cfg)
+    out: list[ImageInfo] = []
+    if not images.is_dir():
+        return out
+    for p in sorted(images.iterdir()):
+        m = DIGEST_NAME.match(p.name)
+        if not m or not p.is_file():
+            continue
+        real = os.path.realpath(p)
+        info = ImageInfo(path=str(p), digest=m.group(1), size=p.stat().st_size,
+                         groups=sorted(g for g, t in links.items() if t == real))
+        if read_manifests:
+            with contextlib.suppress(OSError, ErofsError, ValueError), open(p, "rb") as fh:
+                fs = Erofs(fh, offset=DATAOFF)
+                doc = read_manifest(fs)
+                info.files = len(doc["files"])
+                info.manifest_group = doc.get("group")
+        out.append(info)
+    return out
+
+
+def region_paths_in_xml(xml: str) -> set[str]:
+    """Return the region backing paths a libvirt domain XML refers to.
+
+    nvdimm and virtio-pmem ``<memory>`` devices give their ``<source><path>``;
+    ``<shmem name=N>`` gives ``/dev/shm/N``.
+    """
+    from lxml import etree
+
+    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
+    out: set[str] = set()
+    for mem in root.iterfind("./devices/memory"):
+        if mem.get("model") in ("nvdimm", "virtio-pmem"):
+            for p in mem.iterfind("./source/path"):
+                if p.text and p.text.strip():
+                    out.add(p.text.strip())
+    for shm in root.iterfind("./devices/shmem"):
+        name = shm.get("name")
+        if name:
+            out.add(f"/dev/shm/{name}")
+    return out
+
+
+def libvirt_region_paths(uri: str) -> set[str]:
+    """Return every region path referenced by any domain (defined or running) at ``uri``.
+
+    Raises LibshareError if libvirt cannot be reached: gc must not guess.
+    """
+    try:
+        import libvirt
+    except ImportError as exc:
+        raise LibshareError("libvirt-python is not installed") from exc
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"cannot connect to libvirt at {uri}: {exc}") from exc
+    try:
+        out: set[str] = set()
+        for dom in conn.listAllDomains(0):
+            try:
+                out |= region_paths_in_xml(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                if dom.isActive():
+                    out |= region_paths_in_xml(dom.XMLDesc(0))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue  # undefined while we looked
+                raise LibshareError(f"libvirt: {exc}") from exc
+        return out
+    finally:
+        conn.close()
+
+
+def mapped_images(images_dir: Path) -> set[str]:
+    """Return the real paths of files under ``images_dir`` mapped by any process now.
+
+    A running QEMU keeps its region file mapped even after its group moved on; such a
+    file must survive gc (live migration and the running guest still need it).
+    """
+    prefix = os.path.realpath(images_dir) + "/"
+    out: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as fh:
+            for line in fh:
+                i = line.find(prefix)
+                if i >= 0:
+                    out.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+    return out
+
+
+def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False) -> GcResult:
+    """Remove images that no path in ``referenced`` resolves to; return a :class:`GcResult`.
+
+    Never removes a group's current image nor an image mapped by a running process.
+    Also removes temporaries left by interrupted builds (under the regions lock).
+    """
+    refs = {os.path.realpath(p) for p in referenced}
+    current = set(group_links(cfg).values())
+    result = GcResult(dry_run=dry_run)
+    images = cfg.regions_dir / "images"
+    mapped = mapped_images(images) if images.is_dir() else set()
+    with _locked(cfg):
+        for info in list_images(cfg, read_manifests=False):
+            real = os.path.realpath(info.path)
+            if real in current:
+                result.kept[info.path] = "current image of group " + ", ".join(info.groups)
+            elif real in refs:
+                result.kept[info.path] = "referenced by a libvirt domain"
+            elif real in mapped:
+                result.kept[info.path] = "mapped by a running process"
+            else:
+                result.removed.append(info.path)
+                result.freed += info.size
+                if not dry_run:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(info.path)
+        leftovers = list(cfg.regions_dir.glob(".build-*"))
+        if images.is_dir():
+            leftovers += list(images.glob(".tmp-*"))
+        for p in sorted(leftovers):
+            result.leftovers.append(str(p))
+            if not dry_run:
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+        if not dry_run and images.is_dir():
+            fsync_dir(images)
+    return result

@@ -1,0 +1,428 @@
+"""The canonical library store: content-addressed objects plus an index.
+
+Owns ``cfg.store_dir`` (``STATE/store/``)::
+
+    objects/<sha256[:2]>/<sha256>   one copy of each distinct file (by SHA-256), mode 0555
+    index.json                      sha256 -> size, build-id, soname, ELF type, PT_LOAD
+                                    segments, guest paths seen; build-id -> [sha256...]
+    tmp/                            temporary files of an import in progress
+    .lock                           flock held by an import
+
+Rules:
+
+* an object only appears under its hash after its bytes were copied to ``tmp/``,
+  re-hashed, fsync'ed and renamed; an interrupted import leaves at most temporary files
+  (removed by the next import) and never a half-written object;
+* the index is replaced atomically (temp file, fsync, rename, fsync of the directory);
+* importing the same tree twice adds nothing and does not rewrite the index;
+* identity is the SHA-256: a build-id maps to every hash seen with it, so a build-id
+  shared by different bytes gives two objects, never one;
+* guest paths are the paths inside the imported tree ("/usr/lib/.../libc.so.6"); a
+  symlink in the tree that resolves (inside the tree: absolute targets are taken relative
+  to the tree root and ``..`` stops at it) to an imported file adds its own path to that
+  file's guest paths. Symlinked directories are not walked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libshare.errors import LibshareError
+from libshare.sharing.elf import ElfIdentity, Skipped, identify
+
+INDEX_VERSION = 1
+CHUNK = 1024 * 1024
+NOT_ELF = "not an ELF file"
+OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
+
+Progress = Callable[[str, int, int], None]
+"""Progress callback: (phase, done, total); total 0 when unknown."""
+
+
+@dataclass
+class StoreEntry:
+    """One object of the store as recorded in the index."""
+
+    sha256: str
+    size: int
+    build_id: str | None
+    soname: str | None
+    elf_type: str
+    paths: list[str] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """Return the stable file name for this object: its SONAME, else its first basename."""
+        if self.soname and "/" not in self.soname and self.soname not in (".", ".."):
+            return self.soname
+        names = sorted({p.rsplit("/", 1)[-1] for p in self.paths} - {"", ".", ".."})
+        return names[0] if names else self.sha256
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the entry as a JSON-ready dict (the index representation)."""
+        return {"sha256": self.sha256, "size": self.size, "build_id": self.build_id,
+                "soname": self.soname, "elf_type": self.elf_type,
+                "paths": sorted(self.paths), "segments": self.segments}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreEntry:
+        """Return the entry recorded as ``d`` in the index."""
+        return cls(sha256=d["sha256"], size=int(d["size"]), build_id=d.get("build_id"),
+                   soname=d.get("soname"), elf_type=d.get("elf_type", "ET_DYN"),
+                   paths=list(d.get("paths", [])), segments=list(d.get("segments", [])))
+
+
+@dataclass
+class StoreIndex:
+    """The whole index: entries by SHA-256 (build-id map derived from them)."""
+
+    entries: dict[str, StoreEntry] = field(default_factory=dict)
+
+    def by_build_id(self) -> dict[str, list[str]]:
+        """Return build-id -> sorted SHA-256s of every object carrying it."""
+        out: dict[str, list[str]] = {}
+        for e in self.entries.values():
+            if e.build_id:
+                out.setdefault(e.build_id, []).append(e.sha256)
+        return {k: sorted(v) for k, v in sorted(out.items())}
+
+    def by_path(self) -> dict[str, str]:
+        """Return guest path -> SHA-256 (the last imported object seen at that path wins)."""
+        out: dict[str, str] = {}
+        for e in sorted(self.entries.values(), key=lambda x: x.sha256):
+            for p in e.paths:
+                out[p] = e.sha256
+        return out
+
+    def to_json(self) -> str:
+        """Return the canonical JSON text of the index."""
+        doc = {"version": INDEX_VERSION,
+               "objects": {k: self.entries[k].as_dict() for k in sorted(self.entries)},
+               "build_ids": self.by_build_id()}
+        return json.dumps(doc, indent=1, sort_keys=True) + "\n"
+
+
+@dataclass
+class ImportResult:
+    """What :func:`import_tree` did."""
+
+    roots: list[str]
+    files_seen: int = 0
+    added: list[str] = field(default_factory=list)      # new objects (sha256)
+    known: int = 0                                      # files already in the store
+    paths_added: int = 0                                # new guest paths recorded
+    symlinks: int = 0                                   # symlinks recorded as guest paths
+    skipped: list[Skipped] = field(default_factory=list)
+    index_written: bool = False
+
+    def skipped_counts(self) -> dict[str, int]:
+        """Return skip reason -> number of files."""
+        return dict(sorted(Counter(s.reason for s in self.skipped).items()))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready summary (non-ELF files are only counted, not listed)."""
+        return {"roots": self.roots, "files_seen": self.files_seen,
+                "added": len(self.added), "added_objects": self.added,
+                "known": self.known, "paths_added": self.paths_added,
+                "symlinks": self.symlinks, "skipped_counts": self.skipped_counts(),
+                "skipped": [{"path": s.path, "reason": s.reason}
+                            for s in self.skipped if s.reason != NOT_ELF],
+                "index_written": self.index_written}
+
+
+def object_path(store_dir: Path, sha256: str) -> Path:
+    """Return where the object with hex SHA-256 ``sha256`` lives in the store."""
+    return store_dir / "objects" / sha256[:2] / sha256
+
+
+def index_path(store_dir: Path) -> Path:
+    """Return the path of the store's index file."""
+    return store_dir / "index.json"
+
+
+def load_index(store_dir: Path) -> StoreIndex:
+    """Return the store's index (empty if the store does not exist yet).
+
+    Raises LibshareError if the index exists but cannot be read or parsed.
+    """
+    path = index_path(store_dir)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        return StoreIndex()
+    except (OSError, ValueError) as exc:
+        raise LibshareError(f"cannot read store index {path}: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
+        raise LibshareError(f"store index {path}: unsupported format")
+    try:
+        entries = {k: StoreEntry.from_dict(v) for k, v in doc.get("objects", {}).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LibshareError(f"store index {path}: bad entry ({exc})") from exc
+    return StoreIndex(entries)
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync the directory ``path`` so a rename inside it is durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fchmod(fh.fileno(), mode)
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def save_index(store_dir: Path, index: StoreIndex) -> None:
+    """Write ``index`` as the store's index, atomically."""
+    write_atomic(index_path(store_dir), index.to_json().encode())
+
+
+@contextlib.contextmanager
+def locked(store_dir: Path) -> Iterator[None]:
+    """Hold the store's exclusive lock (waits for another import to finish)."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def resolve_in_root(root: str, rel: str, max_links: int = 40) -> str | None:
+    """Return the host path that guest path ``rel`` resolves to inside ``root``, or None.
+
+    Symlinks are followed as if ``root`` were ``/``: absolute targets restart at
+    ``root`` and ``..`` never climbs above it. None for loops (> ``max_links``).
+    """
+    pending = [p for p in rel.split("/") if p]
+    pending.reverse()
+    cur: list[str] = []
+    links = 0
+    while pending:
+        part = pending.pop()
+        if part == ".":
+            continue
+        if part == "..":
+            if cur:
+                cur.pop()
+            continue
+        candidate = os.path.join(root, *cur, part)
+        if os.path.islink(candidate):
+            links += 1
+            if links > max_links:
+                return None
+            target = os.readlink(candidate)
+            if target.startswith("/"):
+                cur = []
+            pending.extend(reversed([p for p in target.split("/") if p]))
+            continue
+        cur.append(part)
+    return os.path.join(root, *cur)
+
+
+def _walk(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield (host path, lstat) of every regular file and symlink under ``root``, sorted."""
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        names = sorted(filenames + [d for d in dirnames
+                                    if os.path.islink(os.path.join(dirpath, d))])
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+                yield path, st
+
+
+def _copy_object(store_dir: Path, src: str, ident: ElfIdentity) -> str | None:
+    """Copy ``src`` into the store as ``ident.sha256``; return None or a skip reason.
+
+    The copy is re-hashed before it becomes visible; a file that changed since it was
+    identified is refused (reason returned) and nothing is left behind.
+    """
+    final = object_path(store_dir, ident.sha256)
+    tmpdir = store_dir / "tmp"
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=tmpdir, prefix=ident.sha256[:16] + ".")
+    try:
+        h = hashlib.sha256()
+        with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
+            while chunk := s.read(CHUNK):
+                h.update(chunk)
+                d.write(chunk)
+            d.flush()
+            os.fchmod(d.fileno(), OBJECT_MODE)
+            os.fsync(d.fileno())
+        if h.hexdigest() != ident.sha256:
+            os.unlink(tmp)
+            return "file changed while being imported"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(final.parent)
+    return None
+
+
+def _object_ok(store_dir: Path, ident: ElfIdentity) -> bool:
+    """Return True if the object for ``ident`` already exists with the right size."""
+    try:
+        return object_path(store_dir, ident.sha256).stat().st_size == ident.size
+    except OSError:
+        return False
+
+
+def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
+                progress: Progress | None = None) -> ImportResult:
+    """Import every x86-64 ELF file found under ``dirs`` into the store at ``store_dir``.
+
+    Returns an :class:`ImportResult`. Raises LibshareError if a directory does not
+    exist. Idempotent; holds the store lock for the whole import.
+    """
+    roots = [os.path.realpath(d) for d in dirs]
+    for r in roots:
+        if not os.path.isdir(r):
+            raise LibshareError(f"{r}: not a directory")
+    result = ImportResult(roots=roots)
+    with locked(store_dir):
+        tmpdir = store_dir / "tmp"
+        if tmpdir.is_dir():  # leftovers of an interrupted import (we hold the lock)
+            for leftover in tmpdir.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+        index = load_index(store_dir)
+        before = index.to_json()
+        for root in roots:
+            _import_root(store_dir, root, index, result, progress)
+        if index.to_json() != before:
+            save_index(store_dir, index)
+            result.index_written = True
+    return result
+
+
+def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportResult,
+                 progress: Progress | None) -> None:
+    """Import one tree ``root`` into ``index`` (objects copied, index not yet written)."""
+    items = list(_walk(root))
+    by_inode: dict[tuple[int, int], str] = {}       # (dev, ino) -> sha256 of imported file
+    links: list[str] = []                            # guest paths of symlinks
+    total = len(items)
+    for n, (path, st) in enumerate(items, 1):
+        if progress:
+            progress("import", n, total)
+        guest = "/" + os.path.relpath(path, root)
+        if stat.S_ISLNK(st.st_mode):
+            links.append(guest)
+            continue
+        result.files_seen += 1
+        key = (st.st_dev, st.st_ino)
+        sha = by_inode.get(key)
+        if sha is None:
+            ident = identify(path)
+            if isinstance(ident, Skipped):
+                result.skipped.append(ident)
+                continue
+            sha = _add_object(store_dir, path, ident, index, result)
+            if sha is None:
+                continue
+            by_inode[key] = sha
+        else:
+            result.known += 1
+        if _add_path(index.entries[sha], guest):
+            result.paths_added += 1
+    for guest in links:
+        target = resolve_in_root(root, guest)
+        if target is None:
+            continue
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        sha = by_inode.get((st.st_dev, st.st_ino))
+        if sha is None:
+            continue
+        result.symlinks += 1
+        if _add_path(index.entries[sha], guest):
+            result.paths_added += 1
+
+
+def _add_object(store_dir: Path, path: str, ident: ElfIdentity, index: StoreIndex,
+                result: ImportResult) -> str | None:
+    """Make sure ``ident`` is stored and indexed; return its sha256 or None if skipped."""
+    entry = index.entries.get(ident.sha256)
+    if entry is not None and _object_ok(store_dir, ident):
+        result.known += 1
+        return ident.sha256
+    if not _object_ok(store_dir, ident):
+        why = _copy_object(store_dir, path, ident)
+        if why is not None:
+            result.skipped.append(Skipped(path, why))
+            return None
+    if entry is None:
+        index.entries[ident.sha256] = StoreEntry(
+            sha256=ident.sha256, size=ident.size, build_id=ident.build_id,
+            soname=ident.soname, elf_type=ident.elf_type,
+            segments=[s.as_dict() for s in ident.segments])
+        result.added.append(ident.sha256)
+    else:
+        result.known += 1
+    return ident.sha256
+
+
+def _add_path(entry: StoreEntry, guest: str) -> bool:
+    """Record ``guest`` as a path of ``entry``; return True if it was new."""
+    if guest in entry.paths:
+        return False
+    entry.paths.append(guest)
+    entry.paths.sort()
+    return True
+
+
+def check_object(store_dir: Path, entry: StoreEntry) -> str | None:
+    """Return a problem with ``entry``'s object file (missing, wrong size), or None."""
+    path = object_path(store_dir, entry.sha256)
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        if exc.errno == errno.ENOENT:
+            return f"object {entry.sha256} missing from the store"
+        return f"object {entry.sha256}: {exc.strerror}"
+    if size != entry.size:
+        return f"object {entry.sha256} has size {size}, index says {entry.size}"
+    return None
