@@ -1,0 +1,52 @@
+"""The small-guest kit: tiny Debian-kernel + busybox guests that boot in seconds under
+TCG in the system libvirtd, run a shell script, print results on the serial console and
+power off. Used by the integration tests, the demo and the benchmarks.
+
+Owns nothing itself; it re-exports the public API of its modules: ``kernel`` (fetch and
+cache Debian kernels, module closure), ``cpio`` (newc writer), ``initramfs`` (base and
+per-test images), ``domain`` (domain XML) and ``runner`` (boot, wait, clean up).
+"""
+
+from libshare.guests.cache import cache_root
+from libshare.guests.domain import (
+    DEFAULT_CMDLINE,
+    add_numa_nvdimm_support,
+    guest_domain_tree,
+    guest_domain_xml,
+    nvdimm_device_xml,
+)
+from libshare.guests.initramfs import (
+    BEGIN_MARKER,
+    END_MARKER,
+    READY_MARKER,
+    base_initramfs,
+    overlay_archive,
+)
+from libshare.guests.kernel import (
+    DEFAULT_MODULES,
+    Kernel,
+    KernelError,
+    fetch_kernel,
+    kernel_modules_order,
+    module_closure,
+)
+from libshare.guests.runner import (
+    GuestError,
+    GuestOptions,
+    GuestResult,
+    GuestTimeout,
+    RunningGuest,
+    cleanup_domain,
+    cleanup_domains,
+    run_guest,
+    running_guest,
+)
+
+__all__ = [
+    "BEGIN_MARKER", "DEFAULT_CMDLINE", "DEFAULT_MODULES", "END_MARKER", "READY_MARKER",
+    "GuestError", "GuestOptions", "GuestResult", "GuestTimeout", "Kernel", "KernelError",
+    "RunningGuest", "add_numa_nvdimm_support", "base_initramfs", "cache_root",
+    "cleanup_domain", "cleanup_domains", "fetch_kernel", "guest_domain_tree",
+    "guest_domain_xml", "kernel_modules_order", "module_closure", "nvdimm_device_xml",
+    "overlay_archive", "run_guest", "running_guest",
+]

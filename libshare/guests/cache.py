@@ -1,0 +1,48 @@
+"""Where the small-guest kit keeps its files: the cache root and its sub-directories.
+
+Owns the choice of location (default ``/var/cache/libshare/guests``, overridden by the
+environment variable ``LIBSHARE_GUEST_CACHE``) and a cross-process lock so that
+concurrent test runs do not build the same artefact twice. Everything placed here must be
+readable by QEMU running as ``libvirt-qemu``, so directories are made mode 0755.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_CACHE = Path("/var/cache/libshare/guests")
+CACHE_ENV = "LIBSHARE_GUEST_CACHE"
+
+
+def cache_root(override: Path | str | None = None) -> Path:
+    """Return the cache root (created, mode 0755): ``override``, else $LIBSHARE_GUEST_CACHE, else the default."""
+    root = Path(override) if override else Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
+    root.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        root.chmod(0o755)
+    return root
+
+
+def cache_subdir(name: str, override: Path | str | None = None) -> Path:
+    """Return ``<cache root>/<name>``, created with mode 0755."""
+    path = cache_root(override) / name
+    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):
+        path.chmod(0o755)
+    return path
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` body; yields nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

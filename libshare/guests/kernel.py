@@ -1,0 +1,342 @@
+"""Debian kernels for small guests: fetch, extract and cache a ``linux-image-*`` package,
+and compute which modules to load, in which order.
+
+Owns the kernel cache (``<cache>/kernels/<package>_<version>/``, holding the package's
+``boot/vmlinuz-*`` and ``lib/modules/<release>/`` with a ``modules.dep`` made by
+``depmod -b``), and the module dependency closure (``modules.dep`` plus the ``pre:``
+soft dependencies of ``modules.softdep``, modules built in per ``modules.builtin`` left
+out). Kernels come from Debian's archive only: the host's own apt configuration for the
+host's suite, or a private apt directory (own sources list, lists and cache) for another
+suite such as ``bullseye``, so the host's apt state is never changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from libshare.errors import LibshareError
+from libshare.guests.cache import cache_subdir, locked
+
+#: Modules a test guest loads by default: NVDIMM (ACPI NFIT, pmem, btt, devdax),
+#: EROFS and ext4, virtio PCI transport, console and balloon.
+DEFAULT_MODULES: tuple[str, ...] = (
+    "virtio_pci", "virtio_console", "virtio_balloon",
+    "libnvdimm", "nfit", "nd_btt", "nd_pmem", "dax_pmem",
+    "erofs", "ext4",
+)
+
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_SECURITY = "http://deb.debian.org/debian-security"
+_MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
+
+
+class KernelError(LibshareError):
+    """A kernel package could not be found, fetched or unpacked."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """An unpacked Debian kernel: ``package`` name, Debian ``version`` (as in
+    ``/proc/version``, e.g. ``6.1.192-2``), ``release`` (``uname -r``), the ``vmlinuz``
+    path and ``modules_dir`` (``.../lib/modules/<release>``)."""
+
+    package: str
+    version: str
+    release: str
+    vmlinuz: Path
+    modules_dir: Path
+
+    @property
+    def root(self) -> Path:
+        """Return the directory the package was unpacked into."""
+        return self.vmlinuz.parent.parent
+
+
+def module_name(path: str) -> str:
+    """Return the module name for a path in ``modules.dep`` (basename without ``.ko*``,
+    dashes as underscores), e.g. ``kernel/fs/ext4/ext4.ko`` -> ``ext4``."""
+    base = path.rsplit("/", 1)[-1]
+    for suffix in _MODULE_SUFFIXES:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return base.replace("-", "_")
+
+
+def parse_modules_dep(text: str) -> dict[str, tuple[str, list[str]]]:
+    """Return ``{name: (relative path, [dependency names])}`` parsed from ``modules.dep`` text."""
+    out: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        path, _, deps = line.partition(":")
+        out[module_name(path.strip())] = (path.strip(), [module_name(d) for d in deps.split()])
+    return out
+
+
+def parse_builtin(text: str) -> set[str]:
+    """Return the set of module names listed in ``modules.builtin`` text."""
+    return {module_name(line.strip()) for line in text.splitlines() if line.strip()}
+
+
+def parse_softdeps(text: str) -> dict[str, list[str]]:
+    """Return ``{module: [pre: soft dependencies]}`` from ``modules.softdep`` text
+    (names may be aliases; ``post:`` dependencies are ignored)."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 3 or words[0] != "softdep":
+            continue
+        pre: list[str] = []
+        mode = ""
+        for w in words[2:]:
+            if w.endswith(":"):
+                mode = w
+            elif mode == "pre:":
+                pre.append(w)
+        out[module_name(words[1])] = pre
+    return out
+
+
+def parse_aliases(text: str) -> dict[str, list[str]]:
+    """Return ``{alias: [module names]}`` for the wildcard-free lines of ``modules.alias``."""
+    out: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias" and not any(c in words[1] for c in "*?["):
+            out.setdefault(words[1], []).append(module_name(words[2]))
+    return out
+
+
+def module_closure(
+    wanted: Iterable[str],
+    deps: dict[str, tuple[str, list[str]]],
+    builtin: set[str] | frozenset[str] = frozenset(),
+    softdeps: dict[str, list[str]] | None = None,
+    aliases: dict[str, list[str]] | None = None,
+    optional: set[str] | None = None,
+) -> list[str]:
+    """Return the relative paths (as in ``modules.dep``) of ``wanted`` modules and all
+    their hard and ``pre:`` soft dependencies, in a valid load order (dependencies first).
+
+    Built-in modules are skipped silently; a wanted module that is neither loadable nor
+    built in raises KernelError. Soft dependencies that cannot be resolved are skipped;
+    the paths of modules reached only through soft dependencies (which may fail to load,
+    e.g. CPU-specific crypto) are added to ``optional`` if given.
+    """
+    softdeps = softdeps or {}
+    aliases = aliases or {}
+    order: list[str] = []
+    done: set[str] = set()
+    visiting: set[str] = set()
+
+    def resolve(name: str) -> list[str]:
+        name = name.replace("-", "_")
+        if name in deps or name in builtin:
+            return [name]
+        return aliases.get(name, [])
+
+    hard: set[str] = set()
+
+    def visit(name: str, soft: bool = False) -> None:
+        if not soft:
+            hard.add(name)
+        if name in done or name in builtin:
+            return
+        if name in visiting:
+            raise KernelError(f"module dependency cycle through {name}")
+        visiting.add(name)
+        for softname in softdeps.get(name, []):
+            for target in resolve(softname):
+                if target in deps:
+                    visit(target, soft=True)
+        for dep in deps[name][1]:
+            visit(dep, soft)
+        visiting.discard(name)
+        done.add(name)
+        order.append(deps[name][0])
+
+    for want in wanted:
+        targets = [t for t in resolve(want) if t in deps or t in builtin]
+        if not targets:
+            raise KernelError(f"kernel module {want!r} is neither a module nor built in")
+        for target in targets:
+            visit(target)
+    stack = [n for n in hard if n in deps]
+    while stack:  # a module needed hard makes its own dependencies hard too
+        for dep in deps[stack.pop()][1]:
+            if dep not in hard and dep in deps:
+                hard.add(dep)
+                stack.append(dep)
+    if optional is not None:
+        optional.update(deps[n][0] for n in done - hard)
+    return order
+
+
+def kernel_modules_order(kernel: Kernel, wanted: Sequence[str] = DEFAULT_MODULES,
+                         optional: set[str] | None = None) -> list[str]:
+    """Return the load order (paths relative to ``kernel.modules_dir``) for ``wanted``
+    modules of ``kernel`` and their dependencies, built-ins left out; soft-dependency-only
+    paths are added to ``optional`` if given."""
+    d = kernel.modules_dir
+
+    def read(name: str) -> str:
+        p = d / name
+        return p.read_text() if p.exists() else ""
+
+    return module_closure(
+        wanted,
+        parse_modules_dep(read("modules.dep")),
+        parse_builtin(read("modules.builtin")),
+        parse_softdeps(read("modules.softdep")),
+        parse_aliases(read("modules.alias")),
+        optional,
+    )
+
+
+# ---------------------------------------------------------------- apt access
+
+
+def _private_apt_options(suite: str, cache: Path) -> list[str]:
+    """Return apt ``-o`` options for a private apt tree of ``suite`` under ``cache``
+    (created and updated if needed); the host's apt state is not touched."""
+    base = cache / "apt" / suite
+    lists = base / "lists"
+    (lists / "partial").mkdir(parents=True, exist_ok=True)
+    (base / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    sources = base / "sources.list"
+    keyring = "/usr/share/keyrings/debian-archive-keyring.gpg"
+    sec = f"{suite}-security" if suite not in ("buster", "stretch") else f"{suite}/updates"
+    sources.write_text(
+        f"deb [signed-by={keyring}] {DEBIAN_MIRROR} {suite} main\n"
+        f"deb [signed-by={keyring}] {DEBIAN_MIRROR} {suite}-updates main\n"
+        f"deb [signed-by={keyring}] {DEBIAN_SECURITY} {sec} main\n"
+    )
+    opts = [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", "Dir::Etc::SourceParts=/nonexistent",
+        "-o", f"Dir::State::Lists={lists}",
+        "-o", f"Dir::Cache::Archives={base / 'archives'}",
+        "-o", f"Dir::Cache={base}",
+        "-o", "APT::Get::List-Cleanup=0",
+    ]
+    if not any(lists.glob("*Packages*")):
+        _run(["apt-get", *opts, "-qq", "update"])
+    return opts
+
+
+def _run(cmd: Sequence[str], cwd: Path | None = None) -> str:
+    """Run ``cmd``; return its stdout, raising KernelError with its stderr on failure."""
+    env = dict(os.environ, LC_ALL="C")
+    try:
+        res = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise KernelError(f"{cmd[0]} not found: {exc}") from exc
+    if res.returncode != 0:
+        raise KernelError(f"{' '.join(cmd[:3])}... failed: {res.stderr.strip()[-400:]}")
+    return res.stdout
+
+
+def resolve_kernel_package(suite: str | None = None, cache: Path | None = None) -> tuple[str, str]:
+    """Return ``(package, version)`` of the kernel that ``linux-image-amd64`` depends on,
+    for the host's apt sources (``suite`` None) or a private apt tree for ``suite``."""
+    opts = _private_apt_options(suite, cache or cache_subdir("")) if suite else []
+    deps = _run(["apt-cache", *opts, "depends", "linux-image-amd64"])
+    m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", deps)
+    if not m:
+        raise KernelError(f"cannot find the kernel package behind linux-image-amd64: {deps!r}")
+    package = m.group(1)
+    policy = _run(["apt-cache", *opts, "policy", package])
+    v = re.search(r"Candidate:\s*(\S+)", policy)
+    if not v or v.group(1) == "(none)":
+        raise KernelError(f"no candidate version for {package}")
+    return package, v.group(1)
+
+
+def _find_unpacked(root: Path, package: str, version: str) -> Kernel:
+    """Return the Kernel found in an unpacked package tree ``root``."""
+    vmlinuz = sorted((root / "boot").glob("vmlinuz-*"))
+    moddirs = sorted(p for p in (root / "lib" / "modules").glob("*") if p.is_dir())
+    if not vmlinuz or not moddirs:
+        raise KernelError(f"{root} holds no vmlinuz or lib/modules")
+    return Kernel(package, version, moddirs[0].name, vmlinuz[0], moddirs[0])
+
+
+def _cached_kernels(kdir: Path) -> list[Kernel]:
+    """Return every complete kernel already in the cache directory ``kdir``."""
+    found = []
+    for d in sorted(kdir.iterdir()):
+        if d.is_dir() and (d / ".complete").exists() and "_" in d.name:
+            package, _, version = d.name.partition("_")
+            with contextlib.suppress(KernelError):
+                found.append(_find_unpacked(d, package, version))
+    return found
+
+
+def fetch_kernel(
+    suite: str | None = None,
+    package: str | None = None,
+    version: str | None = None,
+    cache: Path | str | None = None,
+) -> Kernel:
+    """Return the unpacked kernel for ``suite`` (None: the host's own Debian release),
+    downloading (``apt-get download``) and unpacking (``dpkg -x``) it once into
+    ``<cache>/kernels/<package>_<version>/`` and running ``depmod -b`` on it.
+
+    ``package``/``version`` pin an exact ``linux-image-*`` package; by default the one
+    ``linux-image-amd64`` depends on. If apt cannot be asked (offline) the newest cached
+    kernel is used. ``suite='bullseye'`` gives Debian 11's 5.10 kernel through a private
+    apt tree in the cache.
+    """
+    kdir = cache_subdir("kernels", cache)
+    try:
+        if package is None:
+            package, resolved_version = resolve_kernel_package(suite, kdir.parent)
+            version = version or resolved_version
+        elif version is None:
+            opts = _private_apt_options(suite, kdir.parent) if suite else []
+            v = re.search(r"Candidate:\s*(\S+)", _run(["apt-cache", *opts, "policy", package]))
+            if not v:
+                raise KernelError(f"no candidate version for {package}")
+            version = v.group(1)
+    except KernelError:
+        fallback = [k for k in _cached_kernels(kdir) if package in (None, k.package)]
+        if not fallback:
+            raise
+        return fallback[-1]
+    target = kdir / f"{package}_{version}"
+    with locked(kdir / ".lock"):
+        if (target / ".complete").exists():
+            return _find_unpacked(target, package, version)
+        with tempfile.TemporaryDirectory(dir=kdir, prefix=".fetch-") as tmp:
+            tmpdir = Path(tmp)
+            opts = _private_apt_options(suite, kdir.parent) if suite else []
+            _run(["apt-get", *opts, "-qq", "download", f"{package}={version}"], cwd=tmpdir)
+            debs = list(tmpdir.glob("*.deb"))
+            if len(debs) != 1:
+                raise KernelError(f"apt-get download gave {debs}")
+            unpack = tmpdir / "root"
+            _run(["dpkg", "-x", str(debs[0]), str(unpack)])
+            # Debian ships /lib/modules (or /usr/lib/modules on merged-/usr releases)
+            usr_mods = unpack / "usr" / "lib" / "modules"
+            if not (unpack / "lib" / "modules").exists() and usr_mods.exists():
+                (unpack / "lib").mkdir(exist_ok=True)
+                shutil.move(str(usr_mods), str(unpack / "lib" / "modules"))
+            kernel = _find_unpacked(unpack, package, version)
+            _run(["depmod", "-b", str(unpack), kernel.release])
+            for p in [unpack, *unpack.rglob("*")]:
+                if p.is_dir() and not p.is_symlink():
+                    p.chmod(0o755)
+            if target.exists():
+                shutil.rmtree(target)
+            unpack.rename(target)
+            (target / ".complete").write_text(f"{package} {version}\n")
+        return _find_unpacked(target, package, version)

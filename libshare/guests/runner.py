@@ -1,0 +1,288 @@
+"""Booting small test guests in libvirt and collecting what they print.
+
+Owns the life cycle of a test guest: build its initrd (cached base + per-test overlay),
+define the domain, start it, follow its serial console file, and ALWAYS destroy and
+undefine it afterwards, on success, failure, timeout or interrupt. Two entry points:
+:func:`run_guest` (boot, run the script, wait for the end marker or the guest to stop,
+return a :class:`GuestResult`) and :func:`running_guest` (a context manager yielding a
+:class:`RunningGuest` that the caller drives while doing host-side work). Per-guest files
+(``initrd.img``, ``console.log``) live in ``<cache>/run/<name>/``, readable by QEMU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from libshare.errors import LibshareError
+from libshare.guests.cache import cache_subdir
+from libshare.guests.domain import DEFAULT_CMDLINE, Customizer, guest_domain_xml
+from libshare.guests.initramfs import (
+    BEGIN_MARKER,
+    BOOTED_MARKER,
+    END_MARKER,
+    READY_MARKER,
+    base_initramfs,
+    guest_initrd,
+    overlay_archive,
+)
+from libshare.guests.kernel import DEFAULT_MODULES, Kernel, fetch_kernel
+
+_END_RE = re.compile(rf"^{END_MARKER} rc=(\d+)\s*$", re.M)
+_BEGIN_RE = re.compile(rf"^{BEGIN_MARKER}\s*$", re.M)
+_READY_RE = re.compile(rf"^{READY_MARKER}(?: (.*?))?\s*$", re.M)
+POLL_SECONDS = 0.2
+_HANDLER_SET = False
+
+
+class GuestError(LibshareError):
+    """A test guest could not be defined or started, or did not do what was awaited."""
+
+
+class GuestTimeout(GuestError):
+    """A test guest did not print what was awaited within the time allowed."""
+
+
+@dataclass
+class GuestOptions:
+    """How to build and boot a test guest. ``kernel`` None: the host release's Debian
+    kernel from :func:`fetch_kernel`. ``files``: guest path -> bytes/text/host Path.
+    ``binaries``: host programs copied in with their shared libraries. ``devices``: extra
+    device XML; ``customize``: callbacks editing the ``<domain>`` element in place."""
+
+    memory_mib: int = 256
+    vcpus: int = 1
+    kernel: Kernel | None = None
+    modules: Sequence[str] = DEFAULT_MODULES
+    files: Mapping[str, bytes | str | Path] = field(default_factory=dict)
+    binaries: Sequence[Path | str] = ()
+    cmdline: str = DEFAULT_CMDLINE
+    cmdline_extra: str = ""
+    devices: Sequence[str | etree._Element] = ()
+    customize: Sequence[Customizer] = ()
+    domain_type: str = "qemu"
+    cache: Path | str | None = None
+
+
+@dataclass
+class GuestResult:
+    """What a finished guest printed: the whole ``console`` text (``\\r`` removed), the
+    ``output`` between the begin and end markers, the script's exit code ``rc`` (None if
+    the end marker never came), ``timed_out``, ``elapsed`` seconds from start to end,
+    ``boot_seconds`` (guest uptime when /init was ready to run the script, if printed)."""
+
+    name: str
+    console: str
+    output: str
+    rc: int | None
+    timed_out: bool
+    elapsed: float
+    boot_seconds: float | None
+    console_log: Path
+
+    @property
+    def ok(self) -> bool:
+        """Return True if the script ran to the end and exited 0."""
+        return self.rc == 0 and not self.timed_out
+
+
+def parse_console(text: str) -> tuple[str, int | None, float | None]:
+    """Return ``(output, rc, boot_seconds)`` from console ``text``: the lines between
+    the begin and end markers, the rc on the end marker (None if absent), and the
+    uptime on the booted marker (None if absent)."""
+    text = text.replace("\r", "")
+    begin = _BEGIN_RE.search(text)
+    end = _END_RE.search(text, begin.end() if begin else 0)
+    start = begin.end() + 1 if begin else 0
+    output = text[start:end.start()] if end else text[start:]
+    booted = re.search(rf"^{BOOTED_MARKER} ([0-9.]+)", text, re.M)
+    return output, (int(end.group(1)) if end else None), (float(booted.group(1)) if booted else None)
+
+
+def _libvirt() -> Any:
+    import libvirt  # imported late: unit tests and non-libvirt hosts don't need it
+
+    global _HANDLER_SET
+    if not _HANDLER_SET:  # errors are raised as exceptions; don't also print them
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        _HANDLER_SET = True
+    return libvirt
+
+
+def cleanup_domain(conn: Any, name: str) -> bool:
+    """Destroy (if running) and undefine domain ``name``; return True if it existed."""
+    libvirt = _libvirt()
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        return False
+    with contextlib.suppress(libvirt.libvirtError):
+        if dom.isActive():
+            dom.destroy()
+    with contextlib.suppress(libvirt.libvirtError):
+        dom.undefineFlags(getattr(libvirt, "VIR_DOMAIN_UNDEFINE_NVRAM", 0)
+                          | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_MANAGED_SAVE", 0))
+    return True
+
+
+def cleanup_domains(conn: Any, prefix: str) -> list[str]:
+    """Destroy and undefine every domain whose name starts with ``prefix``; return their names."""
+    names = [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
+    for n in names:
+        cleanup_domain(conn, n)
+    return names
+
+
+def run_dir(name: str, cache: Path | str | None = None) -> Path:
+    """Return ``<cache>/run/<name>/`` (created, mode 0755), the guest's file directory."""
+    d = cache_subdir("run", cache) / name
+    d.mkdir(exist_ok=True)
+    d.chmod(0o755)
+    return d
+
+
+def prepare_guest(name: str, script: str | None, options: GuestOptions) -> tuple[str, Path]:
+    """Build the guest's initrd and return ``(domain XML, console log path)``; the log
+    file is removed so it holds only this boot."""
+    kernel = options.kernel or fetch_kernel(cache=options.cache)
+    base = base_initramfs(kernel, options.modules, options.cache)
+    rdir = run_dir(name, options.cache)
+    initrd = guest_initrd(base, overlay_archive(script, options.files, options.binaries),
+                          rdir / "initrd.img")
+    console = rdir / "console.log"
+    console.unlink(missing_ok=True)
+    xml = guest_domain_xml(
+        name, kernel.vmlinuz, initrd, console,
+        memory_mib=options.memory_mib, vcpus=options.vcpus, cmdline=options.cmdline,
+        cmdline_extra=options.cmdline_extra, domain_type=options.domain_type,
+        devices=options.devices, customize=list(options.customize),
+    )
+    return xml, console
+
+
+class RunningGuest:
+    """A started test guest. Read its console with :meth:`console`, wait for text with
+    :meth:`wait_for`/:meth:`wait_ready`/:meth:`wait_end`. It is destroyed and undefined
+    when the :func:`running_guest` block ends."""
+
+    def __init__(self, conn: Any, name: str, domain: Any, console_log: Path) -> None:
+        self.conn = conn
+        self.name = name
+        self.domain = domain
+        self.console_log = console_log
+        self.started = time.monotonic()
+
+    def console(self) -> str:
+        """Return the console text printed so far (``\\r`` removed; empty if none yet)."""
+        try:
+            return self.console_log.read_bytes().decode("utf-8", "replace").replace("\r", "")
+        except FileNotFoundError:
+            return ""
+
+    def is_active(self) -> bool:
+        """Return True while the guest's QEMU is running."""
+        try:
+            return bool(self.domain.isActive())
+        except _libvirt().libvirtError:
+            return False
+
+    def qemu_pid(self) -> int | None:
+        """Return the PID of the guest's QEMU process (from libvirt's pid file), or None."""
+        pidfile = Path(f"/run/libvirt/qemu/{self.name}.pid")
+        try:
+            return int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
+        """Return the first match of ``pattern`` (multiline regex) in the console,
+        polling until ``timeout`` seconds; raises GuestTimeout on timeout and GuestError
+        if the guest stops before the pattern shows up."""
+        rx = re.compile(pattern, re.M) if isinstance(pattern, str) else pattern
+        deadline = time.monotonic() + timeout
+        while True:
+            m = rx.search(self.console())
+            if m:
+                return m
+            if not self.is_active():
+                m = rx.search(self.console())
+                if m:
+                    return m
+                raise GuestError(f"guest {self.name} stopped before printing {rx.pattern!r}:\n"
+                                 + self.console()[-2000:])
+            if time.monotonic() > deadline:
+                raise GuestTimeout(f"guest {self.name}: no {rx.pattern!r} within {timeout:.0f}s:\n"
+                                   + self.console()[-2000:])
+            time.sleep(POLL_SECONDS)
+
+    def wait_ready(self, timeout: float = 60.0) -> str:
+        """Wait for the script's ``ready`` marker; return the text after it (may be empty)."""
+        return self.wait_for(_READY_RE, timeout).group(1) or ""
+
+    def wait_end(self, timeout: float = 120.0) -> GuestResult:
+        """Wait until the end marker shows up or the guest stops (at most ``timeout``
+        seconds); return the :class:`GuestResult` (``timed_out`` set if neither came)."""
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        while not _END_RE.search(self.console()) and self.is_active():
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            time.sleep(POLL_SECONDS)
+        # the end marker may be printed just before the guest powers off; give the
+        # console a moment to flush when the guest stopped without one
+        if not timed_out and not _END_RE.search(self.console()):
+            time.sleep(POLL_SECONDS)
+        return self.result(timed_out=timed_out)
+
+    def result(self, timed_out: bool = False) -> GuestResult:
+        """Return a :class:`GuestResult` of the console as it is now."""
+        text = self.console()
+        output, rc, boot = parse_console(text)
+        return GuestResult(self.name, text, output, rc, timed_out,
+                           time.monotonic() - self.started, boot, self.console_log)
+
+
+@contextlib.contextmanager
+def running_guest(conn: Any, name: str, script: str | None,
+                  options: GuestOptions | None = None) -> Iterator[RunningGuest]:
+    """Define and start test guest ``name`` running ``script`` as /test.sh and yield a
+    :class:`RunningGuest`; on leaving the block the domain is destroyed and undefined
+    (always) and its initrd copy removed (the console log stays in its run directory)."""
+    libvirt = _libvirt()
+    options = options or GuestOptions()
+    cleanup_domain(conn, name)
+    xml, console = prepare_guest(name, script, options)
+    try:
+        try:
+            dom = conn.defineXML(xml)
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise GuestError(f"cannot start test guest {name}: {exc}") from exc
+        yield RunningGuest(conn, name, dom, console)
+    finally:
+        cleanup_domain(conn, name)
+        with contextlib.suppress(OSError):
+            (console.parent / "initrd.img").unlink()
+
+
+def run_guest(conn: Any, name: str, script: str, options: GuestOptions | None = None,
+              *, timeout: float = 120.0) -> GuestResult:
+    """Boot test guest ``name``, run ``script`` in it, wait (at most ``timeout`` seconds)
+    for the end marker or the guest to stop; return the :class:`GuestResult`. The domain
+    is always destroyed and undefined before returning or raising."""
+    with running_guest(conn, name, script, options) as guest:
+        return guest.wait_end(timeout)
+
+
+def remove_run_dir(name: str, cache: Path | str | None = None) -> None:
+    """Remove ``<cache>/run/<name>/`` and everything in it (returns nothing)."""
+    shutil.rmtree(cache_subdir("run", cache) / name, ignore_errors=True)
