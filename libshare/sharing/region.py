@@ -404,7 +404,7 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
         problem = fsck_region(spath)
         if problem:
             return problem
-    m = DIGEST_NAME.match(os.path.basename(spath))
+    m = DIGEST_NAME.match(os.path.basename(os.path.realpath(spath)))
     if check_name and m:
         digest = sha256_file(spath)
         if digest != m.group(1):
