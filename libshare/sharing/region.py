@@ -414,10 +414,10 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
 
 def _verify_open(fh: Any, size: int) -> str | None:
     """Return the first structural or content problem of the open image ``fh``."""
-    if size < DATAOFF + REGION_ALIGN:
-        return f"image too small ({size} bytes): truncated or not a region image"
     if size % REGION_ALIGN:
         return f"size {size} is not a multiple of 2 MiB: truncated or padded"
+    if size < DATAOFF + REGION_ALIGN:
+        return f"image too small ({size} bytes): truncated or not a region image"
     head = fh.read(DATAOFF)
     if len(head) != DATAOFF:
         return "short read of the image head"

@@ -1,0 +1,237 @@
+"""Region images: layout, determinism, verify catching corruption, selection, ls, gc."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from libshare.config import Config
+from libshare.errors import LibshareError
+from libshare.sharing import pfn, region
+from libshare.sharing.erofs import EROFS_MAGIC, Erofs
+from libshare.sharing.store import import_tree, load_index
+
+LIBDIR = Path("/lib/x86_64-linux-gnu")
+LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1", "libdl.so.2"]
+MiB = 1024 * 1024
+
+pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="no mkfs.erofs")
+
+
+def make_tree(base: Path, mtime: int, reverse: bool = False) -> Path:
+    root = base / "root"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    lib.mkdir(parents=True)
+    for name in sorted(LIBS, reverse=reverse):
+        src = LIBDIR / name
+        if not src.exists():
+            pytest.skip(f"{src} missing")
+        shutil.copyfile(src, lib / name)
+        os.utime(lib / name, (mtime, mtime))
+    return root
+
+
+def make_cfg(base: Path, mtime: int = 1_000_000, reverse: bool = False) -> Config:
+    cfg = Config(state_dir=base / "state")
+    import_tree(cfg.store_dir, [make_tree(base, mtime, reverse)])
+    return cfg
+
+
+@pytest.fixture
+def built(tmp_path: Path) -> tuple[Config, region.BuildResult]:
+    cfg = make_cfg(tmp_path)
+    return cfg, region.build_region(cfg, "web")
+
+
+def test_layout(built: tuple[Config, region.BuildResult]) -> None:
+    cfg, res = built
+    data = Path(res.path).read_bytes()
+    assert res.size == len(data) and len(data) % (2 * MiB) == 0
+    assert res.digest == hashlib.sha256(data).hexdigest()
+    assert Path(res.path) == cfg.region_image(res.digest)
+    assert os.path.realpath(cfg.group_region_link("web")) == res.path
+    assert data[:4096] == bytes(4096)
+    block = data[4096:8192]
+    info = pfn.unpack(block)
+    assert pfn.validate(info, len(data), block) is None
+    assert info.dataoff == 2 * MiB and info.npfns == (len(data) - 2 * MiB) // 4096
+    assert int.from_bytes(data[2 * MiB + 1024:2 * MiB + 1028], "little") == EROFS_MAGIC
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)
+        doc = region.read_manifest(fs)
+        assert doc["group"] == "web" and len(doc["files"]) == len(LIBS) == res.files
+        for item in doc["files"]:
+            sha = item["sha256"]
+            assert item["path"] == f"/lib/{sha[:2]}/{sha}/{item['soname']}"
+            ino = fs.lookup(item["path"])
+            assert hashlib.sha256(fs.read_inode(ino)).hexdigest() == sha
+            assert ino.layout == 0  # flat-plain: block aligned, DAX-mappable
+            assert item["guest_paths"]
+    assert region.verify(res.path) is None
+
+
+def test_deterministic_across_hosts(tmp_path: Path) -> None:
+    a = make_cfg(tmp_path / "a", mtime=1_000_000)
+    b = make_cfg(tmp_path / "b", mtime=1_700_000_000, reverse=True)
+    ra = region.build_region(a, "web")
+    rb = region.build_region(b, "web")
+    assert ra.digest == rb.digest
+    assert Path(ra.path).read_bytes() == Path(rb.path).read_bytes()
+    again = region.build_region(a, "web")
+    assert again.digest == ra.digest and not again.new
+    other = region.build_region(a, "db")   # another trust group never shares the file
+    assert other.digest != ra.digest
+
+
+def test_selection_file_and_size(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    idx = load_index(cfg.store_dir)
+    sel = tmp_path / "sel"
+    libz = next(e for e in idx.entries.values() if e.soname == "libz.so.1")
+    sel.write_text("# libraries for the web tier\n"
+                   "/usr/lib/x86_64-linux-gnu/libacl.so.1\n"
+                   f"{libz.sha256}   # by hash\n\n")
+    res = region.build_region(cfg, "web", str(sel), size=20 * MiB)
+    assert res.files == 2 and res.size == 20 * MiB
+    assert region.verify(res.path) is None
+    res2 = region.build_region(cfg, "web", str(sel), size=19 * MiB)  # rounded up
+    assert res2.size == 20 * MiB
+    with pytest.raises(LibshareError, match="too small"):
+        region.build_region(cfg, "web", str(sel), size=2 * MiB)
+    sel.write_text("/usr/lib/nothing.so\n")
+    with pytest.raises(LibshareError, match="not in the store"):
+        region.build_region(cfg, "web", str(sel))
+
+
+def test_empty_store_and_bad_group(tmp_path: Path) -> None:
+    cfg = Config(state_dir=tmp_path / "s")
+    with pytest.raises(LibshareError, match="empty"):
+        region.build_region(cfg, "web")
+    with pytest.raises(LibshareError, match="invalid group"):
+        region.build_region(cfg, "../etc")
+
+
+def corrupt_copy(src: str, dst: Path, offset: int | None = None, size: int | None = None
+                 ) -> Path:
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)
+    if offset is not None:
+        with open(dst, "r+b") as fh:
+            fh.seek(offset)
+            byte = fh.read(1)
+            fh.seek(offset)
+            fh.write(bytes([byte[0] ^ 0x01]))
+    if size is not None:
+        os.truncate(dst, size)
+    return dst
+
+
+def test_verify_catches_flipped_library_byte(built: tuple[Config, region.BuildResult],
+                                             tmp_path: Path) -> None:
+    _cfg, res = built
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)
+        item = region.read_manifest(fs)["files"][0]
+        ino = fs.lookup(item["path"])
+    where = 2 * MiB + ino.raw_blkaddr * 4096 + 100
+    bad = corrupt_copy(res.path, tmp_path / "x.img", offset=where)
+    problem = region.verify(bad)
+    assert problem and item["path"] in problem and "SHA-256" in problem
+
+
+def test_verify_catches_bad_checksum(built: tuple[Config, region.BuildResult],
+                                     tmp_path: Path) -> None:
+    _cfg, res = built
+    bad = corrupt_copy(res.path, tmp_path / "x.img", offset=4096 + 1000)  # padding byte
+    problem = region.verify(bad)
+    assert problem and "checksum" in problem
+
+
+def test_verify_catches_truncation(built: tuple[Config, region.BuildResult],
+                                   tmp_path: Path) -> None:
+    cfg, res = built
+    big = region.build_region(cfg, "web", size=8 * MiB)
+    bad = corrupt_copy(big.path, tmp_path / "x.img", size=big.size - 2 * MiB)
+    assert "npfns" in (region.verify(bad) or "")
+    bad = corrupt_copy(big.path, tmp_path / "y.img", size=big.size - 4096)
+    assert "multiple of 2 MiB" in (region.verify(bad) or "")
+    bad = corrupt_copy(res.path, tmp_path / "z.img", size=2 * MiB)
+    assert "too small" in (region.verify(bad) or "")
+
+
+def test_verify_catches_superblock_and_name(built: tuple[Config, region.BuildResult],
+                                            tmp_path: Path) -> None:
+    _cfg, res = built
+    bad = corrupt_copy(res.path, tmp_path / "x.img", offset=2 * MiB + 1024)
+    assert "no EROFS superblock" in (region.verify(bad) or "")
+    bad = corrupt_copy(res.path, tmp_path / "y.img", offset=2 * MiB + 1024 + 40)
+    assert "superblock checksum" in (region.verify(bad) or "")
+    # a byte flipped in the zero padding is only caught by the digest in the name
+    named = tmp_path / (res.digest + ".img")
+    corrupt_copy(res.path, named, offset=res.size - 1)
+    assert "does not match the file name" in (region.verify(named) or "")
+    assert region.verify(named, check_name=False) is None
+
+
+def test_verify_with_fsck(built: tuple[Config, region.BuildResult]) -> None:
+    if shutil.which("fsck.erofs") is None:
+        pytest.skip("no fsck.erofs")
+    assert region.verify(built[1].path, fsck=True) is None
+
+
+def test_interrupted_build_leaves_nothing(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg(tmp_path)
+    first = region.build_region(cfg, "web")
+    real = region._write_image
+
+    def interrupted(tmp: Path, *args: object, **kw: object) -> str:
+        tmp.write_bytes(b"half an image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(region, "_write_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        region.build_region(cfg, "web", size=40 * MiB)
+    monkeypatch.setattr(region, "_write_image", real)
+    names = sorted(p.name for p in (cfg.regions_dir / "images").iterdir())
+    assert names == [first.digest + ".img"]
+    assert not list(cfg.regions_dir.glob(".build-*"))
+    assert os.path.realpath(cfg.group_region_link("web")) == first.path
+
+
+def test_ls_and_gc(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    old = region.build_region(cfg, "web")
+    new = region.build_region(cfg, "web", size=16 * MiB)
+    kept = region.build_region(cfg, "db")
+    assert new.digest != old.digest
+    infos = {i.digest: i for i in region.list_images(cfg)}
+    assert infos[new.digest].groups == ["web"] and infos[old.digest].groups == []
+    assert infos[kept.digest].files == len(LIBS)
+    (cfg.regions_dir / ".build-dead").mkdir()        # leftover of a killed build
+    dry = region.gc(cfg, set(), dry_run=True)
+    assert dry.removed == [old.path] and Path(old.path).exists()
+    # a domain still referencing the old image by path keeps it
+    res = region.gc(cfg, {old.path})
+    assert res.removed == [] and "referenced" in res.kept[old.path]
+    res = region.gc(cfg, {str(cfg.group_region_link("web"))})
+    assert res.removed == [old.path] and not Path(old.path).exists()
+    assert res.freed == old.size
+    assert Path(new.path).exists() and Path(kept.path).exists()
+    assert not (cfg.regions_dir / ".build-dead").exists()
+
+
+def test_region_paths_in_xml() -> None:
+    xml = """<domain type='qemu'><name>lstest-x</name><devices>
+      <memory model='nvdimm' access='private'><source><path>/r/a.img</path><pmem/></source>
+        <target><size unit='KiB'>4096</size><node>0</node><readonly/></target></memory>
+      <memory model='dimm'><target><size unit='KiB'>4096</size><node>0</node></target></memory>
+      <memory model='virtio-pmem'><source><path>/r/b.img</path></source></memory>
+      <shmem name='libshare-web'><model type='ivshmem-plain'/></shmem>
+    </devices></domain>"""
+    assert region.region_paths_in_xml(xml) == {"/r/a.img", "/r/b.img",
+                                               "/dev/shm/libshare-web"}
