@@ -1,0 +1,19 @@
+"""Introspection: see inside running guests from the host, with no change to the guest.
+
+Owns nothing itself; its modules, lowest layer first:
+
+- :mod:`~libshare.introspect.memory`: guest physical memory readers (``/proc/PID/mem``,
+  file/memfd, bytes) behind one interface, with a bounded page cache;
+- :mod:`~libshare.introspect.qemu`: a libvirt domain's QEMU process and RAM layout,
+  bounded pause/resume;
+- :mod:`~libshare.introspect.vmi`: the optional LibVMI reader (cross-checks);
+- :mod:`~libshare.introspect.paging`: x86-64 page tables (4/5 levels, huge pages, PTI);
+- :mod:`~libshare.introspect.btf` and :mod:`~libshare.introspect.layout`: structure
+  layouts from the kernel's BTF (or an ISF JSON / offsets file);
+- :mod:`~libshare.introspect.kernel`: finding the kernel (init_task, KASLR, page tables)
+  and reading kernel virtual memory;
+- :mod:`~libshare.introspect.tasks`, :mod:`~libshare.introspect.mm`,
+  :mod:`~libshare.introspect.maple`, :mod:`~libshare.introspect.fs`: drgn-style walkers
+  (tasks, VMAs, maple tree, d_path, resident pages, build-ids);
+- :mod:`~libshare.introspect.survey`: the library survey behind ``libshare survey``.
+"""

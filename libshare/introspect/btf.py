@@ -1,0 +1,333 @@
+"""A reader of the Linux kernel's BTF type information (``Documentation/bpf/btf.rst``).
+
+Owns the BTF byte format: the 24-byte header (magic 0xEB9F, version 1), the type
+section (``struct btf_type`` records, type id 1 upward, each followed by its
+kind-specific data) and the string section; finding a valid blob inside raw guest
+memory (:func:`find_btf`); and answering layout questions: a struct's size, a member's
+byte or bit offset by name, through anonymous unions and structs and nested members
+(``"d_name.len"``).
+
+Everything is bounded: the header's lengths are capped (:data:`MAX_SECTION`), vlen is
+bounded by the section it lives in, type chains and anonymous nesting are followed to a
+fixed depth, and a malformed blob raises :class:`BtfError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from libshare.errors import LibshareError
+
+BTF_MAGIC = 0xEB9F
+BTF_MAGIC_BYTES = b"\x9f\xeb\x01"  # magic (little-endian) followed by version 1
+HDR_LEN = 24
+MAX_SECTION = 64 << 20  # no kernel's BTF type or string section comes near 64 MiB
+
+KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
+KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 7, 8, 9, 10, 11
+KIND_FUNC, KIND_FUNC_PROTO, KIND_VAR, KIND_DATASEC, KIND_FLOAT = 12, 13, 14, 15, 16
+KIND_DECL_TAG, KIND_TYPE_TAG, KIND_ENUM64 = 17, 18, 19
+
+#: Bytes of kind-specific data after a btf_type record: (fixed, per vlen item).
+_EXTRA: dict[int, tuple[int, int]] = {
+    KIND_INT: (4, 0), KIND_PTR: (0, 0), KIND_ARRAY: (12, 0), KIND_STRUCT: (0, 12),
+    KIND_UNION: (0, 12), KIND_ENUM: (0, 8), KIND_FWD: (0, 0), KIND_TYPEDEF: (0, 0),
+    KIND_VOLATILE: (0, 0), KIND_CONST: (0, 0), KIND_RESTRICT: (0, 0), KIND_FUNC: (0, 0),
+    KIND_FUNC_PROTO: (0, 8), KIND_VAR: (4, 0), KIND_DATASEC: (0, 12), KIND_FLOAT: (0, 0),
+    KIND_DECL_TAG: (4, 0), KIND_TYPE_TAG: (0, 0), KIND_ENUM64: (0, 12),
+}
+_MODIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
+_MAX_CHAIN = 32
+_MAX_NEST = 8
+
+#: Structures a kernel's BTF must describe for libshare to walk tasks and mappings.
+REQUIRED_STRUCTS = ("task_struct", "mm_struct", "vm_area_struct", "file", "dentry", "mount")
+
+_HDR = struct.Struct("<HBBIIIII")
+_TYPE = struct.Struct("<III")
+_MEMBER = struct.Struct("<III")
+_ARRAY = struct.Struct("<III")
+
+
+class BtfError(LibshareError):
+    """The BTF blob is malformed, truncated, or lacks a type or member asked for."""
+
+
+@dataclass(frozen=True)
+class Member:
+    """A struct/union member: ``bit_offset`` from the start of the outer type asked
+    about, ``bit_size`` (0 unless a bitfield) and the member's ``type_id``."""
+
+    name: str
+    type_id: int
+    bit_offset: int
+    bit_size: int
+
+    @property
+    def offset(self) -> int:
+        """Return the member's byte offset (the containing byte for a bitfield)."""
+        return self.bit_offset // 8
+
+
+@dataclass(frozen=True)
+class BtfHeader:
+    """The fixed header: section offsets are relative to the end of the header."""
+
+    flags: int
+    hdr_len: int
+    type_off: int
+    type_len: int
+    str_off: int
+    str_len: int
+
+    @property
+    def total_len(self) -> int:
+        """Return the blob's full length in bytes (header plus both sections)."""
+        return self.hdr_len + max(self.type_off + self.type_len, self.str_off + self.str_len)
+
+
+def parse_header(data: bytes | memoryview, pos: int = 0) -> BtfHeader | None:
+    """Return the BTF header at ``data[pos:]`` if it is plausible, else None.
+
+    Plausible: magic 0xEB9F, version 1, hdr_len 24, type section first (type_off 0),
+    strings right after (str_off == type_len), both sections non-empty and under
+    :data:`MAX_SECTION`.
+    """
+    if len(data) - pos < HDR_LEN:
+        return None
+    magic, version, flags, hdr_len, type_off, type_len, str_off, str_len = \
+        _HDR.unpack_from(data, pos)
+    if magic != BTF_MAGIC or version != 1 or hdr_len != HDR_LEN:
+        return None
+    if type_off != 0 or str_off != type_len or not 0 < type_len <= MAX_SECTION:
+        return None
+    if not 0 < str_len <= MAX_SECTION:
+        return None
+    return BtfHeader(flags, hdr_len, type_off, type_len, str_off, str_len)
+
+
+class Btf:
+    """A parsed BTF blob: type records indexed by id, struct names indexed lazily."""
+
+    def __init__(self, data: bytes) -> None:
+        """Parse ``data`` (a whole blob, header first); raise BtfError if malformed."""
+        hdr = parse_header(data)
+        if hdr is None:
+            raise BtfError("not a BTF blob (bad magic, version or header lengths)")
+        if len(data) < hdr.total_len:
+            raise BtfError(f"BTF blob truncated: {len(data)} of {hdr.total_len} bytes")
+        self.header = hdr
+        self._data = bytes(data[:hdr.total_len])
+        self._types_start = hdr.hdr_len + hdr.type_off
+        self._str_start = hdr.hdr_len + hdr.str_off
+        self._str_end = self._str_start + hdr.str_len
+        self._offs: list[int] = [0]  # record offset of each type id; id 0 is void
+        self._names: dict[str, list[int]] | None = None
+        self._index_types()
+
+    def _index_types(self) -> None:
+        data = self._data
+        pos = self._types_start
+        end = pos + self.header.type_len
+        offs = self._offs
+        unpack = _TYPE.unpack_from
+        extra = _EXTRA
+        while pos < end:
+            if end - pos < 12:
+                raise BtfError(f"BTF type section ends inside a record at {pos}")
+            _name, info, _size = unpack(data, pos)
+            kind = (info >> 24) & 0x1F
+            try:
+                fixed, per = extra[kind]
+            except KeyError:
+                raise BtfError(f"unknown BTF kind {kind} for type {len(offs)}") from None
+            offs.append(pos)
+            pos += 12 + fixed + per * (info & 0xFFFF)
+        if pos != end:
+            raise BtfError("BTF type section overruns its declared length")
+
+    # --- low-level accessors -------------------------------------------------------
+
+    @property
+    def ntypes(self) -> int:
+        """Return the number of types (the largest type id)."""
+        return len(self._offs) - 1
+
+    def string(self, off: int) -> str:
+        """Return the string at ``off`` in the string section ("" for 0)."""
+        if off == 0:
+            return ""
+        start = self._str_start + off
+        if not self._str_start <= start < self._str_end:
+            raise BtfError(f"BTF string offset {off} outside the string section")
+        stop = self._data.find(b"\0", start, self._str_end)
+        if stop < 0:
+            raise BtfError(f"BTF string at {off} is not terminated")
+        return self._data[start:stop].decode("utf-8", "replace")
+
+    def _record(self, type_id: int) -> tuple[int, int, int, int]:
+        """Return (record offset, name_off, info, size_or_type) of ``type_id``."""
+        if not 0 < type_id < len(self._offs):
+            raise BtfError(f"BTF type id {type_id} out of range (1..{self.ntypes})")
+        pos = self._offs[type_id]
+        name_off, info, size = _TYPE.unpack_from(self._data, pos)
+        return pos, name_off, info, size
+
+    def kind(self, type_id: int) -> int:
+        """Return the BTF kind number of ``type_id`` (0 for void)."""
+        if type_id == 0:
+            return 0
+        return (self._record(type_id)[2] >> 24) & 0x1F
+
+    def name(self, type_id: int) -> str:
+        """Return the name of ``type_id`` ("" for anonymous types and void)."""
+        if type_id == 0:
+            return ""
+        return self.string(self._record(type_id)[1])
+
+    def _build_names(self) -> dict[str, list[int]]:
+        names: dict[str, list[int]] = {}
+        data = self._data
+        for type_id in range(1, len(self._offs)):
+            name_off, info, _ = _TYPE.unpack_from(data, self._offs[type_id])
+            if name_off and ((info >> 24) & 0x1F) in (KIND_STRUCT, KIND_UNION, KIND_TYPEDEF,
+                                                      KIND_INT, KIND_ENUM):
+                names.setdefault(self.string(name_off), []).append(type_id)
+        return names
+
+    def find_types(self, name: str, kinds: Iterable[int] | None = None) -> list[int]:
+        """Return the ids of struct/union/typedef/int/enum types named ``name``
+        (optionally only of ``kinds``)."""
+        if self._names is None:
+            self._names = self._build_names()
+        ids = self._names.get(name, [])
+        if kinds is None:
+            return list(ids)
+        wanted = set(kinds)
+        return [i for i in ids if self.kind(i) in wanted]
+
+    def struct_id(self, name: str) -> int:
+        """Return the id of the complete struct or union called ``name``; raise if none."""
+        for type_id in self.find_types(name, (KIND_STRUCT, KIND_UNION)):
+            return type_id
+        raise BtfError(f"BTF has no struct {name}")
+
+    def has_struct(self, name: str) -> bool:
+        """Return True if a struct or union called ``name`` is described."""
+        return bool(self.find_types(name, (KIND_STRUCT, KIND_UNION)))
+
+    def resolve(self, type_id: int) -> int:
+        """Return ``type_id`` with typedefs, const, volatile, restrict and type tags
+        stripped."""
+        for _ in range(_MAX_CHAIN):
+            if type_id == 0 or self.kind(type_id) not in _MODIFIERS:
+                return type_id
+            type_id = self._record(type_id)[3]
+        raise BtfError(f"BTF type chain too long at type {type_id}")
+
+    def sizeof(self, type_id: int) -> int:
+        """Return the size in bytes of ``type_id`` (pointers are 8, arrays multiply)."""
+        type_id = self.resolve(type_id)
+        if type_id == 0:
+            raise BtfError("sizeof(void)")
+        pos, _, info, size = self._record(type_id)
+        kind = (info >> 24) & 0x1F
+        if kind == KIND_PTR:
+            return 8
+        if kind == KIND_ARRAY:
+            elem, _index, nelems = _ARRAY.unpack_from(self._data, pos + 12)
+            return nelems * self.sizeof(elem)
+        if kind in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT,
+                    KIND_DATASEC):
+            return size
+        raise BtfError(f"BTF type {type_id} (kind {kind}) has no size")
+
+    def struct_size(self, name: str) -> int:
+        """Return ``sizeof(struct name)``."""
+        return self.sizeof(self.struct_id(name))
+
+    def members(self, type_id: int) -> Iterator[Member]:
+        """Yield the direct members of struct/union ``type_id`` (offsets relative to it)."""
+        type_id = self.resolve(type_id)
+        pos, _, info, _ = self._record(type_id)
+        kind = (info >> 24) & 0x1F
+        if kind not in (KIND_STRUCT, KIND_UNION):
+            raise BtfError(f"BTF type {type_id} is not a struct or union")
+        kflag = info >> 31
+        for i in range(info & 0xFFFF):
+            name_off, mtype, offset = _MEMBER.unpack_from(self._data, pos + 12 + 12 * i)
+            if kflag:
+                yield Member(self.string(name_off), mtype, offset & 0xFFFFFF, offset >> 24)
+            else:
+                yield Member(self.string(name_off), mtype, offset, 0)
+
+    def _find_member(self, type_id: int, name: str, depth: int) -> Member | None:
+        if depth > _MAX_NEST:
+            return None
+        anonymous: list[Member] = []
+        for m in self.members(type_id):
+            if m.name == name:
+                return m
+            if not m.name and self.kind(self.resolve(m.type_id)) in (KIND_STRUCT, KIND_UNION):
+                anonymous.append(m)
+        for a in anonymous:
+            inner = self._find_member(a.type_id, name, depth + 1)
+            if inner is not None:
+                return Member(inner.name, inner.type_id, a.bit_offset + inner.bit_offset,
+                              inner.bit_size)
+        return None
+
+    def member(self, struct: str | int, path: str) -> Member:
+        """Return the member at dotted ``path`` (``"d_name.len"``) of ``struct`` (a name
+        or type id), looking through anonymous unions and structs; its bit offset is from
+        the start of ``struct``. Raise BtfError if there is no such member."""
+        type_id = self.struct_id(struct) if isinstance(struct, str) else struct
+        total = 0
+        found: Member | None = None
+        for part in path.split("."):
+            if found is not None:
+                type_id = found.type_id
+                if self.kind(self.resolve(type_id)) not in (KIND_STRUCT, KIND_UNION):
+                    raise BtfError(f"{struct}.{path}: {found.name} is not a struct")
+            found = self._find_member(type_id, part, 0)
+            if found is None:
+                raise BtfError(f"BTF: {struct} has no member {path}")
+            total += found.bit_offset
+        assert found is not None
+        return Member(found.name, found.type_id, total, found.bit_size)
+
+    def offsetof(self, struct: str, path: str) -> int:
+        """Return the byte offset of ``path`` in ``struct``."""
+        return self.member(struct, path).offset
+
+    def has_member(self, struct: str, path: str) -> bool:
+        """Return True if ``struct`` exists and has a member at ``path``."""
+        try:
+            self.member(struct, path)
+        except BtfError:
+            return False
+        return True
+
+    def validate_kernel(self) -> None:
+        """Raise BtfError unless this blob describes the structures libshare walks
+        (:data:`REQUIRED_STRUCTS`, and a VMA index: ``mm_struct.mm_mt`` or ``mmap``)."""
+        missing = [s for s in REQUIRED_STRUCTS if not self.has_struct(s)]
+        if missing:
+            raise BtfError(f"BTF lacks {', '.join(missing)} (partial or module BTF)")
+        if not (self.has_member("mm_struct", "mm_mt") or self.has_member("mm_struct", "mmap")):
+            raise BtfError("BTF mm_struct has neither mm_mt nor mmap")
+
+
+def find_btf(chunks: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, BtfHeader]]:
+    """Yield ``(address, header)`` of every plausible BTF header in ``chunks``, an
+    iterable of ``(address, data)`` pieces of memory (scan order). Candidates still need
+    :meth:`Btf.validate_kernel` on the parsed blob: a partial copy has the same header."""
+    for base, data in chunks:
+        pos = data.find(BTF_MAGIC_BYTES)
+        while pos >= 0:
+            hdr = parse_header(data, pos)
+            if hdr is not None:
+                yield base + pos, hdr
+            pos = data.find(BTF_MAGIC_BYTES, pos + 1)

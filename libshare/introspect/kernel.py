@@ -1,0 +1,313 @@
+"""The guest kernel as seen from its physical memory: discovery (BTF, ``init_task``,
+KASLR, paging mode, direct map) and virtual-address reads.
+
+Owns :func:`scan_memory` (one pass over guest RAM looking for BTF headers, the
+``swapper/0`` comm and the ``Linux version`` banner), :func:`find_kernel` (turns those
+hits into a validated :class:`KernelInfo`) and :class:`Kernel` (reads kernel virtual
+memory through the guest's own page tables, with a direct-map fast path).
+
+How KASLR is undone, without symbols: ``init_task`` is the task whose ``comm`` is
+"swapper/0" (at the layout's offset), whose pid is 0, and whose ``group_leader``,
+``real_parent`` and ``parent`` all hold its own kernel-image virtual address; that
+address minus its physical address is the image offset (``phys_base``). Its
+``active_mm`` is ``&init_mm``, whose ``pgd`` is ``swapper_pg_dir``: the kernel page
+tables. The paging depth follows from the shape of a direct-map pointer
+(``init_task.tasks.next``; not canonical for 4 levels means 5), and is confirmed by
+translating ``init_task``'s own address back to where it was found. The direct-map base
+(``page_offset_base``) is that list pointer minus its translation (1 GiB aligned).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from libshare.errors import LibshareError
+from libshare.introspect.btf import Btf, BtfError, find_btf, parse_header
+from libshare.introspect.layout import Layout, layout_from_btf
+from libshare.introspect.memory import PAGE_SIZE, MemoryReadError, PhysicalMemory
+from libshare.introspect.paging import is_canonical, translate
+
+START_KERNEL_MAP = 0xFFFF_FFFF_8000_0000
+MASK64 = (1 << 64) - 1
+SWAPPER_COMM = b"swapper/0\0"
+BANNER_PREFIX = b"Linux version "
+_RELEASE = re.compile(r"Linux version (\S+)")
+
+
+class KernelError(LibshareError):
+    """The guest kernel could not be understood (no BTF, no init_task, odd paging)."""
+
+
+class WalkError(LibshareError):
+    """Kernel data met during a walk is inconsistent (torn or hostile memory)."""
+
+
+@dataclass
+class ScanResult:
+    """Guest-physical addresses of interesting patterns found by :func:`scan_memory`."""
+
+    btf: list[int] = field(default_factory=list)
+    swapper: list[int] = field(default_factory=list)
+    banners: list[int] = field(default_factory=list)
+
+
+@dataclass
+class KernelInfo:
+    """What a survey needs to know about one booted kernel (cacheable per boot)."""
+
+    banner: str
+    init_task: int          # virtual address of init_task (kernel image)
+    init_task_phys: int     # where it was found
+    image_delta: int        # physical = image virtual + image_delta (mod 2**64)
+    pgd: int                # physical address of swapper_pg_dir
+    levels: int             # 4 or 5
+    page_offset_base: int   # virtual address of physical 0 in the direct map
+    layout: Layout
+    btf_phys: int | None = None
+    banner_phys: int | None = None
+
+    @property
+    def release(self) -> str:
+        """Return the kernel release from the banner ("6.1.0-18-amd64"), or ""."""
+        m = _RELEASE.match(self.banner)
+        return m.group(1) if m else ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Return a JSON-able dict (see :meth:`from_json`)."""
+        d = asdict(self)
+        d["layout"] = self.layout.to_json()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> KernelInfo:
+        """Return the KernelInfo saved by :meth:`to_json`."""
+        raw = dict(d["layout"])
+        offsets = {k: int(v) for k, v in raw.items() if not k.startswith("sizeof(")}
+        sizes = {k[7:-1]: int(v) for k, v in raw.items() if k.startswith("sizeof(")}
+        rest = {k: v for k, v in d.items() if k != "layout"}
+        return cls(layout=Layout(offsets, sizes, "cache"), **rest)
+
+
+def scan_memory(mem: PhysicalMemory, chunk_size: int = 16 << 20) -> ScanResult:
+    """Return every BTF header, ``swapper/0`` string and banner start in guest RAM
+    (one uncached pass; the one-time cost per boot)."""
+    res = ScanResult()
+    seen: set[int] = set()
+    for base, data in mem.chunks(chunk_size):
+        for addr, _hdr in find_btf([(base, data)]):
+            if addr not in seen:
+                seen.add(addr)
+                res.btf.append(addr)
+        for pattern, out in ((SWAPPER_COMM, res.swapper), (BANNER_PREFIX, res.banners)):
+            pos = data.find(pattern)
+            while pos >= 0:
+                if base + pos not in seen:
+                    seen.add(base + pos)
+                    out.append(base + pos)
+                pos = data.find(pattern, pos + 1)
+    return res
+
+
+def load_btf(mem: PhysicalMemory, candidates: Iterable[int]) -> tuple[int, Btf]:
+    """Return ``(address, Btf)`` for the first candidate address holding a complete,
+    valid kernel BTF blob; raise KernelError if none does."""
+    reasons = []
+    for addr in candidates:
+        try:
+            hdr = parse_header(mem.read(addr, 24))
+            if hdr is None:
+                continue
+            btf = Btf(mem.read_uncached(addr, hdr.total_len))
+            btf.validate_kernel()
+            return addr, btf
+        except (BtfError, MemoryReadError) as exc:
+            reasons.append(f"{addr:#x}: {exc}")
+    detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
+    raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
+
+
+def _u64(mem: PhysicalMemory, addr: int) -> int:
+    return int.from_bytes(mem.read(addr, 8), "little")
+
+
+def _u32(mem: PhysicalMemory, addr: int) -> int:
+    return int.from_bytes(mem.read(addr, 4), "little")
+
+
+def probe_init_task(mem: PhysicalMemory, layout: Layout, phys: int) -> KernelInfo | None:
+    """Return the KernelInfo implied by ``init_task`` at guest-physical ``phys`` if every
+    check passes, else None (the banner is left empty)."""
+    off = layout.off
+    try:
+        if mem.read(phys + off("task_struct.comm"), len(SWAPPER_COMM)) != SWAPPER_COMM:
+            return None
+        if _u32(mem, phys + off("task_struct.pid")) or _u32(mem, phys + off("task_struct.tgid")):
+            return None
+        if _u64(mem, phys + off("task_struct.mm")) != 0:
+            return None
+        va = _u64(mem, phys + off("task_struct.group_leader"))
+        if va < START_KERNEL_MAP or (va - phys) & (PAGE_SIZE - 1):
+            return None
+        if _u64(mem, phys + off("task_struct.real_parent")) != va:
+            return None
+        if layout.has("task_struct.parent") and _u64(mem, phys + off("task_struct.parent")) != va:
+            return None
+        delta = (phys - va) & MASK64
+        init_mm = _u64(mem, phys + off("task_struct.active_mm"))
+        if init_mm < START_KERNEL_MAP:
+            return None
+        pgd_va = _u64(mem, ((init_mm + delta) & MASK64) + off("mm_struct.pgd"))
+        pgd = (pgd_va + delta) & MASK64
+        if pgd & (PAGE_SIZE - 1) or not mem.is_ram(pgd, PAGE_SIZE):
+            return None
+        nxt = _u64(mem, phys + off("task_struct.tasks"))
+        levels = 4 if is_canonical(nxt, 4) else 5
+        if translate(mem, pgd, va, levels) != phys:
+            return None
+        nxt_phys = translate(mem, pgd, nxt, levels)
+        if nxt_phys is None:
+            return None
+        pob = (nxt - nxt_phys) & MASK64
+        if pob & ((1 << 30) - 1):
+            return None
+        return KernelInfo("", va, phys, delta - (1 << 64) if delta >> 63 else delta,
+                          pgd, levels, pob, layout)
+    except (MemoryReadError, KeyError):
+        return None
+
+
+def pick_banner(mem: PhysicalMemory, addrs: Iterable[int]) -> tuple[str, int | None]:
+    """Return ``(banner, address)``: the kernel banner ("Linux version ...") read at the
+    best of ``addrs``, the first that is one complete line ending in a NUL (the kernel's
+    ``linux_banner``), else the first plausible one; ``("", None)`` if none."""
+    fallback: tuple[str, int | None] = ("", None)
+    for addr in addrs:
+        try:
+            raw = mem.read(addr, 400)
+        except MemoryReadError:
+            continue
+        nul = raw.find(b"\0")
+        text = raw[:nul if nul >= 0 else len(raw)]
+        if not _RELEASE.match(text.decode("latin-1")):
+            continue
+        line = text.decode("utf-8", "replace")
+        if text.endswith(b"\n") and b"\n" not in text[:-1]:
+            return line.rstrip("\n"), addr
+        if fallback[1] is None:
+            fallback = (line.split("\n", 1)[0], addr)
+    return fallback
+
+
+def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
+                scan: ScanResult | None = None) -> KernelInfo:
+    """Return the validated KernelInfo of the kernel running in ``mem``. Uses the BTF
+    found in guest RAM unless ``layout`` is given; scans RAM unless ``scan`` is given.
+    Raise KernelError with the reason if the kernel cannot be understood."""
+    scan = scan or scan_memory(mem)
+    btf_phys = None
+    if layout is None:
+        if not scan.btf:
+            raise KernelError("no BTF in guest memory (kernel without CONFIG_DEBUG_INFO_BTF? "
+                              "give an ISF or offsets file)")
+        btf_phys, btf = load_btf(mem, scan.btf)
+        layout = layout_from_btf(btf, f"BTF at guest physical {btf_phys:#x}")
+    comm_off = layout.off("task_struct.comm")
+    for hit in scan.swapper:
+        info = probe_init_task(mem, layout, hit - comm_off)
+        if info is not None:
+            info.banner, info.banner_phys = pick_banner(mem, scan.banners)
+            info.btf_phys = btf_phys
+            return info
+    if not scan.swapper:
+        raise KernelError("no 'swapper/0' task in guest memory (not a booted Linux kernel?)")
+    raise KernelError("found 'swapper/0' but no consistent init_task (layout mismatch?)")
+
+
+class Kernel:
+    """Reads kernel virtual memory of one guest through its page tables."""
+
+    def __init__(self, mem: PhysicalMemory, info: KernelInfo) -> None:
+        """Read ``mem`` as the kernel described by ``info``."""
+        self.mem = mem
+        self.info = info
+        self.layout = info.layout
+        self.levels = info.levels
+        self._pob = info.page_offset_base
+        self._ram_end = max(end for _, end in mem.ram_ranges())
+        self._xlate: dict[int, int | None] = {}
+
+    def invalidate(self) -> None:
+        """Forget cached memory and translations (the guest ran)."""
+        self.mem.invalidate()
+        self._xlate.clear()
+
+    def is_direct(self, va: int) -> bool:
+        """Return True if ``va`` lies in the direct map of guest RAM."""
+        return self._pob <= va < self._pob + self._ram_end
+
+    def to_phys(self, va: int) -> int:
+        """Return the guest-physical address of kernel virtual ``va``; raise WalkError
+        if it is not mapped or not canonical."""
+        if self.is_direct(va):
+            return va - self._pob
+        page = va & ~(PAGE_SIZE - 1)
+        if page not in self._xlate:
+            if not is_canonical(va, self.levels):
+                raise WalkError(f"kernel pointer {va:#x} is not canonical")
+            if len(self._xlate) > 1 << 16:
+                self._xlate.clear()
+            self._xlate[page] = translate(self.mem, self.info.pgd, page, self.levels)
+        phys = self._xlate[page]
+        if phys is None:
+            raise WalkError(f"kernel address {va:#x} is not mapped")
+        return phys | (va & (PAGE_SIZE - 1))
+
+    def valid(self, va: int) -> bool:
+        """Return True if ``va`` is a readable kernel address."""
+        try:
+            return self.mem.is_ram(self.to_phys(va))
+        except WalkError:
+            return False
+
+    def read(self, va: int, length: int) -> bytes:
+        """Return ``length`` bytes of kernel memory at ``va``; raise WalkError if any
+        page is unmapped or outside guest RAM."""
+        try:
+            if self.is_direct(va) and self.is_direct(va + length - 1):
+                return self.mem.read(va - self._pob, length)
+            parts = []
+            pos, end = va, va + length
+            while pos < end:
+                n = min(end, (pos | (PAGE_SIZE - 1)) + 1) - pos
+                parts.append(self.mem.read(self.to_phys(pos), n))
+                pos += n
+            return b"".join(parts)
+        except MemoryReadError as exc:
+            raise WalkError(f"reading kernel {va:#x}: {exc}") from exc
+
+    def u64(self, va: int) -> int:
+        """Return the little-endian unsigned 64-bit value at ``va``."""
+        return int.from_bytes(self.read(va, 8), "little")
+
+    def u32(self, va: int) -> int:
+        """Return the little-endian unsigned 32-bit value at ``va``."""
+        return int.from_bytes(self.read(va, 4), "little")
+
+    def s32(self, va: int) -> int:
+        """Return the little-endian signed 32-bit value at ``va``."""
+        return int(struct.unpack("<i", self.read(va, 4))[0])
+
+    def field(self, base: int, key: str, size: int = 8) -> int:
+        """Return the unsigned ``size``-byte member ``key`` ("struct.member") of the
+        object at ``base``."""
+        return int.from_bytes(self.read(base + self.layout.off(key), size), "little")
+
+    def cstring(self, va: int, maxlen: int) -> bytes:
+        """Return the NUL-terminated string at ``va`` (at most ``maxlen`` bytes)."""
+        raw = self.read(va, maxlen)
+        nul = raw.find(b"\0")
+        return raw if nul < 0 else raw[:nul]

@@ -1,0 +1,139 @@
+"""x86-64 page-table walking over guest physical memory.
+
+Owns the hardware format: 4-level (PML4) and 5-level (PML5) tables, 1 GiB and 2 MiB
+leaf entries (PS bit), non-present entries, and the page-table isolation pair (with PTI
+the kernel PGD is the first 4 KiB page of an 8 KiB pair, the user PGD the second; CR3
+may also carry PCID bits). Functions are pure over a :class:`PhysicalMemory`:
+
+- :func:`translate` returns the physical address of one virtual address (or None);
+- :func:`iter_mappings` yields the present leaf mappings in a virtual range, reading
+  each table page once (how resident pages are counted);
+- :func:`kernel_pgd` turns a CR3 value (user or kernel half, PCID) into the kernel PGD.
+
+Table entries that point outside guest RAM end the walk of that subtree; they are
+counted in :attr:`WalkStats.bad_entries` so callers can report a partial result.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from libshare.introspect.memory import MemoryReadError, PhysicalMemory
+
+PAGE_SHIFT = 12
+ADDR_MASK = 0x000F_FFFF_FFFF_F000  # bits 12..51 of an entry
+P_PRESENT = 1 << 0
+P_USER = 1 << 2
+P_PSE = 1 << 7
+P_PROTNONE = 1 << 8  # Linux: _PAGE_PROTNONE (global bit) on a non-present user entry
+PTI_USER_PGD = 1 << 12
+CR3_ADDR_MASK = ADDR_MASK
+
+_TABLE = struct.Struct("<512Q")
+
+
+@dataclass
+class WalkStats:
+    """Counters of one walk: tables read and entries pointing outside RAM."""
+
+    tables: int = 0
+    bad_entries: int = 0
+
+
+def kernel_pgd(cr3: int) -> int:
+    """Return the physical address of the kernel PGD for a CR3 value: PCID and flag bits
+    cleared, and the PTI user half (bit 12) mapped back to the kernel half."""
+    return cr3 & CR3_ADDR_MASK & ~PTI_USER_PGD
+
+
+def canonical(va: int, levels: int = 4) -> int:
+    """Return ``va`` sign-extended from bit 47 (4 levels) or 56 (5 levels)."""
+    bits = 48 if levels == 4 else 57
+    va &= (1 << bits) - 1
+    if va >> (bits - 1):
+        va |= ((1 << 64) - 1) ^ ((1 << bits) - 1)
+    return va
+
+
+def is_canonical(va: int, levels: int = 4) -> bool:
+    """Return True if ``va`` is canonical for ``levels``-level paging."""
+    return canonical(va, levels) == va
+
+
+def _entry(mem: PhysicalMemory, table: int, index: int) -> int:
+    data = mem.read(table + index * 8, 8)
+    return int.from_bytes(data, "little")
+
+
+def translate(mem: PhysicalMemory, pgd: int, va: int, levels: int = 4,
+              user: bool = False) -> int | None:
+    """Return the physical address ``va`` maps to under the tables at ``pgd``, or None
+    if it is not present (or a table entry points outside RAM). With ``user``, a Linux
+    PROT_NONE leaf counts as present."""
+    if levels not in (4, 5):
+        raise ValueError("levels must be 4 or 5")
+    table = pgd & ADDR_MASK
+    shift = 39 + 9 * (levels - 4)
+    try:
+        for level in range(levels, 0, -1):
+            entry = _entry(mem, table, (va >> shift) & 511)
+            leaf = level == 1 or (level <= 3 and entry & P_PSE)
+            present = entry & P_PRESENT or (user and leaf and entry & P_PROTNONE)
+            if not present:
+                return None
+            if level in (2, 3) and entry & P_PSE:
+                size = 1 << shift
+                return (entry & ADDR_MASK & ~(size - 1)) | (va & (size - 1))
+            table = entry & ADDR_MASK
+            if level == 1:
+                return table | (va & 0xFFF)
+            shift -= 9
+    except MemoryReadError:
+        return None
+    return None
+
+
+def iter_mappings(mem: PhysicalMemory, pgd: int, start: int, end: int, levels: int = 4,
+                  user: bool = True, stats: WalkStats | None = None,
+                  max_tables: int = 1 << 20) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(virtual, physical, size)`` for each present leaf mapping overlapping
+    ``[start, end)`` (canonical addresses), in address order; ``size`` is 4 KiB, 2 MiB
+    or 1 GiB (a huge page is yielded whole even if it only overlaps the range). Reads
+    each table page once and stops after ``max_tables`` tables. Entries pointing
+    outside RAM are skipped and counted in ``stats``."""
+    if levels not in (4, 5):
+        raise ValueError("levels must be 4 or 5")
+    stats = stats if stats is not None else WalkStats()
+    top_shift = 39 + 9 * (levels - 4)
+    vmask = (1 << (top_shift + 9)) - 1
+
+    def walk(table: int, level: int, shift: int, base: int) -> Iterator[tuple[int, int, int]]:
+        if stats.tables >= max_tables:
+            raise MemoryReadError(f"page-table walk exceeded {max_tables} tables")
+        try:
+            entries = _TABLE.unpack(mem.read(table, 4096))
+        except MemoryReadError:
+            stats.bad_entries += 1
+            return
+        stats.tables += 1
+        size = 1 << shift
+        lo = max(0, ((start & vmask) - base) >> shift) if (start & vmask) > base else 0
+        hi = min(511, (((end - 1) & vmask) - base) >> shift)
+        for i in range(lo, hi + 1):
+            entry = entries[i]
+            if not entry:
+                continue
+            va = canonical(base + (i << shift), levels)
+            leaf = level == 1 or (level <= 3 and entry & P_PSE)
+            if not (entry & P_PRESENT or (user and leaf and entry & P_PROTNONE)):
+                continue
+            if leaf:
+                yield va, entry & ADDR_MASK & ~(size - 1), size
+            else:
+                yield from walk(entry & ADDR_MASK, level - 1, shift - 9, base + (i << shift))
+
+    if end <= start:
+        return
+    yield from walk(pgd & ADDR_MASK, levels, top_shift, 0)

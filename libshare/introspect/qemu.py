@@ -1,0 +1,240 @@
+"""Finding a running libvirt domain's guest RAM inside its QEMU process.
+
+Owns the libvirt/QEMU side of introspection: looking up a running domain, its QEMU pid
+(``/run/libvirt/qemu/<name>.pid``, checked against the process's command line), the
+guest RAM blocks and their host virtual addresses (HMP ``info mtree -f`` plus
+``gpa2hva`` through ``virDomainQemuMonitorCommand``; without HMP, the process's
+``/proc/PID/maps`` mapping of exactly the RAM size plus QEMU's pc/q35 split below and
+above 4 GiB), opening a :class:`~libshare.introspect.memory.ProcMemory` or (for
+file/memfd-backed RAM) a :class:`~libshare.introspect.memory.FileMemory`, and
+:func:`paused`, a bounded suspend/resume around a walk.
+
+Only the RAM regions of the machine's main memory (``pc.ram``, NUMA ``ram-node*``) are
+taken: device RAM (VGA, NVDIMM or ivshmem regions, ROMs) is not guest RAM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from libshare.errors import LibshareError
+from libshare.introspect.memory import (
+    FileMemory,
+    PhysicalMemory,
+    ProcMemory,
+    RamBlock,
+    pc_ram_layout,
+)
+
+log = logging.getLogger(__name__)
+PID_DIR = Path("/run/libvirt/qemu")
+_MTREE_LINE = re.compile(
+    r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (ram|rom|i/o|romd)\): (\S+)"
+    r"(?: @([0-9a-f]+))?")
+_GPA2HVA = re.compile(r"Host virtual address for (0x[0-9a-f]+) \((.*)\) is (0x[0-9a-f]+)")
+_RAM_NAME = re.compile(r"^(pc\.ram|(/objects/)?ram-node\d+|(/objects/)?pc\.ram)$")
+
+
+def libvirt_module() -> Any:
+    """Return the imported ``libvirt`` module; raise LibshareError if it is missing."""
+    try:
+        import libvirt
+    except ImportError as exc:  # pragma: no cover - a dependency
+        raise LibshareError("the libvirt Python binding is not installed") from exc
+    return libvirt
+
+
+def connect(uri: str) -> Any:
+    """Return a libvirt connection to ``uri``."""
+    libvirt = libvirt_module()
+    try:
+        return libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
+
+
+def running_domain(conn: Any, name: str) -> Any:
+    """Return the running domain ``name`` (name or UUID); raise if unknown or not running."""
+    libvirt = libvirt_module()
+    try:
+        dom = conn.lookupByName(name)
+    except libvirt.libvirtError:
+        try:
+            dom = conn.lookupByUUIDString(name)
+        except libvirt.libvirtError:
+            raise LibshareError(f"no domain {name!r}") from None
+    if not dom.isActive():
+        raise LibshareError(f"domain {dom.name()} is not running")
+    return dom
+
+
+def qemu_pid(dom: Any, pid_dir: Path = PID_DIR) -> int:
+    """Return the pid of the QEMU process running ``dom``."""
+    name = dom.name()
+    try:
+        pid = int((pid_dir / f"{name}.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError) as exc:
+        raise LibshareError(f"cannot find the QEMU process of {name}: {exc}") from exc
+    if f"guest={name}".encode() not in cmdline and name.encode() not in cmdline:
+        raise LibshareError(f"pid {pid} from {pid_dir}/{name}.pid is not {name}'s QEMU")
+    return pid
+
+
+def hmp(dom: Any, command: str) -> str:
+    """Return the output of HMP ``command`` on ``dom``'s monitor (through libvirt)."""
+    libvirt = libvirt_module()
+    try:
+        import libvirt_qemu
+        out: str = libvirt_qemu.qemuMonitorCommand(
+            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        return out
+    except (ImportError, libvirt.libvirtError) as exc:
+        raise LibshareError(f"HMP {command!r} on {dom.name()} failed: {exc}") from exc
+
+
+def parse_mtree(text: str) -> list[tuple[int, int, str, int]]:
+    """Return ``(start, end_exclusive, region, region_offset)`` of every RAM range in
+    the first flat view of ``info mtree -f`` output that serves address space "memory"."""
+    out: list[tuple[int, int, str, int]] = []
+    in_view = False
+    for line in text.splitlines():
+        if line.startswith("FlatView"):
+            if out:
+                break
+            in_view = False
+            continue
+        if line.strip().startswith('AS "memory"'):
+            in_view = True
+            continue
+        if not in_view:
+            continue
+        m = _MTREE_LINE.match(line)
+        if m and m.group(3) == "ram":
+            start, last = int(m.group(1), 16), int(m.group(2), 16)
+            offset = int(m.group(5), 16) if m.group(5) else 0
+            out.append((start, last + 1, m.group(4), offset))
+    return out
+
+
+def ram_blocks_hmp(dom: Any) -> list[RamBlock]:
+    """Return the guest RAM blocks of ``dom`` with host virtual addresses, from HMP."""
+    ranges = [r for r in parse_mtree(hmp(dom, "info mtree -f")) if _RAM_NAME.match(r[2])]
+    if not ranges:
+        raise LibshareError(f"{dom.name()}: no guest RAM in 'info mtree -f'")
+    bases: dict[str, int] = {}
+    blocks = []
+    for start, end, region, offset in ranges:
+        if region not in bases:
+            m = _GPA2HVA.search(hmp(dom, f"gpa2hva {start:#x}"))
+            if not m:
+                raise LibshareError(f"{dom.name()}: gpa2hva {start:#x} gave no address")
+            bases[region] = int(m.group(3), 16) - offset
+        blocks.append(RamBlock(start, end - start, bases[region] + offset))
+    return blocks
+
+
+def domain_ram(dom: Any) -> tuple[int, str]:
+    """Return ``(ram_bytes, machine_type)`` of ``dom`` from its live XML."""
+    root = etree.fromstring(dom.XMLDesc(0).encode())
+    mem = root.find("memory")
+    unit = (mem.get("unit") or "KiB") if mem is not None else "KiB"
+    scale = {"b": 1, "bytes": 1, "KiB": 1024, "k": 1024, "MiB": 1 << 20, "M": 1 << 20,
+             "GiB": 1 << 30, "G": 1 << 30}.get(unit, 1024)
+    size = int(mem.text or 0) * scale if mem is not None else dom.info()[1] * 1024
+    ostype = root.find("os/type")
+    machine = ostype.get("machine", "pc") if ostype is not None else "pc"
+    return size, machine
+
+
+def host_mappings(pid: int) -> list[tuple[int, int, str, str]]:
+    """Return ``(start, end, perms, path)`` of every mapping in ``/proc/PID/maps``."""
+    out = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split(None, 5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        out.append((lo, hi, parts[1], parts[5] if len(parts) > 5 else ""))
+    return out
+
+
+def ram_blocks_maps(pid: int, ram_size: int, machine: str) -> tuple[list[RamBlock], str]:
+    """Return guest RAM blocks (host virtual addresses) found from ``/proc/PID/maps``:
+    the rw mapping of exactly ``ram_size`` bytes, split pc/q35-style; and its path
+    ("" for anonymous memory)."""
+    hits = [m for m in host_mappings(pid) if m[1] - m[0] == ram_size and m[2].startswith("rw")]
+    if not hits:
+        raise LibshareError(f"QEMU {pid}: no mapping of {ram_size} bytes (guest RAM)")
+    lo, _hi, _, path = hits[0]
+    return pc_ram_layout(ram_size, machine, lo), path
+
+
+def open_memory(dom: Any, backend: str = "proc") -> PhysicalMemory:
+    """Return a reader of ``dom``'s guest RAM. ``backend`` "proc" reads
+    ``/proc/<qemu pid>/mem`` (layout from HMP, else from /proc/PID/maps); "file" maps
+    the file or memfd backing the RAM (the domain must use file/memfd memory backing)."""
+    pid = qemu_pid(dom)
+    if backend == "file":
+        size, machine = domain_ram(dom)
+        blocks, _path = ram_blocks_maps(pid, size, machine)
+        lo = blocks[0].backing_offset
+        hit = next(m for m in host_mappings(pid) if m[0] == lo)
+        if not hit[3] or hit[3].startswith("["):
+            raise LibshareError(f"{dom.name()}: guest RAM is anonymous memory; the file "
+                                "backend needs <memoryBacking><source type='file'|'memfd'/>")
+        fblocks = [RamBlock(b.start, b.size, b.backing_offset - lo) for b in blocks]
+        return FileMemory(f"/proc/{pid}/map_files/{hit[0]:x}-{hit[1]:x}", fblocks)
+    if backend != "proc":
+        raise LibshareError(f"unknown memory backend {backend!r} (proc, file)")
+    try:
+        blocks = ram_blocks_hmp(dom)
+    except LibshareError as exc:
+        log.debug("HMP layout unavailable (%s); using /proc/%d/maps", exc, pid)
+        size, machine = domain_ram(dom)
+        blocks, _ = ram_blocks_maps(pid, size, machine)
+    return ProcMemory(pid, blocks)
+
+
+@contextlib.contextmanager
+def paused(dom: Any, timeout: float = 60.0) -> Iterator[None]:
+    """Suspend ``dom`` for the ``with`` body and always resume it afterwards; a watchdog
+    resumes it after ``timeout`` seconds even if the body is stuck. A domain that was
+    already paused is left paused. Yields nothing."""
+    libvirt = libvirt_module()
+    state = dom.state()[0]
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        yield
+        return
+    try:
+        dom.suspend()
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"cannot pause {dom.name()}: {exc.get_error_message()}") from exc
+    lock = threading.Lock()
+    resumed = False
+
+    def resume() -> None:
+        nonlocal resumed
+        with lock:
+            if resumed:
+                return
+            resumed = True
+            try:
+                dom.resume()
+            except libvirt.libvirtError as exc:
+                log.error("could not resume %s: %s", dom.name(), exc.get_error_message())
+
+    timer = threading.Timer(timeout, resume)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        resume()

@@ -1,0 +1,304 @@
+"""The library survey: which shared objects the tasks of running guests map, how much of
+each is resident, and what one shared copy per library would save across guests.
+
+Owns :func:`walk_kernel` (tasks, their mms and file-backed ``.so`` mappings of one
+understood kernel, into a :class:`DomainSurvey`), :func:`survey_domain` (open a running
+domain's memory, understand its kernel - from a per-boot cache when it is still valid,
+else by scanning guest RAM - and walk it, optionally paused, retrying a walk torn by the
+running guest), :func:`summarize` (the cross-domain table, largest saving first) and
+:func:`to_json`.
+
+A library is what the seed study counted: a path containing ".so" mapped file-backed by
+any task. ``resident_pages`` counts distinct guest page frames under present PTEs of all
+of its mappings in all processes (a page mapped by ten processes counts once);
+``shared_pages`` counts those under mappings without write permission (the page-cache
+pages a shared copy can replace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from libshare.errors import LibshareError
+from libshare.introspect.fs import file_path
+from libshare.introspect.kernel import (
+    Kernel,
+    KernelError,
+    KernelInfo,
+    WalkError,
+    find_kernel,
+    pick_banner,
+    probe_init_task,
+)
+from libshare.introspect.layout import Layout
+from libshare.introspect.memory import PhysicalMemory
+from libshare.introspect.mm import (
+    VM_WRITE,
+    build_id,
+    for_each_vma,
+    map_count,
+    mm_pgd,
+    resident_frames,
+)
+from libshare.introspect.paging import WalkStats
+from libshare.introspect.tasks import for_each_task, for_each_thread, task_info
+
+log = logging.getLogger(__name__)
+PAGE_SIZE = 4096
+RETRIES = 3
+
+
+@dataclass
+class Library:
+    """One shared object in one guest."""
+
+    path: str
+    build_id: str | None = None
+    resident_pages: int = 0
+    shared_pages: int = 0
+    mappings: int = 0
+    processes: int = 0
+
+
+@dataclass
+class DomainSurvey:
+    """The survey of one guest; ``partial`` with ``errors`` if a walk was incomplete."""
+
+    name: str
+    kernel: str = ""
+    banner: str = ""
+    tasks: int = 0
+    threads: int = 0
+    task_list: list[tuple[int, str]] = field(default_factory=list)
+    libraries: list[Library] = field(default_factory=list)
+    partial: bool = False
+    errors: list[str] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    scanned: bool = False
+
+
+def is_library(path: str) -> bool:
+    """Return True if a mapped file path counts as a shared library (contains ".so")."""
+    return ".so" in path
+
+
+def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False) -> DomainSurvey:
+    """Return the survey of the kernel ``k``: task list, thread count and libraries.
+    Raises WalkError on inconsistent data unless ``tolerant``, in which case a process
+    whose walk fails is skipped and the result is marked partial."""
+    out = DomainSurvey(name, kernel=k.info.release, banner=k.info.banner)
+    frames: dict[str, set[int]] = {}
+    shared: dict[str, set[int]] = {}
+    libs: dict[str, Library] = {}
+    seen_mm: set[int] = set()
+    paths: dict[int, str] = {}
+    stats = WalkStats()
+    for addr in for_each_task(k):
+        t = task_info(k, addr)
+        out.task_list.append((t.pid, t.comm))
+        try:
+            out.threads += sum(1 for _ in for_each_thread(k, addr))
+            if not t.mm or t.mm in seen_mm:
+                continue
+            seen_mm.add(t.mm)
+            pgd = mm_pgd(k, t.mm)
+            vmas = list(for_each_vma(k, t.mm))
+            if len(vmas) != map_count(k, t.mm):
+                raise WalkError(f"pid {t.pid}: {len(vmas)} VMAs walked, map_count "
+                                f"{map_count(k, t.mm)}")
+            mine: set[str] = set()
+            for vma in vmas:
+                if not vma.file:
+                    continue
+                if vma.file not in paths:
+                    paths[vma.file] = file_path(k, vma.file)
+                path = paths[vma.file]
+                if not is_library(path):
+                    continue
+                lib = libs.setdefault(path, Library(path))
+                lib.mappings += 1
+                mine.add(path)
+                got = set(resident_frames(k, pgd, vma.start, vma.end, stats))
+                frames.setdefault(path, set()).update(got)
+                if not vma.flags & VM_WRITE:
+                    shared.setdefault(path, set()).update(got)
+                if lib.build_id is None and vma.pgoff == 0:
+                    lib.build_id = build_id(k, pgd, vma)
+            for path in mine:
+                libs[path].processes += 1
+        except WalkError as exc:
+            if not tolerant:
+                raise
+            out.partial = True
+            out.errors.append(f"pid {t.pid} ({t.comm}): {exc}")
+    if stats.bad_entries:
+        out.errors.append(f"{stats.bad_entries} page-table entries point outside RAM")
+    for path, lib in libs.items():
+        lib.resident_pages = len(frames.get(path, ()))
+        lib.shared_pages = len(shared.get(path, ()))
+    out.libraries = sorted(libs.values(), key=lambda lib: lib.path)
+    out.tasks = len(out.task_list)
+    return out
+
+
+def _boot_key(pid: int) -> str:
+    """Return an identity of the QEMU process (pid and start time)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> KernelInfo | None:
+    """Return the KernelInfo cached in ``cache_file`` for boot ``key`` if it still
+    describes the kernel in ``mem`` (init_task re-validated, banner unchanged)."""
+    if cache_file is None:
+        return None
+    try:
+        doc = json.loads(cache_file.read_text())
+        if doc.get("key") != key:
+            return None
+        info = KernelInfo.from_json(doc["info"])
+    except (OSError, ValueError, KeyError, TypeError, LibshareError):
+        return None
+    fresh = probe_init_task(mem, info.layout, info.init_task_phys)
+    if fresh is None or fresh.init_task != info.init_task or fresh.pgd != info.pgd:
+        return None
+    if info.banner_phys is not None and \
+            pick_banner(mem, [info.banner_phys])[0] != info.banner:
+        return None
+    return info
+
+
+def save_kernel(cache_file: Path | None, key: str, info: KernelInfo) -> None:
+    """Write ``info`` for boot ``key`` to ``cache_file`` (best effort)."""
+    if cache_file is None:
+        return
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "info": info.to_json()}))
+        os.replace(tmp, cache_file)
+    except OSError as exc:
+        log.debug("cannot write %s: %s", cache_file, exc)
+
+
+def understand(mem: PhysicalMemory, layout: Layout | None = None,
+               cache_file: Path | None = None, key: str = "") -> tuple[KernelInfo, bool]:
+    """Return ``(KernelInfo, scanned)`` for the kernel in ``mem``: from the cache when
+    valid (``scanned`` False), else by scanning guest RAM (and caching the result)."""
+    if layout is None:
+        info = cached_kernel(mem, cache_file, key)
+        if info is not None:
+            return info, False
+    info = find_kernel(mem, layout)
+    if layout is None:
+        save_kernel(cache_file, key, info)
+    return info, True
+
+
+def walk_with_retries(k: Kernel, name: str, retries: int = RETRIES) -> DomainSurvey:
+    """Return the walk of ``k``, retried (cache dropped) up to ``retries`` times when it
+    meets inconsistent data, then done tolerantly (partial) as a last resort."""
+    last = ""
+    for _ in range(retries):
+        try:
+            return walk_kernel(k, name)
+        except WalkError as exc:
+            last = str(exc)
+            log.debug("%s: walk torn (%s); retrying", name, exc)
+            k.invalidate()
+    out = walk_kernel(k, name, tolerant=True)
+    if not out.partial:
+        out.partial = True
+        out.errors.append(f"walk inconsistent {retries} times: {last}")
+    return out
+
+
+def survey_domain(conn: Any, name: str, pause: bool = False, backend: str = "proc",
+                  layout: Layout | None = None, cache_dir: Path | None = None,
+                  pause_timeout: float = 60.0) -> DomainSurvey:
+    """Return the survey of running domain ``name`` on libvirt connection ``conn``."""
+    from libshare.introspect import qemu
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    dom = qemu.running_domain(conn, name)
+    name = dom.name()
+    mem = qemu.open_memory(dom, backend)
+    try:
+        key = _boot_key(qemu.qemu_pid(dom))
+        cache_file = cache_dir / f"{dom.UUIDString()}.json" if cache_dir else None
+        ctx = qemu.paused(dom, pause_timeout) if pause else contextlib.nullcontext()
+        with ctx:
+            mem.invalidate()
+            try:
+                info, scanned = understand(mem, layout, cache_file, key)
+            except KernelError as exc:
+                raise LibshareError(f"{name}: cannot understand the guest kernel: {exc}") from exc
+            k = Kernel(mem, info)
+            out = walk_with_retries(k, name, retries=1 if pause else RETRIES)
+            out.scanned = scanned
+    finally:
+        mem.close()
+    out.wall_seconds = time.perf_counter() - t0
+    out.cpu_seconds = time.process_time() - c0
+    return out
+
+
+def summarize(domains: Sequence[DomainSurvey]) -> list[dict[str, Any]]:
+    """Return one entry per library across ``domains`` (keyed by build-id when known,
+    else by path): copies, resident and shareable pages summed, and ``saved_bytes``,
+    what one shared copy would save (all copies' shareable pages but the largest),
+    largest saving first."""
+    groups: dict[str, dict[str, Any]] = {}
+    for d in domains:
+        for lib in d.libraries:
+            key = lib.build_id or f"path:{lib.path}"
+            g = groups.setdefault(key, {"path": lib.path, "build_id": lib.build_id,
+                                        "copies": 0, "domains": [], "resident_pages": 0,
+                                        "shared_pages": [], })
+            g["copies"] += 1
+            g["domains"].append(d.name)
+            g["resident_pages"] += lib.resident_pages
+            g["shared_pages"].append(lib.shared_pages)
+    out = []
+    for g in groups.values():
+        sp = g.pop("shared_pages")
+        g["saved_bytes"] = (sum(sp) - max(sp)) * PAGE_SIZE
+        out.append(g)
+    out.sort(key=lambda g: (-g["saved_bytes"], -g["resident_pages"], g["path"]))
+    return out
+
+
+def domain_json(d: DomainSurvey) -> dict[str, Any]:
+    """Return the JSON object of one domain's survey."""
+    return {
+        "name": d.name, "kernel": d.kernel, "banner": d.banner, "tasks": d.tasks,
+        "threads": d.threads,
+        "task_list": [{"pid": pid, "comm": comm} for pid, comm in d.task_list],
+        "libraries": [{"path": lib.path, "build_id": lib.build_id,
+                       "resident_pages": lib.resident_pages,
+                       "shared_pages": lib.shared_pages, "mappings": lib.mappings,
+                       "processes": lib.processes} for lib in d.libraries],
+        "partial": d.partial, "errors": d.errors,
+        "wall_seconds": round(d.wall_seconds, 4), "cpu_seconds": round(d.cpu_seconds, 4),
+        "scanned": d.scanned,
+    }
+
+
+def to_json(domains: Sequence[DomainSurvey]) -> dict[str, Any]:
+    """Return the survey's JSON document: ``domains``, cross-domain ``libraries`` and
+    ``total_saved_bytes``."""
+    libs = summarize(domains)
+    return {"domains": [domain_json(d) for d in domains], "libraries": libs,
+            "total_saved_bytes": sum(g["saved_bytes"] for g in libs)}

@@ -1,0 +1,84 @@
+"""Task helpers: walking the guest kernel's task list.
+
+Owns :func:`for_each_task` (thread-group leaders, the processes ``/proc`` lists, from
+``init_task.tasks``), :func:`for_each_thread` (every thread of one process) and
+:func:`task_info` (pid, tgid, comm, mm of one ``task_struct``). Each list step checks
+that the next node's ``prev`` points back and that no node repeats; a list longer than
+:data:`MAX_TASKS` or a broken link raises :class:`~libshare.introspect.kernel.WalkError`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from libshare.introspect.kernel import Kernel, WalkError
+
+MAX_TASKS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task: its ``task_struct`` address, pid, tgid, comm and ``mm`` (0 for kernel
+    threads)."""
+
+    addr: int
+    pid: int
+    tgid: int
+    comm: str
+    mm: int
+
+
+def list_for_each(k: Kernel, head: int, limit: int = MAX_TASKS) -> Iterator[int]:
+    """Yield the addresses of the ``list_head`` nodes of the circular list at ``head``
+    (``head`` itself excluded). Raise WalkError on a broken back link, a loop that does
+    not return to ``head``, or more than ``limit`` nodes."""
+    seen: set[int] = set()
+    prev, node = head, k.u64(head)
+    while node != head:
+        if node in seen:
+            raise WalkError(f"list at {head:#x} loops at {node:#x}")
+        if len(seen) >= limit:
+            raise WalkError(f"list at {head:#x} longer than {limit}")
+        if k.u64(node + 8) != prev:
+            raise WalkError(f"list at {head:#x}: node {node:#x} does not link back")
+        seen.add(node)
+        yield node
+        prev, node = node, k.u64(node)
+
+
+def for_each_task(k: Kernel) -> Iterator[int]:
+    """Yield the ``task_struct`` address of every thread-group leader (every process
+    and kernel thread ``/proc`` lists; the idle task pid 0 is not included)."""
+    off = k.layout.off("task_struct.tasks")
+    for node in list_for_each(k, k.info.init_task + off):
+        yield node - off
+
+
+def for_each_thread(k: Kernel, task: int) -> Iterator[int]:
+    """Yield the ``task_struct`` address of every thread in ``task``'s thread group,
+    the leader first."""
+    lay = k.layout
+    if lay.has("task_struct.thread_group"):
+        off = lay.off("task_struct.thread_group")
+        leader = k.field(task, "task_struct.group_leader")
+        yield leader
+        for node in list_for_each(k, leader + off):
+            yield node - off
+        return
+    if lay.has("signal_struct.thread_head") and lay.has("task_struct.thread_node"):
+        off = lay.off("task_struct.thread_node")
+        signal = k.field(task, "task_struct.signal")
+        for node in list_for_each(k, signal + lay.off("signal_struct.thread_head")):
+            yield node - off
+        return
+    yield task
+
+
+def task_info(k: Kernel, task: int) -> Task:
+    """Return the :class:`Task` for the ``task_struct`` at ``task``."""
+    lay = k.layout
+    comm = k.cstring(task + lay.off("task_struct.comm"), 16)
+    return Task(task, k.u32(task + lay.off("task_struct.pid")),
+                k.u32(task + lay.off("task_struct.tgid")),
+                comm.decode("utf-8", "replace"), k.field(task, "task_struct.mm"))

@@ -1,0 +1,161 @@
+"""x86-64 page-table walker on synthetic page tables built in a bytes buffer."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from libshare.introspect.memory import BytesMemory, MemoryReadError, RamBlock
+from libshare.introspect.paging import (
+    P_PRESENT,
+    P_PROTNONE,
+    P_PSE,
+    P_USER,
+    WalkStats,
+    canonical,
+    is_canonical,
+    iter_mappings,
+    kernel_pgd,
+    translate,
+)
+
+PAGE = 4096
+RW = P_PRESENT | 2 | P_USER
+
+
+class Tables:
+    """A guest RAM buffer with a page allocator and helpers to fill page tables."""
+
+    def __init__(self, pages: int = 64) -> None:
+        self.buf = bytearray(pages * PAGE)
+        self.next = 1 << 20  # tables from 1 MiB; data pages below
+        self.buf.extend(bytearray((1 << 20) + 64 * PAGE - len(self.buf)))
+
+    def alloc(self) -> int:
+        addr = self.next
+        self.next += PAGE
+        return addr
+
+    def set(self, table: int, index: int, value: int) -> None:
+        struct.pack_into("<Q", self.buf, table + index * 8, value)
+
+    def get(self, table: int, index: int) -> int:
+        return int(struct.unpack_from("<Q", self.buf, table + index * 8)[0])
+
+    def map(self, top: int, va: int, pa: int, levels: int = 4, size: int = PAGE,
+            flags: int = RW) -> None:
+        table = top
+        shift = 39 + 9 * (levels - 4)
+        while True:
+            index = (va >> shift) & 511
+            if (1 << shift) == size:
+                leaf = pa | flags | (P_PSE if size > PAGE else 0)
+                self.set(table, index, leaf)
+                return
+            entry = self.get(table, index)
+            if not entry:
+                entry = self.alloc() | RW
+                self.set(table, index, entry)
+            table = entry & ~0xFFF & ((1 << 52) - 1)
+            shift -= 9
+
+    def mem(self) -> BytesMemory:
+        return BytesMemory(self.buf)
+
+
+@pytest.mark.parametrize("levels", [4, 5])
+def test_4k_pages_both_depths(levels: int) -> None:
+    t = Tables()
+    pgd = t.alloc()
+    va = 0x7F12_3456_7000 if levels == 4 else 0x00FF_1234_5678_9000
+    t.map(pgd, va, 0x5000, levels)
+    t.map(pgd, va + PAGE, 0x9000, levels)
+    mem = t.mem()
+    assert translate(mem, pgd, va + 0x123, levels) == 0x5123
+    assert translate(mem, pgd, va + PAGE + 8, levels) == 0x9008
+    assert translate(mem, pgd, va + 2 * PAGE, levels) is None
+    got = list(iter_mappings(mem, pgd, va - 16 * PAGE, va + 16 * PAGE, levels))
+    assert got == [(va, 0x5000, PAGE), (va + PAGE, 0x9000, PAGE)]
+
+
+def test_kernel_half_addresses_and_5_level_canonical() -> None:
+    t = Tables()
+    pgd = t.alloc()
+    kva = 0xFFFF_8880_0000_1000
+    t.map(pgd, kva, 0x3000, 4, flags=P_PRESENT | 2)
+    mem = t.mem()
+    assert translate(mem, pgd, kva, 4) == 0x3000
+    assert list(iter_mappings(mem, pgd, kva, kva + PAGE, 4, user=False)) == [(kva, 0x3000, PAGE)]
+    assert is_canonical(kva, 4) and not is_canonical(0xFF11_0000_0000_0000, 4)
+    assert is_canonical(0xFF11_0000_0000_0000, 5)
+    assert canonical(0x0000_8000_0000_0000, 4) == 0xFFFF_8000_0000_0000
+
+
+def test_huge_pages() -> None:
+    t = Tables()
+    pgd = t.alloc()
+    t.map(pgd, 0x4000_0000, 0x4000_0000, size=1 << 30)  # 1 GiB at 1 GiB
+    t.map(pgd, 0x8000_0000 + (2 << 20), 0x20_0000 * 3, size=2 << 20)  # 2 MiB
+    mem = t.mem()
+    assert translate(mem, pgd, 0x4000_0000 + 0x12345678) == 0x4000_0000 + 0x12345678
+    assert translate(mem, pgd, 0x8000_0000 + (2 << 20) + 0x1234) == 0x60_0000 + 0x1234
+    assert translate(mem, pgd, 0x8000_0000) is None
+    got = list(iter_mappings(mem, pgd, 0, 1 << 32))
+    assert got == [(0x4000_0000, 0x4000_0000, 1 << 30),
+                   (0x8000_0000 + (2 << 20), 0x60_0000, 2 << 20)]
+    # A range inside the 2 MiB page still yields that page once.
+    assert len(list(iter_mappings(mem, pgd, 0x8020_1000, 0x8020_3000))) == 1
+
+
+def test_non_present_and_protnone() -> None:
+    t = Tables()
+    pgd = t.alloc()
+    t.map(pgd, 0x40_0000, 0x5000)
+    t.map(pgd, 0x40_1000, 0x6000, flags=P_USER | P_PROTNONE)  # PROT_NONE, resident
+    t.map(pgd, 0x40_2000, 0x7000, flags=0x7000 >> 3 & ~1)  # swap-entry-like, not present
+    mem = t.mem()
+    assert translate(mem, pgd, 0x40_1000) is None  # hardware: not present
+    assert translate(mem, pgd, 0x40_1000, user=True) == 0x6000  # Linux: pte_present
+    user = list(iter_mappings(mem, pgd, 0x40_0000, 0x40_3000))
+    assert [v for v, _, _ in user] == [0x40_0000, 0x40_1000]
+    hw = list(iter_mappings(mem, pgd, 0x40_0000, 0x40_3000, user=False))
+    assert [v for v, _, _ in hw] == [0x40_0000]
+
+
+def test_pti_pair_and_pcid() -> None:
+    assert kernel_pgd(0x1234_5000 | 0x1000 | 0x5) == 0x1234_4000  # user half + PCID 5
+    assert kernel_pgd(0x1234_4000 | (1 << 63)) == 0x1234_4000  # NOFLUSH bit
+
+
+def test_hostile_tables_end_cleanly() -> None:
+    t = Tables()
+    pgd = t.alloc()
+    t.map(pgd, 0x1000, 0x5000)
+    t.set(pgd, 1, (1 << 40) | RW)  # next-level table outside RAM
+    t.set(pgd, 2, pgd | RW)  # a table pointing at itself (loop through the levels)
+    mem = t.mem()
+    stats = WalkStats()
+    got = list(iter_mappings(mem, pgd, 0, 3 << 39, stats=stats))
+    assert (0x1000, 0x5000, PAGE) in got
+    assert stats.bad_entries >= 1
+    assert translate(mem, pgd, 1 << 39) is None
+    with pytest.raises(MemoryReadError, match="exceeded"):
+        list(iter_mappings(mem, pgd, 0, 3 << 39, max_tables=3))
+
+
+def test_memory_bounds_and_cache() -> None:
+    data = bytearray(3 * PAGE)
+    mem = BytesMemory(data, [RamBlock(0, 2 * PAGE, 0), RamBlock(1 << 32, PAGE, 2 * PAGE)])
+    data[2 * PAGE] = 7
+    assert mem.read(1 << 32, 1) == b"\x07"
+    data[2 * PAGE] = 8
+    assert mem.read(1 << 32, 1) == b"\x07"  # cached
+    mem.invalidate()
+    assert mem.read(1 << 32, 1) == b"\x08"
+    assert mem.read(PAGE - 2, 4) == bytes(4)  # across a page boundary
+    with pytest.raises(MemoryReadError):
+        mem.read(2 * PAGE, 1)  # the hole
+    with pytest.raises(MemoryReadError):
+        mem.read(0, 1 << 40)  # absurd length refused
+    assert mem.ram_ranges() == [(0, 2 * PAGE), (1 << 32, (1 << 32) + PAGE)]
