@@ -1,0 +1,157 @@
+"""Benchmark: region build time vs plain mkfs.erofs, and image size vs library bytes.
+
+Owns one measurement, run once (no repetitions, so the ratio is from one run): every
+regular ``*.so``/``*.so.*`` file under LIBDIR (default /usr/lib/x86_64-linux-gnu) is
+copied into a scratch tree; then
+
+* ``store import`` of that tree (timed, reported apart),
+* ``region build --select all`` from the store (staging, mkfs.erofs, PFN block, hashing
+  of the whole image, fsync, rename),
+* plain ``mkfs.erofs -Enoinline_data`` on the same scratch tree,
+
+and prints the times, their ratio, the image size against the sum of the file sizes,
+the command that reproduces the run and the machine it ran on.
+
+Usage: ``/opt/libshare-venv/bin/python bench/region_build.py [--libdir DIR] [--json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from libshare.config import Config
+from libshare.sharing import region
+from libshare.sharing.store import import_tree
+
+
+def machine() -> dict[str, Any]:
+    """Return hostname, CPU model, core count, memory and kernel of this machine."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    except OSError:
+        pass
+    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
+            "memory_mib": mem_kb // 1024, "kernel": platform.release(),
+            "python": platform.python_version()}
+
+
+def collect(libdir: Path, dest: Path) -> tuple[int, int]:
+    """Copy every regular .so file under ``libdir`` to ``dest``; return (count, bytes)."""
+    count = total = 0
+    for dirpath, _dirs, files in os.walk(libdir):
+        for name in files:
+            if not (name.endswith(".so") or ".so." in name):
+                continue
+            src = Path(dirpath) / name
+            if src.is_symlink() or not src.is_file():
+                continue
+            rel = src.relative_to(libdir)
+            out = dest / rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+            count += 1
+            total += out.stat().st_size
+    return count, total
+
+
+def run(libdir: Path, scratch: Path) -> dict[str, Any]:
+    """Run the benchmark in ``scratch``; return the measurements."""
+    tree = scratch / "tree"
+    n_files, n_bytes = collect(libdir, tree)
+    cfg = Config(state_dir=scratch / "state")
+    subprocess.run(["sync"], check=False)
+
+    t0 = time.perf_counter()
+    imp = import_tree(cfg.store_dir, [tree])
+    t_import = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    res = region.build_region(cfg, "bench")
+    t_build = time.perf_counter() - t0
+
+    plain = scratch / "plain.erofs"
+    t0 = time.perf_counter()
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(plain), str(tree)],
+                   check=True, stdout=subprocess.DEVNULL)
+    t_mkfs = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    problem = region.verify(res.path)
+    t_verify = time.perf_counter() - t0
+
+    return {
+        "libdir": str(libdir), "so_files": n_files, "so_bytes": n_bytes,
+        "stored_objects": len(imp.added), "stored_bytes": res.data_size,
+        "skipped": imp.skipped_counts(),
+        "import_s": round(t_import, 3), "region_build_s": round(t_build, 3),
+        "plain_mkfs_s": round(t_mkfs, 3),
+        "ratio_build_vs_mkfs": round(t_build / t_mkfs, 2) if t_mkfs else None,
+        "verify_s": round(t_verify, 3), "verify": problem or "ok",
+        "image_bytes": res.size, "erofs_bytes": res.fs_size,
+        "plain_erofs_bytes": plain.stat().st_size,
+        "image_vs_files": round(res.size / res.data_size, 4),
+        "digest": res.digest,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run once, print the report; return the exit status."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--libdir", type=Path, default=Path("/usr/lib/x86_64-linux-gnu"))
+    ap.add_argument("--scratch", type=Path, default=None,
+                    help="scratch directory (default: a temporary one under /var/tmp)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    cmd = " ".join([sys.executable, os.path.relpath(__file__), *(argv or sys.argv[1:])])
+    scratch = args.scratch or Path(tempfile.mkdtemp(prefix="libshare-bench-", dir="/var/tmp"))
+    try:
+        result = run(args.libdir, scratch)
+    finally:
+        if args.scratch is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report = {"command": cmd, "machine": machine(), "result": result}
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    r, m = result, report["machine"]
+    mib = 1024 * 1024
+    print(f"reproduce: {cmd}")
+    print(f"machine:   {m['hostname']}: {m['cpu']}, {m['cores']} cores, "
+          f"{m['memory_mib']} MiB, kernel {m['kernel']}")
+    print(f"input:     {r['so_files']} .so files, {r['so_bytes'] / mib:.1f} MiB under "
+          f"{r['libdir']}; {r['stored_objects']} distinct x86-64 ELF objects stored "
+          f"({r['stored_bytes'] / mib:.1f} MiB)")
+    print(f"import:    {r['import_s']:.2f} s (store import, hashing and copying)")
+    print(f"build:     {r['region_build_s']:.2f} s (region build)  vs  "
+          f"{r['plain_mkfs_s']:.2f} s plain mkfs.erofs  ->  ratio {r['ratio_build_vs_mkfs']}")
+    print(f"verify:    {r['verify_s']:.2f} s ({r['verify']})")
+    print(f"size:      image {r['image_bytes'] / mib:.1f} MiB (EROFS "
+          f"{r['erofs_bytes'] / mib:.1f} MiB, plain mkfs {r['plain_erofs_bytes'] / mib:.1f} "
+          f"MiB) vs files {r['stored_bytes'] / mib:.1f} MiB  ->  x{r['image_vs_files']}")
+    return 0 if r["verify"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
