@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    report = {"command": cmd, "machine": machine(), "result": result}
+    report: dict[str, Any] = {"command": cmd, "machine": machine(), "result": result}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
