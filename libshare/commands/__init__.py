@@ -1,0 +1,1 @@
+"""Sub-commands of the ``libshare`` command line, one module per command group."""

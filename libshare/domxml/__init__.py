@@ -1,0 +1,19 @@
+"""Pure transforms of libvirt domain XML (lxml trees in, lxml trees out, no I/O).
+
+``enable``/``disable``/``describe`` enrol a domain into a library region and back;
+``parse``/``serialize`` convert text; ``schema`` validates against libvirt's RelaxNG.
+"""
+
+from libshare.domxml.enrol import (
+    RegionSpec,
+    describe,
+    disable,
+    enable,
+    enrolment,
+    parse,
+    serialize,
+)
+from libshare.domxml.metadata import NS
+
+__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "parse",
+           "serialize"]

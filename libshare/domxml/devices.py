@@ -1,0 +1,103 @@
+"""The devices libshare adds to a domain, one builder and one matcher per device.
+
+- the library region, in one of three models: ``nvdimm`` (default: copy-on-write,
+  read-only to the guest, no preallocation), ``virtio-pmem`` and ``ivshmem`` (plain
+  ivshmem shares guest writes: for trusted groups only);
+- the qemu-guest-agent channel used by redirect.
+"""
+
+from __future__ import annotations
+
+from libshare.domxml.tree import Element, make
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
+
+
+def shmem_name(group: str) -> str:
+    """Return the ivshmem object name (and /dev/shm file name) for a trust group."""
+    return f"libshare-{group}"
+
+
+def region_device(model: str, path: str, size: int, group: str, node: int | None) -> Element:
+    """Return the region device element for ``model`` backed by ``path`` of ``size`` bytes.
+
+    ``node`` is the guest NUMA node the nvdimm is attached to.
+    """
+    kib = str(size // 1024)
+    if model == "nvdimm":
+        target = [make("size", {"unit": "KiB"}, kib)]
+        if node is not None:
+            target.append(make("node", text=str(node)))
+        target.append(make("readonly"))
+        return make("memory", {"model": "nvdimm", "access": "private"}, children=[
+            make("source", children=[make("path", text=path), make("pmem")]),
+            make("target", children=target),
+        ])
+    if model == "virtio-pmem":
+        return make("memory", {"model": "virtio-pmem", "access": "private"}, children=[
+            make("source", children=[make("path", text=path)]),
+            make("target", children=[make("size", {"unit": "KiB"}, kib)]),
+        ])
+    if model == "ivshmem":
+        return make("shmem", {"name": shmem_name(group)}, children=[
+            make("model", {"type": "ivshmem-plain"}),
+            make("size", {"unit": "KiB"}, kib),
+        ])
+    raise ValueError(f"unknown region model {model!r}")
+
+
+def region_path_of(dev: Element) -> str | None:
+    """Return the host path backing a memory/shmem device element, or None."""
+    if dev.tag == "memory":
+        path = dev.findtext("source/path")
+        return path.strip() if path else None
+    if dev.tag == "shmem" and dev.get("name"):
+        return f"/dev/shm/{dev.get('name')}"
+    return None
+
+
+def find_region_device(devices: Element | None, model: str, path: str,
+                       group: str) -> Element | None:
+    """Return the region device in ``devices`` that libshare added, or None."""
+    if devices is None:
+        return None
+    for dev in devices:
+        if model == "ivshmem":
+            if dev.tag == "shmem" and dev.get("name") == shmem_name(group):
+                return dev
+        elif (dev.tag == "memory" and dev.get("model") == model
+              and region_path_of(dev) == path):
+            return dev
+    return None
+
+
+def agent_channel() -> Element:
+    """Return a qemu-guest-agent virtio channel element."""
+    return make("channel", {"type": "unix"}, children=[
+        make("target", {"type": "virtio", "name": AGENT_CHANNEL}),
+    ])
+
+
+def find_agent_channel(devices: Element | None) -> Element | None:
+    """Return the domain's qemu-guest-agent channel element, or None."""
+    if devices is None:
+        return None
+    for dev in devices.findall("channel"):
+        target = dev.find("target")
+        if target is not None and target.get("name") == AGENT_CHANNEL:
+            return dev
+    return None
+
+
+def virtio_serial_users(devices: Element | None) -> int:
+    """Return how many devices need a virtio-serial controller (virtio channels/consoles)."""
+    if devices is None:
+        return 0
+    count = 0
+    for dev in devices:
+        if dev.tag in ("channel", "console"):
+            target = dev.find("target")
+            if target is not None and target.get("type") == "virtio":
+                count += 1
+    return count

@@ -1,0 +1,394 @@
+"""Enrolment as pure transforms of a libvirt domain XML tree (no I/O).
+
+``enable(root, spec)`` returns a new tree with the library region device and what it
+needs (ACPI, a NUMA cell, memory slots, a guest-agent channel, free page reporting),
+recording every change in libshare's metadata; ``disable(root)`` undoes exactly those
+changes; ``describe(root)`` reports the enrolment. Inputs are never modified.
+Guarantees (tested on the virt-manager corpus): enable is idempotent, disable(enable(x))
+equals x in C14N, and elements libshare does not own keep their order.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from lxml import etree
+
+from libshare.domxml import devices as dev
+from libshare.domxml.metadata import Change, Enrolment, build_record, find_record, parse_record
+from libshare.domxml.tree import (
+    Element,
+    index_after,
+    insert_child,
+    make,
+    pretty_subtree,
+    remove_child,
+    scaled_bytes,
+    text_before,
+)
+from libshare.errors import RefusedError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MAX_REGION = 1024 * GiB
+SLOT_MODELS = ("dimm", "nvdimm")
+VIRTIO_BALLOONS = ("virtio", "virtio-transitional", "virtio-non-transitional")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    """What to enrol a domain into: the region file, its size, group and device model."""
+
+    path: str
+    size: int
+    group: str
+    model: str = "nvdimm"
+    digest: str | None = None
+    state_dir: str | None = None
+
+
+def parse(data: bytes | str) -> Element:
+    """Return the root element of domain XML ``data``; raise RefusedError if it is not XML."""
+    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+    try:
+        raw = data.encode() if isinstance(data, str) else data
+        root = etree.fromstring(raw, parser)
+    except etree.XMLSyntaxError as exc:
+        raise RefusedError(f"not well-formed XML: {exc}") from exc
+    if root.tag != "domain":
+        raise RefusedError(f"not a libvirt domain document (root element <{root.tag}>)")
+    return root
+
+
+def serialize(root: Element) -> str:
+    """Return ``root`` as XML text ending in a newline (no XML declaration)."""
+    return etree.tostring(root, encoding="unicode") + "\n"
+
+
+def _insert(parent: Element, elem: Element, index: int | None = None) -> Element:
+    """Insert ``elem`` like ``insert_child`` and indent its subtree to match; return it."""
+    insert_child(parent, elem, index)
+    pretty_subtree(elem, text_before(elem) or "\n")
+    return elem
+
+
+def _check_host(root: Element, spec: RegionSpec) -> None:
+    """Raise RefusedError when the domain cannot host ``spec``'s region."""
+    name = root.findtext("name") or "domain"
+    dtype = root.get("type")
+    if dtype not in ("qemu", "kvm"):
+        raise RefusedError(f"{name}: domain type {dtype!r} cannot host a library region "
+                           "(only qemu and kvm)")
+    ostype = root.find("os/type")
+    if ostype is None or (ostype.text or "").strip() != "hvm":
+        raise RefusedError(f"{name}: only hvm guests can host a library region")
+    arch = ostype.get("arch")
+    if arch not in (None, "x86_64"):
+        raise RefusedError(f"{name}: architecture {arch} is not supported (x86_64 only)")
+    machine = ostype.get("machine") or ""
+    if spec.model != "ivshmem" and (machine.startswith("microvm") or machine == "isapc"):
+        raise RefusedError(f"{name}: machine type {machine} has no ACPI memory devices; "
+                           "use --model ivshmem")
+    if spec.model not in dev.MODELS:
+        raise RefusedError(f"unknown region model {spec.model!r} "
+                           f"(one of {', '.join(dev.MODELS)})")
+    if spec.size <= 0 or spec.size % (2 * MiB):
+        raise RefusedError(f"{name}: region size {spec.size} is not a positive multiple "
+                           "of 2 MiB")
+    if spec.size > MAX_REGION:
+        raise RefusedError(f"{name}: region size {spec.size} exceeds 1 TiB")
+    if root.find("memory") is None:
+        raise RefusedError(f"{name}: domain has no <memory> element")
+    devices = root.find("devices")
+    if devices is not None:
+        for d in devices:
+            if not isinstance(d.tag, str):
+                continue
+            path = dev.region_path_of(d)
+            target = spec.path if spec.model != "ivshmem" else \
+                f"/dev/shm/{dev.shmem_name(spec.group)}"
+            if path is not None and path == target:
+                raise RefusedError(f"{name}: a <{d.tag}> device not added by libshare "
+                                   f"already uses {target}")
+
+
+def _memory_devices_kib(devices: Element | None) -> int:
+    """Return the summed size in KiB of the domain's memory devices."""
+    if devices is None:
+        return 0
+    total = 0
+    for d in devices.findall("memory"):
+        size = d.find("target/size")
+        if size is not None:
+            total += scaled_bytes(size) // 1024
+    return total
+
+
+def _vcpus(root: Element) -> int:
+    """Return the maximum vCPU count of the domain (1 when unspecified)."""
+    text = (root.findtext("vcpu") or "1").strip()
+    return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+def _ensure_metadata(root: Element, changes: list[Change]) -> Element:
+    meta = root.find("metadata")
+    if meta is None:
+        meta = _insert(root, make("metadata"),
+                       index_after(root, ("name", "uuid", "genid", "title", "description")))
+        changes.append(Change("added", "metadata"))
+    return meta
+
+
+def _ensure_acpi(root: Element, changes: list[Change]) -> None:
+    features = root.find("features")
+    if features is None:
+        _insert(root, make("features", children=[make("acpi")]),
+                index_after(root, ("name", "uuid", "genid", "title", "description", "metadata",
+                                   "maxMemory", "memory", "currentMemory", "blkiotune",
+                                   "memtune", "memoryBacking", "vcpu", "vcpus", "iothreads",
+                                   "iothreadids", "cputune", "numatune", "resource",
+                                   "sysinfo", "bootloader", "bootloader_args", "os",
+                                   "idmap")))
+        changes.append(Change("added", "features"))
+    elif features.find("acpi") is None:
+        _insert(features, make("acpi"), 0)
+        changes.append(Change("added", "acpi"))
+
+
+def _ensure_numa(root: Element, changes: list[Change]) -> int:
+    """Make sure the domain has a NUMA cell; return the node id for the region device."""
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        first = cells[0].get("id", "0")
+        return int(first) if first.isdigit() else 0
+    memory = root.find("memory")
+    assert memory is not None
+    cell_kib = scaled_bytes(memory) // 1024 - _memory_devices_kib(root.find("devices"))
+    if cell_kib <= 0:
+        raise RefusedError("domain memory is smaller than its memory devices")
+    n = _vcpus(root)
+    cpus = "0" if n == 1 else f"0-{n - 1}"
+    numa = make("numa", children=[make("cell", {"id": "0", "cpus": cpus,
+                                                "memory": str(cell_kib), "unit": "KiB"})])
+    cpu = root.find("cpu")
+    if cpu is None:
+        cpu = _insert(root, make("cpu"), index_after(root, (
+            "name", "uuid", "genid", "title", "description", "metadata", "maxMemory",
+            "memory", "currentMemory", "blkiotune", "memtune", "memoryBacking", "vcpu",
+            "vcpus", "iothreads", "iothreadids", "cputune", "numatune", "resource", "sysinfo",
+            "bootloader", "bootloader_args", "os", "idmap", "features")))
+        changes.append(Change("added", "cpu"))
+    _insert(cpu, numa)
+    changes.append(Change("added", "numa"))
+    return 0
+
+
+def _ensure_max_memory(root: Element, size: int, changes: list[Change]) -> None:
+    devices = root.find("devices")
+    memory = root.find("memory")
+    assert memory is not None
+    used_slots = 0 if devices is None else sum(
+        1 for d in devices.findall("memory") if d.get("model") in SLOT_MODELS)
+    need_slots = used_slots + 1
+    need_kib = scaled_bytes(memory) // 1024 + _memory_devices_kib(devices) + size // 1024
+    need_kib = -(-need_kib // (1024 * 1024)) * 1024 * 1024  # whole GiB
+    mm = root.find("maxMemory")
+    if mm is None:
+        _insert(root, make("maxMemory", {"slots": str(need_slots), "unit": "KiB"},
+                           str(need_kib)), list(root).index(memory))
+        changes.append(Change("added", "maxMemory"))
+        return
+    cur_kib = scaled_bytes(mm) // 1024
+    slots_text = mm.get("slots", "0")
+    cur_slots = int(slots_text) if slots_text.isdigit() else 0
+    if cur_kib >= need_kib and cur_slots >= need_slots:
+        return
+    saved = copy.deepcopy(mm)
+    saved.tail = None
+    mm.set("slots", str(max(cur_slots, need_slots)))
+    mm.set("unit", "KiB")
+    mm.text = str(max(cur_kib, need_kib))
+    changes.append(Change("changed", "maxMemory", saved=saved))
+
+
+def enable(root: Element, spec: RegionSpec) -> Element:
+    """Return a copy of domain ``root`` enrolled into ``spec``'s region.
+
+    Already enrolled with the same spec: an unchanged copy. Enrolled differently: the old
+    enrolment is undone first. Raises RefusedError (input untouched) when the domain
+    cannot host the region.
+    """
+    rec = find_record(root)
+    if rec is not None:
+        old = parse_record(rec)
+        same = (old.group, old.model, old.region, old.size, old.digest, old.state_dir) == \
+            (spec.group, spec.model, spec.path, spec.size, spec.digest, spec.state_dir)
+        if same and dev.find_region_device(root.find("devices"), old.model, old.region,
+                                           old.group) is not None:
+            return copy.deepcopy(root)
+        root = disable(root)
+    _check_host(root, spec)
+    dom = copy.deepcopy(root)
+    changes: list[Change] = []
+    meta = _ensure_metadata(dom, changes)
+    node = None
+    if spec.model in ("nvdimm", "virtio-pmem"):
+        _ensure_acpi(dom, changes)
+        node = _ensure_numa(dom, changes)
+        _ensure_max_memory(dom, spec.size, changes)
+    devices = dom.find("devices")
+    if devices is None:
+        devices = _insert(dom, make("devices"))
+        changes.append(Change("added", "devices"))
+    _insert(devices, dev.region_device(spec.model, spec.path, spec.size, spec.group,
+                                       node if spec.model == "nvdimm" else None))
+    changes.append(Change("added", "region-device"))
+    if dev.find_agent_channel(devices) is None:
+        if devices.find("controller[@type='virtio-serial']") is None:
+            changes.append(Change("implicit", "virtio-serial-controller"))
+        _insert(devices, dev.agent_channel(), index_after(devices, (
+            "emulator", "disk", "controller", "lease", "filesystem", "interface", "smartcard",
+            "serial", "parallel", "console", "channel")))
+        changes.append(Change("added", "agent-channel"))
+    balloon = devices.find("memballoon")
+    if balloon is not None and balloon.get("model") in VIRTIO_BALLOONS \
+            and balloon.get("freePageReporting") != "on":
+        changes.append(Change("changed", "freePageReporting",
+                              previous=balloon.get("freePageReporting")))
+        balloon.set("freePageReporting", "on")
+    memory = dom.find("memory")
+    current = dom.find("currentMemory")
+    assert memory is not None
+    enr = Enrolment(group=spec.group, model=spec.model, region=spec.path, size=spec.size,
+                    digest=spec.digest, state_dir=spec.state_dir,
+                    memory_kib=scaled_bytes(memory) // 1024,
+                    current_memory_kib=None if current is None
+                    else scaled_bytes(current) // 1024,
+                    changes=changes)
+    _insert(meta, build_record(enr))
+    for what, elem in (("metadata", meta), ("cpu", dom.find("cpu")),
+                       ("devices", devices)):
+        if elem is not None and any(c.kind == "added" and c.what == what for c in changes):
+            pretty_subtree(elem, text_before(elem) or "\n")
+    return dom
+
+
+def _restore_size(elem: Element | None, recorded: int | None, region_kib: int) -> None:
+    """Undo libvirt's recomputation of ``<memory>``/``<currentMemory>`` (which adds the
+    region device's size) so the value is what it was before enrolment."""
+    if elem is None or recorded is None:
+        return
+    if scaled_bytes(elem) // 1024 == recorded + region_kib:
+        elem.text = str(recorded)
+        elem.set("unit", "KiB")
+
+
+def _remove_if_empty(elem: Element | None, allowed: tuple[str, ...] = ()) -> None:
+    """Remove ``elem`` if it has no attributes, no text and no children but ``allowed``
+    empty ones (the children libshare created it with)."""
+    if elem is None or elem.attrib or (elem.text or "").strip():
+        return
+    for child in elem:
+        if child.tag not in allowed or len(child) or child.attrib:
+            return
+    remove_child(elem)
+
+
+def disable(root: Element) -> Element:
+    """Return a copy of domain ``root`` with libshare's enrolment undone exactly.
+
+    A domain that is not enrolled comes back unchanged.
+    """
+    dom = copy.deepcopy(root)
+    rec = find_record(dom)
+    if rec is None:
+        return dom
+    enr = parse_record(rec)
+    devices = dom.find("devices")
+    for ch in reversed(enr.changes):
+        key = (ch.kind, ch.what)
+        if key == ("added", "region-device"):
+            found = dev.find_region_device(devices, enr.model, enr.region, enr.group)
+            if found is not None:
+                remove_child(found)
+        elif key == ("added", "agent-channel"):
+            found = dev.find_agent_channel(devices)
+            if found is not None:
+                remove_child(found)
+        elif key == ("implicit", "virtio-serial-controller"):
+            if devices is not None and dev.virtio_serial_users(devices) == 0:
+                for ctl in devices.findall("controller[@type='virtio-serial']"):
+                    remove_child(ctl)
+        elif key == ("changed", "freePageReporting"):
+            balloon = None if devices is None else devices.find("memballoon")
+            if balloon is not None:
+                if ch.previous is None:
+                    if "freePageReporting" in balloon.attrib:
+                        del balloon.attrib["freePageReporting"]
+                else:
+                    balloon.set("freePageReporting", ch.previous)
+        elif key == ("added", "devices"):
+            _remove_if_empty(devices)
+        elif key == ("added", "maxMemory"):
+            found = dom.find("maxMemory")
+            if found is not None:
+                remove_child(found)
+        elif key == ("changed", "maxMemory"):
+            found = dom.find("maxMemory")
+            if found is not None and ch.saved is not None:
+                found.attrib.clear()
+                found.attrib.update(dict(ch.saved.attrib))
+                found.text = ch.saved.text
+        elif key == ("added", "numa"):
+            found = dom.find("cpu/numa")
+            if found is not None:
+                remove_child(found)
+        elif key == ("added", "cpu"):
+            _remove_if_empty(dom.find("cpu"))
+        elif key == ("added", "acpi"):
+            found = dom.find("features/acpi")
+            if found is not None:
+                remove_child(found)
+        elif key == ("added", "features"):
+            _remove_if_empty(dom.find("features"), ("acpi",))
+    if enr.model in ("nvdimm", "virtio-pmem"):
+        _restore_size(dom.find("memory"), enr.memory_kib, enr.size // 1024)
+        _restore_size(dom.find("currentMemory"), enr.current_memory_kib, enr.size // 1024)
+    meta = rec.getparent()
+    remove_child(rec)
+    if enr.has("added", "metadata") and meta is not None and len(meta) == 0:
+        remove_child(meta)
+    return dom
+
+
+def enrolment(root: Element) -> Enrolment | None:
+    """Return the parsed enrolment record of ``root``, or None if it is not enrolled."""
+    rec = find_record(root)
+    return None if rec is None else parse_record(rec)
+
+
+def describe(root: Element) -> dict[str, Any]:
+    """Return libshare's view of a domain as a JSON-ready dict.
+
+    Keys: enrolled, name, group, model, region, size, digest, state_dir, device_present,
+    agent_channel, free_page_reporting.
+    """
+    enr = enrolment(root)
+    devices = root.find("devices")
+    balloon = None if devices is None else devices.find("memballoon")
+    info: dict[str, Any] = {
+        "name": root.findtext("name"),
+        "enrolled": enr is not None,
+        "group": None, "model": None, "region": None, "size": None, "digest": None,
+        "state_dir": None, "device_present": False,
+        "agent_channel": dev.find_agent_channel(devices) is not None,
+        "free_page_reporting": balloon is not None and balloon.get("freePageReporting") == "on",
+    }
+    if enr is not None:
+        info.update(group=enr.group, model=enr.model, region=enr.region, size=enr.size,
+                    digest=enr.digest, state_dir=enr.state_dir,
+                    device_present=dev.find_region_device(
+                        devices, enr.model, enr.region, enr.group) is not None)
+    return info

@@ -1,0 +1,122 @@
+"""libshare's record inside a domain's ``<metadata>``: what enrolment added or changed.
+
+One element in the libshare namespace holds the enrolment (group, model, region path,
+digest, size, the state directory of the installation that owns the domain) and one
+child per change, in the order they were made, so that disable can undo them::
+
+    <libshare:enrolment xmlns:libshare="https://libshare.dev/xmlns/domain/1"
+        version="1" group="web" model="nvdimm" region="/var/lib/.../D.img"
+        digest="D" size="56623104" state-dir="/var/lib/libshare"
+        memory-kib="262144" current-memory-kib="262144">
+      <libshare:added what="features"/>          element created by enable
+      <libshare:changed what="maxMemory"><maxMemory .../></libshare:changed>
+      <libshare:changed what="freePageReporting" previous="off"/>  (no previous: absent)
+      <libshare:implicit what="virtio-serial-controller"/>  libvirt adds one for us
+    </libshare:enrolment>
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lxml import etree
+
+from libshare.domxml.tree import Element
+
+NS = "https://libshare.dev/xmlns/domain/1"
+PREFIX = "libshare"
+VERSION = "1"
+
+
+def q(tag: str) -> str:
+    """Return the Clark-notation name of ``tag`` in the libshare namespace."""
+    return f"{{{NS}}}{tag}"
+
+
+@dataclass
+class Change:
+    """One undoable change: ``kind`` is added/changed/implicit, ``what`` names the target."""
+
+    kind: str
+    what: str
+    previous: str | None = None
+    saved: Element | None = None
+
+
+@dataclass
+class Enrolment:
+    """The parsed libshare record of an enrolled domain."""
+
+    group: str
+    model: str
+    region: str
+    size: int
+    digest: str | None = None
+    state_dir: str | None = None
+    memory_kib: int | None = None
+    current_memory_kib: int | None = None
+    changes: list[Change] = field(default_factory=list)
+
+    def has(self, kind: str, what: str) -> bool:
+        """Return True when a change of this kind and target was recorded."""
+        return any(c.kind == kind and c.what == what for c in self.changes)
+
+    def change(self, kind: str, what: str) -> Change | None:
+        """Return the recorded change of this kind and target, or None."""
+        return next((c for c in self.changes if c.kind == kind and c.what == what), None)
+
+
+def find_record(root: Element) -> Element | None:
+    """Return the ``<libshare:enrolment>`` element of a domain, or None if not enrolled."""
+    meta = root.find("metadata")
+    if meta is None:
+        return None
+    return meta.find(q("enrolment"))
+
+
+def _int_or_none(value: str | None) -> int | None:
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def parse_record(elem: Element) -> Enrolment:
+    """Return the Enrolment described by a ``<libshare:enrolment>`` element."""
+    changes = []
+    for child in elem:
+        if not isinstance(child.tag, str) or not child.tag.startswith(f"{{{NS}}}"):
+            continue
+        kind = etree.QName(child).localname
+        saved = next((c for c in child if isinstance(c.tag, str)), None)
+        changes.append(Change(kind, child.get("what", ""), child.get("previous"), saved))
+    return Enrolment(
+        group=elem.get("group", ""),
+        model=elem.get("model", "nvdimm"),
+        region=elem.get("region", ""),
+        size=_int_or_none(elem.get("size")) or 0,
+        digest=elem.get("digest"),
+        state_dir=elem.get("state-dir"),
+        memory_kib=_int_or_none(elem.get("memory-kib")),
+        current_memory_kib=_int_or_none(elem.get("current-memory-kib")),
+        changes=changes,
+    )
+
+
+def build_record(enr: Enrolment) -> Element:
+    """Return a new ``<libshare:enrolment>`` element describing ``enr``."""
+    attrs = {"version": VERSION, "group": enr.group, "model": enr.model,
+             "region": enr.region, "size": str(enr.size)}
+    if enr.digest:
+        attrs["digest"] = enr.digest
+    if enr.state_dir:
+        attrs["state-dir"] = enr.state_dir
+    if enr.memory_kib is not None:
+        attrs["memory-kib"] = str(enr.memory_kib)
+    if enr.current_memory_kib is not None:
+        attrs["current-memory-kib"] = str(enr.current_memory_kib)
+    elem = etree.Element(q("enrolment"), attrs, nsmap={PREFIX: NS})
+    for ch in enr.changes:
+        sub = etree.SubElement(elem, q(ch.kind), {"what": ch.what})
+        if ch.previous is not None:
+            sub.set("previous", ch.previous)
+        if ch.saved is not None:
+            sub.append(ch.saved)
+    return elem

@@ -1,0 +1,257 @@
+"""The libvirt qemu hook's logic (``hooks/qemu`` is only a shim that calls ``run``).
+
+libvirt runs the hook synchronously, so every path here is bounded in time (the
+config's ``hook_timeout``, 5 s by default), never calls the libvirt API (deadlock), never
+starts children, and logs to syslog, to stderr (warnings, which libvirt shows in its
+error message) and to ``STATE/log/hook.log``.
+
+Per operation, for enrolled domains only:
+- ``prepare begin``: check the region file (exists, regular, readable, recorded size and
+  digest); exit 1 with one line otherwise, so libvirt refuses to start the guest. For
+  the ivshmem model, publish the image into ``/dev/shm``.
+- ``started begin`` / ``reconnect begin``: record the running domain; ``reconnect``
+  always exits 0 (a failure there makes libvirt kill the guest).
+- ``stopped end`` / ``release end``: drop the record; always exit 0.
+- ``migrate begin`` / ``restore begin``: print the XML with the region path mapped to
+  this host's image of the same digest (nothing when unchanged); exit 1 when this host
+  has no such image. Devices are never added or removed.
+Anything else exits 0. Unexpected errors: 0 for operations that cannot harm the guest,
+1 with a one-line message for prepare/migrate/restore.
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import shutil
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from libshare import config, domxml, state
+from libshare.digest import cached_sha256
+from libshare.domxml import devices as dev
+from libshare.domxml.metadata import Enrolment
+from libshare.errors import LibshareError
+
+STRICT_OPS = ("prepare", "migrate", "restore")
+QEMU_RUN_DIR = Path("/run/libvirt/qemu")
+HOOK_MARKER = "libshare-hook"
+
+log = logging.getLogger("libshare.hook")
+
+
+class HookTimeout(Exception):
+    """The hook ran out of its time budget."""
+
+
+def _on_alarm(_signum: int, _frame: FrameType | None) -> None:
+    raise HookTimeout
+
+
+def _setup_logging() -> None:
+    if log.handlers:
+        return
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    err.setFormatter(logging.Formatter("libshare: %(message)s"))
+    log.addHandler(err)
+    if os.path.exists("/dev/log"):
+        try:
+            syslog = logging.handlers.SysLogHandler(address="/dev/log")
+            syslog.setFormatter(logging.Formatter("libshare-hook: %(message)s"))
+            log.addHandler(syslog)
+        except OSError:
+            pass
+
+
+def qemu_pid(name: str, run_dir: Path = QEMU_RUN_DIR) -> int | None:
+    """Return the pid of domain ``name``'s QEMU process from libvirt's pid file, or None
+    when it is missing or does not name a live QEMU of that domain."""
+    try:
+        pid = int((run_dir / f"{name}.pid").read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if not any(b"qemu" in part for part in cmdline[:1]):
+        return None
+    if not any(part.startswith(f"guest={name}".encode()) for part in cmdline):
+        return None
+    return pid
+
+
+def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
+    """Return the region image path after checking it exists with the recorded size and
+    digest; raise LibshareError with the reason otherwise."""
+    path = Path(enr.region)
+    if not path.exists():
+        raise LibshareError(f"region image {path} is missing (group {enr.group}); "
+                            f"rebuild it with 'libshare region build --group {enr.group}' "
+                            "or run 'libshare disable' for this domain")
+    if not path.is_file():
+        raise LibshareError(f"region image {path} is not a regular file")
+    if not os.access(path, os.R_OK):
+        raise LibshareError(f"region image {path} is not readable")
+    size = path.stat().st_size
+    if size != enr.size:
+        raise LibshareError(f"region image {path} has {size} bytes, the domain was enrolled "
+                            f"with {enr.size}; re-enrol with 'libshare enable'")
+    if enr.digest:
+        digest = cached_sha256(path, state_dir / "digests.json")
+        if digest != enr.digest:
+            raise LibshareError(f"region image {path} has digest {digest[:16]}..., the domain "
+                                f"was enrolled with {enr.digest[:16]}...; the image changed")
+    return path
+
+
+def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> None:
+    """Make ``/dev/shm/libshare-GROUP`` a copy of ``image`` (ivshmem model)."""
+    target = Path("/dev/shm") / dev.shmem_name(enr.group)
+    if target.exists() and target.stat().st_size == enr.size and (
+            not enr.digest or cached_sha256(target, state_dir / "digests.json") == enr.digest):
+        return
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    try:
+        shutil.copyfile(image, tmp)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _record(name: str, root: Any, enr: Enrolment, state_dir: Path, op: str) -> None:
+    state.write_running(state_dir, {
+        "name": name,
+        "uuid": root.findtext("uuid"),
+        "pid": qemu_pid(name),
+        "group": enr.group,
+        "model": enr.model,
+        "region": enr.region,
+        "digest": enr.digest,
+        "size": enr.size,
+        "recorded_by": op,
+        "recorded_at": round(time.time(), 3),
+    })
+
+
+def local_image(enr: Enrolment, cfg: config.Config) -> Path | None:
+    """Return this host's image with the enrolment's digest (or path), or None."""
+    candidates = [Path(enr.region)]
+    if enr.digest:
+        candidates.append(cfg.region_image(enr.digest))
+        if enr.state_dir:
+            candidates.append(Path(enr.state_dir) / "regions" / "images" / f"{enr.digest}.img")
+    for cand in candidates:
+        if cand.is_file() and cand.stat().st_size == enr.size and (
+                not enr.digest or cached_sha256(cand, cfg.digest_cache) == enr.digest):
+            return cand
+    return None
+
+
+def _map_region(root: Any, enr: Enrolment, cfg: config.Config) -> str | None:
+    """Return the domain XML with the region path mapped to this host's image, None when
+    nothing changes; raise when this host has no image with the recorded digest."""
+    image = local_image(enr, cfg)
+    if image is None:
+        raise LibshareError(f"this host has no region image with digest "
+                            f"{(enr.digest or '?')[:16]}... (group {enr.group}); build it "
+                            f"with 'libshare region build --group {enr.group}' first")
+    if enr.model == "ivshmem" or str(image) == enr.region:
+        return None
+    device = dev.find_region_device(root.find("devices"), enr.model, enr.region, enr.group)
+    rec = root.find(f"metadata/{{{domxml.NS}}}enrolment")
+    if device is None or rec is None:
+        return None
+    path_elem = device.find("source/path")
+    assert path_elem is not None
+    path_elem.text = str(image)
+    rec.set("region", str(image))
+    return domxml.serialize(root)
+
+
+def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, out: Any) -> str:
+    """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``); return
+    a short result for the log."""
+    cfg = config.load()
+    state_dir = Path(enr.state_dir) if enr.state_dir else cfg.state_dir
+    if op == "prepare" and sub == "begin":
+        if dev.find_region_device(root.find("devices"), enr.model, enr.region,
+                                  enr.group) is None:
+            log.warning("%s: enrolled but its region device was removed; not checking", name)
+            return "no-device"
+        image = _check_region_file(enr, state_dir)
+        if enr.model == "ivshmem":
+            _publish_shm(image, enr, state_dir)
+        return "region-ok"
+    if op in ("started", "reconnect") and sub == "begin":
+        _record(name, root, enr, state_dir, op)
+        return "recorded"
+    if op in ("stopped", "release") and sub == "end":
+        return "removed" if state.remove_running(state_dir, name) else "no-record"
+    if op in ("migrate", "restore") and sub == "begin":
+        new_xml = _map_region(root, enr, cfg)
+        if new_xml is None:
+            return "unchanged"
+        out.write(new_xml)
+        out.flush()
+        return "mapped"
+    return "ignored"
+
+
+def run(argv: list[str], data: bytes, out: Any = None) -> int:
+    """Run the hook for libvirt's arguments ``argv`` (DOMAIN OP SUB EXTRA) and the domain
+    XML ``data``; return the exit status libvirt should see."""
+    _setup_logging()
+    name = argv[0] if argv else "?"
+    op = argv[1] if len(argv) > 1 else "?"
+    sub = argv[2] if len(argv) > 2 else "-"
+    strict = op in STRICT_OPS and sub == "begin"
+    started = time.monotonic()
+    result, status = "error", 1 if strict else 0
+    state_dir: Path | None = None
+    signal.signal(signal.SIGALRM, _on_alarm)
+    try:
+        timeout = config.load().hook_timeout
+    except LibshareError:
+        timeout = 5.0
+    signal.setitimer(signal.ITIMER_REAL, max(0.1, timeout - 0.2))
+    try:
+        root = domxml.parse(data)
+        enr = domxml.enrolment(root)
+        if enr is None:
+            return 0
+        if enr.state_dir:
+            state_dir = Path(enr.state_dir)
+        result = _dispatch(name, op, sub, root, enr, out or sys.stdout)
+        status = 0
+    except HookTimeout:
+        log.warning("%s: %s %s: timed out after %.1f s%s", name, op, sub, timeout,
+                    "; refusing" if strict else "")
+        result = "timeout"
+    except LibshareError as exc:
+        log.warning("%s: %s", name, exc)
+        result = f"refused: {exc}" if strict else f"failed: {exc}"
+    except Exception as exc:
+        log.info("%s: %s %s failed:\n%s", name, op, sub, traceback.format_exc())
+        log.warning("%s: %s %s failed: %s", name, op, sub, exc)
+        result = f"error: {exc}"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+    if state_dir is None:
+        try:
+            state_dir = config.load().state_dir
+        except LibshareError:
+            state_dir = config.DEFAULT_STATE_DIR
+    elapsed = time.monotonic() - started
+    state.append_hook_log(state_dir, {"domain": name, "op": op, "sub": sub,
+                                      "status": status, "result": result,
+                                      "seconds": round(elapsed, 4)})
+    log.info("%s: %s %s -> %s (%s) in %.3f s", name, op, sub, status, result, elapsed)
+    return status
