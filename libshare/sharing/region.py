@@ -1,7 +1,7 @@
 """Region images: deterministic build, verify, list and garbage-collect.
 
 Owns ``cfg.regions_dir``: ``images/DIGEST.img`` (one file per distinct image, named by
-the hex SHA-256 of its bytes, mode 0444), ``groups/GROUP.img`` (a relative symlink to
+the hex SHA-256 of its bytes, mode 0644: see IMAGE_MODE), ``groups/GROUP.img`` (a relative symlink to
 the group's current image, switched atomically), ``.lock`` and the temporary
 ``.build-*`` / ``images/.tmp-*`` entries of a build in progress.
 
@@ -73,6 +73,10 @@ DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MKFS_OPTIONS = ["--quiet", "-x-1", "-T0", "--all-root", "-Enoinline_data"]
 CHUNK = 4 * 1024 * 1024
+#: QEMU 7.2 opens a memory-backend-file O_RDWR unless readonly=on, which libvirt 9.0 never
+#: sets: a 0444 image fails with EACCES once libvirt chowns it to the QEMU user. The
+#: guests still cannot change it: access='private' maps it MAP_PRIVATE (copy-on-write).
+IMAGE_MODE = 0o644
 
 
 @dataclass
@@ -263,7 +267,7 @@ def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
         if progress:
             progress("write", total, total)
         out.flush()
-        os.fchmod(out.fileno(), 0o444)
+        os.fchmod(out.fileno(), IMAGE_MODE)
         os.fsync(out.fileno())
     return h.hexdigest()
 
