@@ -530,21 +530,21 @@ def region_paths_in_xml(xml: str) -> set[str]:
     """Return the region backing paths a libvirt domain XML refers to.
 
     nvdimm and virtio-pmem ``<memory>`` devices give their ``<source><path>``;
-    ``<shmem name=N>`` gives ``/dev/shm/N``.
+    ``<shmem name=N>`` gives ``/dev/shm/N`` (libshare.domxml.devices.region_path_of).
     """
     from lxml import etree
 
+    from libshare.domxml.devices import region_path_of
+
     root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
     out: set[str] = set()
-    for mem in root.iterfind("./devices/memory"):
-        if mem.get("model") in ("nvdimm", "virtio-pmem"):
-            for p in mem.iterfind("./source/path"):
-                if p.text and p.text.strip():
-                    out.add(p.text.strip())
-    for shm in root.iterfind("./devices/shmem"):
-        name = shm.get("name")
-        if name:
-            out.add(f"/dev/shm/{name}")
+    for dev in root.iterfind("./devices/*"):
+        if dev.tag == "memory" and dev.get("model") not in ("nvdimm", "virtio-pmem"):
+            continue
+        if dev.tag in ("memory", "shmem"):
+            path = region_path_of(dev)
+            if path:
+                out.add(path)
     return out
 
 
