@@ -9,12 +9,15 @@ memory through the guest's own page tables, with a direct-map fast path).
 How KASLR is undone, without symbols: ``init_task`` is the task whose ``comm`` is
 "swapper/0" (at the layout's offset), whose pid is 0, and whose ``group_leader``,
 ``real_parent`` and ``parent`` all hold its own kernel-image virtual address; that
-address minus its physical address is the image offset (``phys_base``). Its
-``active_mm`` is ``&init_mm``, whose ``pgd`` is ``swapper_pg_dir``: the kernel page
-tables. The paging depth follows from the shape of a direct-map pointer
-(``init_task.tasks.next``; not canonical for 4 levels means 5), and is confirmed by
-translating ``init_task``'s own address back to where it was found. The direct-map base
-(``page_offset_base``) is that list pointer minus its translation (1 GiB aligned).
+address minus its physical address is the image offset (``phys_base``). The direct-map
+base (``page_offset_base``, 1 GiB aligned) is the one under which the task list's
+neighbours (``init_task.tasks.next``/``prev``, slab objects) link back to
+``init_task.tasks``. The paging depth follows from the shape of that pointer (not
+canonical for 4 levels means 5). Kernel page tables: the PGD of ``init_task``'s
+``active_mm`` (``init_mm`` or, lazily, the last user mm; either maps the kernel half),
+confirmed by translating ``init_task``'s own address and its list neighbour back to
+where they were found. Re-probed on every survey, so a cached result never uses a
+freed mm.
 """
 
 from __future__ import annotations
@@ -138,6 +141,20 @@ def _u32(mem: PhysicalMemory, addr: int) -> int:
     return int.from_bytes(mem.read(addr, 4), "little")
 
 
+def _direct_map_base(mem: PhysicalMemory, node: int, head: int) -> int | None:
+    """Return the direct-map base under which list node ``node`` (a direct-map pointer
+    taken from the list whose head is at kernel address ``head``) links back to
+    ``head``, trying every 1 GiB-aligned base that puts ``node`` inside guest RAM."""
+    ram_end = max(end for _, end in mem.ram_ranges())
+    top = node & ~((1 << 30) - 1)
+    for k in range(ram_end // (1 << 30) + 1):
+        pob = top - k * (1 << 30)
+        phys = node - pob
+        if mem.is_ram(phys, 16) and _u64(mem, phys + 8) == head:
+            return pob
+    return None
+
+
 def probe_init_task(mem: PhysicalMemory, layout: Layout, phys: int) -> KernelInfo | None:
     """Return the KernelInfo implied by ``init_task`` at guest-physical ``phys`` if every
     check passes, else None (the banner is left empty)."""
@@ -157,22 +174,29 @@ def probe_init_task(mem: PhysicalMemory, layout: Layout, phys: int) -> KernelInf
         if layout.has("task_struct.parent") and _u64(mem, phys + off("task_struct.parent")) != va:
             return None
         delta = (phys - va) & MASK64
-        init_mm = _u64(mem, phys + off("task_struct.active_mm"))
-        if init_mm < START_KERNEL_MAP:
+        head = va + off("task_struct.tasks")
+        nxt = _u64(mem, phys + off("task_struct.tasks"))
+        prv = _u64(mem, phys + off("task_struct.tasks") + 8)
+        levels = 4 if is_canonical(nxt, 4) else 5
+        pob = _direct_map_base(mem, nxt, head)
+        if pob is None or not mem.is_ram(prv - pob, 8) or _u64(mem, prv - pob) != head:
             return None
-        pgd_va = _u64(mem, ((init_mm + delta) & MASK64) + off("mm_struct.pgd"))
-        pgd = (pgd_va + delta) & MASK64
+        ram_end = max(end for _, end in mem.ram_ranges())
+
+        def to_phys(ptr: int) -> int:
+            if pob <= ptr < pob + ram_end:
+                return ptr - pob
+            if ptr >= START_KERNEL_MAP:
+                return (ptr + delta) & MASK64
+            raise MemoryReadError(f"{ptr:#x} is neither direct-mapped nor kernel image")
+
+        # The idle task's active_mm is init_mm or, lazily, the last user mm: either way
+        # its PGD maps the whole kernel half.
+        active_mm = _u64(mem, phys + off("task_struct.active_mm"))
+        pgd = to_phys(_u64(mem, to_phys(active_mm) + off("mm_struct.pgd")))
         if pgd & (PAGE_SIZE - 1) or not mem.is_ram(pgd, PAGE_SIZE):
             return None
-        nxt = _u64(mem, phys + off("task_struct.tasks"))
-        levels = 4 if is_canonical(nxt, 4) else 5
-        if translate(mem, pgd, va, levels) != phys:
-            return None
-        nxt_phys = translate(mem, pgd, nxt, levels)
-        if nxt_phys is None:
-            return None
-        pob = (nxt - nxt_phys) & MASK64
-        if pob & ((1 << 30) - 1):
+        if translate(mem, pgd, va, levels) != phys or translate(mem, pgd, nxt, levels) != nxt - pob:
             return None
         return KernelInfo("", va, phys, delta - (1 << 64) if delta >> 63 else delta,
                           pgd, levels, pob, layout)

@@ -6,8 +6,7 @@ node type in bits 3..6 (``(enode >> 3) & 0xF``: 0 dense, 1 leaf_64, 2 range_64,
 3 arange_64) and the 256-byte-aligned node address in the rest (``enode & ~0xFF``);
 ``maple_range_64`` nodes hold 15 pivots and 16 slots, ``maple_arange_64`` nodes 9 pivots,
 10 slots and 10 gaps; the number of used slots comes from the pivots or, in a node that
-is not full, from ``maple_metadata.end``. Internal entries (children) are tagged
-``(entry & 3) == 2``; ``ma_root`` holding a plain pointer means a single entry at index 0.
+is not full, from ``maple_metadata.end``. ``ma_root`` holding a plain pointer means a single entry at index 0.
 
 :func:`iter_entries` yields ``(first, last, entry)`` for the non-NULL leaf entries in
 index order. Every node is checked (type, address within bounds, pivots increasing
@@ -50,8 +49,16 @@ ARANGE_64 = NodeLayout(pivots=9, slots=10, pivot_off=8, slot_off=80, meta_off=24
 
 
 def is_node(entry: int) -> bool:
-    """Return True if ``entry`` is an encoded internal node pointer."""
+    """Return True if ``ma_root`` value ``entry`` points at a node (``xa_is_node``:
+    tagged ``(entry & 3) == 2``) rather than holding a single entry."""
     return entry & 3 == 2 and entry > 4096
+
+
+def is_enode(entry: int) -> bool:
+    """Return True if internal-node slot ``entry`` is a plausible encoded child:
+    ``node | type << 3 | MAPLE_ENODE_NULL (4)``, type leaf_64, range_64 or arange_64."""
+    return entry > 4096 and entry & 0x83 in (0, 2) and node_type(entry) in (
+        MAPLE_LEAF_64, MAPLE_RANGE_64, MAPLE_ARANGE_64)
 
 
 def node_type(enode: int) -> int:
@@ -143,7 +150,7 @@ def iter_entries(read: Callable[[int, int], bytes], root: int,
             for first, last, entry in entries:
                 if not entry:
                     continue
-                if not is_node(entry):
+                if not is_enode(entry):
                     raise MapleError(f"maple internal slot {entry:#x} is not a node")
                 children.append((entry, first, last, depth + 1))
             stack.extend(reversed(children))

@@ -172,8 +172,10 @@ def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> Ker
     except (OSError, ValueError, KeyError, TypeError, LibshareError):
         return None
     fresh = probe_init_task(mem, info.layout, info.init_task_phys)
-    if fresh is None or fresh.init_task != info.init_task or fresh.pgd != info.pgd:
+    if fresh is None or fresh.init_task != info.init_task or \
+            fresh.page_offset_base != info.page_offset_base:
         return None
+    info.pgd = fresh.pgd  # the idle task's active_mm changes; take today's
     if info.banner_phys is not None and \
             pick_banner(mem, [info.banner_phys])[0] != info.banner:
         return None

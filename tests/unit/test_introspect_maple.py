@@ -38,7 +38,7 @@ class Nodes:
             if len(pivots) < 15:
                 buf[248] = len(slots) - 1 if end is None else end
         self.mem[addr] = buf
-        return addr | (ntype << 3) | 2
+        return addr | (ntype << 3) | 4  # an enode; ma_root adds the tag 2
 
     def read(self, addr: int, n: int) -> bytes:
         return bytes(self.mem[addr][:n])
@@ -55,7 +55,7 @@ def vma_tree(n: Nodes) -> tuple[int, list[tuple[int, int, int]]]:
     # leaf2 covers [0x500000, ULONG_MAX]: vma C, gap, vma D, gap.
     leaf2 = n.node(MAPLE_LEAF_64, [0x500FFF, 0x7FFF0000FFFF, 0x7FFF00010FFF],
                    [c, 0, d, 0])
-    root = n.node(MAPLE_ARANGE_64, [0x4FFFFF], [mid, leaf2], end=1)
+    root = n.node(MAPLE_ARANGE_64, [0x4FFFFF], [mid, leaf2], end=1) | 2
     want = [(0x400000, 0x400FFF, a), (0x402000, 0x402FFF, b),
             (0x500000, 0x500FFF, c), (0x7FFF00010000, 0x7FFF00010FFF, d)]
     return root, want
@@ -72,7 +72,7 @@ def test_full_leaf_uses_implied_max() -> None:
     pivots = [(i + 1) * 0x1000 - 1 for i in range(15)]
     slots = [0x1000 + i for i in range(16)]
     leaf = n.node(MAPLE_LEAF_64, pivots, slots)
-    got = list(iter_entries(n.read, leaf))
+    got = list(iter_entries(n.read, leaf | 2))
     assert len(got) == 16 and got[-1] == (15 * 0x1000, ULONG_MAX, 0x100F)
 
 
@@ -85,26 +85,26 @@ def test_empty_and_single_entry_roots() -> None:
 def test_loop_is_detected() -> None:
     n = Nodes()
     addr = n.next
-    enode = addr | (MAPLE_RANGE_64 << 3) | 2
+    enode = addr | (MAPLE_RANGE_64 << 3) | 4
     n.node(MAPLE_RANGE_64, [0x1000], [enode, 0])  # its first child is itself
     with pytest.raises(MapleError, match=r"twice|deeper"):
-        list(iter_entries(n.read, enode))
+        list(iter_entries(n.read, enode | 2))
 
 
 def test_garbage_is_rejected() -> None:
     n = Nodes()
     bad_order = n.node(MAPLE_LEAF_64, [0x5000, 0x1000], [1, 2, 3])
     with pytest.raises(MapleError, match="order"):
-        list(iter_entries(n.read, bad_order))
+        list(iter_entries(n.read, bad_order | 2))
     bad_type = n.node(MAPLE_LEAF_64, [0x5000], [1, 2]) & ~(0xF << 3) | (9 << 3)
     with pytest.raises(MapleError, match="type"):
-        list(iter_entries(n.read, bad_type))
+        list(iter_entries(n.read, bad_type | 2))
     not_node = n.node(MAPLE_RANGE_64, [0x5000], [0xFFFF_8880_0000_1000, 0])
     with pytest.raises(MapleError, match="not a node"):
-        list(iter_entries(n.read, not_node))
-    outside = n.node(MAPLE_RANGE_64, [0x5000], [0x1234_5600 | (1 << 3) | 2, 0])
+        list(iter_entries(n.read, not_node | 2))
+    outside = n.node(MAPLE_RANGE_64, [0x5000], [0x1234_5600 | (1 << 3) | 4, 0])
     with pytest.raises(MapleError, match="outside"):
-        list(iter_entries(n.read, outside, valid=lambda a: a >= BASE))
+        list(iter_entries(n.read, outside | 2, valid=lambda a: a >= BASE))
     # A wide tree is cut off at max_nodes.
     root, _ = vma_tree(n)
     with pytest.raises(MapleError, match="more than"):

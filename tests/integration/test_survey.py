@@ -1,0 +1,175 @@
+"""Integration test of ``libshare survey`` against ground truth printed by the guest.
+
+A busybox initramfs guest on Debian's kernel runs several dynamically linked host
+programs (copied in with their libraries) and prints, every ~2 s, a snapshot of its task
+list (pid + comm from /proc/*/stat) and of the unique ``.so`` paths in /proc/*/maps,
+using only shell builtins so that printing creates no process. The test pauses the
+guest between two snapshots, runs the survey, resumes; when the snapshots before and
+after the pause agree, the survey must agree with them exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from libshare.guests import GuestOptions, Kernel, running_guest
+
+pytestmark = pytest.mark.integration
+
+PROGRAMS = ["/usr/bin/sleep", "/usr/bin/cat", "/usr/bin/tail", "/usr/bin/xz",
+            "/usr/bin/openssl", "/usr/bin/zstd"]
+
+# Only builtins between snapshots: read -t on a FIFO we hold open is the sleep.
+GUEST_SCRIPT = r"""
+. /etc/libshare.sh
+mkfifo /tmp/tick
+exec 3<>/tmp/tick
+/usr/bin/sleep 100000 &
+/usr/bin/sleep 100001 | /usr/bin/cat >/dev/null &
+/usr/bin/tail -f /dev/null &
+/usr/bin/sleep 100002 | /usr/bin/xz -dc >/dev/null &
+/usr/bin/sleep 100003 | /usr/bin/openssl dgst -sha256 >/dev/null &
+/usr/bin/sleep 100004 | /usr/bin/zstd -dc >/dev/null &
+read -t 3 -u 3 x
+n=0
+while :; do
+    n=$((n + 1))
+    echo "SNAP-BEGIN $n"
+    for d in /proc/[0-9]*; do
+        read -r line < "$d/stat" 2>/dev/null && echo "TASK $line"
+    done
+    seen=" "
+    for d in /proc/[0-9]*; do
+        while read -r a b c e f p; do
+            case "$p" in
+            *.so*) case "$seen" in
+                   *" $p "*) ;;
+                   *) seen="$seen$p "; echo "LIB $p" ;;
+                   esac ;;
+            esac
+        done < "$d/maps" 2>/dev/null
+    done
+    echo "SNAP-END $n"
+    [ "$n" = 1 ] && ready
+    read -t 2 -u 3 x
+done
+"""
+
+def proc_comm(comm: str) -> str:
+    """Return the task's ``comm`` (what the survey reads: ``task_struct.comm``, at most
+    15 bytes) for a name from /proc/PID/stat, which shows kernel threads' full names
+    and appends "-<workqueue>" to a kworker's."""
+    if comm.startswith("kworker/"):
+        comm = comm.split("-", 1)[0]
+    return comm[:15]
+
+
+_SNAP = re.compile(r"^SNAP-BEGIN (\d+)\n(.*?)^SNAP-END \1$", re.M | re.S)
+_TASK = re.compile(r"^TASK (\d+) \((.*)\) \S")
+
+
+def snapshots(console: str) -> dict[int, tuple[set[tuple[int, str]], set[str]]]:
+    """Return ``{n: (tasks, libraries)}`` for every complete snapshot on the console."""
+    out = {}
+    for m in _SNAP.finditer(console):
+        tasks, libs = set(), set()
+        for line in m.group(2).splitlines():
+            t = _TASK.match(line)
+            if t:
+                tasks.add((int(t.group(1)), proc_comm(t.group(2))))
+            elif line.startswith("LIB "):
+                libs.add(line[4:])
+        out[int(m.group(1))] = (tasks, libs)
+    return out
+
+
+def latest(guest: Any) -> int:
+    """Return the number of the newest complete snapshot (0 if none)."""
+    snaps = snapshots(guest.console())
+    return max(snaps) if snaps else 0
+
+
+def wait_snapshot_after(guest: Any, n: int, timeout: float = 60.0) -> int:
+    """Wait until a snapshot numbered above ``n`` is complete; return its number."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        last = latest(guest)
+        if last > n:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"no snapshot after {n}:\n{guest.console()[-2000:]}")
+
+
+def run_survey(name: str, *extra: str) -> dict[str, Any]:
+    """Run ``libshare survey NAME --json`` as a user would; return the parsed JSON."""
+    proc = subprocess.run([sys.executable, "-m", "libshare", "survey", name, "--json", *extra],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    doc: dict[str, Any] = json.loads(proc.stdout)
+    return doc
+
+
+def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel) -> None:
+    options = GuestOptions(kernel=kernel, binaries=PROGRAMS, memory_mib=256)
+    with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
+        guest.wait_ready(timeout=120)
+        for _attempt in range(4):
+            before = wait_snapshot_after(guest, latest(guest))
+            guest.domain.suspend()
+            try:
+                doc = run_survey(name)
+            finally:
+                guest.domain.resume()
+            after = wait_snapshot_after(guest, before + 1)
+            snaps = snapshots(guest.console())
+            # 'after' began after the resume only if it is at least two past 'before'
+            after = wait_snapshot_after(guest, before + 1) if after < before + 2 else after
+            if snaps[before] == snapshots(guest.console())[after]:
+                break
+        else:
+            pytest.fail("the guest's task list kept changing; no stable snapshot")
+        tasks, libs = snaps[before]
+        dom = doc["domains"][0]
+        print(f"survey of {name}: {dom['tasks']} tasks, {len(dom['libraries'])} libraries, "
+              f"{dom['wall_seconds']}s wall, {dom['cpu_seconds']}s CPU, "
+              f"kernel {dom['kernel']}")
+        assert dom["name"] == name
+        assert dom["kernel"] == kernel.release
+        assert not dom["partial"], dom["errors"]
+        got_tasks = {(t["pid"], t["comm"]) for t in dom["task_list"]}
+        assert got_tasks == tasks
+        assert dom["tasks"] == len(tasks)
+        got_libs = {lib["path"] for lib in dom["libraries"]}
+        assert got_libs == libs
+        assert len(libs) >= 7  # libc, ld.so, liblzma, libssl, libcrypto, libz, liblz4...
+        assert sum(1 for _, comm in tasks if comm in ("sleep", "cat", "xz", "zstd")) >= 8
+        # Every library is mapped by a running program, so some of it is resident; the
+        # libc's ELF header page is mapped by many processes: its build-id must be read.
+        assert all(lib["resident_pages"] > 0 for lib in dom["libraries"])
+        libc = [lib for lib in dom["libraries"] if "/libc.so" in lib["path"]]
+        assert libc and re.fullmatch(r"[0-9a-f]{40}", libc[0]["build_id"] or "")
+        # A second survey of the running guest uses the per-boot cache (no RAM scan).
+        again = run_survey(name)["domains"][0]
+        assert again["scanned"] is False
+        assert again["kernel"] == kernel.release
+
+
+def test_survey_matches_guest_debian12(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+) -> None:
+    survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
+
+
+def test_survey_refuses_domain_not_running(libvirt_conn: Any) -> None:
+    proc = subprocess.run([sys.executable, "-m", "libshare", "survey", "lstest-no-such-domain"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("libshare: ") and len(proc.stderr.splitlines()) == 1
