@@ -173,3 +173,21 @@ def test_survey_refuses_domain_not_running(libvirt_conn: Any) -> None:
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr.startswith("libshare: ") and len(proc.stderr.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def bullseye_kernel() -> Kernel:
+    """Return Debian 11's 5.10 kernel (VMAs in a linked list, before the maple tree)."""
+    from libshare.guests import KernelError, fetch_kernel
+
+    try:
+        return fetch_kernel(suite="bullseye")
+    except KernelError as exc:
+        pytest.skip(f"Debian 11 kernel unavailable: {exc}")
+
+
+def test_survey_matches_guest_debian11(
+    libvirt_conn: Any, domain_name: Callable[[], str], bullseye_kernel: Kernel
+) -> None:
+    assert bullseye_kernel.release.startswith("5.10.")
+    survey_against_guest(libvirt_conn, domain_name(), bullseye_kernel)

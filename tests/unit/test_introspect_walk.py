@@ -1,0 +1,219 @@
+"""Walkers (tasks, VMA list, d_path, build-id, survey) on synthetic kernel memory,
+including hostile data: loops, pointers outside RAM, absurd lengths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from libshare.introspect.fs import d_path, file_path
+from libshare.introspect.kernel import Kernel, KernelInfo, WalkError
+from libshare.introspect.layout import REQUIRED, Layout
+from libshare.introspect.memory import BytesMemory
+from libshare.introspect.mm import for_each_vma, parse_build_id, perms
+from libshare.introspect.survey import walk_kernel
+from libshare.introspect.tasks import for_each_task, for_each_thread, task_info
+
+POB = 0xFFFF_8880_0000_0000
+RAM = 1 << 20
+
+# A compact, made-up layout (offsets within 0x200-byte objects).
+OFFS = {key: 8 * i for i, key in enumerate(REQUIRED)}
+OFFS.update({"task_struct.tasks": 0x00, "task_struct.pid": 0x10, "task_struct.tgid": 0x14,
+             "task_struct.comm": 0x20, "task_struct.mm": 0x30, "task_struct.active_mm": 0x38,
+             "task_struct.group_leader": 0x40, "task_struct.real_parent": 0x48,
+             "task_struct.signal": 0x50, "task_struct.thread_group": 0x58,
+             "mm_struct.pgd": 0x00, "mm_struct.map_count": 0x08, "mm_struct.mmap": 0x10,
+             "vm_area_struct.vm_start": 0x00, "vm_area_struct.vm_end": 0x08,
+             "vm_area_struct.vm_mm": 0x10, "vm_area_struct.vm_flags": 0x18,
+             "vm_area_struct.vm_pgoff": 0x20, "vm_area_struct.vm_file": 0x28,
+             "vm_area_struct.vm_next": 0x30,
+             "file.f_path": 0x10, "path.mnt": 0x00, "path.dentry": 0x08,
+             "dentry.d_parent": 0x00, "dentry.d_name.len": 0x0C, "dentry.d_name.name": 0x10,
+             "dentry.d_hash.pprev": 0x18,
+             "mount.mnt": 0x20, "mount.mnt_parent": 0x00, "mount.mnt_mountpoint": 0x08,
+             "vfsmount.mnt_root": 0x00})
+
+
+class Fake:
+    """Guest RAM with a bump allocator of 0x200-byte kernel objects in the direct map."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray(RAM)
+        self.next = 0x1000
+
+    def obj(self, size: int = 0x200) -> int:
+        va = POB + self.next
+        self.next += size
+        return va
+
+    def put(self, va: int, off: int, value: int, size: int = 8) -> None:
+        self.buf[va - POB + off: va - POB + off + size] = value.to_bytes(size, "little")
+
+    def put_bytes(self, va: int, data: bytes) -> None:
+        self.buf[va - POB: va - POB + len(data)] = data
+
+    def kernel(self, init_task: int) -> Kernel:
+        layout = Layout(OFFS, {}, "test")
+        info = KernelInfo("Linux version 9.9.9-test", init_task, init_task - POB, 0, 0, 4,
+                          POB, layout)
+        return Kernel(BytesMemory(self.buf), info)
+
+    def task(self, pid: int, comm: str, mm: int = 0) -> int:
+        t = self.obj()
+        self.put(t, OFFS["task_struct.pid"], pid, 4)
+        self.put(t, OFFS["task_struct.tgid"], pid, 4)
+        self.put_bytes(t + OFFS["task_struct.comm"], comm.encode() + b"\0")
+        self.put(t, OFFS["task_struct.mm"], mm)
+        self.put(t, OFFS["task_struct.group_leader"], t)
+        tg = t + OFFS["task_struct.thread_group"]
+        self.put(tg, 0, tg)
+        self.put(tg, 8, tg)
+        return t
+
+    def link(self, tasks: list[int]) -> None:
+        nodes = [t + OFFS["task_struct.tasks"] for t in tasks]
+        for i, n in enumerate(nodes):
+            self.put(n, 0, nodes[(i + 1) % len(nodes)])
+            self.put(n, 8, nodes[i - 1])
+
+
+def test_task_list_and_threads() -> None:
+    f = Fake()
+    init = f.task(0, "swapper/0")
+    a, b = f.task(1, "init"), f.task(7, "sleep")
+    f.link([init, a, b])
+    k = f.kernel(init)
+    got = [task_info(k, t) for t in for_each_task(k)]
+    assert [(t.pid, t.comm) for t in got] == [(1, "init"), (7, "sleep")]
+    assert list(for_each_thread(k, a)) == [a]
+
+
+def test_task_list_loop_and_wild_pointer() -> None:
+    f = Fake()
+    init = f.task(0, "swapper/0")
+    a, b = f.task(1, "init"), f.task(2, "kthreadd")
+    f.link([init, a, b])
+    f.put(b + OFFS["task_struct.tasks"], 0, a + OFFS["task_struct.tasks"])  # b -> a again
+    with pytest.raises(WalkError):
+        list(for_each_task(f.kernel(init)))
+    f.link([init, a, b])
+    f.put(b + OFFS["task_struct.tasks"], 0, POB + (1 << 36))  # outside RAM
+    with pytest.raises(WalkError):
+        list(for_each_task(f.kernel(init)))
+
+
+def _dentry(f: Fake, name: bytes, parent: int | None, length: int | None = None) -> int:
+    d = f.obj()
+    s = f.obj(0x100)
+    f.put_bytes(s, name)
+    f.put(d, OFFS["dentry.d_parent"], parent if parent is not None else d)
+    f.put(d, OFFS["dentry.d_name.len"], len(name) if length is None else length, 4)
+    f.put(d, OFFS["dentry.d_name.name"], s)
+    f.put(d, OFFS["dentry.d_hash.pprev"], 0x1234)  # hashed (not deleted)
+    return d
+
+
+def test_d_path_across_a_mount() -> None:
+    f = Fake()
+    root = _dentry(f, b"/", None)
+    usr = _dentry(f, b"usr", root)
+    top = f.obj()  # rootfs mount, its own parent
+    f.put(top, OFFS["mount.mnt_parent"], top)
+    f.put(top, OFFS["mount.mnt"], root)
+    sub_root = _dentry(f, b"/", None)
+    lib = _dentry(f, b"lib", sub_root)
+    so = _dentry(f, b"libc.so.6", lib)
+    sub = f.obj()  # a filesystem mounted on /usr
+    f.put(sub, OFFS["mount.mnt_parent"], top)
+    f.put(sub, OFFS["mount.mnt_mountpoint"], usr)
+    f.put(sub, OFFS["mount.mnt"], sub_root)
+    k = f.kernel(f.task(0, "swapper/0"))
+    assert d_path(k, sub + OFFS["mount.mnt"], so) == "/usr/lib/libc.so.6"
+    f.put(so, OFFS["dentry.d_hash.pprev"], 0)
+    k.invalidate()  # the guest changed memory: drop the page cache
+    assert d_path(k, sub + OFFS["mount.mnt"], so) == "/usr/lib/libc.so.6 (deleted)"
+    # struct file -> f_path
+    file = f.obj()
+    f.put(file, OFFS["file.f_path"] + OFFS["path.mnt"], top + OFFS["mount.mnt"])
+    f.put(file, OFFS["file.f_path"] + OFFS["path.dentry"], usr)
+    k.invalidate()
+    assert file_path(k, file) == "/usr"
+
+
+def test_d_path_hostile() -> None:
+    f = Fake()
+    root = _dentry(f, b"/", None)
+    top = f.obj()
+    f.put(top, OFFS["mount.mnt_parent"], top)
+    f.put(top, OFFS["mount.mnt"], root)
+    k = f.kernel(f.task(0, "swapper/0"))
+    long = _dentry(f, b"x", root, length=1 << 30)  # absurd name length
+    with pytest.raises(WalkError, match="name length"):
+        d_path(k, top + OFFS["mount.mnt"], long)
+    a = _dentry(f, b"a", None)
+    b = _dentry(f, b"b", a)
+    f.put(a, OFFS["dentry.d_parent"], b)  # a <-> b, never reaching the root
+    with pytest.raises(WalkError):
+        d_path(k, top + OFFS["mount.mnt"], b)
+
+
+def _vma(f: Fake, mm: int, start: int, end: int, flags: int = 0x5) -> int:
+    v = f.obj()
+    for key, val in (("vm_start", start), ("vm_end", end), ("vm_mm", mm), ("vm_flags", flags)):
+        f.put(v, OFFS[f"vm_area_struct.{key}"], val)
+    return v
+
+
+def test_vma_list_walk_and_loop() -> None:
+    f = Fake()
+    mm = f.obj()
+    v1, v2 = _vma(f, mm, 0x1000, 0x3000), _vma(f, mm, 0x5000, 0x6000, flags=0x3)
+    f.put(mm, OFFS["mm_struct.mmap"], v1)
+    f.put(v1, OFFS["vm_area_struct.vm_next"], v2)
+    k = f.kernel(f.task(0, "swapper/0"))
+    got = list(for_each_vma(k, mm))
+    assert [(v.start, v.end, perms(v.flags)) for v in got] == [(0x1000, 0x3000, "r-xp"),
+                                                              (0x5000, 0x6000, "rw-p")]
+    f.put(v2, OFFS["vm_area_struct.vm_next"], v1)  # loop back
+    k.invalidate()
+    with pytest.raises(WalkError, match="order"):
+        list(for_each_vma(k, mm))
+    other = f.obj()
+    f.put(v2, OFFS["vm_area_struct.vm_next"], _vma(f, other, 0x7000, 0x8000))
+    k.invalidate()
+    with pytest.raises(WalkError, match="another mm"):
+        list(for_each_vma(k, mm))
+
+
+def test_survey_walk_marks_partial() -> None:
+    f = Fake()
+    init = f.task(0, "swapper/0")
+    mm = f.obj()
+    f.put(mm, OFFS["mm_struct.pgd"], POB + (1 << 36))  # page tables outside RAM
+    f.put(mm, OFFS["mm_struct.map_count"], 0, 4)
+    a = f.task(1, "init", mm)
+    f.link([init, a])
+    k = f.kernel(init)
+    with pytest.raises(WalkError):
+        walk_kernel(k, "t")
+    out = walk_kernel(k, "t", tolerant=True)
+    assert out.partial and out.tasks == 1 and "pid 1" in out.errors[0]
+
+
+def test_build_id_from_first_page() -> None:
+    from elftools.elf.elffile import ELFFile
+
+    path = Path("/bin/true")
+    want = None
+    with open(path, "rb") as fh:
+        for seg in ELFFile(fh).iter_segments():
+            if seg["p_type"] == "PT_NOTE":
+                for note in seg.iter_notes():
+                    if note["n_type"] == "NT_GNU_BUILD_ID":
+                        want = note["n_desc"]
+    page = path.read_bytes()[:4096]
+    assert want and parse_build_id(page) == want
+    assert parse_build_id(b"\x7fELF" + b"\xff" * 4092) is None  # garbage header
+    assert parse_build_id(page[:100]) is None
