@@ -21,7 +21,7 @@ DEFAULT_CMDLINE = (
     "rdinit=/init"
 )
 
-Customizer = Callable[[etree._Element], None]
+Customizer = Callable[[etree._Element], object]
 
 
 def _sub(parent: etree._Element, tag: str, text: str | None = None,

@@ -141,6 +141,15 @@ def cleanup_domains(conn: Any, prefix: str) -> list[str]:
     return names
 
 
+def qemu_log_tail(name: str, lines: int = 15) -> str:
+    """Return the last ``lines`` lines of libvirt's QEMU log for domain ``name`` ('' if none)."""
+    try:
+        text = Path(f"/var/log/libvirt/qemu/{name}.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
 def run_dir(name: str, cache: Path | str | None = None) -> Path:
     """Return ``<cache>/run/<name>/`` (created, mode 0755), the guest's file directory."""
     d = cache_subdir("run", cache) / name
@@ -266,7 +275,7 @@ def running_guest(conn: Any, name: str, script: str | None,
             dom = conn.defineXML(xml)
             dom.create()
         except libvirt.libvirtError as exc:
-            raise GuestError(f"cannot start test guest {name}: {exc}") from exc
+            raise GuestError(f"cannot start test guest {name}: {exc}\n{qemu_log_tail(name)}") from exc
         yield RunningGuest(conn, name, dom, console)
     finally:
         cleanup_domain(conn, name)
