@@ -54,12 +54,24 @@ def _on_alarm(_signum: int, _frame: FrameType | None) -> None:
     raise HookTimeout
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler writing to whatever ``sys.stderr`` is at the time of each record."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     if log.handlers:
         return
     log.setLevel(logging.INFO)
     log.propagate = False
-    err = logging.StreamHandler(sys.stderr)
+    err = _StderrHandler()
     err.setLevel(logging.WARNING)
     err.setFormatter(logging.Formatter("libshare: %(message)s"))
     log.addHandler(err)

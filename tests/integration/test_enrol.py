@@ -1,0 +1,163 @@
+"""Enrolment and the hook against the real system libvirtd with a TCG guest.
+
+Ground truth is read inside the guest (serial console): the pmem device exists, has the
+region's size and is read-only. The hook's effect is read from its log and records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from libshare import hook_install, state
+from libshare.guests import GuestOptions, RunningGuest
+from libshare.guests.runner import prepare_guest
+
+MiB = 1 << 20
+REGION_SIZE = 8 * MiB
+TEST_ROOT = Path("/var/lib/libshare-test")
+INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+
+PMEM_SCRIPT = """. /etc/libshare.sh
+for d in /dev/pmem*; do [ -b "$d" ] && echo "PMEM $d"; done
+[ -e /sys/block/pmem0/size ] && echo "SECTORS $(cat /sys/block/pmem0/size)"
+[ -e /sys/block/pmem0/ro ] && echo "RO $(cat /sys/block/pmem0/ro)"
+ready
+park
+"""
+
+
+@pytest.fixture(scope="module")
+def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
+    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI
+    does); if this fixture had to install it, it removes it afterwards."""
+    hooks = hook_install.DEFAULT_HOOKS_DIR
+    present = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
+               if p.exists() and hook_install.is_ours(p)]
+    res = hook_install.install(hooks)  # updates the #! line to this Python if needed
+    try:
+        yield res.path
+    finally:
+        if not present:
+            hook_install.uninstall(hooks)
+
+
+@pytest.fixture
+def state_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Return a fresh state directory QEMU can traverse (the region image lives in it)."""
+    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    TEST_ROOT.chmod(0o755)
+    path = TEST_ROOT / f"p{os.getpid()}-{request.node.name[:40]}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def make_region(state_dir: Path) -> Path:
+    image = state_dir / "region.img"
+    with open(image, "wb") as fh:
+        for i in range(REGION_SIZE // MiB):
+            fh.write(bytes([i + 1]) * MiB)
+    image.chmod(0o644)
+    return image
+
+
+def libshare(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(state_dir),
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def define_guest(conn: Any, name: str) -> tuple[Any, Path]:
+    xml, console = prepare_guest(name, PMEM_SCRIPT, GuestOptions())
+    return conn.defineXML(xml), console
+
+
+def ops_for(state_dir: Path, name: str) -> list[tuple[str, str, int]]:
+    return [(e["op"], e["sub"], e["status"]) for e in state.read_hook_log(state_dir)
+            if e["domain"] == name]
+
+
+def test_enrol_boot_hook_and_disable(libvirt_conn: Any, domain_name: Callable[[], str],
+                                     hook_installed: Path, state_dir: Path) -> None:
+    name = domain_name()
+    image = make_region(state_dir)
+    dom, console = define_guest(libvirt_conn, name)
+    original = dom.XMLDesc(INACTIVE)
+
+    res = libshare(state_dir, "enable", name, "--region", str(image), "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)["domains"][0]
+    assert out["action"] == "enabled" and out["libshare"]["enrolled"] is True
+    enrolled_xml = dom.XMLDesc(INACTIVE)
+    assert "model='nvdimm'" in enrolled_xml and str(image) in enrolled_xml
+    again = libshare(state_dir, "enable", name, "--region", str(image), "--json")
+    assert json.loads(again.stdout)["domains"][0]["action"] == "unchanged"
+    assert dom.XMLDesc(INACTIVE) == enrolled_xml
+
+    dom.create()
+    guest = RunningGuest(libvirt_conn, name, dom, console)
+    guest.wait_ready(timeout=120)
+    text = guest.console()
+    # inside the guest: the region is a read-only pmem disk of the region's size
+    assert "PMEM /dev/pmem0" in text
+    assert f"SECTORS {REGION_SIZE // 512}" in text
+    assert "RO 1" in text
+    records = {r["name"]: r for r in state.read_running(state_dir)}
+    assert records[name]["region"] == str(image)
+    assert records[name]["pid"] == guest.qemu_pid()
+    status = json.loads(libshare(state_dir, "status", name, "--json").stdout)["domains"][0]
+    assert status["enrolled"] and status["running"] and status["region_ok"] is True
+
+    dom.destroy()
+    assert name not in {r["name"] for r in state.read_running(state_dir)}
+    ops = ops_for(state_dir, name)
+    for op, sub in [("prepare", "begin"), ("started", "begin"), ("stopped", "end"),
+                    ("release", "end")]:
+        assert (op, sub, 0) in ops, ops
+
+    res = libshare(state_dir, "disable", name)
+    assert res.returncode == 0, res.stderr
+    assert dom.XMLDesc(INACTIVE) == original
+
+
+def test_missing_region_refuses_start(libvirt_conn: Any, domain_name: Callable[[], str],
+                                      hook_installed: Path, state_dir: Path) -> None:
+    name = domain_name()
+    image = make_region(state_dir)
+    dom, _console = define_guest(libvirt_conn, name)
+    assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
+    enrolled_xml = dom.XMLDesc(INACTIVE)
+    image.rename(image.with_suffix(".moved"))
+
+    with pytest.raises(libvirt.libvirtError) as err:
+        dom.create()
+    assert "region image" in str(err.value) and "is missing" in str(err.value)
+    assert not dom.isActive()
+    assert libvirt_conn.lookupByName(name).XMLDesc(INACTIVE) == enrolled_xml
+    assert ("prepare", "begin", 1) in ops_for(state_dir, name)
+    status = json.loads(libshare(state_dir, "status", name, "--json").stdout)["domains"][0]
+    assert status["region_ok"] is False
+
+
+def test_enable_refuses_unknown_domain_and_keeps_others(
+        libvirt_conn: Any, domain_name: Callable[[], str], state_dir: Path) -> None:
+    name = domain_name()
+    image = make_region(state_dir)
+    define_guest(libvirt_conn, name)
+    res = libshare(state_dir, "enable", name, "lstest-no-such-domain", "--region", str(image),
+                   "--json")
+    assert res.returncode == 1
+    assert "lstest-no-such-domain" in res.stderr and "not found" in res.stderr
+    assert json.loads(res.stdout)["domains"][0]["action"] == "enabled"

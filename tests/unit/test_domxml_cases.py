@@ -1,0 +1,217 @@
+"""enable/disable on hand-written domains that exercise each rule."""
+
+from __future__ import annotations
+
+import pytest
+from lxml import etree
+
+from libshare import domxml
+from libshare.domxml import schema
+from libshare.errors import RefusedError
+
+MiB = 1 << 20
+
+BASE = """<domain type='{type}'>
+  <name>t</name>
+  <memory unit='MiB'>512</memory>
+  <vcpu>2</vcpu>
+  <os>
+    <type arch='x86_64' machine='{machine}'>hvm</type>
+  </os>
+{extra}</domain>
+"""
+
+
+def dom(extra: str = "", type: str = "kvm", machine: str = "pc") -> etree._Element:
+    return domxml.parse(BASE.format(type=type, machine=machine, extra=extra))
+
+
+def spec(model: str = "nvdimm", size: int = 64 * MiB, path: str = "/r/a.img",
+         group: str = "g") -> domxml.RegionSpec:
+    return domxml.RegionSpec(path, size, group, model=model, digest="d" * 64)
+
+
+def c14n(root: etree._Element) -> bytes:
+    return etree.tostring(root, method="c14n")
+
+
+def roundtrip(root: etree._Element, s: domxml.RegionSpec) -> etree._Element:
+    out = domxml.enable(root, s)
+    assert c14n(domxml.disable(out)) == c14n(root)
+    assert c14n(domxml.enable(out, s)) == c14n(out)
+    if schema.available():
+        assert schema.errors(out) == [], schema.errors(out)
+    return out
+
+
+def test_no_devices_gets_everything() -> None:
+    out = roundtrip(dom(), spec())
+    mem = out.find("devices/memory")
+    assert mem is not None and mem.get("model") == "nvdimm" and mem.get("access") == "private"
+    assert mem.find("source/pmem") is not None
+    assert mem.findtext("source/path") == "/r/a.img"
+    assert mem.findtext("target/size") == str(64 * 1024)
+    assert mem.findtext("target/node") == "0"
+    assert mem.find("target/readonly") is not None
+    assert mem.find("target/label") is None
+    assert out.find("features/acpi") is not None
+    cell = out.find("cpu/numa/cell")
+    assert cell is not None and cell.get("cpus") == "0-1" and cell.get("memory") == str(512 * 1024)
+    mm = out.find("maxMemory")
+    assert mm is not None and mm.get("slots") == "1"
+    assert int(mm.text or 0) >= 512 * 1024 + 64 * 1024
+    chan = out.find("devices/channel/target")
+    assert chan is not None and chan.get("name") == "org.qemu.guest_agent.0"
+
+
+def test_existing_numa_is_used_not_replaced() -> None:
+    extra = """  <cpu>
+    <numa>
+      <cell id='3' cpus='0-1' memory='524288' unit='KiB'/>
+    </numa>
+  </cpu>
+"""
+    out = roundtrip(dom(extra), spec())
+    assert len(out.findall("cpu/numa/cell")) == 1
+    assert out.findtext("devices/memory/target/node") == "3"
+
+
+def test_existing_nvdimm_gets_one_more_slot_and_keeps_its_place() -> None:
+    extra = """  <maxMemory slots='1' unit='KiB'>2097152</maxMemory>
+  <cpu><numa><cell id='0' cpus='0-1' memory='524288' unit='KiB'/></numa></cpu>
+  <devices>
+    <memory model='nvdimm'>
+      <source><path>/other.img</path></source>
+      <target><size unit='KiB'>131072</size><node>0</node></target>
+    </memory>
+  </devices>
+"""
+    root = dom(extra)
+    out = roundtrip(root, spec())
+    mems = out.findall("devices/memory")
+    assert [m.findtext("source/path") for m in mems] == ["/other.img", "/r/a.img"]
+    assert out.find("maxMemory").get("slots") == "2"  # type: ignore[union-attr]
+    restored = domxml.disable(out).find("maxMemory")
+    assert restored is not None and restored.get("slots") == "1"
+
+
+def test_large_enough_maxmemory_is_left_alone() -> None:
+    extra = "  <maxMemory slots='16' unit='GiB'>64</maxMemory>\n"
+    out = roundtrip(dom(extra), spec())
+    assert out.find("maxMemory").get("unit") == "GiB"  # type: ignore[union-attr]
+
+
+def test_hugepages_q35_and_balloon() -> None:
+    extra = """  <memoryBacking>
+    <hugepages/>
+  </memoryBacking>
+  <devices>
+    <memballoon model='virtio' freePageReporting='off'/>
+  </devices>
+"""
+    out = roundtrip(dom(extra, machine="q35"), spec())
+    assert out.find("devices/memballoon").get("freePageReporting") == "on"  # type: ignore
+    back = domxml.disable(out).find("devices/memballoon")
+    assert back is not None and back.get("freePageReporting") == "off"
+
+
+def test_existing_agent_channel_is_kept() -> None:
+    extra = """  <devices>
+    <controller type='virtio-serial' index='0'/>
+    <channel type='unix'>
+      <source mode='bind' path='/x.sock'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+  </devices>
+"""
+    out = roundtrip(dom(extra), spec())
+    assert len(out.findall("devices/channel")) == 1
+    assert out.find("devices/channel/source").get("path") == "/x.sock"  # type: ignore
+
+
+def test_ivshmem_model_adds_only_shmem() -> None:
+    out = roundtrip(dom(), spec(model="ivshmem", group="trusted"))
+    shmem = out.find("devices/shmem")
+    assert shmem is not None and shmem.get("name") == "libshare-trusted"
+    assert shmem.find("model").get("type") == "ivshmem-plain"  # type: ignore[union-attr]
+    assert out.find("maxMemory") is None and out.find("cpu") is None
+
+
+def test_virtio_pmem_model() -> None:
+    out = roundtrip(dom(), spec(model="virtio-pmem"))
+    mem = out.find("devices/memory")
+    assert mem is not None and mem.get("model") == "virtio-pmem"
+
+
+def test_re_enrol_with_new_region_replaces_old_device() -> None:
+    first = domxml.enable(dom(), spec(path="/r/old.img"))
+    second = domxml.enable(first, spec(path="/r/new.img", size=128 * MiB))
+    paths = [m.findtext("source/path") for m in second.findall("devices/memory")]
+    assert paths == ["/r/new.img"]
+    assert c14n(domxml.disable(second)) == c14n(dom())
+
+
+def test_implicit_virtio_serial_controller_removed_on_disable() -> None:
+    out = domxml.enable(dom(), spec())
+    # libvirt adds a virtio-serial controller for the new channel when defining it
+    devices = out.find("devices")
+    assert devices is not None
+    devices.append(etree.fromstring("<controller type='virtio-serial' index='0'/>"))
+    back = domxml.disable(out)
+    assert back.find("devices/controller") is None
+
+
+def test_libvirt_recomputed_memory_is_restored() -> None:
+    out = domxml.enable(dom(), spec())
+    mem = out.find("memory")
+    assert mem is not None
+    mem.set("unit", "KiB")
+    mem.text = str(512 * 1024 + 64 * 1024)  # what libvirt reports: RAM + memory devices
+    back = domxml.disable(out).find("memory")
+    assert back is not None and back.text == str(512 * 1024)
+
+
+@pytest.mark.parametrize("xml,reason", [
+    (BASE.format(type="xen", machine="pc", extra=""), "domain type"),
+    (BASE.format(type="kvm", machine="pc", extra="").replace("x86_64", "aarch64"),
+     "architecture"),
+    (BASE.format(type="kvm", machine="pc", extra="").replace(">hvm<", ">linux<"), "hvm"),
+    (BASE.format(type="kvm", machine="microvm", extra=""), "microvm"),
+    (BASE.format(type="kvm", machine="pc", extra="""  <devices>
+    <memory model='nvdimm'><source><path>/r/a.img</path></source>
+      <target><size unit='KiB'>65536</size><node>0</node></target></memory>
+  </devices>
+"""), "not added by libshare"),
+])
+def test_refusals(xml: str, reason: str) -> None:
+    root = domxml.parse(xml)
+    before = c14n(root)
+    with pytest.raises(RefusedError, match=reason):
+        domxml.enable(root, spec())
+    assert c14n(root) == before
+
+
+@pytest.mark.parametrize("size", [0, 3 * MiB, 2 * 1024 * 1024 * MiB])
+def test_bad_sizes_refused(size: int) -> None:
+    with pytest.raises(RefusedError, match=r"2 MiB|1 TiB"):
+        domxml.enable(dom(), spec(size=size))
+
+
+def test_not_xml_and_not_domain() -> None:
+    with pytest.raises(RefusedError, match="not well-formed"):
+        domxml.parse(b"<domain>")
+    with pytest.raises(RefusedError, match="not a libvirt domain"):
+        domxml.parse(b"<network/>")
+
+
+def test_disable_of_unenrolled_is_identity() -> None:
+    root = dom()
+    assert c14n(domxml.disable(root)) == c14n(root)
+    assert domxml.describe(root)["enrolled"] is False
+
+
+def test_describe_enrolled() -> None:
+    info = domxml.describe(domxml.enable(dom(), spec()))
+    assert info["enrolled"] and info["group"] == "g" and info["model"] == "nvdimm"
+    assert info["region"] == "/r/a.img" and info["size"] == 64 * MiB
+    assert info["agent_channel"] is True
