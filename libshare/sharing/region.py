@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
-from libshare.digest import sha256_file
+from libshare.digest import cached_sha256, sha256_file
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing import pfn
 from libshare.sharing.erofs import LAYOUT_FLAT_PLAIN, LAYOUT_NAMES, Erofs, ErofsError
@@ -344,13 +344,18 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             tmp_image = Path(name)
             digest = _write_image(tmp_image, block, fs_image, total, progress)
             final = cfg.region_image(digest)
-            new = not final.exists()
+            # an existing image of that name is reused only if its bytes still match
+            # (this also primes the digest cache the hook's prepare check reads: a cold
+            # hash of a multi-GiB image could exceed the hook's time limit)
+            new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
             if new:
                 os.replace(tmp_image, final)
             else:
                 tmp_image.unlink()
             tmp_image = None
             fsync_dir(images)
+            if new and cached_sha256(final, cfg.digest_cache) != digest:
+                raise LibshareError(f"{final} changed while being built")
             link = switch_group_link(cfg, group, final)
         finally:
             if tmp_image is not None:
