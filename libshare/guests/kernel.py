@@ -246,19 +246,9 @@ def _run(cmd: Sequence[str], cwd: Path | None = None) -> str:
 
 
 def resolve_kernel_package(suite: str | None = None, cache: Path | None = None) -> tuple[str, str]:
-    """Return ``(package, version)`` of the kernel that ``linux-image-amd64`` depends on,
-    for the host's apt sources (``suite`` None) or a private apt tree for ``suite``."""
-    opts = _private_apt_options(suite, cache or cache_subdir("")) if suite else []
-    deps = _run(["apt-cache", *opts, "depends", "linux-image-amd64"])
-    m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", deps)
-    if not m:
-        raise KernelError(f"cannot find the kernel package behind linux-image-amd64: {deps!r}")
-    package = m.group(1)
-    policy = _run(["apt-cache", *opts, "policy", package])
-    v = re.search(r"Candidate:\s*(\S+)", policy)
-    if not v or v.group(1) == "(none)":
-        raise KernelError(f"no candidate version for {package}")
-    return package, v.group(1)
+    """Return ``(package, version)`` of the kernel that ``linux-image-amd64`` depends on
+    in Debian ``suite`` (None: the host's own release, through the host's apt sources)."""
+    return _resolve(suite or host_suite(), None, None, cache or cache_subdir(""), False)
 
 
 def _find_unpacked(root: Path, package: str, version: str) -> Kernel:
@@ -281,62 +271,125 @@ def _cached_kernels(kdir: Path) -> list[Kernel]:
     return found
 
 
+_SUITE_OF_SERIES = {"4.19": "buster", "5.10": "bullseye", "6.1": "bookworm", "6.12": "trixie"}
+
+
+def host_suite() -> str:
+    """Return the host's Debian codename (``VERSION_CODENAME`` of /etc/os-release)."""
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return ""
+    m = re.search(r"^VERSION_CODENAME=\"?([a-z]+)", text, re.M)
+    return m.group(1) if m else ""
+
+
+def kernel_suite(kernel_dir: Path) -> str:
+    """Return the Debian suite recorded for an unpacked kernel (or guessed from its
+    version series, e.g. ``5.10.x`` -> ``bullseye``); '' if unknown."""
+    words = (kernel_dir / ".complete").read_text().split() if (kernel_dir / ".complete").exists() else []
+    if len(words) >= 3:
+        return words[2]
+    version = kernel_dir.name.partition("_")[2]
+    return _SUITE_OF_SERIES.get(".".join(version.split(".")[:2]), "")
+
+
+def _apt_opts(suite: str, cache: Path, refresh: bool = False) -> list[str]:
+    """Return apt options for ``suite``: none for the host's own suite (refreshed with
+    ``apt-get update`` if ``refresh``), else those of a private apt tree."""
+    if suite == host_suite():
+        if refresh:
+            _run(["apt-get", "-qq", "update"])
+        return []
+    if refresh:
+        for f in (cache / "apt" / suite / "lists").glob("*Packages*"):
+            f.unlink()
+    return _private_apt_options(suite, cache)
+
+
+def _resolve(suite: str, package: str | None, version: str | None, cache: Path,
+             refresh: bool) -> tuple[str, str]:
+    """Return ``(package, version)`` to fetch for ``suite`` (see :func:`fetch_kernel`)."""
+    opts = _apt_opts(suite, cache, refresh)
+    if package is None:
+        deps = _run(["apt-cache", *opts, "depends", "linux-image-amd64"])
+        m = re.search(r"Depends:\s*(linux-image-[0-9][^\s]*-amd64)", deps)
+        if not m:
+            raise KernelError(f"cannot find the kernel package behind linux-image-amd64: {deps!r}")
+        package = m.group(1)
+    if version is None:
+        v = re.search(r"Candidate:\s*(\S+)", _run(["apt-cache", *opts, "policy", package]))
+        if not v or v.group(1) == "(none)":
+            raise KernelError(f"no candidate version for {package} in {suite}")
+        version = v.group(1)
+    return package, version
+
+
+def _download_unpack(suite: str, package: str, version: str, kdir: Path, target: Path,
+                     refresh: bool) -> None:
+    """Download ``package=version`` and unpack it, with modules.dep, into ``target``."""
+    with tempfile.TemporaryDirectory(dir=kdir, prefix=".fetch-") as tmp:
+        tmpdir = Path(tmp)
+        opts = _apt_opts(suite, kdir.parent, refresh=False)
+        _run(["apt-get", *opts, "-qq", "download", f"{package}={version}"], cwd=tmpdir)
+        debs = list(tmpdir.glob("*.deb"))
+        if len(debs) != 1:
+            raise KernelError(f"apt-get download gave {debs}")
+        unpack = tmpdir / "root"
+        _run(["dpkg", "-x", str(debs[0]), str(unpack)])
+        # Debian ships /lib/modules (or /usr/lib/modules on merged-/usr releases)
+        usr_mods = unpack / "usr" / "lib" / "modules"
+        if not (unpack / "lib" / "modules").exists() and usr_mods.exists():
+            (unpack / "lib").mkdir(exist_ok=True)
+            shutil.move(str(usr_mods), str(unpack / "lib" / "modules"))
+        kernel = _find_unpacked(unpack, package, version)
+        _run(["depmod", "-b", str(unpack), kernel.release])
+        for p in [unpack, *unpack.rglob("*")]:
+            if p.is_dir() and not p.is_symlink():
+                p.chmod(0o755)
+        if target.exists():
+            shutil.rmtree(target)
+        unpack.rename(target)
+        (target / ".complete").write_text(f"{package} {version} {suite}\n")
+
+
 def fetch_kernel(
     suite: str | None = None,
     package: str | None = None,
     version: str | None = None,
     cache: Path | str | None = None,
 ) -> Kernel:
-    """Return the unpacked kernel for ``suite`` (None: the host's own Debian release),
+    """Return the unpacked kernel for Debian ``suite`` (None: the host's own release),
     downloading (``apt-get download``) and unpacking (``dpkg -x``) it once into
     ``<cache>/kernels/<package>_<version>/`` and running ``depmod -b`` on it.
 
     ``package``/``version`` pin an exact ``linux-image-*`` package; by default the one
-    ``linux-image-amd64`` depends on. If apt cannot be asked (offline) the newest cached
-    kernel is used. ``suite='bullseye'`` gives Debian 11's 5.10 kernel through a private
-    apt tree in the cache.
+    ``linux-image-amd64`` depends on. A suite other than the host's (e.g. ``bullseye``
+    for Debian 11's 5.10) goes through a private apt tree in the cache. If apt cannot
+    be asked (offline), the newest cached kernel of that suite is used; if the download
+    fails (lists out of date), the lists are refreshed once and it is tried again.
     """
+    suite = suite or host_suite()
     kdir = cache_subdir("kernels", cache)
-    try:
-        if package is None:
-            package, resolved_version = resolve_kernel_package(suite, kdir.parent)
-            version = version or resolved_version
-        elif version is None:
-            opts = _private_apt_options(suite, kdir.parent) if suite else []
-            v = re.search(r"Candidate:\s*(\S+)", _run(["apt-cache", *opts, "policy", package]))
-            if not v:
-                raise KernelError(f"no candidate version for {package}")
-            version = v.group(1)
-    except KernelError:
-        fallback = [k for k in _cached_kernels(kdir) if package in (None, k.package)]
-        if not fallback:
-            raise
+    last_error: KernelError | None = None
+    for refresh in (False, True):
+        try:
+            pkg, ver = _resolve(suite, package, version, kdir.parent, refresh)
+        except KernelError as exc:
+            last_error = exc
+            continue
+        target = kdir / f"{pkg}_{ver}"
+        with locked(kdir / ".lock"):
+            if (target / ".complete").exists():
+                return _find_unpacked(target, pkg, ver)
+            try:
+                _download_unpack(suite, pkg, ver, kdir, target, refresh)
+            except KernelError as exc:
+                last_error = exc
+                continue
+            return _find_unpacked(target, pkg, ver)
+    fallback = [k for k in _cached_kernels(kdir)
+                if kernel_suite(k.root) == suite and package in (None, k.package)]
+    if fallback:
         return fallback[-1]
-    target = kdir / f"{package}_{version}"
-    with locked(kdir / ".lock"):
-        if (target / ".complete").exists():
-            return _find_unpacked(target, package, version)
-        with tempfile.TemporaryDirectory(dir=kdir, prefix=".fetch-") as tmp:
-            tmpdir = Path(tmp)
-            opts = _private_apt_options(suite, kdir.parent) if suite else []
-            _run(["apt-get", *opts, "-qq", "download", f"{package}={version}"], cwd=tmpdir)
-            debs = list(tmpdir.glob("*.deb"))
-            if len(debs) != 1:
-                raise KernelError(f"apt-get download gave {debs}")
-            unpack = tmpdir / "root"
-            _run(["dpkg", "-x", str(debs[0]), str(unpack)])
-            # Debian ships /lib/modules (or /usr/lib/modules on merged-/usr releases)
-            usr_mods = unpack / "usr" / "lib" / "modules"
-            if not (unpack / "lib" / "modules").exists() and usr_mods.exists():
-                (unpack / "lib").mkdir(exist_ok=True)
-                shutil.move(str(usr_mods), str(unpack / "lib" / "modules"))
-            kernel = _find_unpacked(unpack, package, version)
-            _run(["depmod", "-b", str(unpack), kernel.release])
-            for p in [unpack, *unpack.rglob("*")]:
-                if p.is_dir() and not p.is_symlink():
-                    p.chmod(0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            unpack.rename(target)
-            (target / ".complete").write_text(f"{package} {version}\n")
-        return _find_unpacked(target, package, version)
+    raise last_error or KernelError(f"no kernel for {suite}")

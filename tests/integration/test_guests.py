@@ -151,3 +151,30 @@ def test_nvdimm_shows_as_readonly_pmem0(
     assert int(lines["size"]) * 512 == 8 * 1024 * 1024
     assert lines["ro"] == "1"
     assert lines["head"] == token  # the guest reads the host file's bytes
+
+
+def test_debian11_kernel_boots_and_sees_pmem0(
+    libvirt_conn: Any, domain_name: Callable[[], str], nvdimm_file: tuple[Path, str]
+) -> None:
+    """The kit's second kernel: Debian 11's 5.10 from bullseye, same image and modules."""
+    from libshare.guests import KernelError, fetch_kernel
+
+    try:
+        kernel = fetch_kernel(suite="bullseye")
+    except KernelError as exc:
+        pytest.skip(f"Debian 11 kernel not available: {exc}")
+    path, token = nvdimm_file
+    script = (
+        ". /etc/libshare.sh\n"
+        "echo kernel=$(uname -r)\n"
+        "wait_for_path /dev/pmem0 20 || exit 3\n"
+        "echo head=$(dd if=/dev/pmem0 bs=16 count=1 2>/dev/null)\n"
+    )
+    opts = GuestOptions(kernel=kernel, devices=[nvdimm_device_xml(path, 8 * 1024)],
+                        customize=[add_numa_nvdimm_support])
+    res = run_guest(libvirt_conn, domain_name(), script, opts, timeout=90)
+    assert res.rc == 0, res.console
+    assert "LIBSHARE-INSMOD-FAILED" not in res.console
+    lines = dict(line.split("=", 1) for line in res.output.splitlines() if "=" in line)
+    assert lines["kernel"] == kernel.release and kernel.release.startswith("5.10.")
+    assert lines["head"] == token
