@@ -156,10 +156,15 @@ def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel) -> None:
         assert all(lib["resident_pages"] > 0 for lib in dom["libraries"])
         libc = [lib for lib in dom["libraries"] if "/libc.so" in lib["path"]]
         assert libc and re.fullmatch(r"[0-9a-f]{40}", libc[0]["build_id"] or "")
-        # A second survey of the running guest uses the per-boot cache (no RAM scan).
-        again = run_survey(name)["domains"][0]
+        # A second survey uses the per-boot cache (no RAM scan); --pause pauses the
+        # guest for the walk and always resumes it.
+        import libvirt
+
+        again = run_survey(name, "--pause")["domains"][0]
         assert again["scanned"] is False
         assert again["kernel"] == kernel.release
+        assert {lib["path"] for lib in again["libraries"]} == libs
+        assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
 
 def test_survey_matches_guest_debian12(
@@ -191,3 +196,56 @@ def test_survey_matches_guest_debian11(
 ) -> None:
     assert bullseye_kernel.release.startswith("5.10.")
     survey_against_guest(libvirt_conn, domain_name(), bullseye_kernel)
+
+
+def test_libvmi_crosscheck(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel, tmp_path: Any
+) -> None:
+    """The default reader (/proc/PID/mem) and LibVMI (FILE mode over a raw dump of the
+    same paused guest) give the same survey; LibVMI's own page-table walk reads the same
+    bytes as ours at every resident ELF header page of every process."""
+    pytest.importorskip("libvmi")
+    from libshare.introspect import qemu
+    from libshare.introspect.kernel import Kernel as GuestKernel
+    from libshare.introspect.kernel import find_kernel
+    from libshare.introspect.mm import for_each_vma, mm_pgd, read_user
+    from libshare.introspect.survey import domain_json, walk_kernel
+    from libshare.introspect.tasks import for_each_task, task_info
+    from libshare.introspect.vmi import VmiMemory, dump_raw, vmi_read_va
+
+    name = domain_name()
+    options = GuestOptions(kernel=guest_kernel, binaries=PROGRAMS, memory_mib=256)
+    with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
+        guest.wait_ready(timeout=120)
+        dom = qemu.running_domain(libvirt_conn, name)
+        with qemu.paused(dom):
+            proc = qemu.open_memory(dom)
+            raw = dump_raw(proc, tmp_path / "guest.raw")
+            k1 = GuestKernel(proc, find_kernel(proc))
+            s1 = domain_json(walk_kernel(k1, name))
+        vmi = VmiMemory(raw, proc.ram_ranges())
+        try:
+            k2 = GuestKernel(vmi, find_kernel(vmi))
+            s2 = domain_json(walk_kernel(k2, name))
+            assert k1.info.init_task == k2.info.init_task
+            assert k1.info.page_offset_base == k2.info.page_offset_base
+            for key in ("wall_seconds", "cpu_seconds"):
+                s1.pop(key), s2.pop(key)
+            assert s1 == s2
+            assert len(s1["libraries"]) >= 7
+            compared = 0
+            for t in map(lambda a: task_info(k1, a), for_each_task(k1)):
+                if not t.mm:
+                    continue
+                pgd = mm_pgd(k1, t.mm)
+                for vma in for_each_vma(k1, t.mm):
+                    if not vma.file or vma.pgoff:
+                        continue
+                    ours = read_user(k1, pgd, vma.start, 4096)
+                    theirs = vmi_read_va(vmi, pgd, vma.start, 4096)
+                    assert ours == theirs, (t.pid, hex(vma.start))
+                    compared += ours is not None
+            assert compared >= 10
+        finally:
+            vmi.close()
+            proc.close()

@@ -157,6 +157,7 @@ def test_offsets_file_and_isf(tmp_path: Path, host_btf: Btf) -> None:
                                        value - 4 if parts[1] == "len" else value - 8)
             fields[parts[0]] = {"offset": outer, "type": {"kind": "struct", "name": "qstr"}}
             q = user_types.setdefault("qstr", {"size": 16, "fields": {}})["fields"]
+            assert isinstance(q, dict)
             q["name"] = {"offset": 8, "type": {"kind": "pointer"}}
             q["unnamed_field_0"] = {"offset": 0, "type": {"kind": "union", "name": "anon_q"}}
             user_types["anon_q"] = {"size": 8, "fields": {"len": {"offset": 4,

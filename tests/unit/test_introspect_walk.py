@@ -210,7 +210,7 @@ def test_build_id_from_first_page() -> None:
     with open(path, "rb") as fh:
         for seg in ELFFile(fh).iter_segments():
             if seg["p_type"] == "PT_NOTE":
-                for note in seg.iter_notes():
+                for note in seg.iter_notes():  # type: ignore[attr-defined]
                     if note["n_type"] == "NT_GNU_BUILD_ID":
                         want = note["n_desc"]
     page = path.read_bytes()[:4096]
