@@ -56,7 +56,8 @@ class GuestOptions:
     """How to build and boot a test guest. ``kernel`` None: the host release's Debian
     kernel from :func:`fetch_kernel`. ``files``: guest path -> bytes/text/host Path.
     ``binaries``: host programs copied in with their shared libraries. ``devices``: extra
-    device XML; ``customize``: callbacks editing the ``<domain>`` element in place."""
+    device XML; ``customize``: callbacks editing the ``<domain>`` element in place.
+    ``keep_files``: keep ``<cache>/run/<name>/`` (console log) after the guest is gone."""
 
     memory_mib: int = 256
     vcpus: int = 1
@@ -70,6 +71,7 @@ class GuestOptions:
     customize: Sequence[Customizer] = ()
     domain_type: str = "qemu"
     cache: Path | str | None = None
+    keep_files: bool = False
 
 
 @dataclass
@@ -77,7 +79,8 @@ class GuestResult:
     """What a finished guest printed: the whole ``console`` text (``\\r`` removed), the
     ``output`` between the begin and end markers, the script's exit code ``rc`` (None if
     the end marker never came), ``timed_out``, ``elapsed`` seconds from start to end,
-    ``boot_seconds`` (guest uptime when /init was ready to run the script, if printed)."""
+    ``boot_seconds`` (guest uptime when /init was ready to run the script, if printed);
+    ``console_log`` is gone once the guest is cleaned up unless ``keep_files`` was set."""
 
     name: str
     console: str
@@ -265,7 +268,8 @@ def running_guest(conn: Any, name: str, script: str | None,
                   options: GuestOptions | None = None) -> Iterator[RunningGuest]:
     """Define and start test guest ``name`` running ``script`` as /test.sh and yield a
     :class:`RunningGuest`; on leaving the block the domain is destroyed and undefined
-    (always) and its initrd copy removed (the console log stays in its run directory)."""
+    (always) and its run directory removed unless ``options.keep_files`` (then only the
+    initrd copy goes and ``console.log`` stays)."""
     libvirt = _libvirt()
     options = options or GuestOptions()
     cleanup_domain(conn, name)
@@ -279,8 +283,11 @@ def running_guest(conn: Any, name: str, script: str | None,
         yield RunningGuest(conn, name, dom, console)
     finally:
         cleanup_domain(conn, name)
-        with contextlib.suppress(OSError):
-            (console.parent / "initrd.img").unlink()
+        if options.keep_files:
+            with contextlib.suppress(OSError):
+                (console.parent / "initrd.img").unlink()
+        else:
+            shutil.rmtree(console.parent, ignore_errors=True)
 
 
 def run_guest(conn: Any, name: str, script: str, options: GuestOptions | None = None,

@@ -12,6 +12,7 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import pytest
 
 from libshare.guests import Kernel, cleanup_domain, fetch_kernel
+from libshare.guests.cache import CACHE_ENV, DEFAULT_CACHE
 
 URI = "qemu:///system"
 PREFIX = "lstest-"
@@ -76,12 +78,19 @@ def _is_leftover(conn: Any, dom: Any) -> bool:
 
 
 def cleanup_leftovers(conn: Any) -> list[str]:
-    """Destroy and undefine leftover ``lstest-*`` domains; return their names."""
+    """Destroy and undefine leftover ``lstest-*`` domains, and remove guest run
+    directories older than UNTAGGED_MAX_AGE that no domain uses; return the domain names."""
     gone = []
     for dom in conn.listAllDomains():
         if dom.name().startswith(PREFIX) and _is_leftover(conn, dom):
             cleanup_domain(conn, dom.name())
             gone.append(dom.name())
+    live = {d.name() for d in conn.listAllDomains()}
+    runs = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "run"
+    for d in runs.glob(f"{PREFIX}*") if runs.is_dir() else []:
+        with contextlib.suppress(OSError):
+            if d.name not in live and time.time() - d.stat().st_mtime > UNTAGGED_MAX_AGE:
+                shutil.rmtree(d, ignore_errors=True)
     return gone
 
 

@@ -101,10 +101,13 @@ def test_cycle_is_reported() -> None:
 def test_default_modules_resolve_on_a_cached_kernel() -> None:
     """On a machine that already has a kernel in the guest cache, the default module
     set resolves (nothing fetched here)."""
-    from libshare.guests.cache import cache_root
+    import os
+    from pathlib import Path
+
+    from libshare.guests.cache import CACHE_ENV, DEFAULT_CACHE
     from libshare.guests.kernel import DEFAULT_MODULES, _cached_kernels, kernel_modules_order
 
-    kdir = cache_root() / "kernels"
+    kdir = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "kernels"
     kernels = _cached_kernels(kdir) if kdir.is_dir() else []
     if not kernels:
         pytest.skip("no kernel in the guest cache")
