@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 MIN_BIG = 16 * 1024 * 1024
 PAGE = 4096
 GROUP = "lstest"
-LIBSHARE = Path(os.environ.get("LIBSHARE_BIN", "/opt/libshare-venv/bin/libshare"))
+LIBSHARE = [sys.executable, "-m", "libshare"]  # the libshare of this interpreter
 
 
 @dataclass
@@ -340,7 +341,7 @@ def test_corrupt_image_refused(libvirt_conn: Any, domain_name: Callable[[], str]
             _corrupt(reg.path, bad, offset=region.DATAOFF + reg.big_blk * PAGE + 4242)
             want = "SHA-256"
         # libshare region verify exits 1 with the first problem
-        proc = subprocess.run([str(LIBSHARE), "region", "verify", str(bad)],
+        proc = subprocess.run([*LIBSHARE, "region", "verify", str(bad)],
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 1, proc
         assert want in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
