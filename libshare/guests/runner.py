@@ -263,13 +263,35 @@ class RunningGuest:
                            time.monotonic() - self.started, boot, self.console_log)
 
 
+class DefinedGuest:
+    """A defined, not yet started test guest (for callers that change the persistent
+    definition through the libvirt API, e.g. enrolment, before it boots)."""
+
+    def __init__(self, conn: Any, name: str, domain: Any, console_log: Path) -> None:
+        self.conn = conn
+        self.name = name
+        self.domain = domain
+        self.console_log = console_log
+
+    def start(self) -> RunningGuest:
+        """Start the domain as it is defined now; return the :class:`RunningGuest`.
+        Raises GuestError (with QEMU's log tail) if libvirt cannot start it."""
+        libvirt = _libvirt()
+        self.console_log.unlink(missing_ok=True)
+        try:
+            self.domain.create()
+        except libvirt.libvirtError as exc:
+            raise GuestError(f"cannot start test guest {self.name}: {exc}\n"
+                             f"{qemu_log_tail(self.name)}") from exc
+        return RunningGuest(self.conn, self.name, self.domain, self.console_log)
+
+
 @contextlib.contextmanager
-def running_guest(conn: Any, name: str, script: str | None,
-                  options: GuestOptions | None = None) -> Iterator[RunningGuest]:
-    """Define and start test guest ``name`` running ``script`` as /test.sh and yield a
-    :class:`RunningGuest`; on leaving the block the domain is destroyed and undefined
-    (always) and its run directory removed unless ``options.keep_files`` (then only the
-    initrd copy goes and ``console.log`` stays)."""
+def defined_guest(conn: Any, name: str, script: str | None,
+                  options: GuestOptions | None = None) -> Iterator[DefinedGuest]:
+    """Define (but do not start) test guest ``name`` running ``script`` and yield a
+    :class:`DefinedGuest`; on leaving the block the domain is destroyed (if started) and
+    undefined, always, and its run directory removed unless ``options.keep_files``."""
     libvirt = _libvirt()
     options = options or GuestOptions()
     cleanup_domain(conn, name)
@@ -277,10 +299,9 @@ def running_guest(conn: Any, name: str, script: str | None,
     try:
         try:
             dom = conn.defineXML(xml)
-            dom.create()
         except libvirt.libvirtError as exc:
-            raise GuestError(f"cannot start test guest {name}: {exc}\n{qemu_log_tail(name)}") from exc
-        yield RunningGuest(conn, name, dom, console)
+            raise GuestError(f"cannot define test guest {name}: {exc}") from exc
+        yield DefinedGuest(conn, name, dom, console)
     finally:
         cleanup_domain(conn, name)
         if options.keep_files:
@@ -288,6 +309,17 @@ def running_guest(conn: Any, name: str, script: str | None,
                 (console.parent / "initrd.img").unlink()
         else:
             shutil.rmtree(console.parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running_guest(conn: Any, name: str, script: str | None,
+                  options: GuestOptions | None = None) -> Iterator[RunningGuest]:
+    """Define and start test guest ``name`` running ``script`` as /test.sh and yield a
+    :class:`RunningGuest`; on leaving the block the domain is destroyed and undefined
+    (always) and its run directory removed unless ``options.keep_files`` (then only the
+    initrd copy goes and ``console.log`` stays)."""
+    with defined_guest(conn, name, script, options) as defined:
+        yield defined.start()
 
 
 def run_guest(conn: Any, name: str, script: str, options: GuestOptions | None = None,

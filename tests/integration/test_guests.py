@@ -178,3 +178,21 @@ def test_debian11_kernel_boots_and_sees_pmem0(
     lines = dict(line.split("=", 1) for line in res.output.splitlines() if "=" in line)
     assert lines["kernel"] == kernel.release and kernel.release.startswith("5.10.")
     assert lines["head"] == token
+
+
+def test_defined_guest_can_be_changed_before_start(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+) -> None:
+    """Define, change the persistent definition through libvirt, then start."""
+    from libshare.guests import defined_guest
+
+    name = domain_name()
+    with defined_guest(libvirt_conn, name, "cat /proc/cmdline\n",
+                       GuestOptions(kernel=guest_kernel)) as defined:
+        assert not defined.domain.isActive()
+        xml = defined.domain.XMLDesc(0).replace("</cmdline>", " lstoken=changed</cmdline>")
+        defined.domain = libvirt_conn.defineXML(xml)
+        res = defined.start().wait_end(90)
+    assert res.rc == 0, res.console
+    assert "lstoken=changed" in res.output
+    assert not _domain_exists(libvirt_conn, name)
