@@ -18,7 +18,7 @@ from libshare import __version__, config
 from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey"]
+COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
