@@ -13,9 +13,9 @@ address minus its physical address is the image offset (``phys_base``). The dire
 base (``page_offset_base``, 1 GiB aligned) is the one under which the task list's
 neighbours (``init_task.tasks.next``/``prev``, slab objects) link back to
 ``init_task.tasks``. The paging depth follows from the shape of that pointer (not
-canonical for 4 levels means 5). Kernel page tables: the PGD of ``init_task``'s
-``active_mm`` (``init_mm`` or, lazily, the last user mm; either maps the kernel half),
-confirmed by translating ``init_task``'s own address and its list neighbour back to
+canonical for 4 levels means 5). Kernel page tables: the PGD of the first process's mm
+(normally init's) or of ``init_task``'s ``active_mm`` (``init_mm`` or, lazily, the last
+user mm); any of them maps the kernel half. The choice is confirmed by translating ``init_task``'s own address and its list neighbour back to
 where they were found. Re-probed on every survey, so a cached result never uses a
 freed mm.
 """
@@ -190,13 +190,24 @@ def probe_init_task(mem: PhysicalMemory, layout: Layout, phys: int) -> KernelInf
                 return (ptr + delta) & MASK64
             raise MemoryReadError(f"{ptr:#x} is neither direct-mapped nor kernel image")
 
-        # The idle task's active_mm is init_mm or, lazily, the last user mm: either way
-        # its PGD maps the whole kernel half.
+        # Kernel page tables: the PGD of a long-lived user mm (the first process in the
+        # task list, normally init) or of the idle task's active_mm (init_mm or, lazily,
+        # the last user mm); any of them maps the whole kernel half.
+        first_mm = _u64(mem, to_phys(nxt - off("task_struct.tasks")) + off("task_struct.mm"))
         active_mm = _u64(mem, phys + off("task_struct.active_mm"))
-        pgd = to_phys(_u64(mem, to_phys(active_mm) + off("mm_struct.pgd")))
-        if pgd & (PAGE_SIZE - 1) or not mem.is_ram(pgd, PAGE_SIZE):
-            return None
-        if translate(mem, pgd, va, levels) != phys or translate(mem, pgd, nxt, levels) != nxt - pob:
+        pgd = None
+        for mm in (first_mm, active_mm):
+            try:
+                cand = to_phys(_u64(mem, to_phys(mm) + off("mm_struct.pgd")))
+            except MemoryReadError:
+                continue
+            if cand & (PAGE_SIZE - 1) or not mem.is_ram(cand, PAGE_SIZE):
+                continue
+            if translate(mem, cand, va, levels) == phys and \
+                    translate(mem, cand, nxt, levels) == nxt - pob:
+                pgd = cand
+                break
+        if pgd is None:
             return None
         return KernelInfo("", va, phys, delta - (1 << 64) if delta >> 63 else delta,
                           pgd, levels, pob, layout)
@@ -227,9 +238,10 @@ def pick_banner(mem: PhysicalMemory, addrs: Iterable[int]) -> tuple[str, int | N
 
 
 def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
-                scan: ScanResult | None = None) -> KernelInfo:
+                scan: ScanResult | None = None, attempts: int = 5) -> KernelInfo:
     """Return the validated KernelInfo of the kernel running in ``mem``. Uses the BTF
-    found in guest RAM unless ``layout`` is given; scans RAM unless ``scan`` is given.
+    found in guest RAM unless ``layout`` is given; scans RAM unless ``scan`` is given;
+    probes ``init_task`` up to ``attempts`` times (a running guest can tear a probe).
     Raise KernelError with the reason if the kernel cannot be understood."""
     scan = scan or scan_memory(mem)
     btf_phys = None
@@ -240,12 +252,14 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
         btf_phys, btf = load_btf(mem, scan.btf)
         layout = layout_from_btf(btf, f"BTF at guest physical {btf_phys:#x}")
     comm_off = layout.off("task_struct.comm")
-    for hit in scan.swapper:
-        info = probe_init_task(mem, layout, hit - comm_off)
-        if info is not None:
-            info.banner, info.banner_phys = pick_banner(mem, scan.banners)
-            info.btf_phys = btf_phys
-            return info
+    for _attempt in range(attempts):  # a running guest may tear a probe: retry
+        for hit in scan.swapper:
+            info = probe_init_task(mem, layout, hit - comm_off)
+            if info is not None:
+                info.banner, info.banner_phys = pick_banner(mem, scan.banners)
+                info.btf_phys = btf_phys
+                return info
+        mem.invalidate()
     if not scan.swapper:
         raise KernelError("no 'swapper/0' task in guest memory (not a booted Linux kernel?)")
     raise KernelError("found 'swapper/0' but no consistent init_task (layout mismatch?)")

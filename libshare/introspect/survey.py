@@ -91,10 +91,54 @@ def is_library(path: str) -> bool:
     return ".so" in path
 
 
-def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False) -> DomainSurvey:
+@dataclass
+class _MmLibs:
+    """The libraries of one mm: path -> (frames, shared frames, mappings, build-id)."""
+
+    frames: dict[str, set[int]] = field(default_factory=dict)
+    shared: dict[str, set[int]] = field(default_factory=dict)
+    mappings: dict[str, int] = field(default_factory=dict)
+    build_ids: dict[str, str] = field(default_factory=dict)
+
+
+def mm_libraries(k: Kernel, pid: int, mm: int, paths: dict[int, str],
+                 stats: WalkStats | None = None) -> _MmLibs:
+    """Return the libraries mapped by ``mm`` (of process ``pid``) with their resident
+    frames; ``paths`` caches ``struct file`` -> path. Raises WalkError if the VMAs walked
+    disagree with ``mm->map_count`` or any structure is inconsistent."""
+    out = _MmLibs()
+    pgd = mm_pgd(k, mm)
+    vmas = list(for_each_vma(k, mm))
+    expected = map_count(k, mm)
+    if len(vmas) != expected:
+        raise WalkError(f"pid {pid}: {len(vmas)} VMAs walked, map_count {expected}")
+    for vma in vmas:
+        if not vma.file:
+            continue
+        if vma.file not in paths:
+            paths[vma.file] = file_path(k, vma.file)
+        path = paths[vma.file]
+        if not is_library(path):
+            continue
+        out.mappings[path] = out.mappings.get(path, 0) + 1
+        got = set(resident_frames(k, pgd, vma.start, vma.end, stats))
+        out.frames.setdefault(path, set()).update(got)
+        if not vma.flags & VM_WRITE:
+            out.shared.setdefault(path, set()).update(got)
+        if path not in out.build_ids and vma.pgoff == 0:
+            bid = build_id(k, pgd, vma)
+            if bid:
+                out.build_ids[path] = bid
+    return out
+
+
+def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
+                retries: int = RETRIES) -> DomainSurvey:
     """Return the survey of the kernel ``k``: task list, thread count and libraries.
-    Raises WalkError on inconsistent data unless ``tolerant``, in which case a process
-    whose walk fails is skipped and the result is marked partial."""
+    A process whose walk meets inconsistent data (it exec'd or exited meanwhile) is
+    re-read up to ``retries`` times; after that a WalkError is raised unless
+    ``tolerant``, in which case the process is left out and the result marked partial.
+    A torn task list always raises WalkError."""
     out = DomainSurvey(name, kernel=k.info.release, banner=k.info.banner)
     frames: dict[str, set[int]] = {}
     shared: dict[str, set[int]] = {}
@@ -105,41 +149,39 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False) -> DomainSurv
     for addr in for_each_task(k):
         t = task_info(k, addr)
         out.task_list.append((t.pid, t.comm))
-        try:
-            out.threads += sum(1 for _ in for_each_thread(k, addr))
-            if not t.mm or t.mm in seen_mm:
-                continue
-            seen_mm.add(t.mm)
-            pgd = mm_pgd(k, t.mm)
-            vmas = list(for_each_vma(k, t.mm))
-            if len(vmas) != map_count(k, t.mm):
-                raise WalkError(f"pid {t.pid}: {len(vmas)} VMAs walked, map_count "
-                                f"{map_count(k, t.mm)}")
-            mine: set[str] = set()
-            for vma in vmas:
-                if not vma.file:
-                    continue
-                if vma.file not in paths:
-                    paths[vma.file] = file_path(k, vma.file)
-                path = paths[vma.file]
-                if not is_library(path):
-                    continue
-                lib = libs.setdefault(path, Library(path))
-                lib.mappings += 1
-                mine.add(path)
-                got = set(resident_frames(k, pgd, vma.start, vma.end, stats))
-                frames.setdefault(path, set()).update(got)
-                if not vma.flags & VM_WRITE:
-                    shared.setdefault(path, set()).update(got)
-                if lib.build_id is None and vma.pgoff == 0:
-                    lib.build_id = build_id(k, pgd, vma)
-            for path in mine:
-                libs[path].processes += 1
-        except WalkError as exc:
+        mine: _MmLibs | None = None
+        error = ""
+        for attempt in range(retries + 1):
+            try:
+                if attempt:
+                    k.invalidate()
+                    paths.clear()
+                    t = task_info(k, addr)
+                threads = sum(1 for _ in for_each_thread(k, addr))
+                if not t.mm or t.mm in seen_mm:
+                    mine = _MmLibs()
+                else:
+                    mine = mm_libraries(k, t.pid, t.mm, paths, stats)
+                    seen_mm.add(t.mm)
+                out.threads += threads
+                break
+            except WalkError as exc:
+                error = str(exc)
+                mine = None
+        if mine is None:
             if not tolerant:
-                raise
+                raise WalkError(f"pid {t.pid} ({t.comm}): {error}")
             out.partial = True
-            out.errors.append(f"pid {t.pid} ({t.comm}): {exc}")
+            out.errors.append(f"pid {t.pid} ({t.comm}): {error}")
+            continue
+        for path, count in mine.mappings.items():
+            lib = libs.setdefault(path, Library(path))
+            lib.mappings += count
+            lib.processes += 1
+            frames.setdefault(path, set()).update(mine.frames.get(path, ()))
+            shared.setdefault(path, set()).update(mine.shared.get(path, ()))
+            if lib.build_id is None and path in mine.build_ids:
+                lib.build_id = mine.build_ids[path]
     if stats.bad_entries:
         out.errors.append(f"{stats.bad_entries} page-table entries point outside RAM")
     for path, lib in libs.items():
@@ -171,7 +213,12 @@ def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> Ker
         info = KernelInfo.from_json(doc["info"])
     except (OSError, ValueError, KeyError, TypeError, LibshareError):
         return None
-    fresh = probe_init_task(mem, info.layout, info.init_task_phys)
+    fresh = None
+    for _ in range(RETRIES):  # a running guest may tear a probe
+        fresh = probe_init_task(mem, info.layout, info.init_task_phys)
+        if fresh is not None:
+            break
+        mem.invalidate()
     if fresh is None or fresh.init_task != info.init_task or \
             fresh.page_offset_base != info.page_offset_base:
         return None
@@ -211,16 +258,17 @@ def understand(mem: PhysicalMemory, layout: Layout | None = None,
 
 def walk_with_retries(k: Kernel, name: str, retries: int = RETRIES) -> DomainSurvey:
     """Return the walk of ``k``, retried (cache dropped) up to ``retries`` times when it
-    meets inconsistent data, then done tolerantly (partial) as a last resort."""
+    meets inconsistent data (a torn task list, a process changing under the walk), then
+    done tolerantly (partial) as a last resort."""
     last = ""
     for _ in range(retries):
         try:
-            return walk_kernel(k, name)
+            return walk_kernel(k, name, retries=retries)
         except WalkError as exc:
             last = str(exc)
             log.debug("%s: walk torn (%s); retrying", name, exc)
             k.invalidate()
-    out = walk_kernel(k, name, tolerant=True)
+    out = walk_kernel(k, name, tolerant=True, retries=retries)
     if not out.partial:
         out.partial = True
         out.errors.append(f"walk inconsistent {retries} times: {last}")
