@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from lxml import etree
 
@@ -49,7 +50,8 @@ def guest_domain_tree(
     """Return the ``<domain>`` element of a test guest called ``name`` that boots
     ``kernel`` with ``initrd`` and writes its serial console to ``console_log``.
 
-    ``devices`` (XML strings or elements) are appended to ``<devices>``; each
+    ``devices`` (XML strings or elements) are appended to ``<devices>`` (a
+    ``<memballoon>`` among them replaces the default ``model='none'`` one); each
     ``customize`` callback then gets the root element to change in place.
     """
     dom = etree.Element("domain", type=domain_type)
@@ -77,18 +79,27 @@ def guest_domain_tree(
     console = _sub(devs, "console", type="file")
     _sub(console, "source", path=str(console_log))
     _sub(console, "target", type="serial", port="0")
-    _sub(devs, "memballoon", model="none")
+    balloon = _sub(devs, "memballoon", model="none")
     for dev in devices:
-        devs.append(etree.fromstring(dev) if isinstance(dev, str) else dev)
+        el = etree.fromstring(dev) if isinstance(dev, str) else dev
+        if el.tag == "memballoon":  # a caller's balloon replaces the default 'none'
+            devs.remove(balloon)
+        devs.append(el)
     if customize is not None:
         for fn in customize if isinstance(customize, Sequence) else [customize]:
             fn(dom)
     return dom
 
 
-def guest_domain_xml(*args: object, **kwargs: object) -> str:
+def guest_domain_xml(
+    name: str,
+    kernel: Path | str,
+    initrd: Path | str,
+    console_log: Path | str,
+    **kwargs: Any,
+) -> str:
     """Return :func:`guest_domain_tree` (same arguments) serialised as a string."""
-    tree = guest_domain_tree(*args, **kwargs)  # type: ignore[arg-type]
+    tree = guest_domain_tree(name, kernel, initrd, console_log, **kwargs)
     return etree.tostring(tree, pretty_print=True, encoding="unicode")
 
 
