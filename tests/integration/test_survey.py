@@ -262,12 +262,17 @@ def _shared_memfd(dom: Any) -> None:
 
 
 def test_file_backend_and_running_guest(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel, tmp_path: Any
 ) -> None:
     """Guest RAM in a shared memfd: the file backend (mmap of the memfd) and the default
-    backend agree on a paused guest; on a guest that keeps forking, an unpaused survey
-    still completes (torn walks are retried) with the long-lived tasks in it."""
+    backend agree on a paused guest, and so does a survey given an offsets file instead
+    of the guest's BTF; on a guest that keeps forking, an unpaused survey still completes
+    (torn walks are retried) with the long-lived tasks in it; the table output names the
+    domain and its libraries."""
     import libvirt
+
+    from libshare.introspect import qemu
+    from libshare.introspect.kernel import find_kernel
 
     name = domain_name()
     script = GUEST_SCRIPT.replace("read -t 3 -u 3 x\n", (
@@ -286,11 +291,26 @@ def test_file_backend_and_running_guest(
         try:
             by_file = run_survey(name, "--backend", "file")["domains"][0]
             by_proc = run_survey(name, "--backend", "proc")["domains"][0]
+            mem = qemu.open_memory(qemu.running_domain(libvirt_conn, name))
+            try:
+                layout = find_kernel(mem).layout
+            finally:
+                mem.close()
+            offsets = tmp_path / "offsets.json"
+            offsets.write_text(json.dumps(layout.to_json()))
+            by_offsets = run_survey(name, "--offsets", str(offsets), "--no-cache")["domains"][0]
+            table = subprocess.run([sys.executable, "-m", "libshare", "survey", name],
+                                   capture_output=True, text=True, timeout=300)
         finally:
             guest.domain.resume()
-        for d in (by_file, by_proc):
+        assert table.returncode == 0, table.stderr
+        assert table.stdout.startswith("DOMAIN") and name in table.stdout
+        assert "/lib/x86_64-linux-gnu/libc.so.6" in table.stdout
+        for d in (by_file, by_proc, by_offsets):
             for key in ("wall_seconds", "cpu_seconds", "scanned"):
                 d.pop(key)
         assert by_file == by_proc
+        assert by_offsets["task_list"] == by_proc["task_list"]
+        assert by_offsets["libraries"] == by_proc["libraries"]
         assert len(by_file["libraries"]) >= 7
         assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING

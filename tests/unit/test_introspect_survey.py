@@ -1,0 +1,44 @@
+"""Survey aggregation and JSON shape (no guest needed)."""
+
+from __future__ import annotations
+
+from libshare.cli import build_parser
+from libshare.introspect.survey import DomainSurvey, Library, summarize, to_json
+
+
+def _dom(name: str, libs: list[Library]) -> DomainSurvey:
+    return DomainSurvey(name, kernel="6.1.0-56-amd64", tasks=3, task_list=[(1, "init")],
+                        libraries=libs)
+
+
+def test_summarize_counts_copies_and_savings_largest_first() -> None:
+    a = _dom("a", [Library("/lib/libc.so.6", "aa", 300, 280),
+                   Library("/lib/libz.so.1", "zz", 20, 18),
+                   Library("/opt/x.so", None, 5, 5)])
+    b = _dom("b", [Library("/usr/lib/libc.so.6", "aa", 250, 240),  # same build-id
+                   Library("/opt/x.so", None, 7, 7)])
+    libs = summarize([a, b])
+    assert [g["build_id"] for g in libs] == ["aa", None, "zz"]
+    libc = libs[0]
+    assert libc["copies"] == 2 and libc["domains"] == ["a", "b"]
+    assert libc["resident_pages"] == 550
+    assert libc["saved_bytes"] == 240 * 4096  # all shareable copies but the largest
+    assert libs[1]["saved_bytes"] == 5 * 4096  # unknown build-id: grouped by path
+    assert libs[2]["saved_bytes"] == 0  # one copy saves nothing
+
+
+def test_json_shape() -> None:
+    doc = to_json([_dom("a", [Library("/lib/libc.so.6", "aa", 300, 280)])])
+    d = doc["domains"][0]
+    assert {"name", "kernel", "tasks", "libraries"} <= set(d)
+    assert d["tasks"] == 3 and d["task_list"] == [{"pid": 1, "comm": "init"}]
+    assert d["libraries"][0]["path"] == "/lib/libc.so.6"
+    assert {"path", "build_id", "resident_pages"} <= set(d["libraries"][0])
+    assert doc["total_saved_bytes"] == 0
+
+
+def test_cli_registers_survey() -> None:
+    args = build_parser().parse_args(["survey", "dom1", "dom2", "--json", "--pause",
+                                      "-c", "qemu:///session"])
+    assert args.domains == ["dom1", "dom2"] and args.json and args.pause
+    assert args.connect == "qemu:///session" and args.backend == "proc"
