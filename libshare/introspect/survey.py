@@ -84,6 +84,7 @@ class DomainSurvey:
     wall_seconds: float = 0.0
     cpu_seconds: float = 0.0
     scanned: bool = False
+    paging_levels: int = 4
 
 
 def is_library(path: str) -> bool:
@@ -139,7 +140,8 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
     re-read up to ``retries`` times; after that a WalkError is raised unless
     ``tolerant``, in which case the process is left out and the result marked partial.
     A torn task list always raises WalkError."""
-    out = DomainSurvey(name, kernel=k.info.release, banner=k.info.banner)
+    out = DomainSurvey(name, kernel=k.info.release, banner=k.info.banner,
+                       paging_levels=k.levels)
     frames: dict[str, set[int]] = {}
     shared: dict[str, set[int]] = {}
     libs: dict[str, Library] = {}
@@ -342,7 +344,7 @@ def domain_json(d: DomainSurvey) -> dict[str, Any]:
                        "processes": lib.processes} for lib in d.libraries],
         "partial": d.partial, "errors": d.errors,
         "wall_seconds": round(d.wall_seconds, 4), "cpu_seconds": round(d.cpu_seconds, 4),
-        "scanned": d.scanned,
+        "scanned": d.scanned, "paging_levels": d.paging_levels,
     }
 
 

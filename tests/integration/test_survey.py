@@ -15,7 +15,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
@@ -118,8 +118,13 @@ def run_survey(name: str, *extra: str) -> dict[str, Any]:
     return doc
 
 
-def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel) -> None:
-    options = GuestOptions(kernel=kernel, binaries=PROGRAMS, memory_mib=256)
+def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
+                         customize: Sequence[Callable[[Any], object]] = ()
+                         ) -> dict[str, Any]:
+    """Compare ``libshare survey`` of a paused guest with what the guest printed;
+    return the survey's domain object."""
+    options = GuestOptions(kernel=kernel, binaries=PROGRAMS, memory_mib=256,
+                           customize=list(customize))
     with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
         guest.wait_ready(timeout=120)
         for _attempt in range(4):
@@ -166,12 +171,14 @@ def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel) -> None:
         assert again["kernel"] == kernel.release
         assert {lib["path"] for lib in again["libraries"]} == libs
         assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+        return dom
 
 
 def test_survey_matches_guest_debian12(
     libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
 ) -> None:
-    survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
+    dom = survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
+    assert dom["paging_levels"] == 4
 
 
 def test_survey_refuses_domain_not_running(libvirt_conn: Any) -> None:
@@ -314,3 +321,24 @@ def test_file_backend_and_running_guest(
         assert by_offsets["libraries"] == by_proc["libraries"]
         assert len(by_file["libraries"]) >= 7
         assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+
+def _la57_cpu(dom: Any) -> None:
+    """Give the guest a CPU with 5-level paging (TCG emulates LA57)."""
+    from lxml import etree
+
+    for old in dom.findall("cpu"):
+        dom.remove(old)
+    cpu = etree.SubElement(dom, "cpu", mode="custom", match="exact")
+    etree.SubElement(cpu, "model", fallback="allow").text = "qemu64"
+    etree.SubElement(cpu, "feature", policy="require", name="la57")
+
+
+def test_survey_matches_guest_5_level_paging(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+) -> None:
+    """The same ground-truth comparison on a CPU with LA57: Debian's kernel then runs
+    5-level page tables and a direct map at 0xff11... (not 4-level canonical)."""
+    dom = survey_against_guest(libvirt_conn, domain_name(), guest_kernel,
+                               customize=[_la57_cpu])
+    assert dom["paging_levels"] == 5
