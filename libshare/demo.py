@@ -7,12 +7,13 @@ the libvirt API (the hook checks the region at start), boot them, and in each gu
 the region with DAX and bind its libraries over the guest's own before starting the
 programs. It then reports what each guest saw (library mappings served by the region
 device, page cache growth) and what the host holds (each QEMU's region mapping, the
-region's page cache counted once). Guests are named ``lsdemo-N`` and are removed at the
-end unless ``keep`` is set.
+region's page cache counted once). Guests are named ``lsdemo-N`` and are always removed
+at the end, on failure too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,15 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import libvirt
-
 from libshare import enrol, virt
 from libshare.config import Config
 from libshare.digest import sha256_file
 from libshare.errors import LibshareError
-from libshare.guests import GuestOptions, RunningGuest, cleanup_domain
+from libshare.guests import GuestOptions, RunningGuest, defined_guest
 from libshare.guests.initramfs import shared_libraries
-from libshare.guests.runner import prepare_guest
 from libshare.sharing import region
 from libshare.sharing.store import import_tree, load_index
 
@@ -165,7 +163,7 @@ def build_demo_region(cfg: Config, say: Callable[[str], None]) -> tuple[region.B
     return built, binds
 
 
-def run_demo(cfg: Config, uri: str, guests: int = 2, keep: bool = False,
+def run_demo(cfg: Config, uri: str, guests: int = 2,
              say: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; return its report (guests, host figures, region) as a dict."""
     if os.geteuid() != 0:
@@ -181,44 +179,33 @@ def run_demo(cfg: Config, uri: str, guests: int = 2, keep: bool = False,
     bind_text = "".join(f"{src} {dst}\n" for src, dst in binds)
     names = [f"{PREFIX}{i + 1}" for i in range(guests)]
     reports: list[GuestReport] = []
-    with virt.connect(uri) as conn:
+    with virt.connect(uri) as conn, contextlib.ExitStack() as stack:
         running: list[RunningGuest] = []
-        try:
-            for name in names:
-                cleanup_domain(conn, name)
-                xml, console = prepare_guest(name, GUEST_SCRIPT, GuestOptions(
-                    binaries=PROGRAMS, files={"/etc/libshare-binds": bind_text}))
-                dom = conn.defineXML(xml)
-                outcome = enrol.enable_domain(conn, name, spec)
-                say(f"{name}: {outcome.message}")
-                t0 = time.monotonic()
-                try:
-                    dom.create()
-                except libvirt.libvirtError as exc:
-                    raise LibshareError(f"{name}: cannot start: {exc.get_error_message()}") \
-                        from exc
-                running.append(RunningGuest(conn, name, dom, console))
-                say(f"{name}: started ({time.monotonic() - t0:.1f} s)")
-            outputs = []
-            for guest in running:
-                guest.wait_ready(timeout=300)
-                outputs.append(_kv(guest.result().output))
-                say(f"{guest.name}: ready")
-            # read the QEMUs' mappings only once every guest has mapped its libraries
-            for guest, out in zip(running, outputs, strict=True):
-                pid = guest.qemu_pid()
-                reports.append(GuestReport(
-                    name=guest.name, dax=out.get("dax") == "1",
-                    binds=int(out.get("binds", 0)),
-                    maps_region=int(out.get("maps_region", 0)),
-                    maps_disk=int(out.get("maps_disk", 0)),
-                    cached_growth_kb=int(out.get("cached_growth_kb", 0)),
-                    region_mapping=mapping_of(pid, Path(spec.path)) if pid else {}))
-            page_cache_kb = resident_kb(Path(spec.path))
-        finally:
-            if not keep:
-                for name in names:
-                    cleanup_domain(conn, name)
+        for name in names:
+            defined = stack.enter_context(defined_guest(conn, name, GUEST_SCRIPT, GuestOptions(
+                binaries=PROGRAMS, files={"/etc/libshare-binds": bind_text})))
+            outcome = enrol.enable_domain(conn, name, spec)
+            say(f"{name}: {outcome.message}")
+            t0 = time.monotonic()
+            running.append(defined.start())
+            say(f"{name}: started ({time.monotonic() - t0:.1f} s)")
+        outputs = []
+        for guest in running:
+            guest.wait_ready(timeout=300)
+            outputs.append(_kv(guest.result().output))
+            say(f"{guest.name}: ready")
+        # read the QEMUs' mappings only once every guest has mapped its libraries
+        for guest, out in zip(running, outputs, strict=True):
+            pid = guest.qemu_pid()
+            reports.append(GuestReport(
+                name=guest.name, dax=out.get("dax") == "1",
+                binds=int(out.get("binds", 0)),
+                maps_region=int(out.get("maps_region", 0)),
+                maps_disk=int(out.get("maps_disk", 0)),
+                cached_growth_kb=int(out.get("cached_growth_kb", 0)),
+                region_mapping=mapping_of(pid, Path(spec.path)) if pid else {}))
+        page_cache_kb = resident_kb(Path(spec.path))
+        say("removing the demo guests")
     rss = [r.region_mapping.get("Rss", 0) for r in reports]
     return {
         "region": {"path": built.path, "digest": built.digest, "size": built.size,
@@ -235,5 +222,4 @@ def run_demo(cfg: Config, uri: str, guests: int = 2, keep: bool = False,
             "without_sharing_kb": sum(rss),
             "with_sharing_kb": sum(r.region_mapping.get("Pss", 0) for r in reports),
         },
-        "kept": keep,
     }

@@ -14,7 +14,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     def say(msg: str) -> None:
         print(f"demo: {msg}", file=sys.stderr)
 
-    report = demo.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, args.keep, say)
+    report = demo.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, say)
     if args.json:
         print_json(report)
         return 0
@@ -47,7 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=demo.__doc__)
     p.add_argument("--guests", type=int, default=2, metavar="N",
                    help="how many demo guests (default 2)")
-    p.add_argument("--keep", action="store_true", help="leave the demo guests defined")
     p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from libshare import domxml, enrol, state, virt
+from libshare import capabilities, domxml, enrol, state, virt
 from libshare.commands.xml import MODEL_HELP
 from libshare.config import MODELS, Config
 from libshare.digest import cached_sha256
@@ -34,10 +34,17 @@ def _report(outcomes: list[enrol.Outcome], failures: list[dict[str, Any]],
 
 
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
-    spec = enrol.resolve_region(cfg, args.group or cfg.default_group,
-                                args.model or cfg.default_model, args.region)
+    model = args.model or cfg.default_model
     outcomes, failures = [], []
     with virt.connect(args.connect or cfg.libvirt_uri) as conn:
+        if model == "virtio-pmem":
+            works, reason = capabilities.virtio_pmem_works(conn, cfg.state_dir)
+            if not works:
+                print(f"libshare: virtio-pmem cannot start on this host ({reason}); "
+                      "using nvdimm", file=sys.stderr)
+                model = "nvdimm"
+        spec = enrol.resolve_region(cfg, args.group or cfg.default_group, model,
+                                    args.region)
         for name in args.domains:
             try:
                 outcomes.append(enrol.enable_domain(conn, name, spec))

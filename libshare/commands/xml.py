@@ -16,9 +16,11 @@ from libshare.output import print_json
 from libshare.units import parse_size
 
 MODEL_HELP = ("region device model: nvdimm (default; copy-on-write, read-only to the "
-              "guest, one host copy in the page cache), virtio-pmem (where libvirt "
-              "supports it), ivshmem (ivshmem-plain: guest writes are SHARED with every "
-              "guest of the group, use it for trusted groups only)")
+              "guest, one host copy in the page cache); virtio-pmem (libvirt requires "
+              "access='shared': guest writes reach the host file, trusted groups only; "
+              "libvirt 9.0 with QEMU 7.2 cannot start it, 'libshare enable' then falls "
+              "back to nvdimm); ivshmem (ivshmem-plain: guest writes are SHARED with every "
+              "guest of the group, trusted groups only)")
 
 
 def _read(source: str) -> bytes:

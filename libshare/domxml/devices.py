@@ -1,8 +1,9 @@
 """The devices libshare adds to a domain, one builder and one matcher per device.
 
 - the library region, in one of three models: ``nvdimm`` (default: copy-on-write,
-  read-only to the guest, no preallocation), ``virtio-pmem`` and ``ivshmem`` (plain
-  ivshmem shares guest writes: for trusted groups only);
+  read-only to the guest, no preallocation), ``virtio-pmem`` (libvirt insists on
+  ``access='shared'`` for it, so guest writes reach the host file) and ``ivshmem``
+  (plain ivshmem shares guest writes too): the last two are for trusted groups only;
 - the qemu-guest-agent channel used by redirect.
 """
 
@@ -35,7 +36,7 @@ def region_device(model: str, path: str, size: int, group: str, node: int | None
             make("target", children=target),
         ])
     if model == "virtio-pmem":
-        return make("memory", {"model": "virtio-pmem", "access": "private"}, children=[
+        return make("memory", {"model": "virtio-pmem", "access": "shared"}, children=[
             make("source", children=[make("path", text=path)]),
             make("target", children=[make("size", {"unit": "KiB"}, kib)]),
         ])

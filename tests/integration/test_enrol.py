@@ -19,8 +19,7 @@ import libvirt
 import pytest
 
 from libshare import hook_install, state
-from libshare.guests import GuestOptions, RunningGuest
-from libshare.guests.runner import prepare_guest
+from libshare.guests import GuestOptions, defined_guest
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
@@ -79,11 +78,6 @@ def libshare(state_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
                            *args], capture_output=True, text=True, timeout=120)
 
 
-def define_guest(conn: Any, name: str) -> tuple[Any, Path]:
-    xml, console = prepare_guest(name, PMEM_SCRIPT, GuestOptions())
-    return conn.defineXML(xml), console
-
-
 def ops_for(state_dir: Path, name: str) -> list[tuple[str, str, int]]:
     return [(e["op"], e["sub"], e["status"]) for e in state.read_hook_log(state_dir)
             if e["domain"] == name]
@@ -93,7 +87,12 @@ def test_enrol_boot_hook_and_disable(libvirt_conn: Any, domain_name: Callable[[]
                                      hook_installed: Path, state_dir: Path) -> None:
     name = domain_name()
     image = make_region(state_dir)
-    dom, console = define_guest(libvirt_conn, name)
+    with defined_guest(libvirt_conn, name, PMEM_SCRIPT, GuestOptions()) as defined:
+        check_enrol_boot_disable(defined, name, image, state_dir)
+
+
+def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Path) -> None:
+    dom = defined.domain
     original = dom.XMLDesc(INACTIVE)
 
     res = libshare(state_dir, "enable", name, "--region", str(image), "--json")
@@ -106,8 +105,7 @@ def test_enrol_boot_hook_and_disable(libvirt_conn: Any, domain_name: Callable[[]
     assert json.loads(again.stdout)["domains"][0]["action"] == "unchanged"
     assert dom.XMLDesc(INACTIVE) == enrolled_xml
 
-    dom.create()
-    guest = RunningGuest(libvirt_conn, name, dom, console)
+    guest = defined.start()
     guest.wait_ready(timeout=120)
     text = guest.console()
     # inside the guest: the region is a read-only pmem disk of the region's size
@@ -136,28 +134,46 @@ def test_missing_region_refuses_start(libvirt_conn: Any, domain_name: Callable[[
                                       hook_installed: Path, state_dir: Path) -> None:
     name = domain_name()
     image = make_region(state_dir)
-    dom, _console = define_guest(libvirt_conn, name)
-    assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
-    enrolled_xml = dom.XMLDesc(INACTIVE)
-    image.rename(image.with_suffix(".moved"))
+    with defined_guest(libvirt_conn, name, PMEM_SCRIPT, GuestOptions()) as defined:
+        dom = defined.domain
+        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
+        enrolled_xml = dom.XMLDesc(INACTIVE)
+        image.rename(image.with_suffix(".moved"))
 
-    with pytest.raises(libvirt.libvirtError) as err:
-        dom.create()
-    assert "region image" in str(err.value) and "is missing" in str(err.value)
-    assert not dom.isActive()
-    assert libvirt_conn.lookupByName(name).XMLDesc(INACTIVE) == enrolled_xml
-    assert ("prepare", "begin", 1) in ops_for(state_dir, name)
-    status = json.loads(libshare(state_dir, "status", name, "--json").stdout)["domains"][0]
-    assert status["region_ok"] is False
+        with pytest.raises(libvirt.libvirtError) as err:
+            dom.create()
+        assert "region image" in str(err.value) and "is missing" in str(err.value)
+        assert not dom.isActive()
+        assert libvirt_conn.lookupByName(name).XMLDesc(INACTIVE) == enrolled_xml
+        assert ("prepare", "begin", 1) in ops_for(state_dir, name)
+        status = json.loads(libshare(state_dir, "status", name, "--json").stdout)["domains"][0]
+        assert status["region_ok"] is False
 
 
 def test_enable_refuses_unknown_domain_and_keeps_others(
         libvirt_conn: Any, domain_name: Callable[[], str], state_dir: Path) -> None:
     name = domain_name()
     image = make_region(state_dir)
-    define_guest(libvirt_conn, name)
-    res = libshare(state_dir, "enable", name, "lstest-no-such-domain", "--region", str(image),
-                   "--json")
+    with defined_guest(libvirt_conn, name, PMEM_SCRIPT, GuestOptions()):
+        res = libshare(state_dir, "enable", name, "lstest-no-such-domain", "--region",
+                       str(image), "--json")
     assert res.returncode == 1
     assert "lstest-no-such-domain" in res.stderr and "not found" in res.stderr
     assert json.loads(res.stdout)["domains"][0]["action"] == "enabled"
+
+
+def test_virtio_pmem_falls_back_to_nvdimm_where_it_cannot_start(
+        libvirt_conn: Any, domain_name: Callable[[], str], state_dir: Path) -> None:
+    from libshare import capabilities
+
+    name = domain_name()
+    image = make_region(state_dir)
+    works, _reason = capabilities.virtio_pmem_works(libvirt_conn, state_dir)
+    with defined_guest(libvirt_conn, name, PMEM_SCRIPT, GuestOptions()):
+        res = libshare(state_dir, "enable", name, "--region", str(image), "--model",
+                       "virtio-pmem", "--json")
+        assert res.returncode == 0, res.stderr
+        model = json.loads(res.stdout)["domains"][0]["libshare"]["model"]
+    assert model == ("virtio-pmem" if works else "nvdimm")
+    assert works or "using nvdimm" in res.stderr
+    assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith("libshare-probe")]
