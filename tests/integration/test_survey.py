@@ -108,9 +108,11 @@ def wait_snapshot_after(guest: Any, n: int, timeout: float = 60.0) -> int:
     raise AssertionError(f"no snapshot after {n}:\n{guest.console()[-2000:]}")
 
 
-def run_survey(name: str, *extra: str) -> dict[str, Any]:
-    """Run ``libshare survey NAME --json`` as a user would; return the parsed JSON."""
-    proc = subprocess.run([sys.executable, "-m", "libshare", "survey", name, "--json", *extra],
+def run_survey(name: str | list[str], *extra: str) -> dict[str, Any]:
+    """Run ``libshare survey NAME... --json EXTRA...`` as a user would; return the
+    parsed JSON."""
+    names = [name] if isinstance(name, str) else name
+    proc = subprocess.run([sys.executable, "-m", "libshare", "survey", *names, "--json", *extra],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr or [d["errors"] for d in
                                                  json.loads(proc.stdout)["domains"]]
@@ -342,3 +344,31 @@ def test_survey_matches_guest_5_level_paging(
     dom = survey_against_guest(libvirt_conn, domain_name(), guest_kernel,
                                customize=[_la57_cpu])
     assert dom["paging_levels"] == 5
+
+
+def test_survey_two_domains(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+) -> None:
+    """One command surveys two guests (paused in turn): each library used by both shows
+    two copies, and one shared copy would save the smaller one's shareable pages."""
+    import libvirt
+
+    options = GuestOptions(kernel=guest_kernel, binaries=PROGRAMS, memory_mib=256)
+    a, b = domain_name(), domain_name()
+    with running_guest(libvirt_conn, a, GUEST_SCRIPT, options) as ga, \
+            running_guest(libvirt_conn, b, GUEST_SCRIPT, options) as gb:
+        ga.wait_ready(timeout=180)
+        gb.wait_ready(timeout=180)
+        doc = run_survey([a, b], "--pause")
+        assert [d["name"] for d in doc["domains"]] == [a, b]
+        by_id = {g["build_id"]: g for g in doc["libraries"]}
+        libc = next(g for g in doc["libraries"] if "/libc.so" in g["path"])
+        assert libc["copies"] == 2 and sorted(libc["domains"]) == sorted([a, b])
+        shared = [next(lib["shared_pages"] for lib in d["libraries"]
+                       if lib["build_id"] == libc["build_id"]) for d in doc["domains"]]
+        assert libc["saved_bytes"] == min(shared) * 4096 > 0
+        assert doc["total_saved_bytes"] == sum(g["saved_bytes"] for g in by_id.values())
+        savings = [g["saved_bytes"] for g in doc["libraries"]]
+        assert savings == sorted(savings, reverse=True)
+        for g in (ga, gb):
+            assert g.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
