@@ -102,8 +102,9 @@ def hmp(dom: Any, command: str) -> str:
 
 
 def parse_mtree(text: str) -> list[tuple[int, int, str, int]]:
-    """Return ``(start, end_exclusive, region, region_offset)`` of every RAM range in
-    the first flat view of ``info mtree -f`` output that serves address space "memory"."""
+    """Return ``(start, end_exclusive, region, region_offset)`` of every RAM-backed range
+    (``ram``, or ``rom`` such as the BIOS-shadowed parts of ``pc.ram``) in the flat view
+    of ``info mtree -f`` output that serves address space "memory"."""
     out: list[tuple[int, int, str, int]] = []
     in_view = False
     for line in text.splitlines():
@@ -118,7 +119,7 @@ def parse_mtree(text: str) -> list[tuple[int, int, str, int]]:
         if not in_view:
             continue
         m = _MTREE_LINE.match(line)
-        if m and m.group(3) == "ram":
+        if m and m.group(3) in ("ram", "rom"):
             start, last = int(m.group(1), 16), int(m.group(2), 16)
             offset = int(m.group(5), 16) if m.group(5) else 0
             out.append((start, last + 1, m.group(4), offset))
@@ -131,14 +132,19 @@ def ram_blocks_hmp(dom: Any) -> list[RamBlock]:
     if not ranges:
         raise LibshareError(f"{dom.name()}: no guest RAM in 'info mtree -f'")
     bases: dict[str, int] = {}
-    blocks = []
+    blocks: list[RamBlock] = []
     for start, end, region, offset in ranges:
         if region not in bases:
             m = _GPA2HVA.search(hmp(dom, f"gpa2hva {start:#x}"))
             if not m:
                 raise LibshareError(f"{dom.name()}: gpa2hva {start:#x} gave no address")
             bases[region] = int(m.group(3), 16) - offset
-        blocks.append(RamBlock(start, end - start, bases[region] + offset))
+        hva = bases[region] + offset
+        last = blocks[-1] if blocks else None
+        if last and last.end == start and last.backing_offset + last.size == hva:
+            blocks[-1] = RamBlock(last.start, last.size + end - start, last.backing_offset)
+        else:
+            blocks.append(RamBlock(start, end - start, hva))
     return blocks
 
 

@@ -1,0 +1,78 @@
+"""Guest RAM layout: QEMU's ``info mtree -f`` output and the pc/q35 RAM split."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from libshare.introspect import qemu
+from libshare.introspect.memory import RamBlock, pc_ram_layout
+
+# Captured from QEMU 7.2 (libvirt 9.0) running a 4 GiB pc guest, plus an nvdimm and VGA.
+MTREE = """FlatView #0
+ AS "cpu-smm-0", root: memory
+ Root memory region: memory
+  0000000000000000-00000000000c2fff (prio 0, ram): pc.ram
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000
+
+FlatView #1
+ AS "memory", root: system
+ AS "cpu-memory-0", root: system
+ Root memory region: system
+  0000000000000000-00000000000c2fff (prio 0, ram): pc.ram
+  00000000000c3000-00000000000e7fff (prio 0, rom): pc.ram @00000000000c3000
+  00000000000e8000-00000000000effff (prio 0, ram): pc.ram @00000000000e8000
+  00000000000f0000-00000000000fffff (prio 0, rom): pc.ram @00000000000f0000
+  0000000000100000-00000000bfffffff (prio 0, ram): pc.ram @0000000000100000
+  00000000fd000000-00000000fdffffff (prio 1, ram): vga.vram
+  00000000fec00000-00000000fec00fff (prio 0, i/o): ioapic
+  00000000fffc0000-00000000ffffffff (prio 0, rom): pc.bios
+  0000000100000000-000000013fffffff (prio 0, ram): pc.ram @00000000c0000000
+  0000000140000000-00000001407fffff (prio 0, ram): memnvdimm0
+
+FlatView #2
+ AS "I/O", root: io
+ Root memory region: io
+  0000000000000000-0000000000000007 (prio 0, i/o): dma-chan
+"""
+HVA = 0x7FF5_0000_0000
+
+
+class FakeDomain:
+    def name(self) -> str:
+        return "fake"
+
+
+def test_parse_mtree_takes_the_memory_view() -> None:
+    ranges = qemu.parse_mtree(MTREE)
+    assert ranges[0] == (0, 0xC3000, "pc.ram", 0)
+    assert (0x1_0000_0000, 0x1_4000_0000, "pc.ram", 0xC000_0000) in ranges
+    assert {r[2] for r in ranges} == {"pc.ram", "vga.vram", "memnvdimm0", "pc.bios"}
+
+
+def test_ram_blocks_from_hmp(monkeypatch: Any) -> None:
+    calls = []
+
+    def fake_hmp(dom: Any, command: str) -> str:
+        calls.append(command)
+        if command == "info mtree -f":
+            return MTREE
+        gpa = int(command.split()[1], 16)
+        return f"Host virtual address for {gpa:#x} (pc.ram) is {HVA + gpa:#x}\n"
+
+    monkeypatch.setattr(qemu, "hmp", fake_hmp)
+    blocks = qemu.ram_blocks_hmp(FakeDomain())
+    # Device RAM (VGA, NVDIMM) and the BIOS ROM are left out; pc.ram is merged.
+    assert blocks == [RamBlock(0, 0xC000_0000, HVA),
+                      RamBlock(0x1_0000_0000, 0x4000_0000, HVA + 0xC000_0000)]
+    assert sum(bool(re.match("gpa2hva", c)) for c in calls) == 1  # one per region
+    assert blocks == pc_ram_layout(4 << 30, "pc-i440fx-7.2", HVA)
+
+
+def test_pc_and_q35_splits() -> None:
+    assert pc_ram_layout(256 << 20) == [RamBlock(0, 256 << 20, 0)]
+    assert pc_ram_layout(0xE000_0000, "pc") == [RamBlock(0, 0xC000_0000, 0),
+                                                RamBlock(1 << 32, 0x2000_0000, 0xC000_0000)]
+    assert pc_ram_layout(0xD000_0000, "pc") == [RamBlock(0, 0xD000_0000, 0)]
+    assert pc_ram_layout(3 << 30, "pc-q35-7.2", 0x1000) == [
+        RamBlock(0, 0x8000_0000, 0x1000), RamBlock(1 << 32, 1 << 30, 0x8000_1000)]
