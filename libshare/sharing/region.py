@@ -22,7 +22,14 @@ content and name: ``/lib/<sha256[:2]>/<sha256>/<name>``, where ``name`` is the S
 and stable across rebuilds and hosts (adding a library never moves another one), and
 the real basename keeps guest ``/proc/PID/maps`` readable ("/.../libc.so.6").
 ``/.libshare/manifest.json`` lists, per file: path, sha256, build_id, soname, size and
-the guest paths it serves, plus the group name.
+the guest paths it serves, plus the group name. ``/.libshare/manifest.tsv`` says the same
+for POSIX sh in guests (libshare/guest/libshare-redirect): one line per guest path,
+``sha256 TAB size TAB path-in-image TAB guest-path``, sorted; guest paths holding a tab,
+newline or backslash are left out of it (no shell can read them back safely).
+
+The filesystem carries the label ``libshare`` (EROFS ``volume_name``; erofs-utils 1.5 has
+no ``-L``, so the superblock is patched after mkfs and its crc32c recomputed): guests find
+the region among their /dev/pmem* devices with ``blkid`` by label, not by device order.
 
 Determinism: the staging tree has fixed modes, mkfs.erofs gets ``-T0`` (all times 0),
 ``--all-root``, ``-x-1`` (no xattrs) and a UUID derived from the manifest; the PFN
@@ -53,7 +60,15 @@ from libshare.config import Config
 from libshare.digest import cached_sha256, sha256_file
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing import pfn
-from libshare.sharing.erofs import LAYOUT_FLAT_PLAIN, LAYOUT_NAMES, Erofs, ErofsError
+from libshare.sharing.erofs import (
+    FEATURE_COMPAT_SB_CHKSUM,
+    LAYOUT_FLAT_PLAIN,
+    LAYOUT_NAMES,
+    SUPER_OFFSET,
+    Erofs,
+    ErofsError,
+    crc32c_raw,
+)
 from libshare.sharing.store import (
     OBJECT_MODE,
     Progress,
@@ -68,6 +83,9 @@ from libshare.units import REGION_ALIGN, human, round_up
 
 DATAOFF = REGION_ALIGN
 MANIFEST_PATH = "/.libshare/manifest.json"
+TSV_MANIFEST_PATH = "/.libshare/manifest.tsv"
+#: EROFS volume label of every region filesystem (at most 16 bytes)
+FS_LABEL = "libshare"
 MANIFEST_VERSION = 1
 DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -184,6 +202,53 @@ def manifest_bytes(entries: list[StoreEntry], group: str) -> bytes:
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
+def tsv_manifest_bytes(entries: list[StoreEntry]) -> bytes:
+    """Return the text manifest for guests' POSIX sh: one ``sha256\\tsize\\tpath\\t
+    guest_path`` line per guest path of each entry, sorted; guest paths a shell ``read``
+    could mangle (tab, newline, backslash) are left out."""
+    lines = []
+    for e in entries:
+        for guest in e.paths:
+            if any(c in guest for c in "\t\n\r\\") or not guest.startswith("/"):
+                continue
+            lines.append(f"{e.sha256}\t{e.size}\t{fs_path(e)}\t{guest}\n")
+    return "".join(sorted(lines)).encode()
+
+
+def set_fs_label(fs_image: Path, label: str = FS_LABEL) -> None:
+    """Write ``label`` into the EROFS superblock's volume_name of the filesystem image
+    ``fs_image`` and recompute the superblock crc32c when the image has one.
+
+    Returns nothing; raises LibshareError if the label is too long or the file is not
+    an EROFS image with 4 KiB blocks.
+    """
+    raw = label.encode()
+    if not raw or len(raw) > 16:
+        raise LibshareError(f"filesystem label {label!r} must be 1 to 16 bytes")
+    with open(fs_image, "r+b") as fh:
+        fh.seek(0)
+        block = bytearray(fh.read(4096))
+        if len(block) != 4096 or int.from_bytes(
+                block[SUPER_OFFSET:SUPER_OFFSET + 4], "little") != 0xE0F5E1E2 \
+                or block[SUPER_OFFSET + 12] != 12:
+            raise LibshareError(f"{fs_image}: not an EROFS image with 4 KiB blocks")
+        name = SUPER_OFFSET + 64
+        block[name:name + 16] = raw.ljust(16, b"\0")
+        compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
+        if compat & FEATURE_COMPAT_SB_CHKSUM:
+            sb = bytearray(block[SUPER_OFFSET:])
+            sb[4:8] = bytes(4)
+            block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+        fh.seek(0)
+        fh.write(block)
+
+
+def fs_label(fs: Erofs) -> str:
+    """Return the volume label of the EROFS filesystem ``fs`` ('' when it has none)."""
+    raw = fs.read(SUPER_OFFSET + 64, 16)
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
 # ---------------------------------------------------------------------------- build
 
 @contextlib.contextmanager
@@ -200,7 +265,8 @@ def _locked(cfg: Config) -> Iterator[None]:
 
 def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
            progress: Progress | None) -> None:
-    """Fill the staging tree ``root`` with the objects of ``entries`` and the manifest."""
+    """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
+    (JSON and TSV)."""
     total = len(entries)
     for n, e in enumerate(entries, 1):
         if progress:
@@ -222,13 +288,16 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     meta.mkdir()
     (meta / "manifest.json").write_bytes(manifest)
     os.chmod(meta / "manifest.json", 0o444)
+    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries))
+    os.chmod(meta / "manifest.tsv", 0o444)
     for dirpath, _dirs, _files in os.walk(root):
         os.chmod(dirpath, 0o755)
         os.utime(dirpath, (0, 0))
 
 
 def _mkfs(fs_uuid: str, out: Path, root: Path) -> None:
-    """Run mkfs.erofs; raise LibshareError with its last error line on failure."""
+    """Run mkfs.erofs and label the result (FS_LABEL); raise LibshareError with its last
+    error line on failure."""
     mkfs = shutil.which("mkfs.erofs")
     if mkfs is None:
         raise LibshareError("mkfs.erofs not found (install erofs-utils)")
@@ -237,6 +306,7 @@ def _mkfs(fs_uuid: str, out: Path, root: Path) -> None:
     if proc.returncode != 0 or not out.exists():
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         raise LibshareError(f"mkfs.erofs failed: {lines[-1] if lines else proc.returncode}")
+    set_fs_label(out)
 
 
 def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
@@ -446,10 +516,29 @@ def _verify_open(fh: Any, size: int) -> str | None:
             problem = _verify_file(fs, item)
             if problem:
                 return problem
+        problem = _verify_tsv(fs, manifest)
+        if problem:
+            return problem
     except ErofsError as exc:
         return f"filesystem: {exc}"
     except (KeyError, TypeError) as exc:
         return f"filesystem: manifest entry malformed ({exc})"
+    return None
+
+
+def _verify_tsv(fs: Erofs, manifest: dict[str, Any]) -> str | None:
+    """Return a problem with the text manifest (every line must agree with the JSON
+    manifest: guests trust it to pair their file's hash with a region path), or None.
+    Images built before the text manifest existed have none: that is not a problem."""
+    try:
+        ino = fs.lookup(TSV_MANIFEST_PATH)
+    except ErofsError:
+        return None
+    known = {(f["sha256"], str(f["size"]), f["path"], g)
+             for f in manifest["files"] for g in f["guest_paths"]}
+    for n, line in enumerate(fs.read_inode(ino).decode(errors="replace").splitlines(), 1):
+        if tuple(line.split("\t")) not in known:
+            return f"{TSV_MANIFEST_PATH} line {n} does not match the JSON manifest"
     return None
 
 

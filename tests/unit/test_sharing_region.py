@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -248,3 +249,53 @@ def test_rebuild_repairs_a_damaged_image_and_primes_digest_cache(tmp_path: Path)
     again = region.build_region(cfg, "web")
     assert again.digest == first.digest and again.new
     assert region.verify(again.path) is None
+
+
+def test_text_manifest_and_label(built: tuple[Config, region.BuildResult],
+                                 tmp_path: Path) -> None:
+    """Guests' POSIX sh reads manifest.tsv and finds the filesystem by its label."""
+    _cfg, res = built
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)       # the superblock crc still checks
+        assert region.fs_label(fs) == region.FS_LABEL == "libshare"
+        doc = region.read_manifest(fs)
+        tsv = fs.read_inode(fs.lookup(region.TSV_MANIFEST_PATH)).decode()
+    want = sorted(f"{f['sha256']}\t{f['size']}\t{f['path']}\t{g}"
+                  for f in doc["files"] for g in f["guest_paths"])
+    assert tsv.splitlines() == want and tsv.endswith("\n")
+    assert len(want) >= len(LIBS)
+    # blkid (what guests use) sees the label on the filesystem part of the image
+    blkid = shutil.which("blkid")
+    if blkid:
+        fs_only = tmp_path / "fs.img"
+        with open(res.path, "rb") as src, open(fs_only, "wb") as dst:
+            src.seek(2 * MiB)
+            shutil.copyfileobj(src, dst)
+        out = subprocess.run([blkid, "-p", "-o", "export", str(fs_only)],
+                             capture_output=True, text=True, check=False).stdout
+        assert "TYPE=erofs" in out and "LABEL=libshare" in out, out
+
+
+def test_verify_catches_text_manifest_mismatch(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A text manifest line that pairs a hash with another path is refused."""
+    cfg = make_cfg(tmp_path)
+    idx = load_index(cfg.store_dir)
+    entries = sorted(idx.entries.values(), key=lambda e: e.sha256)
+    good = region.tsv_manifest_bytes(entries).decode().splitlines()
+    assert all(len(line.split("\t")) == 4 for line in good)
+    a, b = entries[0], entries[1]
+    swapped = f"{a.sha256}\t{a.size}\t{region.fs_path(b)}\t{sorted(a.paths)[0]}"
+    monkeypatch.setattr(region, "tsv_manifest_bytes", lambda e: (swapped + "\n").encode())
+    res = region.build_region(cfg, "web")
+    problem = region.verify(res.path)
+    assert problem and "manifest.tsv line 1" in problem, problem
+
+
+def test_set_fs_label_rejects_bad_input(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(8192))
+    with pytest.raises(LibshareError, match="not an EROFS"):
+        region.set_fs_label(junk)
+    with pytest.raises(LibshareError, match="1 to 16 bytes"):
+        region.set_fs_label(junk, "x" * 17)
