@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -11,7 +12,9 @@ from libshare.commands.xml import MODEL_HELP
 from libshare.config import MODELS, Config
 from libshare.digest import cached_sha256
 from libshare.errors import LibshareError
+from libshare.hook import qemu_pid
 from libshare.output import print_json, print_table
+from libshare.sharing import accounting
 from libshare.units import human
 
 
@@ -66,7 +69,8 @@ def _disable(args: argparse.Namespace, cfg: Config) -> int:
 
 def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Return the status object of one domain: its enrolment, whether it runs, whether
-    its region image is present and intact, and the hook's running record."""
+    its region image is present and intact, the hook's running record, and for a running
+    domain the host memory of its guest-RAM and region mappings (``memory``)."""
     info = domxml.describe(domxml.parse(virt.inactive_xml(dom)))
     info["running"] = virt.is_active(dom)
     info["region_ok"] = None
@@ -77,7 +81,29 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]]) -> 
             ok = False
         info["region_ok"] = ok
     info["record"] = running.get(dom.name())
+    info["memory"] = None
+    pid = qemu_pid(dom.name()) if info["running"] else None
+    if pid is not None:
+        live = domxml.parse(dom.XMLDesc(0))
+        live_enr = domxml.enrolment(live)
+        region = live_enr.region if live_enr and live_enr.model != "ivshmem" else None
+        with contextlib.suppress(OSError):
+            info["memory"] = accounting.domain_memory(pid, live, region)
     return info
+
+
+def host_memory(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return host-wide figures: each region file's page cache counted once, and the
+    region Pss summed over every running domain that maps it."""
+    regions = {r["memory"]["region_path"] for r in rows
+               if r.get("memory") and r["memory"].get("region_path")}
+    cache = accounting.region_page_cache(regions)
+    return {"region_page_cache_kb": {p: b // 1024 for p, b in cache.items()},
+            "region_pss_kb": sum(r["memory"]["region"]["Pss"] for r in rows
+                                 if r.get("memory") and r["memory"].get("region")),
+            "region_private_dirty_kb": sum(
+                r["memory"]["region"]["Private_Dirty"] for r in rows
+                if r.get("memory") and r["memory"].get("region"))}
 
 
 def _status(args: argparse.Namespace, cfg: Config) -> int:
@@ -88,8 +114,9 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         records = {r.get("name", ""): r for r in state.read_running(cfg.state_dir)}
         for dom in doms:
             rows.append(domain_status(dom, cfg, records))
+    host = host_memory(rows)
     if args.json:
-        print_json({"domains": rows})
+        print_json({"domains": rows, "host": host})
         return 0
     table = [[r["name"], "yes" if r["enrolled"] else "no", r["group"] or "-",
               r["model"] or "-", human(r["size"]) if r["size"] else "-",
@@ -98,6 +125,16 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
               "running" if r["running"] else "shut off"] for r in rows]
     print_table(["DOMAIN", "ENROLLED", "GROUP", "MODEL", "SIZE", "DIGEST", "REGION", "STATE"],
                 table)
+    mem = [[r["name"], r["memory"]["guest_ram"]["Rss"],
+            *(r["memory"]["region"][k] if r["memory"].get("region") else "-"
+              for k in ("Rss", "Pss", "Shared_Clean", "Private_Dirty"))]
+           for r in rows if r.get("memory")]
+    if mem:
+        print()
+        print_table(["DOMAIN", "GUEST RAM RSS kB", "REGION RSS kB", "REGION PSS kB",
+                     "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"], mem)
+        for path, kb in host["region_page_cache_kb"].items():
+            print(f"region {path}: {kb} kB in the host page cache (counted once)")
     return 0
 
 

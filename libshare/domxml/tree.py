@@ -25,13 +25,19 @@ _UNIT_BYTES = {
 }
 
 
+def to_bytes(value: str | None, unit: str | None, default_unit: str = "KiB",
+             what: str = "size") -> int:
+    """Return the byte count of libvirt scaled integer ``value`` in ``unit``."""
+    text = (value or "").strip()
+    key = (unit or default_unit).lower()
+    if not text.isdigit() or key not in _UNIT_BYTES:
+        raise RefusedError(f"cannot read {what} {text!r} {unit or default_unit!r}")
+    return int(text) * _UNIT_BYTES[key]
+
+
 def scaled_bytes(elem: Element, default_unit: str = "KiB") -> int:
     """Return the byte count of a libvirt scaled integer element (``<memory unit=...>``)."""
-    text = (elem.text or "").strip()
-    unit = (elem.get("unit") or default_unit).lower()
-    if not text.isdigit() or unit not in _UNIT_BYTES:
-        raise RefusedError(f"cannot read <{elem.tag}> size {text!r} {unit!r}")
-    return int(text) * _UNIT_BYTES[unit]
+    return to_bytes(elem.text, elem.get("unit"), default_unit, f"<{elem.tag}> size")
 
 
 def text_before(elem: Element) -> str | None:

@@ -1,0 +1,150 @@
+"""Host memory attributed to guests: their guest-RAM and region mappings, and the
+region files' page cache counted once.
+
+Figures come from ``/proc/<qemu pid>/smaps`` per mapping, never from process totals:
+under TCG, QEMU's translation buffer (a large anonymous rwx mapping) dominates the
+process RSS and has nothing to do with the guest's memory. A region mapping must never
+show Private_Dirty for an untrusted group (that would be a private copy of region
+pages). Page-cache residency uses mincore(2) on a fresh read-only mapping, which
+touches no page.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from libshare.domxml.tree import scaled_bytes, to_bytes
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+_HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
+FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+
+
+@dataclass
+class Mapping:
+    """One mapping of a process with its smaps counters (kB)."""
+
+    start: int
+    end: int
+    perms: str
+    path: str
+    counters: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        """Return the mapping's length in bytes."""
+        return self.end - self.start
+
+
+def smaps(pid: int) -> list[Mapping]:
+    """Return every mapping of process ``pid`` with its smaps counters."""
+    out: list[Mapping] = []
+    with open(f"/proc/{pid}/smaps") as fh:
+        for line in fh:
+            m = _HEAD.match(line)
+            if m:
+                out.append(Mapping(int(m.group(1), 16), int(m.group(2), 16), m.group(3),
+                                   m.group(7).removesuffix(" (deleted)")))
+            elif out and line.endswith(" kB\n"):
+                key, value = line.split(":", 1)
+                out[-1].counters[key] = int(value.split()[0])
+    return out
+
+
+def _sum(mappings: list[Mapping]) -> dict[str, int]:
+    """Return the FIELDS counters (kB) summed over ``mappings``, plus ``mappings``."""
+    total = {k: sum(m.counters.get(k, 0) for m in mappings) for k in FIELDS}
+    total["mappings"] = len(mappings)
+    return total
+
+
+def region_usage(pid: int, region: str | os.PathLike[str]) -> dict[str, int]:
+    """Return the summed smaps counters (kB) of ``pid``'s mappings of file ``region``."""
+    real = os.path.realpath(region)
+    return _sum([m for m in smaps(pid) if m.path == real])
+
+
+def guest_ram_usage(pid: int, ram_sizes: list[int]) -> dict[str, int]:
+    """Return the summed smaps counters (kB) of ``pid``'s guest-RAM mappings: writable
+    mappings whose lengths are the guest's RAM blocks (``ram_sizes`` bytes: one per NUMA
+    cell, or the whole RAM), each taken once."""
+    wanted = list(ram_sizes)
+    chosen = []
+    for m in smaps(pid):
+        if m.perms.startswith("rw") and m.size in wanted and not m.path.startswith("/dev/"):
+            chosen.append(m)
+            wanted.remove(m.size)
+    return _sum(chosen)
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+
+
+def page_cache_bytes(path: str | os.PathLike[str]) -> int:
+    """Return how many bytes of file ``path`` are in the host page cache (mincore)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), f"mmap {path}")
+        try:
+            pages = (size + PAGE - 1) // PAGE
+            vec = (ctypes.c_ubyte * pages)()
+            if _libc.mincore(addr, size, vec) != 0:
+                raise OSError(ctypes.get_errno(), f"mincore {path}")
+            return sum(b & 1 for b in vec) * PAGE
+        finally:
+            _libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+def ram_sizes_from_xml(root: Any) -> list[int]:
+    """Return the guest RAM block sizes (bytes) of a live domain XML tree: one per NUMA
+    cell, else ``<memory>`` less the memory devices."""
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        return [to_bytes(c.get("memory"), c.get("unit"), what="NUMA cell memory")
+                for c in cells]
+    memory = root.find("memory")
+    total = scaled_bytes(memory) if memory is not None else 0
+    for dev in root.findall("devices/memory/target/size"):
+        total -= scaled_bytes(dev)
+    return [total]
+
+
+def domain_memory(pid: int, root: Any, region: str | None) -> dict[str, Any]:
+    """Return the host memory of one running domain: its guest-RAM mappings and (when
+    ``region`` is given) its region mappings, as kB counters."""
+    out: dict[str, Any] = {"qemu_pid": pid,
+                           "guest_ram": guest_ram_usage(pid, ram_sizes_from_xml(root))}
+    if region:
+        out["region_path"] = os.path.realpath(region)
+        out["region"] = region_usage(pid, region)
+    return out
+
+
+def region_page_cache(regions: set[str]) -> dict[str, int]:
+    """Return, per region file (counted once however many domains map it), the bytes of
+    it in the host page cache; unreadable files are left out."""
+    out = {}
+    for path in sorted(regions):
+        try:
+            out[path] = page_cache_bytes(path)
+        except OSError:
+            continue
+    return out

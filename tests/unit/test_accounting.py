@@ -1,0 +1,63 @@
+"""Host memory accounting read from /proc of a real helper process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from libshare.sharing import accounting
+
+MiB = 1 << 20
+
+CHILD = r"""
+import mmap, sys
+path, ram = sys.argv[1], int(sys.argv[2])
+f = open(path, "rb")
+region = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+for off in range(0, 2 * 1024 * 1024, 4096):   # touch the first 2 MiB
+    region[off]
+anon = mmap.mmap(-1, ram)
+for off in range(0, ram // 2, 4096):           # dirty half of the "guest RAM"
+    anon[off] = 1
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_region_and_ram_mappings(tmp_path: Path) -> None:
+    image = tmp_path / "region.img"
+    with open(image, "wb") as fh:
+        fh.write(os.urandom(4 * MiB))
+        fh.flush()
+        os.fsync(fh.fileno())  # dirty page-cache pages would count as Private_Dirty
+    ram = 24 * MiB
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(image), str(ram)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        reg = accounting.region_usage(child.pid, image)
+        assert reg["mappings"] == 1
+        assert 2048 <= reg["Rss"] <= 2048 + 64
+        assert reg["Private_Dirty"] == 0
+        ram_use = accounting.guest_ram_usage(child.pid, [ram])
+        assert ram_use["mappings"] == 1
+        assert 12 * 1024 <= ram_use["Rss"] <= 12 * 1024 + 64
+        assert ram_use["Private_Dirty"] >= 12 * 1024
+        assert accounting.guest_ram_usage(child.pid, [ram + 4096])["mappings"] == 0
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_page_cache_bytes_counts_resident_pages(tmp_path: Path) -> None:
+    image = tmp_path / "f.img"
+    image.write_bytes(b"\1" * (3 * MiB + 100))
+    with open(image, "rb") as fh:
+        fh.read()
+    resident = accounting.page_cache_bytes(image)
+    assert 3 * MiB < resident <= 3 * MiB + 4096
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    assert accounting.page_cache_bytes(empty) == 0
