@@ -18,7 +18,7 @@ f = open(path, "rb")
 region = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
 for off in range(0, 2 * 1024 * 1024, 4096):   # touch the first 2 MiB
     region[off]
-anon = mmap.mmap(-1, ram)
+anon = mmap.mmap(-1, ram, flags=mmap.MAP_PRIVATE)  # anonymous private, like QEMU RAM
 anon.madvise(mmap.MADV_DONTDUMP)  # as QEMU does for guest RAM; keeps the VMA unmerged
 for off in range(0, ram // 2, 4096):           # dirty half of the "guest RAM"
     anon[off] = 1
