@@ -115,8 +115,14 @@ def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Pa
     records = {r["name"]: r for r in state.read_running(state_dir)}
     assert records[name]["region"] == str(image)
     assert records[name]["pid"] == guest.qemu_pid()
-    status = json.loads(libshare(state_dir, "status", name, "--json").stdout)["domains"][0]
+    report = json.loads(libshare(state_dir, "status", name, "--json").stdout)
+    status = report["domains"][0]
     assert status["enrolled"] and status["running"] and status["region_ok"] is True
+    memory = status["memory"]
+    assert memory["qemu_pid"] == guest.qemu_pid()
+    assert memory["region"]["mappings"] == 1 and memory["region"]["Private_Dirty"] == 0
+    assert memory["guest_ram"]["mappings"] == 1 and memory["guest_ram"]["Rss"] > 1024
+    assert str(image) in report["host"]["region_page_cache_kb"]
 
     dom.destroy()
     assert name not in {r["name"] for r in state.read_running(state_dir)}
