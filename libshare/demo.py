@@ -17,7 +17,6 @@ import contextlib
 import os
 import re
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from libshare.digest import sha256_file
 from libshare.errors import LibshareError
 from libshare.guests import GuestOptions, RunningGuest, defined_guest
 from libshare.guests.initramfs import shared_libraries
-from libshare.sharing import region
+from libshare.sharing import accounting, region
 from libshare.sharing.store import import_tree, load_index
 
 GROUP = "demo"
@@ -95,32 +94,6 @@ def _kv(text: str) -> dict[str, str]:
     """Return ``key=value`` lines of guest output as a dict."""
     return dict(line.split("=", 1) for line in text.splitlines()
                 if re.match(r"^[a-z_]+=", line))
-
-
-def mapping_of(pid: int, path: Path) -> dict[str, int]:
-    """Return the smaps fields (kB) of process ``pid``'s mapping of file ``path``
-    (empty if it does not map it)."""
-    real = os.path.realpath(path)
-    fields: dict[str, int] = {}
-    inside = False
-    head = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
-    with open(f"/proc/{pid}/smaps") as fh:
-        for line in fh:
-            if head.match(line):
-                if inside:
-                    break
-                inside = line.rstrip("\n").split(None, 5)[-1] == real
-            elif inside and line.endswith(" kB\n"):
-                key, value = line.split(":", 1)
-                fields[key] = int(value.split()[0])
-    return fields
-
-
-def resident_kb(path: Path) -> int:
-    """Return how much of file ``path`` is in the host page cache, in kB (fincore)."""
-    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
-                         capture_output=True, text=True, check=True).stdout
-    return int(out.split()[0]) // 1024
 
 
 def _ensure_traversable(path: Path) -> None:
@@ -203,8 +176,8 @@ def run_demo(cfg: Config, uri: str, guests: int = 2,
                 maps_region=int(out.get("maps_region", 0)),
                 maps_disk=int(out.get("maps_disk", 0)),
                 cached_growth_kb=int(out.get("cached_growth_kb", 0)),
-                region_mapping=mapping_of(pid, Path(spec.path)) if pid else {}))
-        page_cache_kb = resident_kb(Path(spec.path))
+                region_mapping=accounting.region_usage(pid, spec.path) if pid else {}))
+        page_cache_kb = accounting.page_cache_bytes(spec.path) // 1024
         say("removing the demo guests")
     rss = [r.region_mapping.get("Rss", 0) for r in reports]
     return {
