@@ -95,23 +95,29 @@ class KernelInfo:
         return cls(layout=Layout(offsets, sizes, "cache"), **rest)
 
 
+def _scan_chunk(res: ScanResult, seen: set[int], base: int, data: bytes) -> None:
+    """Add the BTF headers, ``swapper/0`` strings and banners in ``data`` (at guest
+    physical ``base``) to ``res``; ``seen`` drops hits already found (chunk overlap)."""
+    for addr, _hdr in find_btf([(base, data)]):
+        if addr not in seen:
+            seen.add(addr)
+            res.btf.append(addr)
+    for pattern, out in ((SWAPPER_COMM, res.swapper), (BANNER_PREFIX, res.banners)):
+        pos = data.find(pattern)
+        while pos >= 0:
+            if base + pos not in seen:
+                seen.add(base + pos)
+                out.append(base + pos)
+            pos = data.find(pattern, pos + 1)
+
+
 def scan_memory(mem: PhysicalMemory, chunk_size: int = 16 << 20) -> ScanResult:
     """Return every BTF header, ``swapper/0`` string and banner start in guest RAM
-    (one uncached pass; the one-time cost per boot)."""
+    (one uncached pass over all of it)."""
     res = ScanResult()
     seen: set[int] = set()
     for base, data in mem.chunks(chunk_size):
-        for addr, _hdr in find_btf([(base, data)]):
-            if addr not in seen:
-                seen.add(addr)
-                res.btf.append(addr)
-        for pattern, out in ((SWAPPER_COMM, res.swapper), (BANNER_PREFIX, res.banners)):
-            pos = data.find(pattern)
-            while pos >= 0:
-                if base + pos not in seen:
-                    seen.add(base + pos)
-                    out.append(base + pos)
-                pos = data.find(pattern, pos + 1)
+        _scan_chunk(res, seen, base, data)
     return res
 
 
@@ -237,29 +243,78 @@ def pick_banner(mem: PhysicalMemory, addrs: Iterable[int]) -> tuple[str, int | N
     return fallback
 
 
+def _complete_banner(mem: PhysicalMemory, banners: list[int]) -> tuple[str, int | None, bool]:
+    """Return ``pick_banner``'s answer and whether it is the kernel's own one-line,
+    NUL-terminated ``linux_banner``."""
+    text, addr = pick_banner(mem, banners)
+    if addr is None:
+        return text, addr, False
+    raw = mem.read(addr, min(len(text.encode()) + 2, 400))
+    return text, addr, raw.endswith(b"\n\0")
+
+
+def _conclude(mem: PhysicalMemory, layout: Layout, scan: ScanResult, attempts: int,
+              btf_phys: int | None) -> KernelInfo | None:
+    """Return the KernelInfo from the ``swapper/0`` hits of ``scan``, or None."""
+    comm_off = layout.off("task_struct.comm")
+    for attempt in range(attempts):  # a running guest may tear a probe: retry
+        if attempt:
+            mem.invalidate()
+        for hit in scan.swapper:
+            info = probe_init_task(mem, layout, hit - comm_off)
+            if info is not None:
+                info.banner, info.banner_phys, _ = _complete_banner(mem, scan.banners)
+                info.btf_phys = btf_phys
+                return info
+    return None
+
+
 def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
                 scan: ScanResult | None = None, attempts: int = 5) -> KernelInfo:
     """Return the validated KernelInfo of the kernel running in ``mem``. Uses the BTF
-    found in guest RAM unless ``layout`` is given; scans RAM unless ``scan`` is given;
-    probes ``init_task`` up to ``attempts`` times (a running guest can tear a probe).
-    Raise KernelError with the reason if the kernel cannot be understood."""
-    scan = scan or scan_memory(mem)
-    btf_phys = None
+    found in guest RAM unless ``layout`` is given. Without ``scan``, guest RAM is
+    scanned chunk by chunk and the scan stops as soon as the BTF, ``init_task`` and the
+    banner are found (all live in the kernel image). ``init_task`` is probed up to
+    ``attempts`` times (a running guest can tear a probe). Raise KernelError with the
+    reason if the kernel cannot be understood."""
+    btf_phys: int | None = None
+    tried: set[int] = set()
+
+    def try_btf(res: ScanResult) -> Layout | None:
+        nonlocal btf_phys
+        fresh = [a for a in res.btf if a not in tried]
+        tried.update(fresh)
+        if not fresh:
+            return None
+        try:
+            btf_phys, btf = load_btf(mem, fresh)
+        except KernelError:
+            return None
+        return layout_from_btf(btf, f"BTF at guest physical {btf_phys:#x}")
+
+    if scan is None:
+        res = ScanResult()
+        seen: set[int] = set()
+        for base, data in mem.chunks():
+            _scan_chunk(res, seen, base, data)
+            if layout is None:
+                layout = try_btf(res)
+            if layout is not None and res.swapper:
+                info = _conclude(mem, layout, res, 1, btf_phys)
+                if info is not None and _complete_banner(mem, res.banners)[2]:
+                    return info
+        scan = res
+    elif layout is None:
+        layout = try_btf(scan)
     if layout is None:
         if not scan.btf:
             raise KernelError("no BTF in guest memory (kernel without CONFIG_DEBUG_INFO_BTF? "
                               "give an ISF or offsets file)")
-        btf_phys, btf = load_btf(mem, scan.btf)
-        layout = layout_from_btf(btf, f"BTF at guest physical {btf_phys:#x}")
-    comm_off = layout.off("task_struct.comm")
-    for _attempt in range(attempts):  # a running guest may tear a probe: retry
-        for hit in scan.swapper:
-            info = probe_init_task(mem, layout, hit - comm_off)
-            if info is not None:
-                info.banner, info.banner_phys = pick_banner(mem, scan.banners)
-                info.btf_phys = btf_phys
-                return info
-        mem.invalidate()
+        load_btf(mem, scan.btf)  # raises with the reasons
+        raise KernelError("no usable kernel BTF found in guest memory")
+    info = _conclude(mem, layout, scan, attempts, btf_phys)
+    if info is not None:
+        return info
     if not scan.swapper:
         raise KernelError("no 'swapper/0' task in guest memory (not a booted Linux kernel?)")
     raise KernelError("found 'swapper/0' but no consistent init_task (layout mismatch?)")
