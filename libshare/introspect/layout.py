@@ -51,6 +51,10 @@ OPTIONAL: tuple[str, ...] = (
     "mm_struct.mmap", "vm_area_struct.vm_next",
     "task_struct.thread_group", "task_struct.thread_node", "signal_struct.thread_head",
     "dentry.d_hash.pprev", "task_struct.parent",
+    # /proc-style names of kernel threads and workqueue workers
+    "task_struct.flags", "task_struct.worker_private", "task_struct.set_child_tid",
+    "kthread.full_name", "kthread.data", "worker.desc", "worker.current_work",
+    "worker.pool",
 )
 SIZES: tuple[str, ...] = ("task_struct", "mm_struct", "vm_area_struct", "dentry")
 

@@ -77,7 +77,7 @@ class DomainSurvey:
     banner: str = ""
     tasks: int = 0
     threads: int = 0
-    task_list: list[tuple[int, str]] = field(default_factory=list)
+    task_list: list[tuple[int, str, str]] = field(default_factory=list)  # pid, comm, name
     libraries: list[Library] = field(default_factory=list)
     partial: bool = False
     errors: list[str] = field(default_factory=list)
@@ -150,7 +150,7 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
     stats = WalkStats()
     for addr in for_each_task(k):
         t = task_info(k, addr)
-        out.task_list.append((t.pid, t.comm))
+        out.task_list.append((t.pid, t.comm, t.name))
         mine: _MmLibs | None = None
         error = ""
         for attempt in range(retries + 1):
@@ -231,10 +231,33 @@ def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> Ker
     return info
 
 
+CACHE_MAX_AGE = 7 * 86400.0
+CACHE_MAX_FILES = 256
+
+
+def prune_cache(cache_dir: Path, keep: Path | None = None) -> None:
+    """Remove per-boot cache files older than a week, and the oldest beyond
+    :data:`CACHE_MAX_FILES` (best effort; ``keep`` is never removed)."""
+    try:
+        files = sorted(cache_dir.glob("*.json"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    now = time.time()
+    excess = len(files) - CACHE_MAX_FILES
+    for i, f in enumerate(files):
+        if f == keep:
+            continue
+        with contextlib.suppress(OSError):
+            if i < excess or now - f.stat().st_mtime > CACHE_MAX_AGE:
+                f.unlink()
+
+
 def save_kernel(cache_file: Path | None, key: str, info: KernelInfo) -> None:
-    """Write ``info`` for boot ``key`` to ``cache_file`` (best effort)."""
+    """Write ``info`` for boot ``key`` to ``cache_file`` (best effort) and prune old
+    cache files next to it."""
     if cache_file is None:
         return
+    prune_cache(cache_file.parent, keep=cache_file)
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
@@ -337,7 +360,8 @@ def domain_json(d: DomainSurvey) -> dict[str, Any]:
     return {
         "name": d.name, "kernel": d.kernel, "banner": d.banner, "tasks": d.tasks,
         "threads": d.threads,
-        "task_list": [{"pid": pid, "comm": comm} for pid, comm in d.task_list],
+        "task_list": [{"pid": pid, "comm": comm, "name": name}
+                      for pid, comm, name in d.task_list],
         "libraries": [{"path": lib.path, "build_id": lib.build_id,
                        "resident_pages": lib.resident_pages,
                        "shared_pages": lib.shared_pages, "mappings": lib.mappings,

@@ -1,8 +1,10 @@
 """Task helpers: walking the guest kernel's task list.
 
 Owns :func:`for_each_task` (thread-group leaders, the processes ``/proc`` lists, from
-``init_task.tasks``), :func:`for_each_thread` (every thread of one process) and
-:func:`task_info` (pid, tgid, comm, mm of one ``task_struct``). Each list step checks
+``init_task.tasks``), :func:`for_each_thread` (every thread of one process),
+:func:`task_info` (pid, tgid, comm, mm of one ``task_struct``) and :func:`proc_name`
+(the name ``/proc/PID/stat`` shows: a kernel thread's full name, a workqueue worker's
+comm followed by ``+desc`` or ``-desc``). Each list step checks
 that the next node's ``prev`` points back and that no node repeats; a list longer than
 :data:`MAX_TASKS` or a broken link raises :class:`~libshare.introspect.kernel.WalkError`.
 """
@@ -15,18 +17,23 @@ from dataclasses import dataclass
 from libshare.introspect.kernel import Kernel, WalkError
 
 MAX_TASKS = 1 << 20
+PF_WQ_WORKER = 0x00000020
+PF_KTHREAD = 0x00200000
+PROC_NAME_LEN = 64  # the tcomm buffer of fs/proc/array.c
+WORKER_DESC_LEN = 24
 
 
 @dataclass(frozen=True)
 class Task:
     """One task: its ``task_struct`` address, pid, tgid, comm and ``mm`` (0 for kernel
-    threads)."""
+    threads), and ``name`` as /proc/PID/stat shows it (see :func:`proc_name`)."""
 
     addr: int
     pid: int
     tgid: int
     comm: str
     mm: int
+    name: str = ""
 
 
 def list_for_each(k: Kernel, head: int, limit: int = MAX_TASKS) -> Iterator[int]:
@@ -78,7 +85,54 @@ def for_each_thread(k: Kernel, task: int) -> Iterator[int]:
 def task_info(k: Kernel, task: int) -> Task:
     """Return the :class:`Task` for the ``task_struct`` at ``task``."""
     lay = k.layout
-    comm = k.cstring(task + lay.off("task_struct.comm"), 16)
+    comm = k.cstring(task + lay.off("task_struct.comm"), 16).decode("utf-8", "replace")
     return Task(task, k.u32(task + lay.off("task_struct.pid")),
                 k.u32(task + lay.off("task_struct.tgid")),
-                comm.decode("utf-8", "replace"), k.field(task, "task_struct.mm"))
+                comm, k.field(task, "task_struct.mm"), proc_name(k, task, comm))
+
+
+def _to_kthread(k: Kernel, task: int) -> int:
+    """Return ``to_kthread(task)``: ``worker_private`` (>= 5.19) or ``set_child_tid``."""
+    lay = k.layout
+    for key in ("task_struct.worker_private", "task_struct.set_child_tid"):
+        if lay.has(key):
+            return k.u64(task + lay.off(key))
+    return 0
+
+
+def proc_name(k: Kernel, task: int, comm: str) -> str:
+    """Return the name /proc/PID/stat shows for ``task`` whose comm is ``comm``: a
+    kernel thread's ``kthread->full_name`` when it has one (Linux >= 5.17), a
+    workqueue worker's comm plus ``+desc`` (busy) or ``-desc``; else ``comm``. Kernel
+    data that cannot be read leaves ``comm``."""
+    lay = k.layout
+    if not lay.has("task_struct.flags"):
+        return comm
+    try:
+        flags = k.u32(task + lay.off("task_struct.flags"))
+        if not flags & PF_KTHREAD:
+            return comm
+        kthread = _to_kthread(k, task)
+        if not kthread or not k.valid(kthread):
+            return comm
+        if flags & PF_WQ_WORKER:
+            if not (lay.has("kthread.data") and lay.has("worker.desc")):
+                return comm
+            worker = k.u64(kthread + lay.off("kthread.data"))
+            if not worker or (lay.has("worker.pool")
+                              and not k.u64(worker + lay.off("worker.pool"))):
+                return comm
+            desc = k.cstring(worker + lay.off("worker.desc"), WORKER_DESC_LEN)
+            if not desc:
+                return comm
+            busy = lay.has("worker.current_work") and \
+                k.u64(worker + lay.off("worker.current_work"))
+            name = f"{comm}{'+' if busy else '-'}{desc.decode('utf-8', 'replace')}"
+            return name[:PROC_NAME_LEN - 1]
+        if lay.has("kthread.full_name"):
+            full = k.u64(kthread + lay.off("kthread.full_name"))
+            if full:
+                return k.cstring(full, PROC_NAME_LEN - 1).decode("utf-8", "replace")
+    except WalkError:
+        return comm
+    return comm

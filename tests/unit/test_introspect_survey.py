@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 from libshare.cli import build_parser
-from libshare.introspect.survey import DomainSurvey, Library, summarize, to_json
+from libshare.introspect.survey import (
+    CACHE_MAX_AGE,
+    DomainSurvey,
+    Library,
+    prune_cache,
+    summarize,
+    to_json,
+)
 
 
 def _dom(name: str, libs: list[Library]) -> DomainSurvey:
-    return DomainSurvey(name, kernel="6.1.0-56-amd64", tasks=3, task_list=[(1, "init")],
+    return DomainSurvey(name, kernel="6.1.0-56-amd64", tasks=3, task_list=[(1, "init", "init")],
                         libraries=libs)
 
 
@@ -31,7 +42,7 @@ def test_json_shape() -> None:
     doc = to_json([_dom("a", [Library("/lib/libc.so.6", "aa", 300, 280)])])
     d = doc["domains"][0]
     assert {"name", "kernel", "tasks", "libraries"} <= set(d)
-    assert d["tasks"] == 3 and d["task_list"] == [{"pid": 1, "comm": "init"}]
+    assert d["tasks"] == 3 and d["task_list"] == [{"pid": 1, "comm": "init", "name": "init"}]
     assert d["libraries"][0]["path"] == "/lib/libc.so.6"
     assert {"path", "build_id", "resident_pages"} <= set(d["libraries"][0])
     assert doc["total_saved_bytes"] == 0
@@ -42,3 +53,13 @@ def test_cli_registers_survey() -> None:
                                       "-c", "qemu:///session"])
     assert args.domains == ["dom1", "dom2"] and args.json and args.pause
     assert args.connect == "qemu:///session" and args.backend == "proc"
+
+
+def test_prune_cache(tmp_path: Path) -> None:
+    old, fresh, other = tmp_path / "old.json", tmp_path / "fresh.json", tmp_path / "x.txt"
+    for f in (old, fresh, other):
+        f.write_text("{}")
+    past = time.time() - CACHE_MAX_AGE - 60
+    os.utime(old, (past, past))
+    prune_cache(tmp_path)
+    assert not old.exists() and fresh.exists() and other.exists()

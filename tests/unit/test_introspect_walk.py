@@ -86,7 +86,8 @@ def test_task_list_and_threads() -> None:
     f.link([init, a, b])
     k = f.kernel(init)
     got = [task_info(k, t) for t in for_each_task(k)]
-    assert [(t.pid, t.comm) for t in got] == [(1, "init"), (7, "sleep")]
+    assert [(t.pid, t.comm, t.name) for t in got] == [(1, "init", "init"),
+                                                      (7, "sleep", "sleep")]
     assert list(for_each_thread(k, a)) == [a]
 
 
