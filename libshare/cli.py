@@ -18,7 +18,8 @@ from libshare import __version__, config
 from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "demo"]
+COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "guest", "redirect",
+                   "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

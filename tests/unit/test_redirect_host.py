@@ -1,0 +1,235 @@
+"""Host side of redirect (libshare.redirect and its commands) against fake domains and
+a scripted fake guest agent: refusals change nothing, reports parse the guest's output."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from libshare import domxml, redirect
+from libshare.agent import AgentError, ExecResult
+from libshare.errors import LibshareError, RefusedError
+
+BASE = """<domain type='qemu'><name>g1</name><memory unit='MiB'>512</memory>
+<os><type arch='x86_64' machine='pc'>hvm</type></os><devices/></domain>"""
+
+
+def enrolled_xml() -> str:
+    spec = domxml.RegionSpec(path="/var/lib/libshare/regions/groups/web.img",
+                             size=8 * 1024 * 1024, group="web", digest="ab" * 32,
+                             state_dir="/var/lib/libshare")
+    return domxml.serialize(domxml.enable(domxml.parse(BASE), spec))
+
+
+class FakeDomain:
+    def __init__(self, xml: str, active: bool = True) -> None:
+        self.xml, self.active = xml, active
+
+    def name(self) -> str:
+        return "g1"
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.xml
+
+
+Handler = Callable[[list[str], bytes | None], ExecResult]
+
+
+class FakeAgent:
+    """Records every call; ``handler`` answers exec()."""
+
+    def __init__(self, handler: Handler, alive: bool = True) -> None:
+        self.handler, self.alive = handler, alive
+        self.calls: list[tuple[str, Any]] = []
+
+    def ping(self) -> None:
+        self.calls.append(("ping", None))
+        if not self.alive:
+            raise AgentError("guest agent of g1 is not responding")
+
+    def wait(self, timeout: float = 90.0, interval: float = 1.0) -> float:
+        self.calls.append(("wait", timeout))
+        return 0.0
+
+    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0,
+             check: bool = False) -> ExecResult:
+        self.calls.append(("exec", list(argv)))
+        return self.handler(list(argv), stdin)
+
+    def write_file(self, path: str, data: bytes, mode: int | None = None) -> int:
+        self.calls.append(("write", path))
+        return len(data)
+
+    def changes(self) -> list[tuple[str, Any]]:
+        """Return the calls that could change the guest (writes, non-probe execs)."""
+        out = []
+        for kind, arg in self.calls:
+            harmless = kind == "exec" and (
+                arg[:3] == ["/bin/sh", "-s", "--"]
+                or (arg[0] == "/bin/sh" and arg[2].startswith("test -x")))
+            if kind in ("write", "exec") and not harmless:
+                out.append((kind, arg))
+        return out
+
+
+def ok(out: str = "", rc: int = 0) -> ExecResult:
+    return ExecResult(rc=rc, stdout=out.encode(), stderr=b"")
+
+
+def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n",
+          installed: bool = True, apply_out: str = "", uninstall_out: str = ""
+          ) -> Handler:
+    def handle(argv: list[str], stdin: bytes | None) -> ExecResult:
+        if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
+            assert stdin == redirect.script_bytes()
+            return ok(probe_out)
+        if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
+            return ok(rc=0 if installed else 1)
+        if argv[:2] == [redirect.SCRIPT, "apply"]:
+            return ok(apply_out)
+        if argv[:2] == [redirect.SCRIPT, "uninstall"]:
+            return ok(uninstall_out)
+        if "lsinitramfs" in " ".join(argv):
+            return ok("7\n")
+        return ok()
+    return handle
+
+
+def factory(agent: FakeAgent) -> Callable[[Any], Any]:
+    return lambda _dom: agent
+
+
+def test_parse_kv() -> None:
+    kv = redirect.parse_kv("bound=2\ndiffers=/a\nlog line\ndiffers=/b c\nx y=1\nrefused=no DAX\n")
+    assert kv == {"bound": "2", "differs": ["/a", "/b c"], "refused": "no DAX"}
+
+
+@pytest.mark.parametrize("case,match", [
+    ("shut off", "is not running"),
+    ("not enrolled", "has no library region device"),
+    ("no agent", "no responding guest agent"),
+    ("no dax", "DAX is not active"),
+    ("no device in guest", "no region device"),
+])
+def test_refusals_change_nothing(case: str, match: str) -> None:
+    xml = BASE if case == "not enrolled" else enrolled_xml()
+    dom = FakeDomain(xml, active=case != "shut off")
+    probe = {"no dax": "region_device=/dev/pmem0\ndax=0\nrefused=DAX is not active on "
+                       "/dev/pmem0 (sharing would cost memory)\n",
+             "no device in guest": "refused=no region device (no /dev/pmem* with "
+                                   "filesystem label libshare)\n"}.get(
+        case, "region_device=/dev/pmem0\ndax=1\n")
+    for op in (redirect.install, redirect.redirect):
+        agent = FakeAgent(guest(probe_out=probe), alive=case != "no agent")
+        with pytest.raises(RefusedError, match=match) as info:
+            op(dom, agent_factory=factory(agent))
+        assert "\n" not in str(info.value)
+        assert agent.changes() == []
+
+
+def test_install_writes_every_file_and_rebuilds_the_initramfs() -> None:
+    agent = FakeAgent(guest())
+    rep = redirect.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    assert rep.region_device == "/dev/pmem0"
+    assert rep.files == [f.path for f in redirect.GUEST_FILES]
+    assert rep.initramfs == "updated" and rep.initramfs_entries == 7
+    writes = [a for k, a in agent.calls if k == "write"]
+    assert writes == [f.path for f in redirect.GUEST_FILES if f.source]
+    execs = [" ".join(a) for k, a in agent.calls if k == "exec"]
+    assert any("update-initramfs -u" in e for e in execs)
+    assert any(e.startswith("ln -sfn") for e in execs)
+    # the probe ran before anything was written
+    first_write = next(i for i, (k, _) in enumerate(agent.calls) if k == "write")
+    probe_at = next(i for i, (k, a) in enumerate(agent.calls)
+                    if k == "exec" and a[:4] == ["/bin/sh", "-s", "--", "probe"])
+    assert probe_at < first_write
+
+
+def test_install_rolls_back_a_partial_write() -> None:
+    agent = FakeAgent(guest())
+    real_write = agent.write_file
+    count = {"n": 0}
+
+    def failing(path: str, data: bytes, mode: int | None = None) -> int:
+        count["n"] += 1
+        if count["n"] == 3:
+            raise AgentError("guest agent of g1 refused guest-file-open: disk full")
+        return real_write(path, data, mode)
+
+    agent.write_file = failing  # type: ignore[method-assign]
+    with pytest.raises(LibshareError, match="nothing left behind"):
+        redirect.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rm = [a for k, a in agent.calls if k == "exec" and a[:2] == ["rm", "-f"]]
+    assert rm and rm[-1][2:] == [f.path for f in redirect.GUEST_FILES[:2]]
+
+
+def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(redirect.time, "sleep", lambda s: None)
+    out = ("region_device=/dev/pmem0\ndiffers=/usr/lib/x86_64-linux-gnu/libz.so.1\n"
+           "bound=29\nalready=0\nhashed=30\ncached=0\nbinds_total=29\n"
+           "restarted=cron.service systemd-journald.service\nkept=\n"
+           "agent_restart=3s\n")
+    agent = FakeAgent(guest(apply_out=out))
+    rep = redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    assert rep.bound == 29 and rep.binds_total == 29 and rep.hashed == 30
+    assert rep.differs == ["/usr/lib/x86_64-linux-gnu/libz.so.1"]
+    assert rep.restarted == ["cron.service", "systemd-journald.service"]
+    assert rep.agent_restarted and ("wait", 120) in agent.calls
+    assert ["exec", [redirect.SCRIPT, "apply"]] in [list(c) for c in agent.calls]
+    agent = FakeAgent(guest(apply_out="bound=1\n"))
+    rep = redirect.redirect(FakeDomain(enrolled_xml()), restart=False,
+                            agent_factory=factory(agent))
+    assert ("exec", [redirect.SCRIPT, "apply", "--no-restart"]) in agent.calls
+    assert not rep.agent_restarted
+
+
+def test_redirect_needs_install_and_reports_guest_refusal() -> None:
+    agent = FakeAgent(guest(installed=False))
+    with pytest.raises(RefusedError, match="guest install g1"):
+        redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    assert agent.changes() == []
+    agent = FakeAgent(guest(apply_out="refused=DAX is not active on /dev/pmem0\n"))
+    with pytest.raises(RefusedError, match="DAX"):
+        redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+
+
+def test_unredirect() -> None:
+    out = "removed=29\nlazy=3\ndeleted=/usr/sbin/libshare-redirect\ninitramfs=updated\n"
+    agent = FakeAgent(guest(uninstall_out=out))
+    rep = redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    assert rep.removed == 29 and rep.deleted == ["/usr/sbin/libshare-redirect"]
+    assert rep.initramfs == "updated"
+    agent = FakeAgent(guest(installed=False))
+    with pytest.raises(RefusedError, match="nothing to undo"):
+        redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    agent = FakeAgent(guest(), alive=False)
+    with pytest.raises(RefusedError, match="no responding guest agent"):
+        redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    assert agent.changes() == []
+
+
+def test_cli_refusal_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from contextlib import contextmanager
+
+    from libshare import cli, virt
+
+    @contextmanager
+    def fake_connect(uri: str) -> Any:
+        yield object()
+
+    monkeypatch.setattr(virt, "connect", fake_connect)
+    monkeypatch.setattr(virt, "lookup", lambda conn, name: FakeDomain(BASE))
+    for argv in (["redirect", "g1", "--json"], ["unredirect", "g1"],
+                 ["guest", "install", "g1"]):
+        dom_active = argv[0] != "unredirect"
+        monkeypatch.setattr(virt, "lookup",
+                            lambda conn, name, a=dom_active: FakeDomain(BASE, active=a))
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("libshare: "), err

@@ -1,0 +1,281 @@
+"""The guest-side ``libshare-redirect`` script, run on the host against a fake root.
+
+A real region image is built from a few host libraries; its filesystem part is attached
+to a read-only loop device (what a guest sees as /dev/pmemN, minus DAX), the fake root
+holds copies of the libraries, one of them differing by one byte. Needs root (loop
+devices, mounts); skipped otherwise. Every mount and loop device is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libshare import redirect
+from libshare.config import Config
+from libshare.sharing import region
+from libshare.sharing.store import import_tree
+
+SCRIPT = Path(redirect.__file__).parent / "guest" / "libshare-redirect"
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
+SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom"]
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("losetup") is None or shutil.which("mkfs.erofs") is None,
+    reason="needs root, losetup and mkfs.erofs (loop devices and mounts)")
+
+
+@pytest.mark.parametrize("name", SHELL_FILES)
+def test_shell_syntax(name: str) -> None:
+    path = SCRIPT.parent / name
+    assert subprocess.run(["sh", "-n", str(path)], check=False).returncode == 0
+    if shutil.which("shellcheck"):
+        proc = subprocess.run(["shellcheck", "-s", "sh", str(path)], capture_output=True,
+                              text=True, check=False)
+        assert proc.returncode == 0, proc.stdout
+
+
+def test_guest_file_list_matches_script() -> None:
+    """The script's uninstall list is exactly what the host installs."""
+    text = SCRIPT.read_text()
+    block = text.split('GUEST_FILES="', 1)[1].split('"', 1)[0]
+    assert block.split() == [f.path for f in redirect.GUEST_FILES]
+    for f in redirect.GUEST_FILES:
+        if f.source:
+            assert redirect.guest_file_bytes(f.source)
+
+
+@dataclass
+class Fake:
+    """A fake guest: root tree, run dir, region loop device, manifest lines."""
+
+    base: Path
+    root: Path
+    run: Path
+    loop: str
+    manifest: list[list[str]]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {**os.environ, "LIBSHARE_RUN": str(self.run), "LIBSHARE_DEVICES": self.loop,
+                "LIBSHARE_ALLOW_NODAX": "1", **extra}
+
+    def run_script(self, *args: str, root: bool = True, **extra: str) -> dict[str, Any]:
+        argv = ["sh", str(SCRIPT), *args] + (["--root", str(self.root)] if root else [])
+        proc = subprocess.run(argv, capture_output=True, text=True, env=self.env(**extra),
+                              check=False, timeout=120)
+        assert proc.returncode == 0, proc
+        kv = redirect.parse_kv(proc.stdout)
+        kv["_stderr"] = proc.stderr
+        return kv
+
+    def mounts(self) -> list[str]:
+        """Return the mount points under the fake base directory."""
+        out = []
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                mp = line.split()[4]
+                if mp.startswith(str(self.base)):
+                    out.append(mp)
+        return out
+
+
+def _umount_all(base: Path) -> None:
+    for _ in range(3):
+        with open("/proc/self/mountinfo") as fh:
+            mps = [line.split()[4] for line in fh if line.split()[4].startswith(str(base))]
+        for mp in reversed(mps):
+            subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> Iterator[Fake]:
+    tree = tmp_path / "tree"
+    (tree / LIBDIR).mkdir(parents=True)
+    for name in LIBS:
+        src = Path("/lib/x86_64-linux-gnu") / name
+        if not src.exists():
+            pytest.skip(f"{src} missing")
+        shutil.copyfile(os.path.realpath(src), tree / LIBDIR / name)
+    os.symlink("libz.so.1", tree / LIBDIR / "libz.so")
+    cfg = Config(state_dir=tmp_path / "state")
+    import_tree(cfg.store_dir, [tree])
+    res = region.build_region(cfg, "t")
+    root = tmp_path / "root"
+    shutil.copytree(tree, root, symlinks=True)
+    acl = root / LIBDIR / "libacl.so.1"          # differs by one byte, same size
+    data = bytearray(acl.read_bytes())
+    data[100] ^= 0xFF
+    acl.write_bytes(bytes(data))
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(region.DATAOFF),
+                           res.path], capture_output=True, text=True, check=True).stdout.strip()
+    manifest: list[list[str]] = []
+    try:
+        mnt = tmp_path / "peek"
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "erofs", "-o", "ro", loop, str(mnt)], check=True)
+        try:
+            manifest = [line.split("\t") for line in
+                        (mnt / ".libshare/manifest.tsv").read_text().splitlines()]
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+        yield Fake(tmp_path, root, tmp_path / "run", loop, manifest)
+    finally:
+        _umount_all(tmp_path)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _bound_paths(fake: Fake) -> set[str]:
+    binds = fake.run / "binds"
+    if not binds.exists():
+        return set()
+    return {line.split("\t")[0] for line in binds.read_text().splitlines()}
+
+
+@needs_root
+def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> None:
+    out = fake.run_script("apply", "--no-restart")
+    assert out["region_device"] == fake.loop
+    want = {f"/{LIBDIR}/libz.so.1", f"/{LIBDIR}/libattr.so.1"}
+    assert _bound_paths(fake) == want
+    assert out["bound"] == "2" and out["hashed"] == "3" and out["cached"] == "0"
+    assert out["differs"] == [f"/{LIBDIR}/libacl.so.1"]   # one byte differs: never bound
+    assert out["missing"] == "1"                          # the libz.so symlink is skipped
+    # the guest path now reads the region's copy (same bytes), on the region's device
+    region_dev = os.stat(fake.run / "region").st_dev
+    for p in want:
+        st = os.stat(str(fake.root) + p)
+        assert st.st_dev == region_dev
+        sha = next(m[0] for m in fake.manifest if m[3] == p)
+        assert redirect.parse_kv(subprocess.run(
+            ["sh", "-c", f"echo sha=$(sha256sum {fake.root}{p} | cut -d' ' -f1)"],
+            capture_output=True, text=True, check=True).stdout)["sha"] == sha
+    assert os.stat(fake.root / LIBDIR / "libacl.so.1").st_dev != region_dev
+    assert set(fake.mounts()) == {str(fake.run / "region")} | {str(fake.root) + p
+                                                               for p in want}
+    # a second apply binds nothing twice and reads no file again (verdict cache)
+    again = fake.run_script("apply", "--no-restart")
+    assert again["bound"] == "0" and again["already"] == "2" and again["hashed"] == "0"
+    assert again["cached"] == "1"                   # the differing file, not re-read
+    assert len(fake.mounts()) == 3
+    status = fake.run_script("status")
+    assert status["binds"] == "2" and status["region_mounted"] == "1"
+    # remove undoes exactly that: no mount left, the record gone
+    out = fake.run_script("remove", "--no-restart")
+    assert out["removed"] == "2" and out["region_unmounted"] == "1"
+    assert fake.mounts() == []
+    assert not (fake.run / "binds").exists()
+    assert os.stat(fake.root / LIBDIR / "libz.so.1").st_dev == os.stat(fake.root).st_dev
+
+
+@needs_root
+def test_verdicts_follow_file_changes(fake: Fake) -> None:
+    fake.run_script("apply", "--no-restart")
+    verdict = fake.root / "var/lib/libshare/verdicts" / LIBDIR / "libacl.so.1"
+    key, sha = verdict.read_text().split()
+    st = os.stat(fake.root / LIBDIR / "libacl.so.1")
+    assert key.split(":")[:2] == [str(st.st_ino), str(st.st_size)]
+    fake.run_script("remove", "--no-restart")
+    # a package update replaces the differing file with the region's bytes (new inode)
+    good = next(m for m in fake.manifest if m[3].endswith("libacl.so.1"))
+    src = fake.base / "tree" / LIBDIR / "libacl.so.1"
+    new = fake.root / LIBDIR / "libacl.so.1.dpkg-new"
+    shutil.copyfile(src, new)
+    os.replace(new, fake.root / LIBDIR / "libacl.so.1")
+    out = fake.run_script("apply", "--no-restart")
+    assert out["bound"] == "3" and out["hashed"] == "1" and out["cached"] == "2"
+    assert verdict.read_text().split()[1] == good[0] != sha
+    # and a file changed in place with the same size is re-read, then not bound
+    fake.run_script("remove", "--no-restart")
+    target = fake.root / LIBDIR / "libz.so.1"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.write_bytes(bytes(data))
+    out = fake.run_script("apply", "--no-restart")
+    assert f"/{LIBDIR}/libz.so.1" in out["differs"] and out["hashed"] == "1"
+    assert f"/{LIBDIR}/libz.so.1" not in _bound_paths(fake)
+
+
+@needs_root
+def test_hashing_does_not_fill_the_page_cache(fake: Fake) -> None:
+    target = fake.root / LIBDIR / "libz.so.1"
+    fd = os.open(target, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    before = _resident(target)
+    fake.run_script("apply", "--no-restart")
+    fake.run_script("remove", "--no-restart")
+    assert before == 0 and _resident(target) == 0
+
+
+def _resident(path: Path) -> int:
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "-o", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.split()[0])
+
+
+@needs_root
+def test_read_only_root_keeps_verdicts_in_run_until_sync(fake: Fake) -> None:
+    state = fake.base / "ro-state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(state)], check=True)
+    try:
+        out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_STATE=str(state))
+        assert out["bound"] == "2"
+        assert (fake.run / "verdicts" / LIBDIR / "libz.so.1").exists()
+        fake.run_script("remove", "--no-restart", LIBSHARE_STATE=str(state))
+    finally:
+        subprocess.run(["umount", str(state)], check=True)
+    out = fake.run_script("sync", root=False, LIBSHARE_STATE=str(state))
+    assert out["synced"] == "1"
+    assert (state / "verdicts" / LIBDIR / "libz.so.1").exists()
+    assert not (fake.run / "verdicts").exists()
+
+
+@needs_root
+def test_refusals_change_nothing(fake: Fake) -> None:
+    # without DAX (a loop device has none) the script refuses and leaves nothing mounted
+    kv = fake.run_script("apply", "--no-restart", LIBSHARE_ALLOW_NODAX="0")
+    assert "DAX is not active" in str(kv["refused"]) and "bound" not in kv
+    assert fake.mounts() == []
+    assert "DAX is not active" in str(kv["_stderr"])
+    probe = fake.run_script("probe", root=False, LIBSHARE_ALLOW_NODAX="0")
+    assert probe["dax"] == "0" and "DAX" in str(probe["refused"])
+    # no device labelled libshare: nothing to do
+    kv = fake.run_script("apply", "--no-restart", LIBSHARE_DEVICES="/dev/null")
+    assert kv["refused"] == "no region device"
+    assert fake.mounts() == [] and not (fake.run / "binds").exists()
+    assert not (fake.root / "var").exists()          # not even a verdict written
+
+
+@needs_root
+def test_uninstall_removes_binds_and_files(fake: Fake) -> None:
+    for f in redirect.GUEST_FILES:
+        p = Path(str(fake.root) + f.path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    fake.run_script("apply", "--no-restart")
+    out = fake.run_script("uninstall", "--no-restart")
+    assert out["removed"] == "2"
+    assert sorted(out["deleted"]) == sorted(f.path for f in redirect.GUEST_FILES)
+    assert fake.mounts() == []
+    assert not (fake.root / "var/lib/libshare").exists()
+    for f in redirect.GUEST_FILES:
+        assert not Path(str(fake.root) + f.path).exists()
+
+
+def test_usage_errors() -> None:
+    for args in ([], ["bogus"], ["apply", "--root"], ["apply", "remove"]):
+        proc = subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True,
+                              check=False)
+        assert proc.returncode == 2 and "usage" in proc.stderr
