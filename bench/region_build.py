@@ -15,7 +15,7 @@ and prints the times, their ratio (region build also fsyncs its image and hashes
 plain mkfs.erofs leaves its output in the page cache), the image size against the sum of the file sizes,
 the command that reproduces the run and the machine it ran on.
 
-Usage: ``/opt/libshare-venv/bin/python bench/region_build.py [--libdir DIR] [--json]``
+Usage (from the project root): ``.venv/bin/python -m bench.region_build [--libdir DIR] [--json]``
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,31 +31,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.common import machine, reproduce_command
 from libshare.config import Config
 from libshare.sharing import region
 from libshare.sharing.store import import_tree, load_index, object_path
-
-
-def machine() -> dict[str, Any]:
-    """Return hostname, CPU model, core count, memory and kernel of this machine."""
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_kb = 0
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                mem_kb = int(line.split()[1])
-    except OSError:
-        pass
-    return {"hostname": socket.gethostname(), "cpu": cpu, "cores": os.cpu_count(),
-            "memory_mib": mem_kb // 1024, "kernel": platform.release(),
-            "python": platform.python_version()}
 
 
 def collect(libdir: Path, dest: Path) -> tuple[int, int]:
@@ -143,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="scratch directory (default: a temporary one under /var/tmp)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    cmd = " ".join([sys.executable, os.path.relpath(__file__), *(argv or sys.argv[1:])])
+    cmd = reproduce_command("bench.region_build", argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="libshare-bench-", dir="/var/tmp"))
     try:
         result = run(args.libdir, scratch)

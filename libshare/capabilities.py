@@ -19,7 +19,7 @@ from typing import Any
 
 import libvirt
 
-from libshare.state import atomic_write
+from libshare.fileutil import atomic_write
 
 PROBE_SIZE = 2 * 1024 * 1024
 

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from libshare.errors import LibshareError
-from libshare.state import atomic_write
+from libshare.fileutil import atomic_write
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 MARKER = "libshare-hook"

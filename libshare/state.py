@@ -10,28 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-
-def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` atomically (readers see the old or the new file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+from libshare.fileutil import atomic_write
 
 
 def running_dir(state_dir: Path) -> Path:

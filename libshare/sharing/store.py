@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import LibshareError
+from libshare.fileutil import atomic_write, fsync_dir
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
 
 INDEX_VERSION = 1
@@ -174,36 +175,9 @@ def load_index(store_dir: Path) -> StoreIndex:
     return StoreIndex(entries)
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync the directory ``path`` so a rename inside it is durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file, fsync, rename, fsync dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fchmod(fh.fileno(), mode)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
 def save_index(store_dir: Path, index: StoreIndex) -> None:
     """Write ``index`` as the store's index, atomically."""
-    write_atomic(index_path(store_dir), index.to_json().encode())
+    atomic_write(index_path(store_dir), index.to_json().encode())
 
 
 @contextlib.contextmanager
