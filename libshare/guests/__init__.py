@@ -4,10 +4,27 @@ power off. Used by the integration tests, the demo and the benchmarks.
 
 Owns nothing itself; it re-exports the public API of its modules: ``kernel`` (fetch and
 cache Debian kernels, module closure), ``cpio`` (newc writer), ``initramfs`` (base and
-per-test images), ``domain`` (domain XML) and ``runner`` (boot, wait, clean up).
+per-test images), ``domain`` (domain XML) and ``runner`` (boot, wait, clean up), and
+``debian`` (full Debian guests: a cached bootable disk image with its own boot loader and
+initramfs, qcow2 overlays, a qemu-guest-agent channel, boot/reboot/always-clean-up).
 """
 
 from libshare.guests.cache import cache_root
+from libshare.guests.debian import (
+    BASE_PACKAGES,
+    Boot,
+    DebianGuest,
+    DebianGuestOptions,
+    DebianImage,
+    DebianImageError,
+    DefinedDebianGuest,
+    create_overlay,
+    debian_domain_tree,
+    debian_domain_xml,
+    debian_image,
+    defined_debian_guest,
+    running_debian_guest,
+)
 from libshare.guests.domain import (
     DEFAULT_CMDLINE,
     add_numa_nvdimm_support,
@@ -46,11 +63,18 @@ from libshare.guests.runner import (
 )
 
 __all__ = [
+    "BASE_PACKAGES",
     "BEGIN_MARKER",
     "DEFAULT_CMDLINE",
     "DEFAULT_MODULES",
     "END_MARKER",
     "READY_MARKER",
+    "Boot",
+    "DebianGuest",
+    "DebianGuestOptions",
+    "DebianImage",
+    "DebianImageError",
+    "DefinedDebianGuest",
     "DefinedGuest",
     "GuestError",
     "GuestOptions",
@@ -64,6 +88,11 @@ __all__ = [
     "cache_root",
     "cleanup_domain",
     "cleanup_domains",
+    "create_overlay",
+    "debian_domain_tree",
+    "debian_domain_xml",
+    "debian_image",
+    "defined_debian_guest",
     "defined_guest",
     "fetch_kernel",
     "guest_domain_tree",
@@ -74,5 +103,6 @@ __all__ = [
     "overlay_archive",
     "prepare_guest",
     "run_guest",
+    "running_debian_guest",
     "running_guest",
 ]
