@@ -38,9 +38,9 @@ from libshare.digest import cached_sha256
 from libshare.domxml import devices as dev
 from libshare.domxml.metadata import Enrolment
 from libshare.errors import LibshareError
+from libshare.runtime import qemu_pid
 
 STRICT_OPS = ("prepare", "migrate", "restore")
-QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 HOOK_MARKER = "libshare-hook"
 
 log = logging.getLogger("libshare.hook")
@@ -82,21 +82,6 @@ def _setup_logging() -> None:
             log.addHandler(syslog)
         except OSError:
             pass
-
-
-def qemu_pid(name: str, run_dir: Path = QEMU_RUN_DIR) -> int | None:
-    """Return the pid of domain ``name``'s QEMU process from libvirt's pid file, or None
-    when it is missing or does not name a live QEMU of that domain."""
-    try:
-        pid = int((run_dir / f"{name}.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    if not any(b"qemu" in part for part in cmdline[:1]):
-        return None
-    if not any(part.startswith(f"guest={name}".encode()) for part in cmdline):
-        return None
-    return pid
 
 
 def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:

@@ -12,8 +12,8 @@ from libshare.commands.xml import MODEL_HELP
 from libshare.config import MODELS, Config
 from libshare.digest import cached_sha256
 from libshare.errors import LibshareError
-from libshare.hook import qemu_pid
 from libshare.output import print_json, print_table
+from libshare.runtime import qemu_pid
 from libshare.sharing import accounting
 from libshare.units import human
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from lxml import etree
 
+from libshare import runtime
 from libshare.errors import LibshareError
 from libshare.guests.cache import cache_subdir
 from libshare.guests.domain import DEFAULT_CMDLINE, Customizer, guest_domain_xml
@@ -208,11 +209,7 @@ class RunningGuest:
 
     def qemu_pid(self) -> int | None:
         """Return the PID of the guest's QEMU process (from libvirt's pid file), or None."""
-        pidfile = Path(f"/run/libvirt/qemu/{self.name}.pid")
-        try:
-            return int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
+        return runtime.qemu_pid(self.name)
 
     def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 60.0) -> re.Match[str]:
         """Return the first match of ``pattern`` (multiline regex) in the console,

@@ -25,6 +25,7 @@ from typing import Any
 
 from lxml import etree
 
+from libshare import runtime
 from libshare.errors import LibshareError
 from libshare.introspect.memory import (
     FileMemory,
@@ -35,7 +36,7 @@ from libshare.introspect.memory import (
 )
 
 log = logging.getLogger(__name__)
-PID_DIR = Path("/run/libvirt/qemu")
+PID_DIR = runtime.QEMU_RUN_DIR
 _MTREE_LINE = re.compile(
     r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (ram|rom|i/o|romd)\): (\S+)"
     r"(?: @([0-9a-f]+))?")
@@ -78,14 +79,10 @@ def running_domain(conn: Any, name: str) -> Any:
 
 def qemu_pid(dom: Any, pid_dir: Path = PID_DIR) -> int:
     """Return the pid of the QEMU process running ``dom``."""
-    name = dom.name()
-    try:
-        pid = int((pid_dir / f"{name}.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError) as exc:
-        raise LibshareError(f"cannot find the QEMU process of {name}: {exc}") from exc
-    if f"guest={name}".encode() not in cmdline and name.encode() not in cmdline:
-        raise LibshareError(f"pid {pid} from {pid_dir}/{name}.pid is not {name}'s QEMU")
+    pid = runtime.qemu_pid(dom.name(), pid_dir)
+    if pid is None:
+        raise LibshareError(f"cannot find the QEMU process of {dom.name()} "
+                            f"(no live QEMU named in {pid_dir}/{dom.name()}.pid)")
     return pid
 
 
