@@ -185,3 +185,70 @@ def test_virtio_pmem_falls_back_to_nvdimm_where_it_cannot_start(
     assert model == ("virtio-pmem" if works else "nvdimm")
     assert works or "using nvdimm" in res.stderr
     assert not [d for d in libvirt_conn.listAllDomains() if d.name().startswith("libshare-probe")]
+
+
+TICK_SCRIPT = """. /etc/libshare.sh
+[ -b /dev/pmem0 ] && echo "PMEM /dev/pmem0"
+ready
+n=0
+while :; do n=$((n + 1)); echo "TICK $n"; sleep 1; done
+"""
+
+
+def last_tick(text: str) -> int:
+    ticks = [int(line.split()[1]) for line in text.splitlines() if line.startswith("TICK ")]
+    return ticks[-1] if ticks else 0
+
+
+def test_restore_maps_region_to_this_hosts_image(
+        libvirt_conn: Any, domain_name: Callable[[], str], hook_installed: Path,
+        state_dir: Path) -> None:
+    """Save a running enrolled guest, move its region image to where this host keeps
+    images of that digest, restore: the hook maps the path and the guest runs on."""
+    name = domain_name()
+    elsewhere = state_dir / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    image = make_region(elsewhere)
+    saved = state_dir / "guest.save"
+    with defined_guest(libvirt_conn, name, TICK_SCRIPT, GuestOptions()) as defined:
+        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
+        guest = defined.start()
+        guest.wait_ready(timeout=120)
+        guest.wait_for(r"^TICK 2$", timeout=60)
+        assert guest.domain.save(str(saved)) == 0
+        before = last_tick(guest.console())
+        enr = json.loads(subprocess.run(
+            [sys.executable, "-m", "libshare", "xml", "show", "-"],
+            input=guest.domain.XMLDesc(INACTIVE), capture_output=True, text=True).stdout)
+        local = state_dir / "regions" / "images" / f"{enr['digest']}.img"
+        local.parent.mkdir(parents=True)
+        for d in (state_dir / "regions", local.parent):
+            d.chmod(0o755)
+        image.rename(local)
+
+        assert libvirt_conn.restore(str(saved)) == 0
+        live = guest.domain.XMLDesc(0)
+        assert f"<path>{local}</path>" in live and str(image) not in live
+        guest.wait_for(rf"^TICK {before + 2}$", timeout=60)  # the same guest runs on
+        ops = ops_for(state_dir, name)
+        assert ("restore", "begin", 0) in ops
+        assert state.read_hook_log(state_dir)[-1]["domain"] == name
+
+
+def test_restore_refused_without_the_region(
+        libvirt_conn: Any, domain_name: Callable[[], str], hook_installed: Path,
+        state_dir: Path) -> None:
+    name = domain_name()
+    image = make_region(state_dir)
+    saved = state_dir / "guest.save"
+    with defined_guest(libvirt_conn, name, TICK_SCRIPT, GuestOptions()) as defined:
+        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
+        guest = defined.start()
+        guest.wait_ready(timeout=120)
+        assert guest.domain.save(str(saved)) == 0
+        image.unlink()
+        with pytest.raises(libvirt.libvirtError) as err:
+            libvirt_conn.restore(str(saved))
+        assert "no region image with digest" in str(err.value)
+        assert saved.exists() and not guest.domain.isActive()
+        assert ("restore", "begin", 1) in ops_for(state_dir, name)
