@@ -33,6 +33,7 @@ from libshare.errors import LibshareError, RefusedError
 #: the guest script's installed path
 SCRIPT = "/usr/sbin/libshare-redirect"
 UNIT = "libshare-redirect.service"
+AGENT_UNIT = "qemu-guest-agent.service"
 #: seconds update-initramfs may take in a guest (TCG guests are slow)
 INITRAMFS_TIMEOUT = 900.0
 #: seconds ``libshare-redirect apply`` may take (hashing every library the first time)
@@ -280,23 +281,39 @@ class RedirectReport:
         return dict(self.__dict__)
 
 
-def _wait_agent_restart(agent: GuestAgent, kv: dict[str, Any], name: str) -> bool:
-    """If the guest scheduled a restart of its agent (``agent_restart=Ns``), wait until
-    the restarted agent answers; return True if a restart was scheduled."""
-    when = str(kv.get("agent_restart", ""))
-    if not when.endswith("s"):
+def _agent_pid(agent: GuestAgent) -> str:
+    """Return the guest agent service's main PID as systemd reports it ('' if unknown)."""
+    res = agent.exec(["systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT],
+                     timeout=30)
+    return res.out.strip() if res.ok else ""
+
+
+def _restart_agent(agent: GuestAgent, kv: dict[str, Any], name: str,
+                   timeout: float = 180.0) -> bool:
+    """If the guest deferred the restart of its agent (``agent_restart=deferred``: the
+    agent runs the script, so it must outlive it), restart it now, asynchronously
+    (``systemd-run --no-block``), and wait until a new agent process answers; return
+    True if it was restarted."""
+    if kv.get("agent_restart") != "deferred":
         return False
     try:
-        delay = float(when[:-1])
-    except ValueError:
-        delay = 3.0
-    time.sleep(delay + 2.0)
-    try:
-        agent.wait(timeout=120)
-    except AgentError as exc:
-        raise LibshareError(f"{name}: guest agent did not come back after its restart: "
-                            f"{exc}") from exc
-    return True
+        before = _agent_pid(agent)
+        agent.exec(["systemd-run", "--no-block", "--collect", "--quiet", "systemctl",
+                    "restart", AGENT_UNIT], timeout=30)
+    except AgentError:
+        pass  # the agent may go away while answering: that is the restart
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            pid = _agent_pid(agent)
+            if pid and pid != "0" and pid != before:
+                return True
+            last = f"main PID still {pid}"
+        except AgentError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise LibshareError(f"{name}: guest agent did not come back after its restart: {last}")
 
 
 def redirect(dom: Any, restart: bool = True,
@@ -313,7 +330,7 @@ def redirect(dom: Any, restart: bool = True,
     if not installed(agent):
         raise RefusedError(f"{target.name}: libshare-redirect is not installed "
                            f"(run 'libshare guest install {target.name}' first)")
-    argv = [SCRIPT, "apply"] + ([] if restart else ["--no-restart"])
+    argv = [SCRIPT, "apply", "--defer-agent"] + ([] if restart else ["--no-restart"])
     res = _run(agent, argv, timeout=APPLY_TIMEOUT)
     kv = parse_kv(res.out)
     if "refused" in kv:
@@ -327,7 +344,7 @@ def redirect(dom: Any, restart: bool = True,
         differs=list(kv.get("differs", [])), hashed=_int(kv, "hashed"),
         cached=_int(kv, "cached"), restarted=str(kv.get("restarted", "")).split(),
         kept=str(kv.get("kept", "")).split())
-    report.agent_restarted = _wait_agent_restart(agent, kv, target.name)
+    report.agent_restarted = _restart_agent(agent, kv, target.name)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 
@@ -353,7 +370,7 @@ def unredirect(dom: Any, restart: bool = True,
         raise RefusedError(f"{name}: no responding guest agent ({exc})") from exc
     if not installed(agent):
         raise RefusedError(f"{name}: libshare-redirect is not installed: nothing to undo")
-    argv = [SCRIPT, "uninstall"] + ([] if restart else ["--no-restart"])
+    argv = [SCRIPT, "uninstall", "--defer-agent"] + ([] if restart else ["--no-restart"])
     res = _run(agent, argv, timeout=INITRAMFS_TIMEOUT)
     kv = parse_kv(res.out)
     if not res.ok:
@@ -363,7 +380,7 @@ def unredirect(dom: Any, restart: bool = True,
         domain=name, action="unredirect", removed=_int(kv, "removed"),
         deleted=list(kv.get("deleted", [])), initramfs=kv.get("initramfs"),
         restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
-    report.agent_restarted = _wait_agent_restart(agent, kv, name)
+    report.agent_restarted = _restart_agent(agent, kv, name)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 

@@ -84,6 +84,8 @@ def ok(out: str = "", rc: int = 0) -> ExecResult:
 def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n",
           installed: bool = True, apply_out: str = "", uninstall_out: str = ""
           ) -> Handler:
+    pids: list[str] = []
+
     def handle(argv: list[str], stdin: bytes | None) -> ExecResult:
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
             assert stdin == redirect.script_bytes()
@@ -96,6 +98,9 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
             return ok(uninstall_out)
         if "lsinitramfs" in " ".join(argv):
             return ok("7\n")
+        if argv[:2] == ["systemctl", "show"]:
+            pids.append(str(100 + len(pids)))       # a new agent PID on every look
+            return ok(pids[-1] + "\n")
         return ok()
     return handle
 
@@ -173,18 +178,20 @@ def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> N
     out = ("region_device=/dev/pmem0\ndiffers=/usr/lib/x86_64-linux-gnu/libz.so.1\n"
            "bound=29\nalready=0\nhashed=30\ncached=0\nbinds_total=29\n"
            "restarted=cron.service systemd-journald.service\nkept=\n"
-           "agent_restart=3s\n")
+           "agent_restart=deferred\n")
     agent = FakeAgent(guest(apply_out=out))
     rep = redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert rep.bound == 29 and rep.binds_total == 29 and rep.hashed == 30
     assert rep.differs == ["/usr/lib/x86_64-linux-gnu/libz.so.1"]
     assert rep.restarted == ["cron.service", "systemd-journald.service"]
-    assert rep.agent_restarted and ("wait", 120) in agent.calls
-    assert ["exec", [redirect.SCRIPT, "apply"]] in [list(c) for c in agent.calls]
+    assert rep.agent_restarted
+    assert ("exec", [redirect.SCRIPT, "apply", "--defer-agent"]) in agent.calls
+    queued = [a for k, a in agent.calls if k == "exec" and a[0] == "systemd-run"]
+    assert queued and queued[0][-2:] == ["restart", "qemu-guest-agent.service"]
     agent = FakeAgent(guest(apply_out="bound=1\n"))
     rep = redirect.redirect(FakeDomain(enrolled_xml()), restart=False,
                             agent_factory=factory(agent))
-    assert ("exec", [redirect.SCRIPT, "apply", "--no-restart"]) in agent.calls
+    assert ("exec", [redirect.SCRIPT, "apply", "--defer-agent", "--no-restart"]) in agent.calls
     assert not rep.agent_restarted
 
 
