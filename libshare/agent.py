@@ -36,8 +36,9 @@ Transport = Callable[[str, int], str]
 
 #: Default seconds one agent command may take (not a guest-exec'd program: see exec()).
 COMMAND_TIMEOUT = 10
-#: Raw bytes per guest-file-write / guest-file-read request.
-CHUNK = 256 * 1024
+#: Raw bytes per guest-file-write / guest-file-read request. qemu-guest-agent 7.2 fails
+#: to parse a 256 KiB write ("JSON parse error"); 64 KiB wrote 1 MiB in 0.3 s under TCG.
+CHUNK = 48 * 1024
 #: read_file() refuses files larger than this unless told otherwise.
 MAX_READ = 64 * 1024 * 1024
 _POLL_FIRST = 0.02
