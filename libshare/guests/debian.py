@@ -15,8 +15,14 @@ The image: an MBR disk with one ext4 partition (label ``lsroot``, root by UUID),
 line :data:`DEBIAN_CMDLINE` (serial console on ttyS0), hostname ``lsguest``, no network,
 no getty but the serial one, timers and other idle units masked, and a oneshot unit that
 prints ``LIBSHARE-DEBIAN-BOOTED boot_id=... uptime=... release=...`` on the console once
-``multi-user.target`` is reached. No loop device and no mount are used: ``mke2fs -d``
-writes the file system straight into the image at its partition offset.
+``multi-user.target`` is reached. The initramfs is initramfs-tools' with ``MODULES=list``
+(:data:`INITRAMFS_MODULES` in ``/etc/initramfs-tools/modules``) and zstd, set in
+``/etc/initramfs-tools/conf.d/libshare-guest.conf``: ``update-initramfs -u`` takes ~40 s
+inside a TCG guest; hooks that need more modules add them (``manual_add_modules``). There
+is no D-Bus, hence no logind: reboot with ``systemctl reboot`` (what :meth:`DebianGuest.reboot`
+does), not the agent's ``guest-shutdown`` nor ACPI. No loop device and no mount are used
+on the host: ``mke2fs -d`` writes the file system straight into the image at its
+partition offset and GRUB's ``boot.img``/``core.img`` are written into the raw disk.
 
 API:
 
@@ -29,8 +35,10 @@ API:
   ``DefinedDebianGuest`` (``.domain`` can be redefined, e.g. enrolled, before ``.start()``)
 - ``running_debian_guest(conn, name, options=None)`` -> context manager yielding a
   booted ``DebianGuest``: ``.agent`` (a :class:`libshare.agent.GuestAgent`),
-  ``.exec(argv, ...)``, ``.console()``, ``.boots()``, ``.wait_booted(timeout)``,
-  ``.reboot(timeout) -> Boot``, ``.qemu_pid()``, ``.overlay``, ``.image``.
+  ``.exec(argv, stdin=None, timeout=60, check=False) -> ExecResult``,
+  ``.sh(script, timeout=60, check=True) -> str`` (stdout), ``.console() -> str``,
+  ``.boots()``, ``.wait_booted(timeout, count=1) -> Boot``, ``.reboot(timeout) -> Boot``,
+  ``.last_boot``, ``.qemu_pid()``, ``.overlay``, ``.image``, ``.domain``.
 """
 
 from __future__ import annotations
