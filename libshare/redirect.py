@@ -192,6 +192,8 @@ class InstallReport:
     domain: str
     region_device: str | None
     files: list[str] = field(default_factory=list)
+    identical: int = 0                  # guest files identical to the region's (primed)
+    differs: list[str] = field(default_factory=list)
     initramfs: str = "not run"          # "updated", "failed: ..."
     initramfs_entries: int = 0          # libshare files found in the new initramfs
     seconds: float = 0.0
@@ -232,6 +234,10 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             from exc
     _run(agent, ["/bin/sh", "-c", "command -v systemctl >/dev/null && "
                  "systemctl daemon-reload || true"], timeout=60)
+    # hash every library now (O_DIRECT) so the boot-time apply only reads its verdicts
+    res = _run(agent, [SCRIPT, "prime"], timeout=APPLY_TIMEOUT)
+    kv = parse_kv(res.out)
+    report.identical, report.differs = _int(kv, "identical"), list(kv.get("differs", []))
     if update_initramfs:
         res = _run(agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
                    timeout=INITRAMFS_TIMEOUT)

@@ -94,6 +94,8 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
             return ok(rc=0 if installed else 1)
         if argv[:2] == [redirect.SCRIPT, "apply"]:
             return ok(apply_out)
+        if argv[:2] == [redirect.SCRIPT, "prime"]:
+            return ok("identical=412\ndiffers=/usr/lib/x/libacl.so.1\nhashed=413\n")
         if argv[:2] == [redirect.SCRIPT, "uninstall"]:
             return ok(uninstall_out)
         if "lsinitramfs" in " ".join(argv):
@@ -143,6 +145,7 @@ def test_install_writes_every_file_and_rebuilds_the_initramfs() -> None:
     assert rep.region_device == "/dev/pmem0"
     assert rep.files == [f.path for f in redirect.GUEST_FILES]
     assert rep.initramfs == "updated" and rep.initramfs_entries == 7
+    assert rep.identical == 412 and rep.differs == ["/usr/lib/x/libacl.so.1"]
     writes = [a for k, a in agent.calls if k == "write"]
     assert writes == [f.path for f in redirect.GUEST_FILES if f.source]
     execs = [" ".join(a) for k, a in agent.calls if k == "exec"]

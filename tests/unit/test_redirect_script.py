@@ -204,6 +204,15 @@ def test_verdicts_follow_file_changes(fake: Fake) -> None:
 
 
 @needs_root
+def test_prime_records_verdicts_and_binds_nothing(fake: Fake) -> None:
+    out = fake.run_script("prime")
+    assert out["identical"] == "2" and out["hashed"] == "3" and "bound" not in out
+    assert fake.mounts() == [] and not (fake.run / "binds").exists()
+    out = fake.run_script("apply", "--no-restart", "--boot")
+    assert out["bound"] == "2" and out["hashed"] == "0" and out["cached"] == "3"
+
+
+@needs_root
 def test_hashing_does_not_fill_the_page_cache(fake: Fake) -> None:
     target = fake.root / LIBDIR / "libz.so.1"
     fd = os.open(target, os.O_RDONLY)
