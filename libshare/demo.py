@@ -6,8 +6,9 @@ small TCG guests (Debian kernel + busybox, from ``libshare.guests``), enrol them
 the libvirt API (the hook checks the region at start), boot them, and in each guest mount
 the region with DAX and bind its libraries over the guest's own before starting the
 programs. It then reports what each guest saw (library mappings served by the region
-device, page cache growth) and what the host holds (each QEMU's region mapping, the
-region's page cache counted once). Guests are named ``lsdemo-N`` and are always removed
+device, page cache growth), what the host sees in each guest's memory without asking it
+(``libshare survey``: library mappings and how many the region serves), and what the
+host holds (each QEMU's region mapping, the region's page cache counted once). Guests are named ``lsdemo-N`` and are always removed
 at the end, on failure too.
 """
 
@@ -29,6 +30,7 @@ from libshare.digest import sha256_file
 from libshare.errors import LibshareError
 from libshare.guests import GuestOptions, RunningGuest, defined_guest
 from libshare.guests.initramfs import shared_libraries
+from libshare.introspect.survey import survey_domain
 from libshare.sharing import accounting, region
 from libshare.sharing.store import import_tree, load_index
 
@@ -84,6 +86,7 @@ class GuestReport:
     maps_disk: int
     cached_growth_kb: int
     region_mapping: dict[str, int] = field(default_factory=dict)
+    survey: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the report as a JSON-ready dict."""
@@ -169,6 +172,8 @@ def run_demo(cfg: Config, uri: str, guests: int = 2,
             say(f"{guest.name}: ready")
         # read the QEMUs' mappings only once every guest has mapped its libraries
         for guest, out in zip(running, outputs, strict=True):
+            seen = survey_domain(conn, guest.name, pause=True,
+                                 cache_dir=cfg.state_dir / "introspect")
             pid = guest.qemu_pid()
             reports.append(GuestReport(
                 name=guest.name, dax=out.get("dax") == "1",
@@ -176,7 +181,10 @@ def run_demo(cfg: Config, uri: str, guests: int = 2,
                 maps_region=int(out.get("maps_region", 0)),
                 maps_disk=int(out.get("maps_disk", 0)),
                 cached_growth_kb=int(out.get("cached_growth_kb", 0)),
-                region_mapping=accounting.region_usage(pid, spec.path) if pid else {}))
+                region_mapping=accounting.region_usage(pid, spec.path) if pid else {},
+                survey={"tasks": seen.tasks,
+                        "library_mappings": sum(lib.mappings for lib in seen.libraries),
+                        "region_mappings": seen.region_mappings()}))
         page_cache_kb = accounting.page_cache_bytes(spec.path) // 1024
         say("removing the demo guests")
     rss = [r.region_mapping.get("Rss", 0) for r in reports]

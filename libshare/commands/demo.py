@@ -22,10 +22,12 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     print(f"region: {reg['path']} ({reg['files']} libraries, {reg['size'] // 1024} kB)")
     print()
     print_table(
-        ["GUEST", "DAX", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "GUEST CACHE +kB",
-         "QEMU REGION RSS kB", "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"],
+        ["GUEST", "DAX", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "SURVEY: FROM REGION",
+         "GUEST CACHE +kB", "QEMU REGION RSS kB", "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"],
         [[g["name"], "yes" if g["dax"] else "NO", g["binds"], g["maps_region"],
-          g["maps_disk"], g["cached_growth_kb"], g["region_mapping"].get("Rss", 0),
+          g["maps_disk"],
+          f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
+          g["cached_growth_kb"], g["region_mapping"].get("Rss", 0),
           g["region_mapping"].get("Shared_Clean", 0),
           g["region_mapping"].get("Private_Dirty", 0)] for g in report["guests"]])
     host = report["host"]

@@ -67,10 +67,30 @@ def _disable(args: argparse.Namespace, cfg: Config) -> int:
     return _report(outcomes, failures, args.json)
 
 
-def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def library_mappings(conn: Any, name: str, cfg: Config, processes: bool) -> dict[str, Any]:
+    """Return, from introspection of the running guest (nothing asked of it), how many
+    library mappings it has and how many the library region serves; per process too
+    when ``processes``."""
+    from libshare.introspect.survey import survey_domain
+
+    seen = survey_domain(conn, name, cache_dir=cfg.state_dir / "introspect")
+    total = sum(lib.mappings for lib in seen.libraries)
+    region = seen.region_mappings()
+    out: dict[str, Any] = {"library": total, "from_region": region,
+                           "private": None if region is None else total - region,
+                           "partial": seen.partial}
+    if processes:
+        out["processes"] = [{"pid": p.pid, "comm": p.comm, "library": p.library_mappings,
+                             "from_region": p.region_mappings} for p in seen.processes]
+    return out
+
+
+def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
+                  introspect: bool = False, processes: bool = False) -> dict[str, Any]:
     """Return the status object of one domain: its enrolment, whether it runs, whether
     its region image is present and intact, the hook's running record, and for a running
-    domain the host memory of its guest-RAM and region mappings (``memory``)."""
+    domain the host memory of its guest-RAM and region mappings (``memory``) and, with
+    ``introspect``, its library mappings from the region versus private (``mappings``)."""
     info = domxml.describe(domxml.parse(virt.inactive_xml(dom)))
     info["running"] = virt.is_active(dom)
     info["region_ok"] = None
@@ -89,6 +109,12 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]]) -> 
         region = live_enr.region if live_enr and live_enr.model != "ivshmem" else None
         with contextlib.suppress(OSError):
             info["memory"] = accounting.domain_memory(pid, live, region)
+    info["mappings"] = None
+    if introspect and info["running"] and info["enrolled"]:
+        try:
+            info["mappings"] = library_mappings(dom.connect(), dom.name(), cfg, processes)
+        except LibshareError as exc:
+            info["mappings"] = {"error": str(exc)}
     return info
 
 
@@ -113,7 +139,8 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
             else virt.all_domains(conn)
         records = {r.get("name", ""): r for r in state.read_running(cfg.state_dir)}
         for dom in doms:
-            rows.append(domain_status(dom, cfg, records))
+            rows.append(domain_status(dom, cfg, records, not args.no_introspect,
+                                      args.processes))
     host = host_memory(rows)
     if args.json:
         print_json({"domains": rows, "host": host})
@@ -135,6 +162,19 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
                      "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"], mem)
         for path, kb in host["region_page_cache_kb"].items():
             print(f"region {path}: {kb} kB in the host page cache (counted once)")
+    maps = [r for r in rows if r.get("mappings") and "error" not in r["mappings"]]
+    if maps:
+        print()
+        print_table(["DOMAIN", "LIBRARY MAPPINGS", "FROM REGION", "PRIVATE COPIES"],
+                    [[r["name"], r["mappings"]["library"], r["mappings"]["from_region"],
+                      r["mappings"]["private"]] for r in maps])
+        for r in maps:
+            for p in r["mappings"].get("processes", []):
+                print(f"  {r['name']} pid {p['pid']} {p['comm']}: {p['from_region']}/"
+                      f"{p['library']} library mappings from the region")
+    for r in rows:
+        if r.get("mappings") and "error" in r["mappings"]:
+            print(f"{r['name']}: no introspection: {r['mappings']['error']}", file=sys.stderr)
     return 0
 
 
@@ -159,7 +199,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_disable)
     s = sub.add_parser("status", help="show the enrolment of libvirt domains",
                        description="Show, per domain, enrolment, group, model, region "
-                       "image (and whether it is intact) and whether it runs.")
+                       "image (and whether it is intact) and whether it runs; for running "
+                       "domains the host memory of their guest RAM and region mappings "
+                       "(from smaps, the region's page cache counted once) and, read from "
+                       "guest memory by introspection, how many library mappings the "
+                       "region serves versus private copies.")
     s.add_argument("domains", nargs="*", metavar="DOMAIN")
+    s.add_argument("--no-introspect", action="store_true",
+                   help="do not read running guests' memory to count library mappings "
+                   "served from the region")
+    s.add_argument("--processes", action="store_true",
+                   help="list library mappings from the region per process")
     _uri_arg(s)
     s.set_defaults(func=_status)

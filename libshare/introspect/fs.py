@@ -2,7 +2,9 @@
 
 Owns :func:`d_path` (``struct path`` -> string: the dentry chain up to the mount's root,
 then across mount points through ``struct mount`` to the namespace root, " (deleted)"
-appended for an unlinked dentry) and :func:`file_path` (``struct file`` -> string).
+appended for an unlinked dentry), :func:`file_path` (``struct file`` -> string) and
+:func:`file_fs` (which filesystem type and device a file lives on; a file bound from the
+library region is on ``erofs`` on a ``pmem`` device whatever path it is mapped at).
 Paths deeper than :data:`MAX_DEPTH` components, names longer than 255 bytes or mount
 chains longer than :data:`MAX_MOUNTS` raise :class:`~libshare.introspect.kernel.WalkError`.
 """
@@ -74,3 +76,26 @@ def file_path(k: Kernel, file: int) -> str:
     lay = k.layout
     fpath = file + lay.off("file.f_path")
     return d_path(k, k.u64(fpath + lay.off("path.mnt")), k.u64(fpath + lay.off("path.dentry")))
+
+
+FS_KEYS = ("file.f_inode", "inode.i_sb", "super_block.s_type", "super_block.s_id",
+           "file_system_type.name")
+
+
+def file_fs(k: Kernel, file: int) -> tuple[str, str] | None:
+    """Return ``(filesystem type, device name)`` of the open ``struct file`` at ``file``
+    (e.g. ``("erofs", "pmem0")``), or None when the layout lacks the members."""
+    lay = k.layout
+    if not all(lay.has(key) for key in FS_KEYS):
+        return None
+    inode = k.u64(file + lay.off("file.f_inode"))
+    sb = k.u64(inode + lay.off("inode.i_sb"))
+    fstype = k.u64(sb + lay.off("super_block.s_type"))
+    name = k.cstring(k.u64(fstype + lay.off("file_system_type.name")), 32)
+    dev = k.cstring(sb + lay.off("super_block.s_id"), 32)
+    return (name.decode("ascii", "replace"), dev.decode("ascii", "replace"))
+
+
+def is_region_fs(fs: tuple[str, str] | None) -> bool:
+    """Return True if ``fs`` (from :func:`file_fs`) is a libshare region: EROFS on pmem."""
+    return fs is not None and fs[0] == "erofs" and fs[1].startswith("pmem")

@@ -55,6 +55,9 @@ OPTIONAL: tuple[str, ...] = (
     "task_struct.flags", "task_struct.worker_private", "task_struct.set_child_tid",
     "kthread.full_name", "kthread.data", "worker.desc", "worker.current_work",
     "worker.pool",
+    # which filesystem (and block device) a mapped file lives on: region or not
+    "file.f_inode", "inode.i_sb", "super_block.s_type", "super_block.s_id",
+    "file_system_type.name",
 )
 SIZES: tuple[str, ...] = ("task_struct", "mm_struct", "vm_area_struct", "dentry")
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import LibshareError
-from libshare.introspect.fs import file_path
+from libshare.introspect.fs import file_fs, file_path, is_region_fs
 from libshare.introspect.kernel import (
     Kernel,
     KernelError,
@@ -66,6 +66,17 @@ class Library:
     shared_pages: int = 0
     mappings: int = 0
     processes: int = 0
+    region_mappings: int | None = 0   # mappings served by the library region (None: unknown)
+
+
+@dataclass
+class ProcessMappings:
+    """How one process maps its libraries: in all, and from the library region."""
+
+    pid: int
+    comm: str
+    library_mappings: int
+    region_mappings: int | None
 
 
 @dataclass
@@ -85,6 +96,12 @@ class DomainSurvey:
     cpu_seconds: float = 0.0
     scanned: bool = False
     paging_levels: int = 4
+    processes: list[ProcessMappings] = field(default_factory=list)
+
+    def region_mappings(self) -> int | None:
+        """Return how many library mappings the region serves (None if unknown)."""
+        counts = [lib.region_mappings for lib in self.libraries]
+        return None if any(c is None for c in counts) else sum(c or 0 for c in counts)
 
 
 def is_library(path: str) -> bool:
@@ -100,14 +117,19 @@ class _MmLibs:
     shared: dict[str, set[int]] = field(default_factory=dict)
     mappings: dict[str, int] = field(default_factory=dict)
     build_ids: dict[str, str] = field(default_factory=dict)
+    region: dict[str, int] = field(default_factory=dict)   # mappings from the region
+    fs_known: bool = True
 
 
 def mm_libraries(k: Kernel, pid: int, mm: int, paths: dict[int, str],
-                 stats: WalkStats | None = None) -> _MmLibs:
+                 stats: WalkStats | None = None,
+                 filesystems: dict[int, tuple[str, str] | None] | None = None) -> _MmLibs:
     """Return the libraries mapped by ``mm`` (of process ``pid``) with their resident
-    frames; ``paths`` caches ``struct file`` -> path. Raises WalkError if the VMAs walked
-    disagree with ``mm->map_count`` or any structure is inconsistent."""
+    frames and how many mappings the library region serves; ``paths`` and
+    ``filesystems`` cache ``struct file`` -> path / filesystem. Raises WalkError if the
+    VMAs walked disagree with ``mm->map_count`` or any structure is inconsistent."""
     out = _MmLibs()
+    fss = {} if filesystems is None else filesystems
     pgd = mm_pgd(k, mm)
     vmas = list(for_each_vma(k, mm))
     expected = map_count(k, mm)
@@ -122,6 +144,12 @@ def mm_libraries(k: Kernel, pid: int, mm: int, paths: dict[int, str],
         if not is_library(path):
             continue
         out.mappings[path] = out.mappings.get(path, 0) + 1
+        if vma.file not in fss:
+            fss[vma.file] = file_fs(k, vma.file)
+        if fss[vma.file] is None:
+            out.fs_known = False
+        elif is_region_fs(fss[vma.file]):
+            out.region[path] = out.region.get(path, 0) + 1
         got = set(resident_frames(k, pgd, vma.start, vma.end, stats))
         out.frames.setdefault(path, set()).update(got)
         if not vma.flags & VM_WRITE:
@@ -147,6 +175,7 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
     libs: dict[str, Library] = {}
     seen_mm: set[int] = set()
     paths: dict[int, str] = {}
+    filesystems: dict[int, tuple[str, str] | None] = {}
     stats = WalkStats()
     for addr in for_each_task(k):
         t = task_info(k, addr)
@@ -158,12 +187,13 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
                 if attempt:
                     k.invalidate()
                     paths.clear()
+                    filesystems.clear()
                     t = task_info(k, addr)
                 threads = sum(1 for _ in for_each_thread(k, addr))
                 if not t.mm or t.mm in seen_mm:
                     mine = _MmLibs()
                 else:
-                    mine = mm_libraries(k, t.pid, t.mm, paths, stats)
+                    mine = mm_libraries(k, t.pid, t.mm, paths, stats, filesystems)
                     seen_mm.add(t.mm)
                 out.threads += threads
                 break
@@ -176,10 +206,17 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
             out.partial = True
             out.errors.append(f"pid {t.pid} ({t.comm}): {error}")
             continue
+        if mine.mappings:
+            out.processes.append(ProcessMappings(
+                t.pid, t.comm, sum(mine.mappings.values()),
+                sum(mine.region.values()) if mine.fs_known else None))
         for path, count in mine.mappings.items():
             lib = libs.setdefault(path, Library(path))
             lib.mappings += count
             lib.processes += 1
+            if lib.region_mappings is not None:
+                lib.region_mappings = (lib.region_mappings + mine.region.get(path, 0)
+                                       if mine.fs_known else None)
             frames.setdefault(path, set()).update(mine.frames.get(path, ()))
             shared.setdefault(path, set()).update(mine.shared.get(path, ()))
             if lib.build_id is None and path in mine.build_ids:
@@ -210,7 +247,7 @@ def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> Ker
         return None
     try:
         doc = json.loads(cache_file.read_text())
-        if doc.get("key") != key:
+        if doc.get("key") != key or doc.get("format") != CACHE_FORMAT:
             return None
         info = KernelInfo.from_json(doc["info"])
     except (OSError, ValueError, KeyError, TypeError, LibshareError):
@@ -232,6 +269,8 @@ def cached_kernel(mem: PhysicalMemory, cache_file: Path | None, key: str) -> Ker
 
 
 CACHE_MAX_AGE = 7 * 86400.0
+#: bumped whenever KernelInfo or the layout keys change, so old caches are not trusted
+CACHE_FORMAT = 2
 CACHE_MAX_FILES = 256
 
 
@@ -261,7 +300,8 @@ def save_kernel(cache_file: Path | None, key: str, info: KernelInfo) -> None:
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "info": info.to_json()}))
+        tmp.write_text(json.dumps({"key": key, "format": CACHE_FORMAT,
+                                   "info": info.to_json()}))
         os.replace(tmp, cache_file)
     except OSError as exc:
         log.debug("cannot write %s: %s", cache_file, exc)
@@ -365,7 +405,12 @@ def domain_json(d: DomainSurvey) -> dict[str, Any]:
         "libraries": [{"path": lib.path, "build_id": lib.build_id,
                        "resident_pages": lib.resident_pages,
                        "shared_pages": lib.shared_pages, "mappings": lib.mappings,
+                       "region_mappings": lib.region_mappings,
                        "processes": lib.processes} for lib in d.libraries],
+        "library_mappings": sum(lib.mappings for lib in d.libraries),
+        "region_mappings": d.region_mappings(),
+        "processes": [{"pid": p.pid, "comm": p.comm, "library_mappings": p.library_mappings,
+                       "region_mappings": p.region_mappings} for p in d.processes],
         "partial": d.partial, "errors": d.errors,
         "wall_seconds": round(d.wall_seconds, 4), "cpu_seconds": round(d.cpu_seconds, 4),
         "scanned": d.scanned, "paging_levels": d.paging_levels,

@@ -36,5 +36,8 @@ def test_demo_shares_one_copy(libvirt_conn: Any, tmp_path: Path) -> None:
         assert g["cached_growth_kb"] < 1024
         assert g["region_mapping"]["Shared_Clean"] > 0
         assert g["region_mapping"]["Private_Dirty"] == 0
+        # the host's introspection agrees with what the guest counted from inside
+        assert g["survey"]["region_mappings"] == g["maps_region"]
+        assert g["survey"]["library_mappings"] == g["maps_region"] + g["maps_disk"]
     host = report["host"]
     assert host["with_sharing_kb"] < host["without_sharing_kb"]
