@@ -39,6 +39,10 @@ API:
   ``.sh(script, timeout=60, check=True) -> str`` (stdout), ``.console() -> str``,
   ``.boots()``, ``.wait_booted(timeout, count=1) -> Boot``, ``.reboot(timeout) -> Boot``,
   ``.last_boot``, ``.qemu_pid()``, ``.overlay``, ``.image``, ``.domain``.
+- ``image_root(image, workdir=None)`` -> context manager yielding the image's root file
+  system mounted read-only on the host (raw copy + read-only loop device; always
+  unmounted, detached and removed); ``copy_image_libraries(image, dest)`` copies its
+  ``/usr/lib/x86_64-linux-gnu`` out for ``store.import_tree``.
 """
 
 from __future__ import annotations
@@ -426,6 +430,56 @@ def create_overlay(image: DebianImage | Path | str, path: Path | str) -> Path:
     out.unlink(missing_ok=True)
     _run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(base), "-F", "qcow2", str(out)])
     out.chmod(0o644)
+    return out
+
+
+#: Where the image's shared libraries live (what a region built from it holds).
+IMAGE_LIBDIR = "usr/lib/x86_64-linux-gnu"
+
+
+@contextlib.contextmanager
+def image_root(image: DebianImage | Path | str, workdir: Path | str | None = None
+               ) -> Iterator[Path]:
+    """Mount the root file system of a Debian image read-only on the host and yield the
+    mount point (a :class:`~pathlib.Path`); everything is undone when the block ends,
+    on errors too: unmounted, loop device detached, temporary files removed.
+
+    The qcow2 is converted to a raw copy (``qemu-img convert``; sparse) in a temporary
+    directory under ``workdir`` (default: next to the image cache); the partition at
+    :data:`PARTITION_OFFSET` is attached to a read-only loop device and mounted
+    ``ro,noload`` (ext4 without journal replay), so neither the cached image nor the raw
+    copy is ever written. Raises DebianImageError if a step fails."""
+    base = image.path if isinstance(image, DebianImage) else Path(image)
+    parent = Path(workdir) if workdir is not None else base.parent.parent.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".root-", dir=parent))
+    with contextlib.ExitStack() as undo:
+        undo.callback(shutil.rmtree, tmp, ignore_errors=True)
+        raw = tmp / "disk.raw"
+        _run(["qemu-img", "convert", "-O", "raw", str(base), str(raw)])
+        loop = _run(["losetup", "--find", "--show", "--read-only",
+                     "--offset", str(PARTITION_OFFSET), str(raw)]).strip()
+        undo.callback(subprocess.run, ["losetup", "-d", loop], check=False,
+                      capture_output=True)
+        mnt = tmp / "root"
+        mnt.mkdir()
+        _run(["mount", "-t", "ext4", "-o", "ro,noload", loop, str(mnt)])
+        undo.callback(subprocess.run, ["umount", str(mnt)], check=False, capture_output=True)
+        yield mnt
+
+
+def copy_image_libraries(image: DebianImage | Path | str, dest: Path | str,
+                         libdirs: Sequence[str] = (IMAGE_LIBDIR,),
+                         workdir: Path | str | None = None) -> Path:
+    """Copy the image's library directories ``libdirs`` (relative to its root; symlinks
+    kept as symlinks) into ``dest``, at the same relative paths, through
+    :func:`image_root`; return ``dest``, ready for ``store.import_tree(store, [dest])``
+    (guest paths are then the paths inside the image)."""
+    out = Path(dest)
+    with image_root(image, workdir) as root:
+        for d in libdirs:
+            shutil.copytree(root / d.strip("/"), out / d.strip("/"), symlinks=True,
+                            dirs_exist_ok=True)
     return out
 
 
