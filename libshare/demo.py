@@ -1,15 +1,21 @@
-"""The built-in demo (``libshare demo``): tiny guests share one library region.
+"""The built-in demo (``libshare demo``): guests of one trust group share one library
+region, through the product's own redirect.
 
-It runs the product path end to end on this host: import the libraries of a few
-dynamically linked programs into the store, build the ``demo`` group's region, define
-small TCG guests (Debian kernel + busybox, from ``libshare.guests``), enrol them through
-the libvirt API (the hook checks the region at start), boot them, and in each guest mount
-the region with DAX and bind its libraries over the guest's own before starting the
-programs. It then reports what each guest saw (library mappings served by the region
-device, page cache growth), what the host sees in each guest's memory without asking it
-(``libshare survey``: library mappings and how many the region serves), and what the
-host holds (each QEMU's region mapping, the region's page cache counted once). Guests are named ``lsdemo-N`` and are always removed
-at the end, on failure too.
+The default demo runs the whole story on this host with two full Debian 12 guests under
+TCG: build (or reuse) the cached Debian image, read the image's libraries on the host
+read-only (:func:`libshare.guests.debian.image_root`), import them into the store, build
+the ``demo`` group's region from them, define the guests ``lsdemo-1``/``lsdemo-2`` and
+enrol them through the libvirt API, boot them, ``redirect.install`` + reboot (boot-time
+mode: the initramfs binds the region's identical copies over the guest's files before
+``switch_root``), then report what each guest says from inside (library mappings on the
+pmem device versus from disk over all processes, page cache of the disk copies), what
+the host sees without asking the guests (introspection: region mappings) and what the
+host holds (each QEMU's region mapping Rss/Pss/Shared_Clean/Private_Dirty, the region's
+page cache once, host memory for these libraries with and without sharing).
+
+``--tiny`` keeps the fast variant: busybox guests (Debian kernel) whose own script mounts
+the region and binds a few programs' libraries (no ``guest install``). Guests are named
+``lsdemo-N`` and are always removed at the end, on failure too.
 """
 
 from __future__ import annotations
@@ -18,20 +24,31 @@ import contextlib
 import os
 import re
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from libshare import enrol, virt
+from libshare import enrol, redirect, virt
 from libshare.config import Config
 from libshare.digest import sha256_file
 from libshare.errors import LibshareError
 from libshare.guests import GuestOptions, RunningGuest, defined_guest
+from libshare.guests.debian import (
+    DebianGuest,
+    DebianGuestOptions,
+    DebianImage,
+    copy_image_libraries,
+    debian_image,
+    defined_debian_guest,
+)
 from libshare.guests.initramfs import shared_libraries
 from libshare.introspect.survey import survey_domain
 from libshare.sharing import accounting, region
+from libshare.sharing.erofs import Erofs
 from libshare.sharing.store import import_tree, load_index
 
 GROUP = "demo"
@@ -109,7 +126,7 @@ def _ensure_traversable(path: Path) -> None:
             p.chmod(mode | 0o005)
 
 
-def build_demo_region(cfg: Config, say: Callable[[str], None]) -> tuple[region.BuildResult,
+def build_tiny_region(cfg: Config, say: Callable[[str], None]) -> tuple[region.BuildResult,
                                                                         list[tuple[str, str]]]:
     """Import the demo programs' libraries and build the ``demo`` region; return the build
     result and the (path in region, guest path) pairs to bind in the guests."""
@@ -139,15 +156,16 @@ def build_demo_region(cfg: Config, say: Callable[[str], None]) -> tuple[region.B
     return built, binds
 
 
-def run_demo(cfg: Config, uri: str, guests: int = 2,
-             say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the demo; return its report (guests, host figures, region) as a dict."""
+def run_tiny_demo(cfg: Config, uri: str, guests: int = 2,
+                  say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the tiny demo (busybox guests whose own script binds the region's files);
+    return its report (guests, host figures, region) as a dict."""
     if os.geteuid() != 0:
         raise LibshareError("the demo needs root (system libvirtd, QEMU, region files)")
     if guests < 1 or guests > 8:
         raise LibshareError("--guests must be between 1 and 8")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    built, binds = build_demo_region(cfg, say)
+    built, binds = build_tiny_region(cfg, say)
     for d in (cfg.regions_dir, cfg.regions_dir / "images", cfg.regions_dir / "groups"):
         d.chmod(0o755)
     _ensure_traversable(cfg.regions_dir / "images")
@@ -204,3 +222,213 @@ def run_demo(cfg: Config, uri: str, guests: int = 2,
             "with_sharing_kb": sum(r.region_mapping.get("Pss", 0) for r in reports),
         },
     }
+
+
+# ------------------------------------------------------------------ the Debian demo
+
+#: seconds one Debian guest may take to boot under TCG (two boot at once on 2 cores)
+BOOT_TIMEOUT = 600.0
+
+
+class _Clock:
+    """Progress lines with the seconds elapsed since the demo started."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.t0 = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Return the seconds since the demo started."""
+        return time.monotonic() - self.t0
+
+    def __call__(self, msg: str) -> None:
+        self.say(f"[{self.elapsed():5.0f} s] {msg}")
+
+
+def build_image_region(cfg: Config, image: DebianImage, say: Callable[[str], None]
+                       ) -> tuple[region.BuildResult, dict[str, int]]:
+    """Import the Debian image's libraries (read on the host through
+    :func:`~libshare.guests.debian.image_root`, read-only) into the store and build the
+    ``demo`` group's region from exactly those; return the build result and the region's
+    guest paths (guest path -> file size in bytes, from its manifest)."""
+    tree = Path(tempfile.mkdtemp(prefix="demo-tree-", dir=cfg.state_dir))
+    try:
+        copy_image_libraries(image, tree, workdir=cfg.state_dir)
+        imported = import_tree(cfg.store_dir, [tree])
+        index = load_index(cfg.store_dir)
+        shas = sorted({sha256_file(p) for p in tree.rglob("*")
+                       if p.is_file() and not p.is_symlink()} & set(index.entries))
+        say(f"imported {len(shas)} libraries of the image into the store "
+            f"({len(imported.added)} new)")
+    finally:
+        shutil.rmtree(tree, ignore_errors=True)
+    built = region.build_region(cfg, GROUP, shas)
+    with open(built.path, "rb") as fh:
+        files = region.read_manifest(Erofs(fh, offset=region.DATAOFF))["files"]
+    paths = {g: int(f["size"]) for f in files for g in f["guest_paths"]}
+    return built, paths
+
+
+def _majmin(text: str) -> str:
+    """Return a decimal ``MAJ:MIN`` as /proc/PID/maps prints it (hex)."""
+    major, minor = (int(x) for x in text.strip().split(":"))
+    return f"{major:02x}:{minor:02x}"
+
+
+def guest_view(g: DebianGuest, guest_paths: dict[str, int]) -> dict[str, Any]:
+    """Return what guest ``g`` itself says (read inside it through the agent): the
+    region's device, mappings of region libraries over all processes on the pmem device
+    versus from disk, the distinct region files mapped and their size (what the guest
+    would otherwise read into its own page cache, at most), the binds in place, and the
+    page cache held by the disk copies of
+    the bound files (fincore through a non-recursive bind of /, which sees under the
+    binds)."""
+    dev = g.sh("findmnt -n -o MAJ:MIN /run/libshare/region || true").strip()
+    region_dev = _majmin(dev.splitlines()[0]) if dev else None
+    maps = g.sh(r"grep -H '\.so' /proc/[0-9]*/maps || true", timeout=120)
+    on_region, disk, pids, files = 0, [], set(), set()
+    for line in maps.splitlines():
+        m = re.match(r"^/proc/(\d+)/maps:\S+ \S+ \S+ (\S+) \d+\s+(/.*)$", line)
+        if not m or m.group(3) not in guest_paths:
+            continue
+        pid, mdev, path = m.groups()
+        pids.add(pid)
+        if region_dev and mdev == region_dev:
+            on_region += 1
+            files.add(path)
+        else:
+            disk.append(f"{pid} {path}")
+    mountinfo = g.sh("cat /proc/self/mountinfo")
+    binds = sorted({f[4] for f in (ln.split() for ln in mountinfo.splitlines())
+                    if len(f) > 4 and f[4] in guest_paths})
+    cache = 0
+    if binds:
+        out = g.sh("set -e; mkdir -p /mnt/lsroot; mount --bind / /mnt/lsroot; "
+                   "cd /mnt/lsroot; fincore --bytes --noheadings -o RES "
+                   + " ".join("." + p for p in binds) + "; cd /; umount /mnt/lsroot",
+                   timeout=120)
+        cache = sum(int(x) for x in out.split())
+    return {"region_device": region_dev, "binds": len(binds), "processes": len(pids),
+            "maps_region": on_region, "maps_disk": len(disk), "disk_maps": disk[:20],
+            "region_files_mapped": len(files),
+            "region_files_mapped_kb": sum(guest_paths[f] for f in files) // 1024,
+            "disk_copies_cached_kb": cache // 1024}
+
+
+def _parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
+    """Run ``fn`` on every guest at once (one thread each); return the results in order,
+    raising the first error."""
+    with ThreadPoolExecutor(max_workers=len(guests)) as pool:
+        return list(pool.map(fn, guests))
+
+
+def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
+                    say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the demo with full Debian 12 guests and the product's redirect; return its
+    report (``region``, ``guests``, ``host``, ``seconds``) as a dict.
+
+    ``mode`` "boot": ``redirect.install`` then a reboot (boot-time mode: the initramfs
+    binds the region's copies before ``switch_root``); "runtime": ``redirect.install``
+    without initramfs, then ``redirect.redirect`` (binds now, services restarted)."""
+    if os.geteuid() != 0:
+        raise LibshareError("the demo needs root (system libvirtd, QEMU, loop devices)")
+    if guests < 1 or guests > 4:
+        raise LibshareError("--guests must be between 1 and 4 for Debian guests")
+    if mode not in ("boot", "runtime"):
+        raise LibshareError(f"unknown redirect mode {mode!r} (boot or runtime)")
+    clock = _Clock(say)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    clock("Debian 12 guest image (built once, then cached; ~75 s to build)")
+    image = debian_image()
+    clock(f"image {image.path}")
+    built, guest_paths = build_image_region(cfg, image, clock)
+    clock(f"region {built.path}: {built.files} libraries, {built.size >> 20} MiB")
+    for d in (cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
+              cfg.regions_dir / "groups"):
+        d.chmod(0o755)
+    _ensure_traversable(cfg.regions_dir / "images")
+    spec = enrol.resolve_region(cfg, GROUP, "nvdimm")
+    names = [f"{PREFIX}{i + 1}" for i in range(guests)]
+    opts = DebianGuestOptions(image=image, boot_timeout=BOOT_TIMEOUT)
+    timings: dict[str, float] = {}
+    with virt.connect(uri) as conn, contextlib.ExitStack() as stack:
+        defined = []
+        for name in names:
+            defined.append(stack.enter_context(defined_debian_guest(conn, name, opts)))
+            outcome = enrol.enable_domain(conn, name, spec)
+            clock(f"{name}: {outcome.message}")
+        running = [d.start(wait=False) for d in defined]
+        clock("booting " + ", ".join(names) + " (TCG)")
+        for g in running:
+            boot = g.wait_booted()
+            clock(f"{g.name}: booted in {boot.seconds:.0f} s")
+        timings["boot"] = clock.elapsed()
+
+        def setup(g: DebianGuest) -> str:
+            rep = redirect.install(g.domain, update_initramfs=mode == "boot")
+            if rep.initramfs.startswith("failed"):
+                raise LibshareError(f"{g.name}: initramfs {rep.initramfs}")
+            clock(f"{g.name}: guest install done in {rep.seconds:.0f} s "
+                  f"({rep.identical} libraries identical to the region's, initramfs "
+                  f"{rep.initramfs})")
+            if mode == "boot":
+                b = g.reboot()
+                clock(f"{g.name}: rebooted in {b.seconds:.0f} s")
+                return "boot-time"
+            red = redirect.redirect(g.domain)
+            clock(f"{g.name}: redirected {red.binds_total} files in {red.seconds:.0f} s")
+            return "runtime"
+
+        clock(f"installing libshare in the guests ({mode} mode)")
+        modes = _parallel(setup, running)
+        timings["redirect"] = clock.elapsed()
+        views = _parallel(lambda g: guest_view(g, guest_paths), running)
+        clock("read the guests' own view (maps, fincore)")
+        reports = []
+        for g, view, m in zip(running, views, modes, strict=True):
+            seen = survey_domain(conn, g.name, pause=True,
+                                 cache_dir=cfg.state_dir / "introspect")
+            pid = g.qemu_pid()
+            usage = accounting.region_usage(pid, spec.path) if pid else {}
+            reports.append({
+                "name": g.name, "mode": m, **view,
+                # pages of the region this guest touched (host view, as QEMU maps them):
+                # without the region it would hold them in its own page cache
+                "guest_cache_saved_kb": usage.get("Rss", 0),
+                "region_mapping": usage,
+                "survey": {"tasks": seen.tasks,
+                           "library_mappings": sum(lib.mappings for lib in seen.libraries),
+                           "region_mappings": seen.region_mappings()}})
+        clock("surveyed the guests from the host (introspection, smaps)")
+        page_cache_kb = accounting.page_cache_bytes(spec.path) // 1024
+        clock("removing the demo guests")
+    clock("done")
+    timings["total"] = clock.elapsed()
+    rss = sum(r["region_mapping"].get("Rss", 0) for r in reports)
+    pss = sum(r["region_mapping"].get("Pss", 0) for r in reports)
+    return {
+        "region": {"path": built.path, "digest": built.digest, "size": built.size,
+                   "files": built.files, "image": str(image.path)},
+        "guests": reports,
+        "host": {
+            "region_page_cache_kb": page_cache_kb,
+            "region_rss_sum_kb": rss,
+            "region_pss_sum_kb": pss,
+            "region_private_dirty_kb": sum(r["region_mapping"].get("Private_Dirty", 0)
+                                           for r in reports),
+            # every guest its own copy of the pages it maps, against the distinct pages
+            # actually mapped (the sum of Pss over all mappers counts each page once)
+            "without_sharing_kb": rss,
+            "with_sharing_kb": pss,
+        },
+        "seconds": {k: round(v, 1) for k, v in timings.items()},
+    }
+
+
+def run_demo(cfg: Config, uri: str, guests: int = 2, say: Callable[[str], None] = print,
+             tiny: bool = False, mode: str = "boot") -> dict[str, Any]:
+    """Run the demo (Debian guests, or the tiny busybox one with ``tiny``); return its
+    report as a dict (``kind`` says which)."""
+    if tiny:
+        return {"kind": "tiny", **run_tiny_demo(cfg, uri, guests, say)}
+    return {"kind": "debian", **run_debian_demo(cfg, uri, guests, mode, say)}

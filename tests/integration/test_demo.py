@@ -21,7 +21,7 @@ def test_demo_shares_one_copy(libvirt_conn: Any, tmp_path: Path) -> None:
     TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
     try:
         res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(state),
-                              "demo", "--guests", "2", "--json"],
+                              "demo", "--tiny", "--guests", "2", "--json"],
                              capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr
         report = json.loads(res.stdout)
