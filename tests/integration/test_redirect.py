@@ -1,0 +1,325 @@
+"""Redirect in real Debian 12 TCG guests: boot-time and runtime modes, verified from
+inside each guest (/proc/*/maps, fincore of the disk copies) and from the host (each
+QEMU's region mapping in /proc/PID/smaps).
+
+One region is built from the cached Debian image's own libraries (the image's root
+filesystem is read on the host from a raw copy through a read-only loop device and
+imported into the store); two guests of that image are enrolled into it. Guest A gets
+boot-time mode (``libshare guest install`` + reboot), guest B runtime mode (install
+without initramfs, then ``libshare redirect``) and a copy of one library that differs
+by one byte. Then a package reinstall in B through dpkg, and ``unredirect`` in both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libshare import enrol
+from libshare.config import Config
+from libshare.guests.debian import (
+    DebianGuest,
+    DebianGuestOptions,
+    DebianImage,
+    debian_image,
+    defined_debian_guest,
+)
+from libshare.sharing import region
+from libshare.sharing.accounting import region_usage
+from libshare.sharing.erofs import Erofs
+from libshare.sharing.store import import_tree
+
+pytestmark = pytest.mark.integration
+
+TEST_ROOT = Path("/var/lib/libshare-test")
+GROUP = "lstest-redirect"
+LIBDIR = "usr/lib/x86_64-linux-gnu"
+LIBSHARE = [sys.executable, "-m", "libshare"]
+#: the library guest B gets a one-byte-different copy of (its real file, not the
+#: soname symlink), and its package
+ODD_SONAME = f"/{LIBDIR}/libacl.so.1"
+ODD_PKG = "libacl1"
+PARTITION_OFFSET = 1024 * 1024
+
+
+@dataclass
+class Region:
+    """The test region built from the Debian image's libraries."""
+
+    cfg: Config
+    path: Path
+    guest_paths: dict[str, str]         # guest path -> sha256
+    image: DebianImage
+    odd: str                            # real path of ODD_SONAME in the image
+
+
+@pytest.fixture(scope="module")
+def debian_region() -> Iterator[Region]:
+    """Yield a region holding every library under the Debian image's
+    /usr/lib/x86_64-linux-gnu (read from a raw copy of the image, read-only)."""
+    try:
+        image = debian_image()
+    except Exception as exc:  # no network and no cache: say so
+        pytest.skip(f"no Debian guest image: {exc}")
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    TEST_ROOT.chmod(0o755)
+    base = Path(tempfile.mkdtemp(prefix="redirect-", dir=TEST_ROOT))
+    loop = None
+    mnt = base / "mnt"
+    try:
+        raw = base / "disk.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image.path), str(raw)],
+                       check=True)
+        loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(PARTITION_OFFSET),
+                               str(raw)], capture_output=True, text=True,
+                              check=True).stdout.strip()
+        mnt.mkdir()
+        subprocess.run(["mount", "-t", "ext4", "-o", "ro,noload", loop, str(mnt)], check=True)
+        tree = base / "tree"
+        shutil.copytree(mnt / LIBDIR, tree / LIBDIR, symlinks=True)
+        odd = "/" + os.path.relpath(os.path.realpath(tree / ODD_SONAME.lstrip("/")), tree)
+        subprocess.run(["umount", str(mnt)], check=True)
+        subprocess.run(["losetup", "-d", loop], check=True)
+        loop = None
+        raw.unlink()
+        cfg = Config(state_dir=base / "state")
+        import_tree(cfg.store_dir, [tree])
+        res = region.build_region(cfg, GROUP)
+        for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
+                  cfg.regions_dir / "groups"):
+            d.chmod(0o755)
+        with open(res.path, "rb") as fh:
+            files = region.read_manifest(Erofs(fh, offset=region.DATAOFF))["files"]
+        paths = {g: f["sha256"] for f in files for g in f["guest_paths"]}
+        assert odd in paths and odd != ODD_SONAME and f"/{LIBDIR}/libc.so.6" in paths
+        print(f"region {res.path}: {res.files} files, {res.size >> 20} MiB")
+        yield Region(cfg, Path(res.path), paths, image, odd)
+    finally:
+        if mnt.exists():
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ guest ground truth
+
+def majmin(text: str) -> str:
+    """Return a ``MAJ:MIN`` (decimal) device as /proc/PID/maps prints it (hex)."""
+    major, minor = (int(x) for x in text.strip().split(":"))
+    return f"{major:02x}:{minor:02x}"
+
+
+@dataclass
+class GuestView:
+    """What one guest says about its library mappings and page cache."""
+
+    region_dev: str | None
+    region_maps: int                     # mappings of region libraries on the pmem device
+    disk_maps: list[str]                 # "pid path" of mappings of region libraries on disk
+    odd_maps: list[str]                  # "dev path" of mappings of the odd library
+    disk_cache_bytes: int                # fincore of the disk copies of bound files
+    binds: set[str]                      # guest paths with a bind mount on them
+
+
+def guest_view(g: DebianGuest, reg: Region, drop_caches: bool = False) -> GuestView:
+    """Return the :class:`GuestView` of guest ``g`` (read inside it through the agent)."""
+    dev = g.sh("findmnt -n -o MAJ:MIN /run/libshare/region || true").strip()
+    region_dev = majmin(dev.splitlines()[0]) if dev else None
+    maps = g.sh(r"grep -H '\.so' /proc/[0-9]*/maps || true", timeout=120)
+    region_maps, disk, odd = 0, [], []
+    for line in maps.splitlines():
+        m = re.match(r"^/proc/(\d+)/maps:\S+ \S+ \S+ (\S+) \d+\s+(/.*)$", line)
+        if not m or m.group(3) not in reg.guest_paths:
+            continue
+        pid, mdev, path = m.groups()
+        if path == reg.odd:
+            odd.append(f"{mdev} {path}")
+        if mdev == region_dev:
+            region_maps += 1
+        else:
+            disk.append(f"{pid} {path}")
+    mountinfo = g.sh("cat /proc/self/mountinfo")
+    binds = {line.split()[4] for line in mountinfo.splitlines()
+             if line.split()[4] in reg.guest_paths}
+    # the disk copies, seen through a non-recursive bind of / (no file binds on it)
+    files = " ".join(sorted(binds))
+    cache = 0
+    if files:
+        script = ("set -e; mkdir -p /mnt/lsroot; mount --bind / /mnt/lsroot; "
+                  + ("sync; echo 3 > /proc/sys/vm/drop_caches; " if drop_caches else "")
+                  + "cd /mnt/lsroot; fincore --bytes --noheadings -o RES "
+                  + " ".join("." + p for p in sorted(binds))
+                  + "; cd /; umount /mnt/lsroot")
+        out = g.sh(script, timeout=120)
+        cache = sum(int(x) for x in out.split())
+    return GuestView(region_dev, region_maps, disk, odd, cache, binds)
+
+
+def libshare(*args: str) -> subprocess.CompletedProcess[str]:
+    """Return the finished ``libshare ARGS`` of this interpreter."""
+    return subprocess.run([*LIBSHARE, *args], capture_output=True, text=True, check=False,
+                          timeout=1800)
+
+
+def flip_last_byte(g: DebianGuest, path: str) -> None:
+    """Replace guest file ``path`` by a copy whose last byte differs (new inode)."""
+    data = bytearray(g.agent.read_file(path))
+    data[-1] ^= 0x01
+    g.agent.write_file(path + ".lstest", bytes(data), mode=0o644)
+    g.sh(f"mv -f {path}.lstest {path}")
+
+
+def reboot(g: DebianGuest, timeout: float = 600) -> float:
+    """Reboot guest ``g`` with ``systemctl reboot`` (the agent's guest-shutdown runs
+    ``shutdown -r +0``, which needs logind/D-Bus that minbase lacks) and wait for the
+    next boot; return the seconds it took."""
+    count = len(g.boots()) + 1
+    g.started = time.monotonic()
+    g.exec(["systemd-run", "--no-block", "--on-active=1", "systemctl", "reboot"])
+    return g.wait_booted(timeout, count=count).seconds
+
+
+def smaps_line(name: str, fields: dict[str, int]) -> str:
+    """Return one report line of a QEMU's region mapping."""
+    return (f"{name}: region Rss {fields.get('Rss', 0)} kB, Pss {fields.get('Pss', 0)} kB, "
+            f"Shared_Clean {fields.get('Shared_Clean', 0)} kB, "
+            f"Private_Dirty {fields.get('Private_Dirty', 0)} kB")
+
+
+# ------------------------------------------------------------------ the test
+
+def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable[[], str],
+                                        debian_region: Region) -> None:
+    reg = debian_region
+    spec = enrol.resolve_region(reg.cfg, GROUP, "nvdimm")
+    opts = DebianGuestOptions(image=reg.image, boot_timeout=420)
+    name_a, name_b = domain_name(), domain_name()
+    with contextlib.ExitStack() as stack:
+        da = stack.enter_context(defined_debian_guest(libvirt_conn, name_a, opts))
+        db = stack.enter_context(defined_debian_guest(libvirt_conn, name_b, opts))
+        for n in (name_a, name_b):
+            enrol.enable_domain(libvirt_conn, n, spec)
+        a, b = da.start(wait=False), db.start(wait=False)
+        a.wait_booted()
+        b.wait_booted()
+        # initramfs builds of only the modules this guest needs: MODULES=most takes
+        # ~10 min per update-initramfs under TCG (libshare adds its own modules anyway)
+        for g in (a, b):
+            g.sh("echo MODULES=dep > /etc/initramfs-tools/conf.d/lstest-modules")
+
+        # redirect before install is refused with one line
+        proc = libshare("redirect", name_b)
+        assert proc.returncode == 1 and "guest install" in proc.stderr, proc
+        assert proc.stderr.count("\n") == 1
+
+        # ---- A: boot-time mode (what the initramfs holds now is what unredirect restores)
+        initramfs_before = a.sh('lsinitramfs "/boot/initrd.img-$(uname -r)" | grep libshare'
+                                ' || true', timeout=300)
+        proc = libshare("guest", "install", name_a, "--json")
+        assert proc.returncode == 0, proc.stderr
+        inst = json.loads(proc.stdout)
+        print("install A:", inst)
+        assert inst["initramfs"] == "updated" and inst["initramfs_entries"] > 0
+        print(f"A rebooted in {reboot(a):.0f}s")
+
+        # ---- B: runtime mode, one library one byte off
+        flip_last_byte(b, reg.odd)
+        proc = libshare("guest", "install", name_b, "--no-initramfs", "--json")
+        assert proc.returncode == 0, proc.stderr
+        proc = libshare("redirect", name_b, "--json")
+        assert proc.returncode == 0, proc.stderr
+        red = json.loads(proc.stdout)
+        print("redirect B:", {k: v for k, v in red.items() if k != "differs"})
+        assert reg.odd in red["differs"] and red["binds_total"] > 10
+
+        va = guest_view(a, reg)
+        vb = guest_view(b, reg, drop_caches=True)
+        pid_a, pid_b = a.qemu_pid(), b.qemu_pid()
+        assert pid_a and pid_b
+        map_a, map_b = region_usage(pid_a, reg.path), region_usage(pid_b, reg.path)
+        print(f"A: {va.region_maps} region-library mappings on pmem {va.region_dev}, "
+              f"{len(va.disk_maps)} on disk, {len(va.binds)} binds, disk copies in page "
+              f"cache {va.disk_cache_bytes} bytes")
+        print(f"B: {vb.region_maps} region-library mappings on pmem {vb.region_dev}, "
+              f"{len(vb.disk_maps)} on disk ({len(vb.odd_maps)} of {reg.odd}), "
+              f"{len(vb.binds)} binds, disk copies in page cache {vb.disk_cache_bytes} bytes")
+        print(smaps_line("QEMU A", map_a))
+        print(smaps_line("QEMU B", map_b))
+        # A: everything from the region since boot, and its page cache never held them
+        assert va.region_dev and va.region_maps > 50
+        assert va.disk_maps == [], va.disk_maps
+        assert va.disk_cache_bytes == 0
+        assert reg.odd in va.binds
+        # B: the same, except the one-byte-different library, which stays its own
+        assert vb.region_dev and vb.region_maps > 50
+        assert [x for x in vb.disk_maps if not x.endswith(reg.odd)] == []
+        assert vb.odd_maps and reg.odd not in vb.binds
+        assert all(not x.startswith(vb.region_dev or "?") for x in vb.odd_maps)
+        assert vb.disk_cache_bytes == 0      # nothing maps the disk copies any more
+        # host: one shared copy, never a private one
+        for fields in (map_a, map_b):
+            assert fields["Shared_Clean"] > 0 and fields["Private_Dirty"] == 0, fields
+
+        # ---- dpkg in B: reinstalling the odd library's package restores the original
+        # bytes, and the post-invoke hook binds it from the region again
+        deb = next((reg.image.directory.parent.parent / "debs").glob(f"{ODD_PKG}_*.deb"))
+        b.agent.write_file(f"/root/{deb.name}", deb.read_bytes())
+        out = b.exec(["dpkg", "-i", f"/root/{deb.name}"], timeout=300)
+        print("dpkg -i:", out.rc, out.err[-500:])
+        assert out.rc == 0, out.err
+        assert b.sh(f"findmnt -n -o TARGET {reg.odd} || true").strip() == reg.odd
+        # and a reinstall of an already redirected package also works
+        other = next((reg.image.directory.parent.parent / "debs").glob("zlib1g_*.deb"))
+        b.agent.write_file(f"/root/{other.name}", other.read_bytes())
+        out = b.exec(["dpkg", "-i", f"/root/{other.name}"], timeout=300)
+        assert out.rc == 0, out.err
+        libz = b.sh(f"readlink -f /{LIBDIR}/libz.so.1").strip()
+        assert libz in reg.guest_paths
+        assert b.sh(f"findmnt -n -o TARGET {libz} || true").strip() == libz
+
+        # ---- unredirect: both guests as before (A after a reboot)
+        for g in (a, b):
+            proc = libshare("unredirect", g.name, "--json")
+            assert proc.returncode == 0, proc.stderr
+            print(f"unredirect {g.name}:", proc.stdout.strip().replace("\n", " ")[:400])
+        reboot(a)
+        for g in (a, b):
+            left = g.sh("grep -c ' /usr/lib/' /proc/self/mountinfo || true").strip()
+            assert left == "0", g.sh("cat /proc/self/mountinfo")
+            files = g.sh("ls -d /usr/sbin/libshare-redirect /etc/initramfs-tools/hooks/libshare "
+                         "/etc/apt/apt.conf.d/80libshare /etc/dpkg/dpkg.cfg.d/libshare "
+                         "/var/lib/libshare /run/libshare 2>/dev/null || true").strip()
+            assert files == "", files
+        # the image's own conf/conf.d/libshare-guest.conf matches too: compare with before
+        assert a.sh('lsinitramfs "/boot/initrd.img-$(uname -r)" | grep libshare || true',
+                    timeout=300) == initramfs_before
+        view = guest_view(a, reg)
+        assert view.region_maps == 0 and view.region_dev is None
+
+
+def test_refused_without_region_device(libvirt_conn: Any, domain_name: Callable[[], str],
+                                       debian_region: Region) -> None:
+    """A guest without the region device: one line, exit 1, nothing installed."""
+    opts = DebianGuestOptions(image=debian_region.image, boot_timeout=420)
+    name = domain_name()
+    with defined_debian_guest(libvirt_conn, name, opts) as d:
+        g = d.start()
+        for args in (["guest", "install", name], ["redirect", name]):
+            proc = libshare(*args)
+            assert proc.returncode == 1, proc
+            assert "no library region device" in proc.stderr and proc.stderr.count("\n") == 1
+        assert g.sh("ls /usr/sbin/libshare-redirect /run/libshare 2>/dev/null || true") == ""
