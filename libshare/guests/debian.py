@@ -70,6 +70,7 @@ from libshare.guests.kernel import _apt_opts, host_suite
 from libshare.guests.runner import (
     GuestError,
     GuestTimeout,
+    RunningGuest,
     _libvirt,
     cleanup_domain,
     qemu_log_tail,
@@ -593,47 +594,23 @@ def console_boots(text: str) -> list[tuple[str, float, str]]:
             for m in _BOOTED_RE.finditer(text.replace("\r", ""))]
 
 
-class DebianGuest:
+class DebianGuest(RunningGuest):
     """A started Debian test guest; destroyed, undefined and its overlay removed when
-    the :func:`defined_debian_guest`/:func:`running_debian_guest` block ends."""
+    the :func:`defined_debian_guest`/:func:`running_debian_guest` block ends. Console,
+    liveness and QEMU pid come from :class:`~libshare.guests.runner.RunningGuest`."""
 
     def __init__(self, conn: Any, name: str, domain: Any, console_log: Path, overlay: Path,
                  image: DebianImage, boot_timeout: float) -> None:
-        self.conn = conn
-        self.name = name
-        self.domain = domain
-        self.console_log = console_log
+        super().__init__(conn, name, domain, console_log)
         self.overlay = overlay
         self.image = image
         self.boot_timeout = boot_timeout
         self.agent = GuestAgent.for_domain(domain)
-        self.started = time.monotonic()
         self.last_boot: Boot | None = None
-
-    def console(self) -> str:
-        """Return the console text so far (``\\r`` removed; empty if none yet)."""
-        try:
-            return self.console_log.read_bytes().decode("utf-8", "replace").replace("\r", "")
-        except FileNotFoundError:
-            return ""
 
     def boots(self) -> list[tuple[str, float, str]]:
         """Return ``(boot_id, uptime, release)`` of every boot the console reported."""
         return console_boots(self.console())
-
-    def is_active(self) -> bool:
-        """Return True while the guest's QEMU is running."""
-        try:
-            return bool(self.domain.isActive())
-        except _libvirt().libvirtError:
-            return False
-
-    def qemu_pid(self) -> int | None:
-        """Return the PID of the guest's QEMU process, or None."""
-        try:
-            return int(Path(f"/run/libvirt/qemu/{self.name}.pid").read_text().strip())
-        except (OSError, ValueError):
-            return None
 
     def wait_booted(self, timeout: float | None = None, count: int = 1) -> Boot:
         """Wait until the console shows ``count`` boots reaching multi-user and the agent
