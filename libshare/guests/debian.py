@@ -65,7 +65,7 @@ from lxml import etree
 
 from libshare.agent import AgentError, ExecResult, GuestAgent
 from libshare.guests.cache import cache_subdir, locked
-from libshare.guests.domain import Customizer, _sub
+from libshare.guests.domain import Customizer, _sub, domain_skeleton, finish_domain
 from libshare.guests.kernel import _apt_opts, host_suite
 from libshare.guests.runner import (
     GuestError,
@@ -504,44 +504,18 @@ def debian_domain_tree(
     poweroff/crash destroy, reboot restarts. ``devices`` are appended (a
     ``<memballoon>`` among them replaces the default one); ``customize`` callbacks then
     edit the root element in place."""
-    dom = etree.Element("domain", type=domain_type)
-    _sub(dom, "name", name)
-    _sub(dom, "memory", str(memory_mib * 1024), unit="KiB")
-    _sub(dom, "currentMemory", str(memory_mib * 1024), unit="KiB")
-    _sub(dom, "vcpu", str(vcpus), placement="static")
-    os_el = _sub(dom, "os")
-    _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    dom, os_el, devs = domain_skeleton(name, console_log, memory_mib=memory_mib, vcpus=vcpus,
+                                       domain_type=domain_type, on_reboot="restart",
+                                       balloon="virtio")
     _sub(os_el, "boot", dev="hd")
-    feats = _sub(dom, "features")
-    _sub(feats, "acpi")
-    if domain_type != "qemu":
-        _sub(dom, "cpu", mode="host-passthrough", check="none")
-    _sub(dom, "clock", offset="utc")
-    _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "restart")
-    _sub(dom, "on_crash", "destroy")
-    devs = _sub(dom, "devices")
-    disk_el = _sub(devs, "disk", type="file", device="disk")
+    disk_el = etree.Element("disk", type="file", device="disk")
     _sub(disk_el, "driver", name="qemu", type="qcow2")
     _sub(disk_el, "source", file=str(disk))
     _sub(disk_el, "target", dev="vda", bus="virtio")
-    serial = _sub(devs, "serial", type="file")
-    _sub(serial, "source", path=str(console_log))
-    _sub(serial, "target", port="0")
-    console = _sub(devs, "console", type="file")
-    _sub(console, "source", path=str(console_log))
-    _sub(console, "target", type="serial", port="0")
+    devs.insert(0, disk_el)
     channel = _sub(devs, "channel", type="unix")
     _sub(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
-    balloon = _sub(devs, "memballoon", model="virtio")
-    for dev in devices:
-        el = etree.fromstring(dev) if isinstance(dev, str) else dev
-        if el.tag == "memballoon":
-            devs.remove(balloon)
-        devs.append(el)
-    if customize is not None:
-        for fn in customize if isinstance(customize, Sequence) else [customize]:
-            fn(dom)
+    finish_domain(dom, devs, devices, customize)
     return dom
 
 

@@ -33,6 +33,56 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None,
     return el
 
 
+def domain_skeleton(name: str, console_log: Path | str, *, memory_mib: int, vcpus: int,
+                    domain_type: str, on_reboot: str, balloon: str
+                    ) -> tuple[etree._Element, etree._Element, etree._Element]:
+    """Return ``(domain, os, devices)`` elements of a test guest common to every kind:
+    x86_64 ``pc`` hvm with ACPI, RAM and vCPUs, serial console to ``console_log``,
+    a ``<memballoon model=balloon>``, poweroff/crash destroy and ``on_reboot``; callers
+    add their boot method to ``os`` and their devices."""
+    dom = etree.Element("domain", type=domain_type)
+    _sub(dom, "name", name)
+    _sub(dom, "memory", str(memory_mib * 1024), unit="KiB")
+    _sub(dom, "currentMemory", str(memory_mib * 1024), unit="KiB")
+    _sub(dom, "vcpu", str(vcpus), placement="static")
+    os_el = _sub(dom, "os")
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    feats = _sub(dom, "features")
+    _sub(feats, "acpi")
+    if domain_type != "qemu":
+        _sub(dom, "cpu", mode="host-passthrough", check="none")
+    _sub(dom, "clock", offset="utc")
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", on_reboot)
+    _sub(dom, "on_crash", "destroy")
+    devs = _sub(dom, "devices")
+    serial = _sub(devs, "serial", type="file")
+    _sub(serial, "source", path=str(console_log))
+    _sub(serial, "target", port="0")
+    console = _sub(devs, "console", type="file")
+    _sub(console, "source", path=str(console_log))
+    _sub(console, "target", type="serial", port="0")
+    _sub(devs, "memballoon", model=balloon)
+    return dom, os_el, devs
+
+
+def finish_domain(dom: etree._Element, devs: etree._Element,
+                  devices: Sequence[str | etree._Element],
+                  customize: Customizer | Sequence[Customizer] | None) -> etree._Element:
+    """Append the caller's ``devices`` to ``devs`` (a ``<memballoon>`` among them
+    replaces the default one), run the ``customize`` callbacks on ``dom``; return it."""
+    for dev in devices:
+        el = etree.fromstring(dev) if isinstance(dev, str) else dev
+        if el.tag == "memballoon":
+            for old in devs.findall("memballoon"):
+                devs.remove(old)
+        devs.append(el)
+    if customize is not None:
+        for fn in customize if isinstance(customize, Sequence) else [customize]:
+            fn(dom)
+    return dom
+
+
 def guest_domain_tree(
     name: str,
     kernel: Path | str,
@@ -54,41 +104,13 @@ def guest_domain_tree(
     ``<memballoon>`` among them replaces the default ``model='none'`` one); each
     ``customize`` callback then gets the root element to change in place.
     """
-    dom = etree.Element("domain", type=domain_type)
-    _sub(dom, "name", name)
-    _sub(dom, "memory", str(memory_mib * 1024), unit="KiB")
-    _sub(dom, "currentMemory", str(memory_mib * 1024), unit="KiB")
-    _sub(dom, "vcpu", str(vcpus), placement="static")
-    os_el = _sub(dom, "os")
-    _sub(os_el, "type", "hvm", arch="x86_64", machine="pc")
+    dom, os_el, devs = domain_skeleton(name, console_log, memory_mib=memory_mib, vcpus=vcpus,
+                                       domain_type=domain_type, on_reboot="destroy",
+                                       balloon="none")
     _sub(os_el, "kernel", str(kernel))
     _sub(os_el, "initrd", str(initrd))
     _sub(os_el, "cmdline", f"{cmdline} {cmdline_extra}".strip())
-    feats = _sub(dom, "features")
-    _sub(feats, "acpi")
-    if domain_type != "qemu":
-        _sub(dom, "cpu", mode="host-passthrough", check="none")
-    _sub(dom, "clock", offset="utc")
-    _sub(dom, "on_poweroff", "destroy")
-    _sub(dom, "on_reboot", "destroy")
-    _sub(dom, "on_crash", "destroy")
-    devs = _sub(dom, "devices")
-    serial = _sub(devs, "serial", type="file")
-    _sub(serial, "source", path=str(console_log))
-    _sub(serial, "target", port="0")
-    console = _sub(devs, "console", type="file")
-    _sub(console, "source", path=str(console_log))
-    _sub(console, "target", type="serial", port="0")
-    balloon = _sub(devs, "memballoon", model="none")
-    for dev in devices:
-        el = etree.fromstring(dev) if isinstance(dev, str) else dev
-        if el.tag == "memballoon":  # a caller's balloon replaces the default 'none'
-            devs.remove(balloon)
-        devs.append(el)
-    if customize is not None:
-        for fn in customize if isinstance(customize, Sequence) else [customize]:
-            fn(dom)
-    return dom
+    return finish_domain(dom, devs, devices, customize)
 
 
 def guest_domain_xml(
