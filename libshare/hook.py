@@ -173,10 +173,10 @@ def _map_region(root: Any, enr: Enrolment, cfg: config.Config) -> str | None:
     return domxml.serialize(root)
 
 
-def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, out: Any) -> str:
+def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: config.Config,
+              out: Any) -> str:
     """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``); return
     a short result for the log."""
-    cfg = config.load()
     state_dir = Path(enr.state_dir) if enr.state_dir else cfg.state_dir
     if op == "prepare" and sub == "begin":
         if dev.find_region_device(root.find("devices"), enr.model, enr.region,
@@ -214,10 +214,13 @@ def run(argv: list[str], data: bytes, out: Any = None) -> int:
     result, status = "error", 1 if strict else 0
     state_dir: Path | None = None
     signal.signal(signal.SIGALRM, _on_alarm)
+    cfg: config.Config | None = None
+    cfg_error: LibshareError | None = None
     try:
-        timeout = config.load().hook_timeout
-    except LibshareError:
-        timeout = 5.0
+        cfg = config.load()
+    except LibshareError as exc:  # reported below, as the operation's failure
+        cfg_error = exc
+    timeout = cfg.hook_timeout if cfg is not None else 5.0
     signal.setitimer(signal.ITIMER_REAL, max(0.1, timeout - 0.2))
     try:
         root = domxml.parse(data)
@@ -226,7 +229,10 @@ def run(argv: list[str], data: bytes, out: Any = None) -> int:
             return 0
         if enr.state_dir:
             state_dir = Path(enr.state_dir)
-        result = _dispatch(name, op, sub, root, enr, out or sys.stdout)
+        if cfg is None:
+            assert cfg_error is not None
+            raise cfg_error
+        result = _dispatch(name, op, sub, root, enr, cfg, out or sys.stdout)
         status = 0
     except HookTimeout:
         log.warning("%s: %s %s: timed out after %.1f s%s", name, op, sub, timeout,
@@ -242,10 +248,7 @@ def run(argv: list[str], data: bytes, out: Any = None) -> int:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     if state_dir is None:
-        try:
-            state_dir = config.load().state_dir
-        except LibshareError:
-            state_dir = config.DEFAULT_STATE_DIR
+        state_dir = cfg.state_dir if cfg is not None else config.DEFAULT_STATE_DIR
     elapsed = time.monotonic() - started
     state.append_hook_log(state_dir, {"domain": name, "op": op, "sub": sub,
                                       "status": status, "result": result,
