@@ -37,6 +37,16 @@ from libshare.sharing import region
 from libshare.sharing.store import import_tree, load_index, object_path
 
 
+def timed_mkfs(image: Path, tree: Path) -> float:
+    """Return the seconds plain ``mkfs.erofs -Enoinline_data`` takes to pack ``tree`` into
+    ``image``, starting with no dirty pages."""
+    os.sync()
+    t0 = time.perf_counter()
+    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(image), str(tree)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
 def collect(libdir: Path, dest: Path) -> tuple[int, int]:
     """Copy every regular .so file under ``libdir`` to ``dest``; return (count, bytes)."""
     count = total = 0
@@ -73,11 +83,7 @@ def run(libdir: Path, scratch: Path) -> dict[str, Any]:
     t_build = time.perf_counter() - t0
 
     plain = scratch / "plain.erofs"
-    os.sync()
-    t0 = time.perf_counter()
-    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(plain), str(tree)],
-                   check=True, stdout=subprocess.DEVNULL)
-    t_mkfs = time.perf_counter() - t0
+    t_mkfs = timed_mkfs(plain, tree)
 
     # the same distinct objects region build packs (one file per SHA-256, hard links)
     dedup = scratch / "dedup"
@@ -85,11 +91,7 @@ def run(libdir: Path, scratch: Path) -> dict[str, Any]:
     for sha in load_index(cfg.store_dir).entries:
         os.link(object_path(cfg.store_dir, sha), dedup / sha)
     plain2 = scratch / "plain-dedup.erofs"
-    os.sync()
-    t0 = time.perf_counter()
-    subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(plain2), str(dedup)],
-                   check=True, stdout=subprocess.DEVNULL)
-    t_mkfs_dedup = time.perf_counter() - t0
+    t_mkfs_dedup = timed_mkfs(plain2, dedup)
 
     t0 = time.perf_counter()
     problem = region.verify(res.path)
