@@ -6,6 +6,7 @@ region's size and is read-only. The hook's effect is read from its log and recor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import libvirt
 import pytest
 
 from libshare import hook_install, state
+from libshare.digest import sha256_file
 from libshare.guests import GuestOptions, defined_guest
 
 MiB = 1 << 20
@@ -203,6 +205,21 @@ def last_tick(text: str) -> int:
     return ticks[-1] if ticks else 0
 
 
+@contextlib.contextmanager
+def saved_enrolled_guest(conn: Any, name: str, state_dir: Path, image: Path
+                         ) -> Iterator[tuple[Any, Path]]:
+    """Yield ``(guest, save file)``: guest ``name`` enrolled with region ``image``,
+    booted until it ticks, then saved with ``virsh save`` (so it is not running)."""
+    saved = state_dir / "guest.save"
+    with defined_guest(conn, name, TICK_SCRIPT, GuestOptions()) as defined:
+        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
+        guest = defined.start()
+        guest.wait_ready(timeout=120)
+        guest.wait_for(r"^TICK 2$", timeout=60)
+        assert guest.domain.save(str(saved)) == 0
+        yield guest, saved
+
+
 def test_restore_maps_region_to_this_hosts_image(
         libvirt_conn: Any, domain_name: Callable[[], str], hook_installed: Path,
         state_dir: Path) -> None:
@@ -212,18 +229,9 @@ def test_restore_maps_region_to_this_hosts_image(
     elsewhere = state_dir / "elsewhere"
     elsewhere.mkdir(mode=0o755)
     image = make_region(elsewhere)
-    saved = state_dir / "guest.save"
-    with defined_guest(libvirt_conn, name, TICK_SCRIPT, GuestOptions()) as defined:
-        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
-        guest = defined.start()
-        guest.wait_ready(timeout=120)
-        guest.wait_for(r"^TICK 2$", timeout=60)
-        assert guest.domain.save(str(saved)) == 0
+    with saved_enrolled_guest(libvirt_conn, name, state_dir, image) as (guest, saved):
         before = last_tick(guest.console())
-        enr = json.loads(subprocess.run(
-            [sys.executable, "-m", "libshare", "xml", "show", "-"],
-            input=guest.domain.XMLDesc(INACTIVE), capture_output=True, text=True).stdout)
-        local = state_dir / "regions" / "images" / f"{enr['digest']}.img"
+        local = state_dir / "regions" / "images" / f"{sha256_file(image)}.img"
         local.parent.mkdir(parents=True)
         for d in (state_dir / "regions", local.parent):
             d.chmod(0o755)
@@ -243,12 +251,7 @@ def test_restore_refused_without_the_region(
         state_dir: Path) -> None:
     name = domain_name()
     image = make_region(state_dir)
-    saved = state_dir / "guest.save"
-    with defined_guest(libvirt_conn, name, TICK_SCRIPT, GuestOptions()) as defined:
-        assert libshare(state_dir, "enable", name, "--region", str(image)).returncode == 0
-        guest = defined.start()
-        guest.wait_ready(timeout=120)
-        assert guest.domain.save(str(saved)) == 0
+    with saved_enrolled_guest(libvirt_conn, name, state_dir, image) as (guest, saved):
         image.unlink()
         with pytest.raises(libvirt.libvirtError) as err:
             libvirt_conn.restore(str(saved))
