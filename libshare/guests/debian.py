@@ -104,8 +104,12 @@ IMAGE_FORMAT = "2"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
 
+#: Not anchored to the start of a line: the marker races serial-getty's prompt on ttyS0
+#: ("lsguest login: LIBSHARE-DEBIAN-BOOTED ...", seen in CI), and kernel messages may
+#: follow it on the same line.
 _BOOTED_RE = re.compile(
-    rf"^{BOOTED_MARKER} boot_id=(\S+) uptime=([0-9.]+) release=(\S+)\s*$", re.M)
+    rf"{BOOTED_MARKER} boot_id=([0-9a-f-]{{36}}) uptime=([0-9]+\.[0-9]+) "
+    r"release=([0-9][0-9A-Za-z.+_-]*[0-9A-Za-z])")
 _BOOTED_UNIT = f"""[Unit]
 Description=libshare: tell the host's test runner that boot reached multi-user
 DefaultDependencies=no

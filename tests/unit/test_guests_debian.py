@@ -80,13 +80,19 @@ def test_packages_key_ignores_order_and_duplicates() -> None:
 
 
 def test_console_boots() -> None:
+    a, b, c = ("79a21ebf-94d6-4498-a78e-d4230a79593b", "65518841-043c-473b-811d-241307d491b8",
+               "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6")
     text = ("noise\r\n"
-            f"{BOOTED_MARKER} boot_id=aa-bb uptime=17.25 release=6.1.0-50-amd64\r\n"
+            f"{BOOTED_MARKER} boot_id={a} uptime=17.25 release=6.1.0-50-amd64\r\n"
             "[  OK  ] more\n"
-            f"{BOOTED_MARKER} boot_id=cc uptime=9.00 release=6.1.0-50-amd64\n"
+            # getty's prompt raced the marker (seen in CI)
+            f"lsguest login: {BOOTED_MARKER} boot_id={b} uptime=150.76 release=6.1.0-50-amd64\n"
+            # a kernel message glued to the end of the line
+            f"{BOOTED_MARKER} boot_id={c} uptime=9.00 release=6.1.0-50-amd64[  151.02] usb\n"
             f"echo {BOOTED_MARKER} boot_id=$(cat ...)\n")
-    assert console_boots(text) == [("aa-bb", 17.25, "6.1.0-50-amd64"),
-                                   ("cc", 9.0, "6.1.0-50-amd64")]
+    assert console_boots(text) == [(a, 17.25, "6.1.0-50-amd64"),
+                                   (b, 150.76, "6.1.0-50-amd64"),
+                                   (c, 9.0, "6.1.0-50-amd64")]
     assert console_boots("") == []
 
 
