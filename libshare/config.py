@@ -10,6 +10,8 @@ The state directory holds everything libshare writes on a host::
     STATE/regions/images/     region images named by their SHA-256 (DIGEST.img)
     STATE/regions/groups/     GROUP.img: symlink to the group's current image
     STATE/running/            one JSON record per running enrolled domain (hook)
+    STATE/requests/           automatic redirect requests left by the hook (daemon)
+    STATE/redirects/          the daemon's last automatic redirect outcome per domain
     STATE/digests.json        cache of region digests keyed by inode/size/mtime
 """
 
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from libshare.domxml.metadata import REDIRECT_MODES
 from libshare.errors import LibshareError
 
 SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
@@ -39,6 +42,8 @@ class Config:
     log_level: str = "info"
     libvirt_uri: str = "qemu:///system"
     hook_timeout: float = 5.0
+    redirect: str = "off"
+    redirect_wait: float = 900.0
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -77,6 +82,8 @@ _KEYS: dict[str, type] = {
     "log_level": str,
     "libvirt_uri": str,
     "hook_timeout": float,
+    "redirect": str,
+    "redirect_wait": float,
 }
 
 
@@ -98,6 +105,10 @@ def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise LibshareError(f"{where}: default_model must be one of {', '.join(MODELS)}")
     if out.get("log_level", "info") not in LOG_LEVELS:
         raise LibshareError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}")
+    if out.get("redirect", "off") not in REDIRECT_MODES:
+        raise LibshareError(f"{where}: redirect must be one of {', '.join(REDIRECT_MODES)}")
+    if out.get("redirect_wait", 1.0) <= 0:
+        raise LibshareError(f"{where}: redirect_wait must be a positive number of seconds")
     return out
 
 

@@ -7,7 +7,7 @@ A running domain keeps running unchanged; its new definition applies at its next
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,18 +82,33 @@ def _redefine(conn: libvirt.virConnect, dom: libvirt.virDomain, new_xml: str) ->
     virt.define(conn, new_xml)
 
 
-def enable_domain(conn: libvirt.virConnect, name: str, spec: domxml.RegionSpec) -> Outcome:
-    """Enrol domain ``name`` into ``spec``'s region; return what was done."""
+def enable_domain(conn: libvirt.virConnect, name: str, spec: domxml.RegionSpec,
+                  default_redirect: str = "off") -> Outcome:
+    """Enrol domain ``name`` into ``spec``'s region (automatic redirect mode
+    ``spec.redirect``, else the domain's recorded one, else ``default_redirect``); return
+    what was done. Changing only the redirect mode of an enrolled domain updates its
+    record and nothing else."""
     dom = virt.lookup(conn, name)
     before = domxml.parse(virt.inactive_xml(dom))
-    after = domxml.enable(before, spec)
+    after = domxml.enable(before, spec, default_redirect)
     running = virt.is_active(dom)
     if domxml.serialize(after) == domxml.serialize(before):
         return Outcome(dom.name(), "unchanged", "already enrolled", running,
                        domxml.describe(after))
+    old = domxml.enrolment(before)
+    mode_only = old is not None and domxml.serialize(
+        domxml.enable(before, replace(spec, redirect=old.redirect))) == \
+        domxml.serialize(before)
     _redefine(conn, dom, domxml.serialize(after))
+    if mode_only:
+        mode = domxml.describe(after)["redirect"]
+        return Outcome(dom.name(), "enabled", f"automatic redirect set to {mode}", running,
+                       domxml.describe(domxml.parse(virt.inactive_xml(dom))))
     where = f"/dev/shm/{shmem_name(spec.group)}" if spec.model == "ivshmem" else spec.path
     msg = f"enrolled in group {spec.group} ({spec.model}, {where}, {human(spec.size)})"
+    mode = domxml.describe(after)["redirect"]
+    if mode != "off":
+        msg += f", automatic redirect {mode}"
     if running:
         msg += "; the domain is running: the region is attached at its next boot"
     return Outcome(dom.name(), "enabled", msg, running,

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 
 from libshare import domxml, enrol
-from libshare.config import MODELS, Config
+from libshare.config import MODELS, REDIRECT_MODES, Config
 from libshare.errors import LibshareError
 from libshare.output import print_json
 from libshare.units import parse_size
@@ -21,6 +22,11 @@ MODEL_HELP = ("region device model: nvdimm (default; copy-on-write, read-only to
               "libvirt 9.0 with QEMU 7.2 cannot start it, 'libshare enable' then falls "
               "back to nvdimm); ivshmem (ivshmem-plain: guest writes are SHARED with every "
               "guest of the group, trusted groups only)")
+
+
+REDIRECT_HELP = ("automatic redirect: runtime (after each start, 'libshare daemon' "
+                 "redirects the guest once its agent answers) or off; default: the "
+                 "domain's recorded mode, else the config's 'redirect' (off)")
 
 
 def _read(source: str) -> bytes:
@@ -39,7 +45,8 @@ def _enable(args: argparse.Namespace, cfg: Config) -> int:
     spec = enrol.resolve_region(cfg, args.group or cfg.default_group,
                                 args.model or cfg.default_model, args.region,
                                 parse_size(args.size) if args.size else None)
-    sys.stdout.write(domxml.serialize(domxml.enable(root, spec)))
+    spec = replace(spec, redirect=args.redirect)
+    sys.stdout.write(domxml.serialize(domxml.enable(root, spec, cfg.redirect)))
     return 0
 
 
@@ -71,6 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="device size when the image does not exist yet (e.g. 64M)")
     e.add_argument("--model", choices=MODELS, help=MODEL_HELP)
     e.add_argument("--group", metavar="NAME", help="trust group (default from config)")
+    e.add_argument("--redirect", choices=REDIRECT_MODES, help=REDIRECT_HELP)
     e.set_defaults(func=_enable)
     d = xs.add_parser("disable", help="print the XML with libshare's enrolment undone",
                       description="Print FILE's domain XML with exactly what 'enable' "
@@ -79,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_disable)
     s = xs.add_parser("show", help="print libshare's state in the XML as JSON",
                       description="Print a JSON object: enrolled, group, model, region, "
-                      "size, digest, device_present, agent_channel, free_page_reporting.")
+                      "size, digest, state_dir, redirect, device_present, agent_channel, "
+                      "free_page_reporting.")
     s.add_argument("file", metavar="FILE|-")
     s.set_defaults(func=_show)

@@ -17,7 +17,15 @@ from typing import Any
 from lxml import etree
 
 from libshare.domxml import devices as dev
-from libshare.domxml.metadata import Change, Enrolment, build_record, find_record, parse_record
+from libshare.domxml.metadata import (
+    REDIRECT_MODES,
+    Change,
+    Enrolment,
+    build_record,
+    find_record,
+    parse_record,
+    set_redirect,
+)
 from libshare.domxml.tree import (
     Element,
     index_after,
@@ -39,7 +47,9 @@ VIRTIO_BALLOONS = ("virtio", "virtio-transitional", "virtio-non-transitional")
 
 @dataclass(frozen=True)
 class RegionSpec:
-    """What to enrol a domain into: the region file, its size, group and device model."""
+    """What to enrol a domain into: the region file, its size, group and device model,
+    and the automatic redirect mode (``redirect``; None keeps an enrolled domain's mode
+    and gives a newly enrolled one ``enable``'s ``default_redirect``)."""
 
     path: str
     size: int
@@ -47,6 +57,7 @@ class RegionSpec:
     model: str = "nvdimm"
     digest: str | None = None
     state_dir: str | None = None
+    redirect: str | None = None
 
 
 def parse(data: bytes | str) -> Element:
@@ -213,21 +224,31 @@ def _ensure_max_memory(root: Element, size: int, changes: list[Change]) -> None:
     changes.append(Change("changed", "maxMemory", saved=saved))
 
 
-def enable(root: Element, spec: RegionSpec) -> Element:
+def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> Element:
     """Return a copy of domain ``root`` enrolled into ``spec``'s region.
 
-    Already enrolled with the same spec: an unchanged copy. Enrolled differently: the old
-    enrolment is undone first. Raises RefusedError (input untouched) when the domain
-    cannot host the region.
+    Already enrolled with the same spec: an unchanged copy, but for the redirect mode,
+    which is updated in place when ``spec.redirect`` differs. Enrolled differently: the
+    old enrolment is undone first (its redirect mode kept unless ``spec.redirect`` is
+    set). Raises RefusedError (input untouched) when the domain cannot host the region.
     """
     rec = find_record(root)
-    if rec is not None:
-        old = parse_record(rec)
+    old = None if rec is None else parse_record(rec)
+    mode = spec.redirect or (old.redirect if old is not None else default_redirect)
+    if mode not in REDIRECT_MODES:
+        raise RefusedError(f"unknown redirect mode {mode!r} "
+                           f"(one of {', '.join(REDIRECT_MODES)})")
+    if old is not None:
         same = (old.group, old.model, old.region, old.size, old.digest, old.state_dir) == \
             (spec.group, spec.model, spec.path, spec.size, spec.digest, spec.state_dir)
         if same and dev.find_region_device(root.find("devices"), old.model, old.region,
                                            old.group) is not None:
-            return copy.deepcopy(root)
+            dom = copy.deepcopy(root)
+            if mode != old.redirect:
+                new_rec = find_record(dom)
+                assert new_rec is not None
+                set_redirect(new_rec, mode)
+            return dom
         root = disable(root)
     _check_host(root, spec)
     dom = copy.deepcopy(root)
@@ -266,7 +287,7 @@ def enable(root: Element, spec: RegionSpec) -> Element:
                     memory_kib=scaled_bytes(memory) // 1024,
                     current_memory_kib=None if current is None
                     else scaled_bytes(current) // 1024,
-                    changes=changes)
+                    redirect=mode, changes=changes)
     _insert(meta, build_record(enr))
     for what, elem in (("metadata", meta), ("cpu", dom.find("cpu")),
                        ("devices", devices)):
@@ -372,8 +393,9 @@ def enrolment(root: Element) -> Enrolment | None:
 def describe(root: Element) -> dict[str, Any]:
     """Return libshare's view of a domain as a JSON-ready dict.
 
-    Keys: enrolled, name, group, model, region, size, digest, state_dir, device_present,
-    agent_channel, free_page_reporting.
+    Keys: enrolled, name, group, model, region, size, digest, state_dir, redirect (the
+    automatic redirect mode, None when not enrolled), device_present, agent_channel,
+    free_page_reporting.
     """
     enr = enrolment(root)
     devices = root.find("devices")
@@ -382,13 +404,13 @@ def describe(root: Element) -> dict[str, Any]:
         "name": root.findtext("name"),
         "enrolled": enr is not None,
         "group": None, "model": None, "region": None, "size": None, "digest": None,
-        "state_dir": None, "device_present": False,
+        "state_dir": None, "redirect": None, "device_present": False,
         "agent_channel": dev.find_agent_channel(devices) is not None,
         "free_page_reporting": balloon is not None and balloon.get("freePageReporting") == "on",
     }
     if enr is not None:
         info.update(group=enr.group, model=enr.model, region=enr.region, size=enr.size,
-                    digest=enr.digest, state_dir=enr.state_dir,
+                    digest=enr.digest, state_dir=enr.state_dir, redirect=enr.redirect,
                     device_present=dev.find_region_device(
                         devices, enr.model, enr.region, enr.group) is not None)
     return info

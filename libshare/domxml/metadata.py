@@ -7,12 +7,15 @@ child per change, in the order they were made, so that disable can undo them::
     <libshare:enrolment xmlns:libshare="https://libshare.dev/xmlns/domain/1"
         version="1" group="web" model="nvdimm" region="/var/lib/.../D.img"
         digest="D" size="56623104" state-dir="/var/lib/libshare"
-        memory-kib="262144" current-memory-kib="262144">
+        memory-kib="262144" current-memory-kib="262144" redirect="runtime">
       <libshare:added what="features"/>          element created by enable
       <libshare:changed what="maxMemory"><maxMemory .../></libshare:changed>
       <libshare:changed what="freePageReporting" previous="off"/>  (no previous: absent)
       <libshare:implicit what="virtio-serial-controller"/>  libvirt adds one for us
     </libshare:enrolment>
+
+``redirect`` (the automatic redirect mode, "runtime") is absent when it is "off", so
+domains enrolled without it carry exactly the record they always did.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from libshare.domxml.tree import Element
 NS = "https://libshare.dev/xmlns/domain/1"
 PREFIX = "libshare"
 VERSION = "1"
+#: automatic redirect modes a domain can be enrolled with ("off": nothing automatic)
+REDIRECT_MODES = ("off", "runtime")
 
 
 def q(tag: str) -> str:
@@ -55,6 +60,7 @@ class Enrolment:
     state_dir: str | None = None
     memory_kib: int | None = None
     current_memory_kib: int | None = None
+    redirect: str = "off"
     changes: list[Change] = field(default_factory=list)
 
     def has(self, kind: str, what: str) -> bool:
@@ -96,8 +102,19 @@ def parse_record(elem: Element) -> Enrolment:
         state_dir=elem.get("state-dir"),
         memory_kib=_int_or_none(elem.get("memory-kib")),
         current_memory_kib=_int_or_none(elem.get("current-memory-kib")),
+        redirect=elem.get("redirect") or "off",
         changes=changes,
     )
+
+
+def set_redirect(elem: Element, mode: str) -> None:
+    """Record automatic redirect ``mode`` on a ``<libshare:enrolment>`` element in place
+    ("off" removes the attribute)."""
+    if mode == "off":
+        if "redirect" in elem.attrib:
+            del elem.attrib["redirect"]
+    else:
+        elem.set("redirect", mode)
 
 
 def build_record(enr: Enrolment) -> Element:
@@ -112,6 +129,8 @@ def build_record(enr: Enrolment) -> Element:
         attrs["memory-kib"] = str(enr.memory_kib)
     if enr.current_memory_kib is not None:
         attrs["current-memory-kib"] = str(enr.current_memory_kib)
+    if enr.redirect != "off":
+        attrs["redirect"] = enr.redirect
     elem = etree.Element(q("enrolment"), attrs, nsmap={PREFIX: NS})
     for ch in enr.changes:
         sub = etree.SubElement(elem, q(ch.kind), {"what": ch.what})
