@@ -19,7 +19,7 @@ from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/commands/, in --help order.
 COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "guest", "redirect",
-                   "demo"]
+                   "daemon", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,8 +10,11 @@ Per operation, for enrolled domains only:
   digest); exit 1 with one line otherwise, so libvirt refuses to start the guest. For
   the ivshmem model, publish the image into ``/dev/shm``.
 - ``started begin`` / ``reconnect begin``: record the running domain; ``reconnect``
-  always exits 0 (a failure there makes libvirt kill the guest).
-- ``stopped end`` / ``release end``: drop the record; always exit 0.
+  always exits 0 (a failure there makes libvirt kill the guest). At ``started`` only,
+  for a domain enrolled with ``redirect="runtime"``, also leave an automatic redirect
+  request in ``STATE/requests/`` for ``libshare daemon`` (never waited for).
+- ``stopped end`` / ``release end``: drop the record and any pending request; always
+  exit 0.
 - ``migrate begin`` / ``restore begin``: print the XML with the region path mapped to
   this host's image of the same digest (nothing when unchanged); exit 1 when this host
   has no such image. Devices are never added or removed.
@@ -123,11 +126,12 @@ def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> None:
             tmp.unlink()
 
 
-def _record(name: str, root: Any, enr: Enrolment, state_dir: Path, op: str) -> None:
+def _record(name: str, root: Any, enr: Enrolment, state_dir: Path, op: str,
+            pid: int | None) -> None:
     state.write_running(state_dir, {
         "name": name,
         "uuid": root.findtext("uuid"),
-        "pid": qemu_pid(name),
+        "pid": pid,
         "group": enr.group,
         "model": enr.model,
         "region": enr.region,
@@ -135,6 +139,18 @@ def _record(name: str, root: Any, enr: Enrolment, state_dir: Path, op: str) -> N
         "size": enr.size,
         "recorded_by": op,
         "recorded_at": round(time.time(), 3),
+    })
+
+
+def _request_redirect(name: str, root: Any, enr: Enrolment, state_dir: Path,
+                      pid: int | None) -> None:
+    """Leave an automatic redirect request for ``libshare daemon`` (atomic write)."""
+    state.write_request(state_dir, {
+        "domain": name,
+        "uuid": root.findtext("uuid"),
+        "pid": pid,
+        "mode": enr.redirect,
+        "requested_at": round(time.time(), 3),
     })
 
 
@@ -188,10 +204,19 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
             _publish_shm(image, enr, state_dir)
         return "region-ok"
     if op in ("started", "reconnect") and sub == "begin":
-        _record(name, root, enr, state_dir, op)
-        return "recorded"
+        pid = qemu_pid(name)
+        try:
+            _record(name, root, enr, state_dir, op, pid)
+        finally:  # a failed record must not cost the guest its redirect
+            if op == "started" and enr.redirect == "runtime":
+                _request_redirect(name, root, enr, state_dir, pid)
+        return "recorded" + ("; redirect requested"
+                             if op == "started" and enr.redirect == "runtime" else "")
     if op in ("stopped", "release") and sub == "end":
-        return "removed" if state.remove_running(state_dir, name) else "no-record"
+        result = "removed" if state.remove_running(state_dir, name) else "no-record"
+        if state.remove_request(state_dir, name):
+            result += "; request dropped"
+        return result
     if op in ("migrate", "restore") and sub == "begin":
         new_xml = _map_region(root, enr, cfg)
         if new_xml is None:

@@ -1,9 +1,14 @@
-"""Host-side state kept in the state directory: running-domain records and the hook log.
+"""Host-side state kept in the state directory: running-domain records, automatic
+redirect requests and outcomes, and the hook and daemon logs.
 
 ``STATE/running/NAME.json`` exists while an enrolled domain runs (written by the hook
 at ``started``, removed at ``stopped``/``release``) and tells the engine which QEMU
-process maps which region. ``STATE/log/hook.log`` has one line per hook invocation.
-All writes are atomic (temporary file + rename).
+process maps which region. ``STATE/requests/NAME.json`` is an automatic redirect
+request the hook leaves at ``started`` for a domain enrolled with ``redirect=runtime``
+(removed at ``stopped``/``release``, or by ``libshare daemon`` once served);
+``STATE/redirects/NAME.json`` is the daemon's last outcome for that domain.
+``STATE/log/hook.log`` has one line per hook invocation, ``STATE/log/daemon.log`` one
+per daemon event. All writes but the log appends are atomic (temporary file + rename).
 """
 
 from __future__ import annotations
@@ -55,6 +60,90 @@ def read_running(state_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def requests_dir(state_dir: Path) -> Path:
+    """Return the folder of pending automatic redirect requests."""
+    return state_dir / "requests"
+
+
+def request_path(state_dir: Path, name: str) -> Path:
+    """Return the automatic redirect request file of domain ``name``."""
+    return requests_dir(state_dir) / f"{name}.json"
+
+
+def write_request(state_dir: Path, request: dict[str, Any]) -> Path:
+    """Store ``request`` (must hold ``domain``) as a pending automatic redirect request,
+    replacing any earlier one; return its path."""
+    path = request_path(state_dir, request["domain"])
+    atomic_write(path, json.dumps(request, indent=2, sort_keys=True).encode() + b"\n")
+    return path
+
+
+def read_request(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """Return the pending request of domain ``name``, or None (absent or unreadable)."""
+    try:
+        data = json.loads(request_path(state_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_requests(state_dir: Path) -> list[dict[str, Any]]:
+    """Return every readable pending request (each with ``domain``), sorted by file
+    name; unreadable files are skipped."""
+    folder = requests_dir(state_dir)
+    if not folder.is_dir():
+        return []
+    out = []
+    for path in sorted(folder.glob("*.json")):
+        req = read_request(state_dir, path.stem)
+        if req is not None and isinstance(req.get("domain"), str):
+            out.append(req)
+    return out
+
+
+def remove_request(state_dir: Path, name: str, requested_at: float | None = None) -> bool:
+    """Remove the pending request of domain ``name``; with ``requested_at``, only if it is
+    still that request (not a newer one the hook wrote meanwhile). Return True if a file
+    was removed."""
+    if requested_at is not None:
+        current = read_request(state_dir, name)
+        if current is None or current.get("requested_at") != requested_at:
+            return False
+    try:
+        request_path(state_dir, name).unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def outcome_path(state_dir: Path, name: str) -> Path:
+    """Return the file holding the daemon's last automatic redirect outcome for ``name``."""
+    return state_dir / "redirects" / f"{name}.json"
+
+
+def write_outcome(state_dir: Path, outcome: dict[str, Any]) -> Path:
+    """Store ``outcome`` (must hold ``domain``) as the domain's last automatic redirect
+    outcome; return its path."""
+    path = outcome_path(state_dir, outcome["domain"])
+    atomic_write(path, json.dumps(outcome, indent=2, sort_keys=True, default=str).encode()
+                 + b"\n")
+    return path
+
+
+def read_outcome(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """Return the daemon's last outcome for domain ``name``, or None."""
+    try:
+        data = json.loads(outcome_path(state_dir, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def daemon_log_path(state_dir: Path) -> Path:
+    """Return the daemon's log file (JSON lines)."""
+    return state_dir / "log" / "daemon.log"
+
+
 def hook_log_path(state_dir: Path) -> Path:
     """Return the hook's log file."""
     return state_dir / "log" / "hook.log"
@@ -62,18 +151,29 @@ def hook_log_path(state_dir: Path) -> Path:
 
 def append_hook_log(state_dir: Path, entry: dict[str, Any]) -> None:
     """Append one JSON line to the hook log (best effort: errors are ignored)."""
+    append_log(hook_log_path(state_dir), entry)
+
+
+def append_log(path: Path, entry: dict[str, Any]) -> None:
+    """Append ``entry`` with the current ``time`` as one JSON line to log file ``path``
+    (best effort: errors are ignored)."""
     entry = {"time": round(time.time(), 3), **entry}
     with contextlib.suppress(OSError):
-        path = hook_log_path(state_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as fh:
-            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+            fh.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
 
 
 def read_hook_log(state_dir: Path) -> list[dict[str, Any]]:
     """Return the hook log entries, oldest first (unreadable lines skipped)."""
+    return read_log(hook_log_path(state_dir))
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """Return the JSON-line entries of log file ``path``, oldest first (unreadable lines
+    skipped; no file: empty)."""
     try:
-        lines = hook_log_path(state_dir).read_text().splitlines()
+        lines = path.read_text().splitlines()
     except OSError:
         return []
     out = []

@@ -1,0 +1,516 @@
+"""Automatic runtime redirect: the hook's requests, ``libshare daemon`` serving them
+against fake domains and agents (drop, wait, serve, give up, in parallel), outcome
+files, ``auto_state``, and the systemd unit written into a temporary directory."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import libvirt
+import pytest
+
+from libshare import daemon, domxml, hook, redirect, state
+from libshare.agent import AgentError
+from libshare.digest import sha256_file
+from libshare.errors import LibshareError, RefusedError
+
+MiB = 1 << 20
+UUID = "0d4c2cf5-1b5e-4b53-9d7f-1f9b3c7b9a11"
+PLAIN = f"""<domain type='qemu'><name>h</name><uuid>{UUID}</uuid>
+<memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>"""
+
+
+# ---------------------------------------------------------------------------- hook
+
+@pytest.fixture
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    state_dir = tmp_path / "state"
+    image = tmp_path / "region.img"
+    image.write_bytes(b"\x01" * (2 * MiB))
+    monkeypatch.setenv("LIBSHARE_CONFIG", str(tmp_path / "libshare.toml"))
+    (tmp_path / "libshare.toml").write_text(f'state_dir = "{state_dir}"\n')
+    return {"state": state_dir, "image": image}
+
+
+def hook_xml(image: Path, state_dir: Path, mode: str) -> bytes:
+    spec = domxml.RegionSpec(str(image), image.stat().st_size, "g", digest=sha256_file(image),
+                             state_dir=str(state_dir), redirect=mode)
+    return domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
+
+
+def test_started_leaves_a_request_and_stopped_removes_it(env: dict[str, Path]) -> None:
+    xml = hook_xml(env["image"], env["state"], "runtime")
+    before = time.time()
+    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    req = state.read_request(env["state"], "h")
+    assert req is not None and req["domain"] == "h" and req["uuid"] == UUID
+    assert req["mode"] == "runtime" and "pid" in req and req["requested_at"] >= before - 1
+    assert state.read_hook_log(env["state"])[-1]["result"] == "recorded; redirect requested"
+    assert hook.run(["h", "stopped", "end", "-"], xml) == 0
+    assert state.read_request(env["state"], "h") is None
+    assert state.read_hook_log(env["state"])[-1]["result"] == "removed; request dropped"
+    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert hook.run(["h", "release", "end", "-"], xml) == 0
+    assert state.read_requests(env["state"]) == []
+
+
+def test_no_request_for_reconnect_or_mode_off(env: dict[str, Path]) -> None:
+    runtime = hook_xml(env["image"], env["state"], "runtime")
+    assert hook.run(["h", "reconnect", "begin", "-"], runtime) == 0
+    off = hook_xml(env["image"], env["state"], "off")
+    assert hook.run(["h", "started", "begin", "-"], off) == 0
+    assert state.read_requests(env["state"]) == []
+    assert state.read_hook_log(env["state"])[-1]["result"] == "recorded"
+
+
+def test_started_never_fails_when_the_request_cannot_be_written(
+        env: dict[str, Path]) -> None:
+    xml = hook_xml(env["image"], env["state"], "runtime")
+    env["state"].mkdir(exist_ok=True)
+    (env["state"] / "requests").write_text("not a dir")
+    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    entry = state.read_hook_log(env["state"])[-1]
+    assert entry["status"] == 0 and entry["result"].startswith("error:")
+    # a failed running record does not prevent the request
+    (env["state"] / "requests").unlink()
+    shutil.rmtree(env["state"] / "running")
+    (env["state"] / "running").write_text("not a dir")
+    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert state.read_request(env["state"], "h") is not None
+
+
+# ---------------------------------------------------------------------------- fakes
+
+def enrolled(name: str, mode: str = "runtime") -> str:
+    spec = domxml.RegionSpec("/r/a.img", 8 * MiB, "g", digest="ab" * 32,
+                             state_dir="/var/lib/libshare", redirect=mode)
+    root = domxml.parse(PLAIN.replace("<name>h<", f"<name>{name}<"))
+    return domxml.serialize(domxml.enable(root, spec))
+
+
+class FakeDom:
+    def __init__(self, name: str, active: bool = True, mode: str = "runtime",
+                 uuid: str = UUID) -> None:
+        self._name, self.active, self.uuid = name, active, uuid
+        self.xml = enrolled(name, mode)
+
+    def name(self) -> str:
+        return self._name
+
+    def UUIDString(self) -> str:
+        return self.uuid
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.xml
+
+
+class FakeConn:
+    def __init__(self, *doms: FakeDom, alive: bool = True) -> None:
+        self.doms = {d.name(): d for d in doms}
+        self.alive = alive
+        self.closed = False
+
+    def lookupByName(self, name: str) -> FakeDom:
+        if not self.alive or name not in self.doms:
+            raise libvirt.libvirtError(f"Domain not found: {name}")
+        return self.doms[name]
+
+    def isAlive(self) -> int:
+        return int(self.alive)
+
+    def close(self) -> int:
+        self.closed = True
+        return 0
+
+
+class FakeAgent:
+    def __init__(self, answers: bool = True) -> None:
+        self.answers = answers
+        self.pings = 0
+
+    def ping(self) -> None:
+        self.pings += 1
+        if not self.answers:
+            raise AgentError("guest agent is not connected")
+
+
+class Guests:
+    """Scripted redirect.installed/install/redirect, per domain name."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, installed: bool = True) -> None:
+        self.agents: dict[str, FakeAgent] = {}
+        self.installed: dict[str, bool] = {}
+        self.default_installed = installed
+        self.calls: list[tuple[str, str, Any]] = []
+        self.fail: dict[str, Exception] = {}
+        self.gate: dict[str, threading.Event] = {}
+        monkeypatch.setattr(redirect, "installed", self._installed)
+        monkeypatch.setattr(redirect, "install", self._install)
+        monkeypatch.setattr(redirect, "redirect", self._redirect)
+
+    def agent(self, dom: Any) -> FakeAgent:
+        return self.agents.setdefault(dom.name(), FakeAgent())
+
+    def _name(self, agent: Any) -> str:
+        return next(n for n, a in self.agents.items() if a is agent)
+
+    def _installed(self, agent: Any, timeout: float = 30.0) -> bool:
+        return self.installed.get(self._name(agent), self.default_installed)
+
+    def _install(self, dom: Any, agent_factory: Any = None,
+                 update_initramfs: bool = True) -> redirect.InstallReport:
+        self.calls.append((dom.name(), "install", update_initramfs))
+        assert agent_factory(dom) is self.agents[dom.name()]
+        self.installed[dom.name()] = True
+        return redirect.InstallReport(domain=dom.name(), region_device="/dev/pmem0",
+                                      files=["/usr/sbin/libshare-redirect"])
+
+    def _redirect(self, dom: Any, restart: bool = True,
+                  agent_factory: Any = None) -> redirect.RedirectReport:
+        self.calls.append((dom.name(), "redirect", restart))
+        if dom.name() in self.gate:
+            assert self.gate[dom.name()].wait(10)
+        if dom.name() in self.fail:
+            raise self.fail[dom.name()]
+        return redirect.RedirectReport(domain=dom.name(), action="redirect", bound=40,
+                                       binds_total=40, restarted=["cron.service"])
+
+
+def request(state_dir: Path, name: str, at: float | None = None) -> dict[str, Any]:
+    req = {"domain": name, "uuid": UUID, "pid": 123, "mode": "runtime",
+           "requested_at": time.time() if at is None else at}
+    state.write_request(state_dir, req)
+    return req
+
+
+def make(tmp_path: Path, conn: FakeConn, guests: Guests, **kw: Any) -> daemon.Daemon:
+    return daemon.Daemon(tmp_path, lambda: conn, agent_factory=guests.agent,
+                         err=io.StringIO(), **kw)
+
+
+# ---------------------------------------------------------------------------- daemon
+
+def test_serves_a_request_installing_first(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch, installed=False)
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    request(tmp_path, "a")
+    assert d.serve(once=True) == 0
+    assert guests.calls == [("a", "install", False), ("a", "redirect", True)]
+    assert state.read_requests(tmp_path) == []
+    out = state.read_outcome(tmp_path, "a")
+    assert out is not None and out["ok"] is True and out["status"] == "ok"
+    assert out["installed_now"] is True and out["report"]["bound"] == 40
+    assert out["install"]["files"] == ["/usr/sbin/libshare-redirect"]
+    assert out["error"] is None and out["time"] > 0 and out["uuid"] == UUID
+    assert [r.action for r in d.results] == ["ok"]
+    log = state.read_log(state.daemon_log_path(tmp_path))
+    assert [e["event"] for e in log] == ["serving", "ok"]
+    assert "a: redirected: 40 libraries bound now" in d.err.getvalue()  # type: ignore[union-attr]
+
+
+def test_installed_guest_is_only_redirected(tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch, installed=True)
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    request(tmp_path, "a")
+    assert d.serve(once=True) == 0
+    assert guests.calls == [("a", "redirect", True)]
+    assert state.read_outcome(tmp_path, "a")["installed_now"] is False  # type: ignore[index]
+
+
+@pytest.mark.parametrize("case,why", [
+    ("gone", "the domain is gone"),
+    ("other-uuid", "the domain is gone"),
+    ("stopped", "the domain is not running"),
+    ("mode-off", "automatic redirect is now off"),
+])
+def test_drops_requests_it_cannot_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        case: str, why: str) -> None:
+    guests = Guests(monkeypatch)
+    doms = {"gone": [], "other-uuid": [FakeDom("a", uuid="other")],
+            "stopped": [FakeDom("a", active=False)], "mode-off": [FakeDom("a", mode="off")]}
+    d = make(tmp_path, FakeConn(*doms[case]), guests)
+    request(tmp_path, "a")
+    assert d.serve(once=True) == 0
+    assert state.read_requests(tmp_path) == [] and state.read_outcome(tmp_path, "a") is None
+    assert guests.calls == [] and d.results[0].action == "dropped"
+    assert why in d.results[0].message
+    assert state.read_log(state.daemon_log_path(tmp_path))[-1]["event"] == "dropped"
+
+
+def test_keeps_a_request_while_the_agent_is_silent_then_gives_up(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    guests.agents["a"] = FakeAgent(answers=False)
+    now = [1000.0]
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests, wait=900.0, clock=lambda: now[0])
+    request(tmp_path, "a", at=1000.0)
+    for t in (1000.0, 1300.0, 1899.0):   # a new daemon each time: "waiting" logged
+        now[0] = t
+        assert d.serve(once=True) == 0
+        assert d.results[-1].action == "waiting"
+        d = make(tmp_path, FakeConn(FakeDom("a")), guests, wait=900.0,
+                 clock=lambda: now[0])
+        assert state.read_request(tmp_path, "a") is not None
+    assert guests.agents["a"].pings == 3
+    now[0] = 1900.0
+    assert d.serve(once=True) == 1
+    assert state.read_request(tmp_path, "a") is None
+    out = state.read_outcome(tmp_path, "a")
+    assert out is not None and out["ok"] is False and out["status"] == "failed"
+    assert "did not answer within 900 s" in out["error"]
+    assert guests.calls == []
+    events = [e["event"] for e in state.read_log(state.daemon_log_path(tmp_path))]
+    assert events.count("waiting") == 3 and events[-1] == "failed"
+
+
+def test_waiting_is_logged_once_per_daemon(tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    guests.agents["a"] = FakeAgent(answers=False)
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    request(tmp_path, "a")
+    d.run_pass()[0].result()
+    d.run_pass()[0].result()
+    assert [e["event"] for e in state.read_log(state.daemon_log_path(tmp_path))] == \
+        ["waiting"]
+    guests.agents["a"].answers = True
+    assert d.serve(once=True) == 0
+    assert state.read_outcome(tmp_path, "a")["ok"] is True  # type: ignore[index]
+
+
+@pytest.mark.parametrize("exc", [RefusedError("a: no library region device"),
+                                 LibshareError("a: libshare-redirect apply failed"),
+                                 RuntimeError("boom")])
+def test_a_failed_redirect_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       exc: Exception) -> None:
+    guests = Guests(monkeypatch)
+    guests.fail["a"] = exc
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    request(tmp_path, "a")
+    assert d.serve(once=True) == 1
+    out = state.read_outcome(tmp_path, "a")
+    assert out is not None and out["ok"] is False and str(exc) in out["error"]
+    assert state.read_requests(tmp_path) == []
+    assert [f.domain for f in d.failures] == ["a"]
+
+
+def test_a_newer_request_written_meanwhile_is_kept(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    guests.gate["a"] = threading.Event()
+    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    request(tmp_path, "a", at=1.0)
+    fut = d.run_pass()[0]
+    while not guests.calls:
+        time.sleep(0.01)
+    assert d.run_pass() == []          # in hand: not started twice
+    request(tmp_path, "a", at=2.0)     # the guest restarted: the hook wrote a new one
+    guests.gate["a"].set()
+    assert fut.result().action == "ok"
+    assert state.read_request(tmp_path, "a")["requested_at"] == 2.0  # type: ignore[index]
+
+
+def test_one_slow_guest_does_not_hold_up_others(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    guests.gate["slow"] = threading.Event()
+    d = make(tmp_path, FakeConn(FakeDom("slow"), FakeDom("fast")), guests, jobs=2)
+    request(tmp_path, "slow")
+    request(tmp_path, "fast")
+    futures = d.run_pass()
+    deadline = time.monotonic() + 10
+    while state.read_outcome(tmp_path, "fast") is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert state.read_outcome(tmp_path, "fast")["ok"] is True  # type: ignore[index]
+    assert state.read_outcome(tmp_path, "slow") is None
+    guests.gate["slow"].set()
+    for f in futures:
+        f.result(timeout=10)
+    assert state.read_outcome(tmp_path, "slow")["ok"] is True  # type: ignore[index]
+
+
+def test_until_idle_serves_late_answers_and_exits(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    guests.agents["late"] = FakeAgent(answers=False)
+    d = make(tmp_path, FakeConn(FakeDom("late"), FakeDom("a")), guests)
+    request(tmp_path, "late")
+    request(tmp_path, "a")
+    threading.Timer(0.3, lambda: setattr(guests.agents["late"], "answers", True)).start()
+    assert d.serve(until_idle=True, poll=0.05) == 0
+    assert sorted(r.domain for r in d.results if r.action == "ok") == ["a", "late"]
+    assert state.read_requests(tmp_path) == []
+
+
+def test_unreadable_request_is_removed(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    d = make(tmp_path, FakeConn(), guests)
+    state.requests_dir(tmp_path).mkdir(parents=True)
+    (state.requests_dir(tmp_path) / "x.json").write_text("{not json")
+    assert d.serve(until_idle=True, poll=0.01) == 0
+    assert not (state.requests_dir(tmp_path) / "x.json").exists()
+
+
+def test_lost_connection_keeps_the_request_and_reconnects(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+    conns = [FakeConn(FakeDom("a"), alive=False), FakeConn(FakeDom("a"))]
+    opened: list[FakeConn] = []
+
+    def connect() -> FakeConn:
+        opened.append(conns[len(opened)])
+        return opened[-1]
+
+    d = daemon.Daemon(tmp_path, connect, agent_factory=guests.agent, err=io.StringIO())
+    request(tmp_path, "a")
+    assert d.run_pass()[0].result().action == "waiting"
+    assert state.read_request(tmp_path, "a") is not None
+    assert d.serve(once=True) == 0
+    assert len(opened) == 2 and opened[0].closed
+
+
+def test_libvirt_unreachable_is_one_error(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    guests = Guests(monkeypatch)
+
+    def connect() -> Any:
+        raise LibshareError("cannot connect to libvirt at test:///x: no")
+
+    request(tmp_path, "a")
+    d = daemon.Daemon(tmp_path, connect, agent_factory=guests.agent, err=io.StringIO())
+    with pytest.raises(LibshareError, match="cannot connect"):
+        d.serve(once=True)
+    # forever: logged and retried until stopped
+    d = daemon.Daemon(tmp_path, connect, agent_factory=guests.agent, err=io.StringIO())
+    threading.Timer(0.2, d.stop).start()
+    assert d.serve(poll=0.05) == 0
+    assert "retrying" in d.err.getvalue()  # type: ignore[union-attr]
+
+
+def test_sigterm_stops_the_cli_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare import cli
+
+    guests = Guests(monkeypatch)
+    conn = FakeConn(FakeDom("a"))
+    monkeypatch.setattr(daemon, "open_libvirt", lambda uri: lambda: conn)
+    monkeypatch.setattr(daemon.GuestAgent, "for_domain", guests.agent)
+    monkeypatch.setenv("LIBSHARE_CONFIG", "")
+    request(tmp_path, "a")
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        status = cli.main(["--state-dir", str(tmp_path), "daemon", "--poll", "0.05",
+                           "--json"])
+    finally:
+        timer.cancel()
+    assert status == 0 and signal.getsignal(signal.SIGTERM) == before
+    assert '"domain": "a"' in capsys.readouterr().out
+    assert state.read_outcome(tmp_path, "a")["ok"] is True  # type: ignore[index]
+
+
+def test_cli_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare import cli
+
+    monkeypatch.setenv("LIBSHARE_CONFIG", "")
+    for argv in (["daemon", "--poll", "0"], ["daemon", "--jobs", "0"],
+                 ["daemon", "--once", "--until-idle"]):
+        assert cli.main(["--state-dir", str(tmp_path), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("libshare: ")
+
+
+# ---------------------------------------------------------------------------- status
+
+def test_auto_state(tmp_path: Path) -> None:
+    assert daemon.auto_state(tmp_path, "a") is None
+    state.write_outcome(tmp_path, {"domain": "a", "ok": False, "time": 5.0,
+                                   "error": "no agent", "report": None})
+    assert daemon.auto_state(tmp_path, "a") == {
+        "state": "failed", "time": 5.0, "error": "no agent", "bound": None,
+        "binds_total": None}
+    request(tmp_path, "a", at=7.0)
+    auto = daemon.auto_state(tmp_path, "a")
+    assert auto is not None and auto["state"] == "pending" and auto["time"] == 7.0
+    assert auto["last"]["state"] == "failed"
+
+
+# ---------------------------------------------------------------------------- unit
+
+def test_unit_install_update_uninstall(tmp_path: Path) -> None:
+    ran: list[list[str]] = []
+
+    def runner(argv: list[str]) -> int:
+        ran.append(argv)
+        return 0
+
+    res = daemon.install_unit(tmp_path, python="/opt/py/bin/python3",
+                              extra_args=["--config", "/etc/x y.toml"], runner=runner,
+                              systemd=True)
+    unit = (tmp_path / daemon.UNIT_NAME).read_text()
+    assert res.action == "installed" and res.systemd == "daemon-reload done"
+    assert ('ExecStart=/opt/py/bin/python3 -m libshare --config "/etc/x y.toml" daemon\n'
+            in unit)
+    assert "After=libvirtd.service" in unit and "Restart=on-failure" in unit
+    assert "WantedBy=multi-user.target" in unit and "@" not in unit.split("ExecStart")[1][:3]
+    assert ran == [["systemctl", "daemon-reload"]]
+    assert daemon.install_unit(tmp_path, python="/opt/py/bin/python3",
+                               extra_args=["--config", "/etc/x y.toml"], runner=runner,
+                               systemd=True).action == "unchanged"
+    res = daemon.install_unit(tmp_path, runner=runner, systemd=False)
+    assert res.action == "updated" and "not running" in res.systemd
+    assert f"ExecStart={os.path.abspath(__import__('sys').executable)} -m libshare daemon" \
+        in (tmp_path / daemon.UNIT_NAME).read_text()
+    ran.clear()
+    res = daemon.uninstall_unit(tmp_path, runner=runner, systemd=True)
+    assert res.action == "removed" and not (tmp_path / daemon.UNIT_NAME).exists()
+    assert ran == [["systemctl", "disable", "--now", daemon.UNIT_NAME],
+                   ["systemctl", "daemon-reload"]]
+    assert daemon.uninstall_unit(tmp_path, runner=runner, systemd=True).action == "absent"
+
+
+def test_unit_not_ours_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / daemon.UNIT_NAME).write_text("[Service]\nExecStart=/bin/true\n")
+    with pytest.raises(LibshareError, match="not written by libshare"):
+        daemon.install_unit(tmp_path, systemd=False)
+    with pytest.raises(LibshareError, match="not written by libshare"):
+        daemon.uninstall_unit(tmp_path, systemd=False)
+    assert (tmp_path / daemon.UNIT_NAME).read_text().startswith("[Service]")
+
+
+def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare import cli
+
+    monkeypatch.setenv("LIBSHARE_CONFIG", "")
+    monkeypatch.setattr(daemon, "systemd_running", lambda: False)
+    units = tmp_path / "units"
+    assert cli.main(["--state-dir", str(tmp_path / "s"), "daemon", "install",
+                     "--unit-dir", str(units)]) == 0
+    out = capsys.readouterr().out
+    assert "installed; systemd is not running here" in out
+    assert f"--state-dir {tmp_path / 's'} daemon" in (units / daemon.UNIT_NAME).read_text()
+    assert cli.main(["daemon", "uninstall", "--unit-dir", str(units), "--json"]) == 0
+    assert '"action": "removed"' in capsys.readouterr().out
+
+
+def test_unit_template_is_package_data() -> None:
+    from importlib import resources
+
+    assert "@EXEC_START@" in resources.files("libshare").joinpath(
+        "data", daemon.UNIT_NAME).read_text()
