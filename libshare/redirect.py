@@ -178,9 +178,9 @@ def _run(agent: GuestAgent, argv: list[str], stdin: bytes | None = None,
         raise LibshareError(str(exc)) from exc
 
 
-def installed(agent: GuestAgent) -> bool:
+def installed(agent: GuestAgent, timeout: float = 30.0) -> bool:
     """Return True if the guest has the libshare-redirect script installed."""
-    return _run(agent, ["/bin/sh", "-c", f"test -x {SCRIPT}"], timeout=30).ok
+    return _run(agent, ["/bin/sh", "-c", f"test -x {SCRIPT}"], timeout=timeout).ok
 
 
 # ---------------------------------------------------------------------------- install
@@ -391,15 +391,17 @@ def unredirect(dom: Any, restart: bool = True,
     return report
 
 
-def guest_status(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain
-                 ) -> dict[str, Any]:
+def guest_status(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
+                 timeout: float = 120.0) -> dict[str, Any]:
     """Return the guest's own view (``libshare-redirect status``): region mounted, DAX,
     binds, boot mode, library mappings from the region / from disk / stale. For
-    ``libshare status``. Raises LibshareError if the agent does not answer."""
+    ``libshare status``. Each program run in the guest may take ``timeout`` seconds.
+    Raises LibshareError if the agent does not answer."""
     agent = agent_factory(dom)
-    res = _run(agent, ["/bin/sh", "-s", "--", "status"], stdin=script_bytes(), timeout=120)
+    res = _run(agent, ["/bin/sh", "-s", "--", "status"], stdin=script_bytes(),
+               timeout=timeout)
     kv = parse_kv(res.out)
-    out: dict[str, Any] = {"installed": installed(agent)}
+    out: dict[str, Any] = {"installed": installed(agent, timeout=min(timeout, 30.0))}
     for key, value in kv.items():
         out[key] = int(value) if isinstance(value, str) and value.isdigit() else value
     return out

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import time
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from libshare import capabilities, domxml, enrol, state, virt
-from libshare.commands.xml import MODEL_HELP
-from libshare.config import MODELS, Config
+from libshare import capabilities, daemon, domxml, enrol, redirect, state, virt
+from libshare.agent import GuestAgent
+from libshare.commands.xml import MODEL_HELP, REDIRECT_HELP
+from libshare.config import MODELS, REDIRECT_MODES, Config
 from libshare.digest import cached_sha256
 from libshare.errors import LibshareError
 from libshare.output import print_json, print_table
@@ -46,11 +50,11 @@ def _enable(args: argparse.Namespace, cfg: Config) -> int:
                 print(f"libshare: virtio-pmem cannot start on this host ({reason}); "
                       "using nvdimm", file=sys.stderr)
                 model = "nvdimm"
-        spec = enrol.resolve_region(cfg, args.group or cfg.default_group, model,
-                                    args.region)
+        spec = replace(enrol.resolve_region(cfg, args.group or cfg.default_group, model,
+                                            args.region), redirect=args.redirect)
         for name in args.domains:
             try:
-                outcomes.append(enrol.enable_domain(conn, name, spec))
+                outcomes.append(enrol.enable_domain(conn, name, spec, cfg.redirect))
             except LibshareError as exc:
                 failures.append({"domain": name, "error": str(exc)})
     return _report(outcomes, failures, args.json)
@@ -85,12 +89,50 @@ def library_mappings(conn: Any, name: str, cfg: Config, processes: bool) -> dict
     return out
 
 
+#: seconds each program run in a guest for ``libshare status`` may take
+STATUS_AGENT_TIMEOUT = 20.0
+#: seconds one guest agent command may take for ``libshare status``
+STATUS_AGENT_COMMAND_TIMEOUT = 5
+
+
+def guest_view(dom: Any, agent_factory: redirect.AgentFactory | None = None,
+               timeout: float = STATUS_AGENT_TIMEOUT) -> dict[str, Any]:
+    """Return the running guest's own redirect state from its agent, bounded in time:
+    ``{"available": True, "installed", "boot_mode", "region_mounted", "dax",
+    "region_device", "files_redirected", "maps_region", "maps_disk", "maps_stale"}``, or
+    ``{"available": False, "error": why}`` when the agent cannot tell (never raises)."""
+    def bounded(d: Any) -> GuestAgent:
+        return GuestAgent.for_domain(d, timeout=STATUS_AGENT_COMMAND_TIMEOUT)
+
+    try:
+        raw = redirect.guest_status(dom, agent_factory=agent_factory or bounded,
+                                    timeout=timeout)
+    except LibshareError as exc:
+        return {"available": False, "error": str(exc)}
+    except Exception as exc:  # whatever the agent or libvirt throws: status goes on
+        return {"available": False, "error": f"unexpected error: {exc}"}
+
+    def flag(key: str) -> bool | None:
+        return None if key not in raw else raw[key] in (1, "1")
+
+    return {"available": True, "installed": bool(raw.get("installed")),
+            "boot_mode": flag("boot_mode"), "region_mounted": flag("region_mounted"),
+            "dax": flag("dax"), "region_device": raw.get("region_device"),
+            "files_redirected": raw.get("binds"), "maps_region": raw.get("maps_region"),
+            "maps_disk": raw.get("maps_disk"), "maps_stale": raw.get("maps_stale")}
+
+
 def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
-                  introspect: bool = False, processes: bool = False) -> dict[str, Any]:
-    """Return the status object of one domain: its enrolment, whether it runs, whether
-    its region image is present and intact, the hook's running record, and for a running
-    domain the host memory of its guest-RAM and region mappings (``memory``) and, with
-    ``introspect``, its library mappings from the region versus private (``mappings``)."""
+                  introspect: bool = False, processes: bool = False,
+                  agent: bool = False) -> dict[str, Any]:
+    """Return the status object of one domain: its enrolment (with ``redirect``, its
+    automatic redirect mode), whether it runs, whether its region image is present and
+    intact, the hook's running record, the daemon's automatic redirect state
+    (``auto_redirect``, see :func:`libshare.daemon.auto_state`), and for a running
+    domain the host memory of its guest-RAM and region mappings (``memory``), with
+    ``introspect`` its library mappings from the region versus private (``mappings``)
+    and, with ``agent`` and when enrolled, the guest's own redirect state (``guest``,
+    see :func:`guest_view`)."""
     info = domxml.describe(domxml.parse(virt.inactive_xml(dom)))
     info["running"] = virt.is_active(dom)
     info["region_ok"] = None
@@ -115,7 +157,47 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
             info["mappings"] = library_mappings(dom.connect(), dom.name(), cfg, processes)
         except LibshareError as exc:
             info["mappings"] = {"error": str(exc)}
+    info["auto_redirect"] = daemon.auto_state(
+        Path(info["state_dir"] or cfg.state_dir), dom.name()) if info["enrolled"] else None
+    info["guest"] = guest_view(dom) if agent and info["running"] and info["enrolled"] \
+        else None
     return info
+
+
+def _when(t: Any) -> str:
+    """Return wall-clock time ``t`` (seconds) as local ``YYYY-MM-DD HH:MM:SS``, or '-'."""
+    if not isinstance(t, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _auto_text(auto: dict[str, Any] | None) -> str:
+    """Return the AUTO-REDIRECT cell: pending/ok/failed and when, '-' if never."""
+    if not auto:
+        return "-"
+    return f"{auto['state']} {_when(auto.get('time'))}"
+
+
+def _yes(value: Any) -> str:
+    return {None: "-", True: "yes", False: "no"}.get(value, str(value))
+
+
+def _redirect_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """Return the rows of the redirect table: one per enrolled domain."""
+    out = []
+    for r in rows:
+        if not r["enrolled"]:
+            continue
+        g = r.get("guest") or {}
+        if g.get("available"):
+            cells = [_yes(g["installed"]), _yes(g["boot_mode"]), _yes(g["region_mounted"]),
+                     _yes(g["dax"]), *("-" if g[k] is None else g[k] for k in
+                                       ("files_redirected", "maps_region", "maps_disk"))]
+        else:
+            cells = ["unavailable" if g else "-"] + ["-"] * 6
+        out.append([r["name"], r.get("redirect") or "off",
+                    _auto_text(r.get("auto_redirect")), *cells])
+    return out
 
 
 def host_memory(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -140,7 +222,7 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         records = {r.get("name", ""): r for r in state.read_running(cfg.state_dir)}
         for dom in doms:
             rows.append(domain_status(dom, cfg, records, not args.no_introspect,
-                                      args.processes))
+                                      args.processes, agent=not args.no_agent))
     host = host_memory(rows)
     if args.json:
         print_json({"domains": rows, "host": host})
@@ -149,9 +231,16 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
               r["model"] or "-", human(r["size"]) if r["size"] else "-",
               (r["digest"] or "-")[:12],
               {None: "-", True: "ok", False: "MISSING/CHANGED"}[r["region_ok"]],
+              r.get("redirect") or "-",
               "running" if r["running"] else "shut off"] for r in rows]
-    print_table(["DOMAIN", "ENROLLED", "GROUP", "MODEL", "SIZE", "DIGEST", "REGION", "STATE"],
-                table)
+    print_table(["DOMAIN", "ENROLLED", "GROUP", "MODEL", "SIZE", "DIGEST", "REGION",
+                 "REDIRECT", "STATE"], table)
+    redirects = _redirect_rows(rows)
+    if redirects:
+        print()
+        print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "INSTALLED", "BOOT MODE",
+                     "MOUNTED", "DAX", "FILES REDIRECTED", "MAPS REGION", "MAPS DISK"],
+                    redirects)
     mem = [[r["name"], r["memory"]["guest_ram"]["Rss"],
             *(r["memory"]["region"][k] if r["memory"].get("region") else "-"
               for k in ("Rss", "Pss", "Shared_Clean", "Private_Dirty"))]
@@ -175,6 +264,12 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
     for r in rows:
         if r.get("mappings") and "error" in r["mappings"]:
             print(f"{r['name']}: no introspection: {r['mappings']['error']}", file=sys.stderr)
+        auto = r.get("auto_redirect") or {}
+        if auto.get("state") == "failed" and auto.get("error"):
+            print(f"{r['name']}: automatic redirect failed: {auto['error']}", file=sys.stderr)
+        if r.get("guest") and not r["guest"].get("available"):
+            print(f"{r['name']}: guest view unavailable: {r['guest']['error']}",
+                  file=sys.stderr)
     return 0
 
 
@@ -189,6 +284,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--model", choices=MODELS, help=MODEL_HELP)
     e.add_argument("--region", metavar="PATH",
                    help="region image (default: the group's current image)")
+    e.add_argument("--redirect", choices=REDIRECT_MODES, help=REDIRECT_HELP)
     _uri_arg(e)
     e.set_defaults(func=_enable)
     d = sub.add_parser("disable", help="undo the enrolment of libvirt domains",
@@ -203,12 +299,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "domains the host memory of their guest RAM and region mappings "
                        "(from smaps, the region's page cache counted once) and, read from "
                        "guest memory by introspection, how many library mappings the "
-                       "region serves versus private copies.")
+                       "region serves versus private copies; per enrolled domain its "
+                       "automatic redirect mode, the daemon's last outcome and, from its "
+                       "guest agent, the guest's own view (libshare-redirect installed, "
+                       "boot mode, region mounted, DAX, files redirected, library "
+                       "mappings from the region and from disk).")
     s.add_argument("domains", nargs="*", metavar="DOMAIN")
     s.add_argument("--no-introspect", action="store_true",
                    help="do not read running guests' memory to count library mappings "
                    "served from the region")
     s.add_argument("--processes", action="store_true",
                    help="list library mappings from the region per process")
+    s.add_argument("--no-agent", action="store_true",
+                   help="do not ask running guests' agents for their own redirect state "
+                   f"(asked otherwise, at most {STATUS_AGENT_TIMEOUT:.0f} s per program)")
     _uri_arg(s)
     s.set_defaults(func=_status)

@@ -175,3 +175,31 @@ def test_enable_domain_changes_only_the_mode() -> None:
     fresh = FakeConn(DOMAIN)
     new = enrol.enable_domain(fresh, "r", spec(None), default_redirect="runtime")
     assert new.action == "enabled" and "automatic redirect runtime" in new.message
+
+
+def test_enable_cli_sets_and_changes_the_mode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from contextlib import contextmanager
+
+    from libshare import cli, virt
+
+    region = tmp_path / "region.img"
+    region.write_bytes(b"\0" * (4 * MiB))
+    conn = FakeConn(DOMAIN)
+
+    @contextmanager
+    def connect(uri: str) -> Any:
+        yield conn
+
+    monkeypatch.setattr(virt, "connect", connect)
+    (tmp_path / "c.toml").write_text('redirect = "runtime"\n')
+    monkeypatch.setenv("LIBSHARE_CONFIG", str(tmp_path / "c.toml"))
+    base = ["--state-dir", str(tmp_path / "state"), "enable", "r", "--region", str(region)]
+    assert cli.main(base) == 0
+    assert "automatic redirect runtime" in capsys.readouterr().out
+    assert cli.main([*base, "--redirect", "off", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["domains"][0]
+    assert out["message"] == "automatic redirect set to off"
+    assert out["libshare"]["redirect"] == "off"
+    assert cli.main(base) == 0  # no --redirect: the recorded mode stays
+    assert "already enrolled" in capsys.readouterr().out

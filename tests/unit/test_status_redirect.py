@@ -1,0 +1,170 @@
+"""``libshare status`` and redirect: the configured mode, the daemon's last outcome and
+the guest's own view from its agent (or why it is unavailable), in JSON and tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libshare import cli, domxml, redirect, state, virt
+from libshare.agent import AgentError, ExecResult, GuestAgent
+from libshare.commands import enrol as enrol_cmd
+from libshare.config import Config
+
+MiB = 1 << 20
+BASE = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
+<os><type arch='x86_64'>hvm</type></os><devices/></domain>"""
+STATUS_OUT = ("region_mounted=1\ndax=1\nregion_device=/dev/pmem0\nbinds=412\nboot_mode=0\n"
+              "maps_region=950\nmaps_disk=12\nmaps_stale=0\n")
+
+
+class FakeDom:
+    def __init__(self, name: str, state_dir: Path | None, active: bool = True,
+                 mode: str = "runtime") -> None:
+        self._name, self.active = name, active
+        root = domxml.parse(BASE.format(name=name))
+        if state_dir is not None:
+            root = domxml.enable(root, domxml.RegionSpec(
+                str(state_dir / "missing.img"), 8 * MiB, "g", digest="ab" * 32,
+                state_dir=str(state_dir), redirect=mode))
+        self.xml = domxml.serialize(root)
+
+    def name(self) -> str:
+        return self._name
+
+    def isActive(self) -> int:
+        return int(self.active)
+
+    def XMLDesc(self, flags: int = 0) -> str:
+        return self.xml
+
+
+class FakeAgent:
+    def __init__(self, answers: bool = True, installed: bool = True) -> None:
+        self.answers, self.is_installed = answers, installed
+        self.timeouts: list[float] = []
+
+    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0,
+             check: bool = False) -> ExecResult:
+        self.timeouts.append(timeout)
+        if not self.answers:
+            raise AgentError("guest agent of g is not responding")
+        if argv[:4] == ["/bin/sh", "-s", "--", "status"]:
+            return ExecResult(0, STATUS_OUT.encode(), b"")
+        if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
+            return ExecResult(0 if self.is_installed else 1, b"", b"")
+        raise AssertionError(f"unexpected {argv}")
+
+
+def test_guest_view_fields() -> None:
+    agent = FakeAgent()
+    view = enrol_cmd.guest_view(object(), agent_factory=lambda _d: agent, timeout=7.0)
+    assert view == {"available": True, "installed": True, "boot_mode": False,
+                    "region_mounted": True, "dax": True, "region_device": "/dev/pmem0",
+                    "files_redirected": 412, "maps_region": 950, "maps_disk": 12,
+                    "maps_stale": 0}
+    assert max(agent.timeouts) <= 7.0
+
+
+@pytest.mark.parametrize("exc", [AgentError("guest agent of g is not responding"),
+                                 RuntimeError("libvirt went away")])
+def test_guest_view_unavailable_never_raises(exc: Exception) -> None:
+    def factory(_dom: Any) -> Any:
+        raise exc
+    view = enrol_cmd.guest_view(object(), agent_factory=factory)
+    assert view["available"] is False and str(exc) in view["error"]
+    silent = enrol_cmd.guest_view(object(), agent_factory=lambda _d: FakeAgent(False))
+    assert silent == {"available": False, "error": "guest agent of g is not responding"}
+
+
+def test_domain_status_redirect_fields(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str] = []
+    monkeypatch.setattr(enrol_cmd, "guest_view",
+                        lambda dom: asked.append(dom.name()) or {"available": True})
+    cfg = Config(state_dir=tmp_path / "elsewhere")
+    state.write_outcome(tmp_path, {"domain": "a", "ok": True, "time": 9.0, "error": None,
+                                   "report": {"bound": 3, "binds_total": 5}})
+    info = enrol_cmd.domain_status(FakeDom("a", tmp_path), cfg, {}, agent=True)
+    assert info["redirect"] == "runtime"
+    assert info["auto_redirect"] == {"state": "ok", "time": 9.0, "error": None, "bound": 3,
+                                     "binds_total": 5}
+    assert info["guest"] == {"available": True} and asked == ["a"]
+    # not asked: with agent=False, when shut off, when not enrolled
+    assert enrol_cmd.domain_status(FakeDom("a", tmp_path), cfg, {})["guest"] is None
+    off = enrol_cmd.domain_status(FakeDom("a", tmp_path, active=False), cfg, {}, agent=True)
+    assert off["guest"] is None and off["auto_redirect"]["state"] == "ok"
+    plain = enrol_cmd.domain_status(FakeDom("p", None), cfg, {}, agent=True)
+    assert plain["guest"] is None and plain["redirect"] is None
+    assert plain["auto_redirect"] is None and asked == ["a"]
+
+
+@pytest.fixture
+def fake_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeAgent]:
+    doms = [FakeDom("a", tmp_path), FakeDom("b", tmp_path, mode="off"),
+            FakeDom("c", tmp_path), FakeDom("p", None, active=False)]
+    agents = {"a": FakeAgent(), "b": FakeAgent(answers=False), "c": FakeAgent()}
+
+    @contextmanager
+    def connect(uri: str) -> Iterator[object]:
+        yield object()
+
+    monkeypatch.setattr(virt, "connect", connect)
+    monkeypatch.setattr(virt, "all_domains", lambda conn: doms)
+    monkeypatch.setattr(GuestAgent, "for_domain",
+                        lambda dom, timeout=10: agents[dom.name()])
+    monkeypatch.setenv("LIBSHARE_CONFIG", "")
+    state.write_request(tmp_path, {"domain": "c", "requested_at": 100.0})
+    state.write_outcome(tmp_path, {"domain": "a", "ok": False, "time": 50.0,
+                                   "error": "guest agent did not answer within 900 s"})
+    return agents
+
+
+def test_status_json(tmp_path: Path, fake_libvirt: dict[str, FakeAgent],
+                     capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--state-dir", str(tmp_path), "status", "--no-introspect",
+                     "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["domains"]}
+    assert rows["a"]["redirect"] == "runtime" and rows["b"]["redirect"] == "off"
+    assert rows["a"]["auto_redirect"]["state"] == "failed"
+    assert rows["c"]["auto_redirect"]["state"] == "pending"
+    assert rows["a"]["guest"]["files_redirected"] == 412
+    assert rows["b"]["guest"] == {"available": False,
+                                  "error": "guest agent of g is not responding"}
+    assert rows["p"]["guest"] is None and rows["p"]["redirect"] is None
+
+
+def test_status_table_and_no_agent(tmp_path: Path, fake_libvirt: dict[str, FakeAgent],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--state-dir", str(tmp_path), "status", "--no-introspect"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert "REDIRECT" in lines[0]
+    head = next(i for i, line in enumerate(lines) if line.startswith("DOMAIN  REDIRECT"))
+    table = {line.split()[0]: line.split() for line in lines[head + 1:] if line.strip()}
+    assert table["a"][1:3] == ["runtime", "failed"]
+    # INSTALLED, BOOT MODE, MOUNTED, DAX, FILES REDIRECTED, MAPS REGION, MAPS DISK
+    assert table["a"][-7:] == ["yes", "no", "yes", "yes", "412", "950", "12"]
+    assert table["b"][1:4] == ["off", "-", "unavailable"]
+    assert table["c"][2] == "pending"
+    assert "p" not in table
+    assert "a: automatic redirect failed: guest agent did not answer" in err
+    assert "b: guest view unavailable: guest agent of g is not responding" in err
+    for agent in fake_libvirt.values():
+        agent.timeouts.clear()
+    assert cli.main(["--state-dir", str(tmp_path), "status", "--no-introspect",
+                     "--no-agent", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["domains"]
+    assert all(r["guest"] is None for r in rows)
+    assert all(not a.timeouts for a in fake_libvirt.values())
+
+
+def test_guest_status_passes_its_timeout() -> None:
+    agent = FakeAgent()
+    redirect.guest_status(object(), agent_factory=lambda _d: agent, timeout=3.0)
+    assert agent.timeouts == [3.0, 3.0]
