@@ -80,7 +80,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "redirect'). A request whose agent stays silent for the config's redirect_wait "
         "seconds (900) fails; a domain that is gone or stopped is dropped. Outcomes go "
         "to STATE/redirects/NAME.json, events to STATE/log/daemon.log and stderr. Runs "
-        "until SIGTERM unless --once or --until-idle.")
+        "until SIGTERM unless --once or --until-idle. 'libshare daemon install' and "
+        "'libshare daemon uninstall' manage its systemd unit.")
     p.add_argument("--once", action="store_true",
                    help="one pass over the pending requests, then exit")
     p.add_argument("--until-idle", action="store_true",
@@ -94,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="on exit, print what was handled as JSON")
     p.set_defaults(func=_serve)
-    ds = p.add_subparsers(dest="daemon_command", metavar="ACTION")
+    ds = p.add_subparsers(dest="daemon_command", metavar="[install|uninstall]")
     for name, func, text in (
         ("install", _install, f"write the systemd unit {daemon.UNIT_NAME} running this "
          "interpreter's 'python -m libshare daemon' (with this command's --config and "
