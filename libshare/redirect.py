@@ -232,8 +232,11 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             _run(agent, ["rm", "-f", *report.files], timeout=30)
         raise LibshareError(f"{target.name}: install failed, nothing left behind: {exc}") \
             from exc
+    # started now (not only from the next boot) so that its ExecStop detaches the binds
+    # of a runtime redirect at shutdown; 'start' never restarts it (that would detach)
     _run(agent, ["/bin/sh", "-c", "command -v systemctl >/dev/null && "
-                 "systemctl daemon-reload || true"], timeout=60)
+                 f"[ -d /run/systemd/system ] && systemctl daemon-reload && "
+                 f"systemctl start {UNIT} || true"], timeout=120)
     # hash every library now (O_DIRECT) so the boot-time apply only reads its verdicts
     res = _run(agent, [SCRIPT, "prime"], timeout=APPLY_TIMEOUT)
     kv = parse_kv(res.out)

@@ -124,7 +124,8 @@ def guest_view(dom: Any, agent_factory: redirect.AgentFactory | None = None,
 
 def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
                   introspect: bool = False, processes: bool = False,
-                  agent: bool = False) -> dict[str, Any]:
+                  agent: bool = False,
+                  agent_timeout: float = STATUS_AGENT_TIMEOUT) -> dict[str, Any]:
     """Return the status object of one domain: its enrolment (with ``redirect``, its
     automatic redirect mode), whether it runs, whether its region image is present and
     intact, the hook's running record, the daemon's automatic redirect state
@@ -159,8 +160,8 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
             info["mappings"] = {"error": str(exc)}
     info["auto_redirect"] = daemon.auto_state(
         Path(info["state_dir"] or cfg.state_dir), dom.name()) if info["enrolled"] else None
-    info["guest"] = guest_view(dom) if agent and info["running"] and info["enrolled"] \
-        else None
+    info["guest"] = guest_view(dom, timeout=agent_timeout) \
+        if agent and info["running"] and info["enrolled"] else None
     return info
 
 
@@ -222,7 +223,8 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         records = {r.get("name", ""): r for r in state.read_running(cfg.state_dir)}
         for dom in doms:
             rows.append(domain_status(dom, cfg, records, not args.no_introspect,
-                                      args.processes, agent=not args.no_agent))
+                                      args.processes, agent=not args.no_agent,
+                                      agent_timeout=args.agent_timeout))
     host = host_memory(rows)
     if args.json:
         print_json({"domains": rows, "host": host})
@@ -311,7 +313,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--processes", action="store_true",
                    help="list library mappings from the region per process")
     s.add_argument("--no-agent", action="store_true",
-                   help="do not ask running guests' agents for their own redirect state "
-                   f"(asked otherwise, at most {STATUS_AGENT_TIMEOUT:.0f} s per program)")
+                   help="do not ask running guests' agents for their own redirect state")
+    s.add_argument("--agent-timeout", type=float, default=STATUS_AGENT_TIMEOUT,
+                   metavar="SECONDS",
+                   help="at most this long per program run through a guest agent "
+                   f"(default {STATUS_AGENT_TIMEOUT:.0f}; slow TCG guests may need more)")
     _uri_arg(s)
     s.set_defaults(func=_status)

@@ -176,6 +176,17 @@ def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> No
 
 
 @needs_root
+def test_remove_detach_lets_go_of_files_in_use(fake: Fake) -> None:
+    """The unit's ExecStop (shutdown): one lazy umount for all, even a file held open."""
+    fake.run_script("apply", "--no-restart")
+    with open(str(fake.root) + f"/{LIBDIR}/libz.so.1", "rb") as held:  # a busy bind
+        out = fake.run_script("remove", "--no-restart", "--detach")
+        assert out["removed"] == "2" and out["region_unmounted"] == "1"
+        assert fake.mounts() == []
+        assert held.read(4) == b"\x7fELF"                       # still readable
+
+
+@needs_root
 def test_verdicts_follow_file_changes(fake: Fake) -> None:
     fake.run_script("apply", "--no-restart")
     verdict = fake.root / "var/lib/libshare/verdicts" / LIBDIR / "libacl.so.1"

@@ -86,7 +86,7 @@ def test_domain_status_redirect_fields(tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
     monkeypatch.setattr(enrol_cmd, "guest_view",
-                        lambda dom: asked.append(dom.name()) or {"available": True})
+                        lambda dom, timeout=0.0: asked.append(dom.name()) or {"available": True})
     cfg = Config(state_dir=tmp_path / "elsewhere")
     state.write_outcome(tmp_path, {"domain": "a", "ok": True, "time": 9.0, "error": None,
                                    "report": {"bound": 3, "binds_total": 5}})
