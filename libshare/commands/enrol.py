@@ -98,7 +98,9 @@ STATUS_AGENT_COMMAND_TIMEOUT = 5
 def guest_view(dom: Any, agent_factory: redirect.AgentFactory | None = None,
                timeout: float = STATUS_AGENT_TIMEOUT) -> dict[str, Any]:
     """Return the running guest's own redirect state from its agent, bounded in time:
-    ``{"available": True, "installed", "boot_mode", "region_mounted", "dax",
+    ``{"available": True, "installed", "mode" (how this boot's binds were made: "boot"
+    in the initramfs, "runtime" later, "none"), "boot_mode", "boot_hook" (the initramfs
+    hook is installed), "region_mounted", "dax",
     "region_device", "files_redirected", "maps_region", "maps_disk", "maps_stale"}``, or
     ``{"available": False, "error": why}`` when the agent cannot tell (never raises)."""
     def bounded(d: Any) -> GuestAgent:
@@ -116,7 +118,8 @@ def guest_view(dom: Any, agent_factory: redirect.AgentFactory | None = None,
         return None if key not in raw else raw[key] in (1, "1")
 
     return {"available": True, "installed": bool(raw.get("installed")),
-            "boot_mode": flag("boot_mode"), "region_mounted": flag("region_mounted"),
+            "mode": raw.get("mode"), "boot_mode": flag("boot_mode"),
+            "boot_hook": flag("boot_hook"), "region_mounted": flag("region_mounted"),
             "dax": flag("dax"), "region_device": raw.get("region_device"),
             "files_redirected": raw.get("binds"), "maps_region": raw.get("maps_region"),
             "maps_disk": raw.get("maps_disk"), "maps_stale": raw.get("maps_stale")}
@@ -191,7 +194,7 @@ def _redirect_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
             continue
         g = r.get("guest") or {}
         if g.get("available"):
-            cells = [_yes(g["installed"]), _yes(g["boot_mode"]), _yes(g["region_mounted"]),
+            cells = [_yes(g["installed"]), g.get("mode") or "-", _yes(g["region_mounted"]),
                      _yes(g["dax"]), *("-" if g[k] is None else g[k] for k in
                                        ("files_redirected", "maps_region", "maps_disk"))]
         else:
@@ -240,7 +243,7 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
     redirects = _redirect_rows(rows)
     if redirects:
         print()
-        print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "INSTALLED", "BOOT MODE",
+        print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "INSTALLED", "BINDS MADE",
                      "MOUNTED", "DAX", "FILES REDIRECTED", "MAPS REGION", "MAPS DISK"],
                     redirects)
     mem = [[r["name"], r["memory"]["guest_ram"]["Rss"],

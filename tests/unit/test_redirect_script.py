@@ -167,6 +167,7 @@ def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> No
     assert len(fake.mounts()) == 3
     status = fake.run_script("status")
     assert status["binds"] == "2" and status["region_mounted"] == "1"
+    assert status["mode"] == "runtime" and status["boot_mode"] == "0"
     # remove undoes exactly that: no mount left, the record gone
     out = fake.run_script("remove", "--no-restart")
     assert out["removed"] == "2" and out["region_unmounted"] == "1"

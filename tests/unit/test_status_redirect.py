@@ -19,7 +19,8 @@ from libshare.config import Config
 MiB = 1 << 20
 BASE = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
 <os><type arch='x86_64'>hvm</type></os><devices/></domain>"""
-STATUS_OUT = ("region_mounted=1\ndax=1\nregion_device=/dev/pmem0\nbinds=412\nboot_mode=0\n"
+STATUS_OUT = ("region_mounted=1\ndax=1\nregion_device=/dev/pmem0\nbinds=412\n"
+              "mode=runtime\nboot_mode=0\nboot_hook=1\n"
               "maps_region=950\nmaps_disk=12\nmaps_stale=0\n")
 
 
@@ -64,8 +65,9 @@ class FakeAgent:
 def test_guest_view_fields() -> None:
     agent = FakeAgent()
     view = enrol_cmd.guest_view(object(), agent_factory=lambda _d: agent, timeout=7.0)
-    assert view == {"available": True, "installed": True, "boot_mode": False,
-                    "region_mounted": True, "dax": True, "region_device": "/dev/pmem0",
+    assert view == {"available": True, "installed": True, "mode": "runtime",
+                    "boot_mode": False, "boot_hook": True, "region_mounted": True,
+                    "dax": True, "region_device": "/dev/pmem0",
                     "files_redirected": 412, "maps_region": 950, "maps_disk": 12,
                     "maps_stale": 0}
     assert max(agent.timeouts) <= 7.0
@@ -148,8 +150,8 @@ def test_status_table_and_no_agent(tmp_path: Path, fake_libvirt: dict[str, FakeA
     head = next(i for i, line in enumerate(lines) if line.startswith("DOMAIN  REDIRECT"))
     table = {line.split()[0]: line.split() for line in lines[head + 1:] if line.strip()}
     assert table["a"][1:3] == ["runtime", "failed"]
-    # INSTALLED, BOOT MODE, MOUNTED, DAX, FILES REDIRECTED, MAPS REGION, MAPS DISK
-    assert table["a"][-7:] == ["yes", "no", "yes", "yes", "412", "950", "12"]
+    # INSTALLED, BINDS MADE, MOUNTED, DAX, FILES REDIRECTED, MAPS REGION, MAPS DISK
+    assert table["a"][-7:] == ["yes", "runtime", "yes", "yes", "412", "950", "12"]
     assert table["b"][1:4] == ["off", "-", "unavailable"]
     assert table["c"][2] == "pending"
     assert "p" not in table
