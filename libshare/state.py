@@ -78,13 +78,19 @@ def write_request(state_dir: Path, request: dict[str, Any]) -> Path:
     return path
 
 
-def read_request(state_dir: Path, name: str) -> dict[str, Any] | None:
-    """Return the pending request of domain ``name``, or None (absent or unreadable)."""
+def _read_object(path: Path) -> dict[str, Any] | None:
+    """Return the JSON object stored in ``path``, or None (absent, unreadable, not an
+    object)."""
     try:
-        data = json.loads(request_path(state_dir, name).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_request(state_dir: Path, name: str) -> dict[str, Any] | None:
+    """Return the pending request of domain ``name``, or None (absent or unreadable)."""
+    return _read_object(request_path(state_dir, name))
 
 
 def read_requests(state_dir: Path) -> list[dict[str, Any]]:
@@ -132,11 +138,7 @@ def write_outcome(state_dir: Path, outcome: dict[str, Any]) -> Path:
 
 def read_outcome(state_dir: Path, name: str) -> dict[str, Any] | None:
     """Return the daemon's last outcome for domain ``name``, or None."""
-    try:
-        data = json.loads(outcome_path(state_dir, name).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _read_object(outcome_path(state_dir, name))
 
 
 def daemon_log_path(state_dir: Path) -> Path:
