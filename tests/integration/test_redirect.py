@@ -5,7 +5,7 @@ QEMU's region mapping in /proc/PID/smaps).
 One region is built from the cached Debian image's own libraries (the image's root
 filesystem is read on the host from a raw copy through a read-only loop device and
 imported into the store); two guests of that image are enrolled into it. Guest A gets
-boot-time mode (``libshare guest install`` + reboot), guest B runtime mode (install
+boot-time mode (``libshare guest install`` + restart), guest B runtime mode (install
 without initramfs and ``libshare redirect``, done by ``libshare daemon`` on the request
 the hook left when B started: B is enrolled with ``--redirect runtime``) and a copy of
 one library that differs by one byte. Then ``libshare status`` against what each guest
@@ -184,13 +184,13 @@ def flip_last_byte(g: DebianGuest, path: str) -> None:
     g.sh(f"mv -f {path}.lstest {path}")
 
 
-def reboot(g: DebianGuest, timeout: float = 600) -> float:
-    """Reboot guest ``g`` and wait for the next boot; return the seconds it took.
+def restart(g: DebianGuest, timeout: float = 600) -> float:
+    """Power-cycle guest ``g`` and wait for the next boot; return the seconds it took.
 
-    (:meth:`DebianGuest.reboot`: ``systemctl reboot`` through guest-exec, which answers
-    before the command runs. Not ``systemd-run --on-active=1``: a transient timer's
+    (:meth:`DebianGuest.restart`: a warm reboot under TCG can take minutes after the
+    initramfs changed. Not ``systemd-run --on-active=1`` either: a transient timer's
     default AccuracySec is a minute, and it fired up to 56 s late.)"""
-    return g.reboot(timeout).seconds
+    return g.restart(timeout).seconds
 
 
 def smaps_line(name: str, fields: dict[str, int]) -> str:
@@ -233,7 +233,7 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
         inst = json.loads(proc.stdout)
         print("install A:", inst)
         assert inst["initramfs"] == "updated" and inst["initramfs_entries"] > 0
-        print(f"A rebooted in {reboot(a):.0f}s (multi-user at uptime "
+        print(f"A restarted in {restart(a):.0f}s (multi-user at uptime "
               f"{a.last_boot.uptime if a.last_boot else '?'} s)")
         print("A kernel log:", a.sh("dmesg | grep -i libshare || true").strip())
 
@@ -319,12 +319,12 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
         assert libz in reg.guest_paths
         assert b.sh(f"findmnt -n -o TARGET {libz} || true").strip() == libz
 
-        # ---- unredirect: both guests as before (A after a reboot)
+        # ---- unredirect: both guests as before (A after a restart)
         for g in (a, b):
             proc = libshare("unredirect", g.name, "--json")
             assert proc.returncode == 0, proc.stderr
             print(f"unredirect {g.name}:", proc.stdout.strip().replace("\n", " ")[:400])
-        reboot(a)
+        restart(a)
         for g in (a, b):
             left = g.sh("grep -c ' /usr/lib/' /proc/self/mountinfo || true").strip()
             assert left == "0", g.sh("cat /proc/self/mountinfo")
