@@ -318,8 +318,16 @@ def guest_view(g: DebianGuest, guest_paths: dict[str, int]) -> dict[str, Any]:
 def _parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
     """Run ``fn`` on every guest at once (one thread each); return the results in order,
     raising the first error."""
-    with ThreadPoolExecutor(max_workers=len(guests)) as pool:
-        return list(pool.map(fn, guests))
+    pool = ThreadPoolExecutor(max_workers=len(guests))
+    try:
+        results = list(pool.map(fn, guests))
+    except BaseException:
+        # do not wait for the other guests' long waits (minutes under TCG): the caller's
+        # cleanup removes the guests, which ends those waits with an error
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return results
 
 
 def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",

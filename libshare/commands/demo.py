@@ -4,7 +4,9 @@ tiny busybox guests with ``--tiny`` (see libshare.demo)."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 from libshare import demo
@@ -16,8 +18,15 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     def say(msg: str) -> None:
         print(f"demo: {msg}", file=sys.stderr)
 
-    report = demo.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, say,
-                           tiny=args.tiny, mode=args.mode)
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # unwinds through the demo's cleanups (guests removed)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = demo.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, say,
+                               tiny=args.tiny, mode=args.mode)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print_json(report)
         return 0
