@@ -44,7 +44,7 @@ import libvirt
 from libshare import domxml, redirect, state, virt
 from libshare.agent import AgentError, GuestAgent
 from libshare.errors import LibshareError
-from libshare.fileutil import atomic_write
+from libshare.fileutil import write_owned
 
 DEFAULT_POLL = 5.0
 DEFAULT_JOBS = 4
@@ -274,17 +274,14 @@ class Daemon:
     def _pending(self) -> list[dict[str, Any]]:
         """Return the readable pending requests; unreadable request files are removed
         (logged)."""
-        folder = state.requests_dir(self.state_dir)
-        if folder.is_dir():
-            for path in sorted(folder.glob("*.json")):
-                req = state.read_request(self.state_dir, path.stem)
-                if req is None or not isinstance(req.get("domain"), str):
-                    try:
-                        path.unlink()
-                    except OSError:
-                        continue
-                    self.log(path.stem, "dropped", f"unreadable request {path} removed")
-        return state.read_requests(self.state_dir)
+        def remove(path: Path) -> None:
+            try:
+                path.unlink()
+            except OSError:
+                return
+            self.log(path.stem, "dropped", f"unreadable request {path} removed")
+
+        return state.read_requests(self.state_dir, on_unreadable=remove)
 
     def run_pass(self) -> list[Future[Handled]]:
         """Start handling every pending request not already in hand; return their
@@ -461,21 +458,16 @@ def install_unit(unit_dir: Path = DEFAULT_UNIT_DIR, python: str | None = None,
     systemd when it runs (``systemd`` None: detect); return what was done. Refuses to
     overwrite a unit that libshare did not write."""
     path = unit_dir / UNIT_NAME
-    text = render_unit(python, extra_args)
-    action = "installed"
-    if path.exists():
-        current = path.read_text(errors="replace")
-        if UNIT_MARKER not in current:
-            raise LibshareError(f"{path} exists and was not written by libshare; "
-                                "not touching it")
-        action = "unchanged" if current == text else "updated"
+    action = write_owned(path, render_unit(python, extra_args).encode(), 0o644, _unit_is_ours,
+                         "exists and was not written by libshare")
     if action == "unchanged":
         return UnitResult(path, action, "nothing to reload")
-    try:
-        atomic_write(path, text.encode(), mode=0o644)
-    except OSError as exc:
-        raise LibshareError(f"cannot write {path}: {exc.strerror}") from exc
     return UnitResult(path, action, _reload(runner, systemd))
+
+
+def _unit_is_ours(path: Path) -> bool:
+    """Return True when the unit file ``path`` was written by libshare."""
+    return UNIT_MARKER in path.read_text(errors="replace")
 
 
 def uninstall_unit(unit_dir: Path = DEFAULT_UNIT_DIR, runner: Runner = _run,
@@ -485,7 +477,7 @@ def uninstall_unit(unit_dir: Path = DEFAULT_UNIT_DIR, runner: Runner = _run,
     path = unit_dir / UNIT_NAME
     if not path.exists():
         return UnitResult(path, "absent", "nothing to do")
-    if UNIT_MARKER not in path.read_text(errors="replace"):
+    if not _unit_is_ours(path):
         raise LibshareError(f"{path} was not written by libshare; not touching it")
     running = systemd_running() if systemd is None else systemd
     if running:

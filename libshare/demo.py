@@ -46,7 +46,7 @@ from libshare.guests.debian import (
     defined_debian_guest,
 )
 from libshare.guests.initramfs import shared_libraries
-from libshare.introspect.survey import survey_domain
+from libshare.introspect.survey import DomainSurvey, survey_domain
 from libshare.sharing import accounting, region
 from libshare.sharing.erofs import Erofs
 from libshare.sharing.store import import_tree, load_index
@@ -126,6 +126,30 @@ def _ensure_traversable(path: Path) -> None:
             p.chmod(mode | 0o005)
 
 
+def _survey_summary(seen: DomainSurvey) -> dict[str, Any]:
+    """Return the demo's figures of a guest survey: tasks, library mappings and those
+    the region serves."""
+    return {"tasks": seen.tasks, "library_mappings": seen.library_mappings(),
+            "region_mappings": seen.region_mappings()}
+
+
+def _host_figures(mappings: list[dict[str, int]], page_cache_kb: int) -> dict[str, int]:
+    """Return the host figures of the demo from each guest QEMU's region mapping (smaps
+    fields in kB) and the region's page cache."""
+    rss = sum(m.get("Rss", 0) for m in mappings)
+    pss = sum(m.get("Pss", 0) for m in mappings)
+    return {
+        "region_page_cache_kb": page_cache_kb,
+        "region_rss_sum_kb": rss,
+        "region_pss_sum_kb": pss,
+        "region_private_dirty_kb": sum(m.get("Private_Dirty", 0) for m in mappings),
+        # every guest its own copy of the pages it maps, against the distinct pages
+        # actually mapped (the sum of Pss over all mappers counts each page once)
+        "without_sharing_kb": rss,
+        "with_sharing_kb": pss,
+    }
+
+
 def build_tiny_region(cfg: Config, say: Callable[[str], None]) -> tuple[region.BuildResult,
                                                                         list[tuple[str, str]]]:
     """Import the demo programs' libraries and build the ``demo`` region; return the build
@@ -200,27 +224,14 @@ def run_tiny_demo(cfg: Config, uri: str, guests: int = 2,
                 maps_disk=int(out.get("maps_disk", 0)),
                 cached_growth_kb=int(out.get("cached_growth_kb", 0)),
                 region_mapping=accounting.region_usage(pid, spec.path) if pid else {},
-                survey={"tasks": seen.tasks,
-                        "library_mappings": sum(lib.mappings for lib in seen.libraries),
-                        "region_mappings": seen.region_mappings()}))
+                survey=_survey_summary(seen)))
         page_cache_kb = accounting.page_cache_bytes(spec.path) // 1024
         say("removing the demo guests")
-    rss = [r.region_mapping.get("Rss", 0) for r in reports]
     return {
         "region": {"path": built.path, "digest": built.digest, "size": built.size,
                    "files": built.files},
         "guests": [r.as_dict() for r in reports],
-        "host": {
-            "region_page_cache_kb": page_cache_kb,
-            "region_rss_sum_kb": sum(rss),
-            "region_pss_sum_kb": sum(r.region_mapping.get("Pss", 0) for r in reports),
-            "region_private_dirty_kb": sum(r.region_mapping.get("Private_Dirty", 0)
-                                           for r in reports),
-            # every guest's mapped region pages as private copies, against the distinct
-            # pages actually mapped (the sum of Pss over all mappers counts each once)
-            "without_sharing_kb": sum(rss),
-            "with_sharing_kb": sum(r.region_mapping.get("Pss", 0) for r in reports),
-        },
+        "host": _host_figures([r.region_mapping for r in reports], page_cache_kb),
     }
 
 
@@ -405,31 +416,17 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
                 # without the region it would hold them in its own page cache
                 "guest_cache_saved_kb": usage.get("Rss", 0),
                 "region_mapping": usage,
-                "survey": {"tasks": seen.tasks,
-                           "library_mappings": sum(lib.mappings for lib in seen.libraries),
-                           "region_mappings": seen.region_mappings()}})
+                "survey": _survey_summary(seen)})
         clock("surveyed the guests from the host (introspection, smaps)")
         page_cache_kb = accounting.page_cache_bytes(spec.path) // 1024
         clock("removing the demo guests")
     clock("done")
     timings["total"] = clock.elapsed()
-    rss = sum(r["region_mapping"].get("Rss", 0) for r in reports)
-    pss = sum(r["region_mapping"].get("Pss", 0) for r in reports)
     return {
         "region": {"path": built.path, "digest": built.digest, "size": built.size,
                    "files": built.files, "image": str(image.path)},
         "guests": reports,
-        "host": {
-            "region_page_cache_kb": page_cache_kb,
-            "region_rss_sum_kb": rss,
-            "region_pss_sum_kb": pss,
-            "region_private_dirty_kb": sum(r["region_mapping"].get("Private_Dirty", 0)
-                                           for r in reports),
-            # every guest its own copy of the pages it maps, against the distinct pages
-            # actually mapped (the sum of Pss over all mappers counts each page once)
-            "without_sharing_kb": rss,
-            "with_sharing_kb": pss,
-        },
+        "host": _host_figures([r["region_mapping"] for r in reports], page_cache_kb),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
     }
 

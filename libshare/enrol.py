@@ -92,27 +92,26 @@ def enable_domain(conn: libvirt.virConnect, name: str, spec: domxml.RegionSpec,
     before = domxml.parse(virt.inactive_xml(dom))
     after = domxml.enable(before, spec, default_redirect)
     running = virt.is_active(dom)
-    if domxml.serialize(after) == domxml.serialize(before):
+    before_xml, after_xml = domxml.serialize(before), domxml.serialize(after)
+    if after_xml == before_xml:
         return Outcome(dom.name(), "unchanged", "already enrolled", running,
                        domxml.describe(after))
     old = domxml.enrolment(before)
     mode_only = old is not None and domxml.serialize(
-        domxml.enable(before, replace(spec, redirect=old.redirect))) == \
-        domxml.serialize(before)
-    _redefine(conn, dom, domxml.serialize(after))
+        domxml.enable(before, replace(spec, redirect=old.redirect))) == before_xml
+    _redefine(conn, dom, after_xml)
+    defined = domxml.describe(domxml.parse(virt.inactive_xml(dom)))
+    mode = domxml.describe(after)["redirect"]
     if mode_only:
-        mode = domxml.describe(after)["redirect"]
         return Outcome(dom.name(), "enabled", f"automatic redirect set to {mode}", running,
-                       domxml.describe(domxml.parse(virt.inactive_xml(dom))))
+                       defined)
     where = f"/dev/shm/{shmem_name(spec.group)}" if spec.model == "ivshmem" else spec.path
     msg = f"enrolled in group {spec.group} ({spec.model}, {where}, {human(spec.size)})"
-    mode = domxml.describe(after)["redirect"]
     if mode != "off":
         msg += f", automatic redirect {mode}"
     if running:
         msg += "; the domain is running: the region is attached at its next boot"
-    return Outcome(dom.name(), "enabled", msg, running,
-                   domxml.describe(domxml.parse(virt.inactive_xml(dom))))
+    return Outcome(dom.name(), "enabled", msg, running, defined)
 
 
 def disable_domain(conn: libvirt.virConnect, name: str) -> Outcome:

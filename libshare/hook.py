@@ -205,13 +205,13 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
         return "region-ok"
     if op in ("started", "reconnect") and sub == "begin":
         pid = qemu_pid(name)
+        request = op == "started" and enr.redirect == "runtime"
         try:
             _record(name, root, enr, state_dir, op, pid)
         finally:  # a failed record must not cost the guest its redirect
-            if op == "started" and enr.redirect == "runtime":
+            if request:
                 _request_redirect(name, root, enr, state_dir, pid)
-        return "recorded" + ("; redirect requested"
-                             if op == "started" and enr.redirect == "runtime" else "")
+        return "recorded" + ("; redirect requested" if request else "")
     if op in ("stopped", "release") and sub == "end":
         result = "removed" if state.remove_running(state_dir, name) else "no-record"
         if state.remove_request(state_dir, name):

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from libshare.errors import LibshareError
-from libshare.fileutil import atomic_write
+from libshare.fileutil import write_owned
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 MARKER = "libshare-hook"
@@ -88,17 +87,9 @@ def install(hooks_dir: Path = DEFAULT_HOOKS_DIR, python: str | None = None,
             reload: bool = True) -> InstallResult:
     """Install the hook under ``hooks_dir``; return where it went and what was reloaded."""
     target = _target(hooks_dir)
-    text = render(python).encode()
-    action = "installed"
-    if target.exists():
-        if not is_ours(target):  # cannot happen for qemu.d/libshare unless someone else
-            raise LibshareError(f"{target} exists and is not libshare's hook; not touching it")
-        action = "unchanged" if target.read_bytes() == text else "updated"
-    if action != "unchanged":
-        try:
-            atomic_write(target, text, mode=0o755)
-        except OSError as exc:
-            raise LibshareError(f"cannot write {target}: {exc.strerror}") from exc
+    # a foreign file can only be qemu.d/libshare here, written by someone else
+    action = write_owned(target, render(python).encode(), 0o755, is_ours,
+                         "exists and is not libshare's hook")
     reloaded = reload_daemons() if reload and action != "unchanged" else []
     return InstallResult(target, action, reloaded)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,30 @@ def record_path(state_dir: Path, name: str) -> Path:
     return running_dir(state_dir) / f"{name}.json"
 
 
+def _write_object(path: Path, obj: dict[str, Any]) -> Path:
+    """Store ``obj`` as indented JSON in ``path`` atomically; return ``path``."""
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+                 + b"\n")
+    return path
+
+
+def _remove(path: Path) -> bool:
+    """Remove ``path``; return True if it existed."""
+    try:
+        path.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def write_running(state_dir: Path, record: dict[str, Any]) -> Path:
     """Store ``record`` (must hold ``name``) as a running-domain record; return its path."""
-    path = record_path(state_dir, record["name"])
-    atomic_write(path, json.dumps(record, indent=2, sort_keys=True).encode() + b"\n")
-    return path
+    return _write_object(record_path(state_dir, record["name"]), record)
 
 
 def remove_running(state_dir: Path, name: str) -> bool:
     """Remove the record of domain ``name``; return True if there was one."""
-    try:
-        record_path(state_dir, name).unlink()
-        return True
-    except FileNotFoundError:
-        return False
+    return _remove(record_path(state_dir, name))
 
 
 def read_running(state_dir: Path) -> list[dict[str, Any]]:
@@ -73,9 +84,7 @@ def request_path(state_dir: Path, name: str) -> Path:
 def write_request(state_dir: Path, request: dict[str, Any]) -> Path:
     """Store ``request`` (must hold ``domain``) as a pending automatic redirect request,
     replacing any earlier one; return its path."""
-    path = request_path(state_dir, request["domain"])
-    atomic_write(path, json.dumps(request, indent=2, sort_keys=True).encode() + b"\n")
-    return path
+    return _write_object(request_path(state_dir, request["domain"]), request)
 
 
 def _read_object(path: Path) -> dict[str, Any] | None:
@@ -93,17 +102,20 @@ def read_request(state_dir: Path, name: str) -> dict[str, Any] | None:
     return _read_object(request_path(state_dir, name))
 
 
-def read_requests(state_dir: Path) -> list[dict[str, Any]]:
+def read_requests(state_dir: Path, on_unreadable: Callable[[Path], None] | None = None
+                  ) -> list[dict[str, Any]]:
     """Return every readable pending request (each with ``domain``), sorted by file
-    name; unreadable files are skipped."""
+    name; unreadable files are skipped, after ``on_unreadable(path)`` when given."""
     folder = requests_dir(state_dir)
     if not folder.is_dir():
         return []
     out = []
     for path in sorted(folder.glob("*.json")):
-        req = read_request(state_dir, path.stem)
+        req = _read_object(path)
         if req is not None and isinstance(req.get("domain"), str):
             out.append(req)
+        elif on_unreadable is not None:
+            on_unreadable(path)
     return out
 
 
@@ -115,11 +127,7 @@ def remove_request(state_dir: Path, name: str, requested_at: float | None = None
         current = read_request(state_dir, name)
         if current is None or current.get("requested_at") != requested_at:
             return False
-    try:
-        request_path(state_dir, name).unlink()
-        return True
-    except FileNotFoundError:
-        return False
+    return _remove(request_path(state_dir, name))
 
 
 def outcome_path(state_dir: Path, name: str) -> Path:
@@ -130,10 +138,7 @@ def outcome_path(state_dir: Path, name: str) -> Path:
 def write_outcome(state_dir: Path, outcome: dict[str, Any]) -> Path:
     """Store ``outcome`` (must hold ``domain``) as the domain's last automatic redirect
     outcome; return its path."""
-    path = outcome_path(state_dir, outcome["domain"])
-    atomic_write(path, json.dumps(outcome, indent=2, sort_keys=True, default=str).encode()
-                 + b"\n")
-    return path
+    return _write_object(outcome_path(state_dir, outcome["domain"]), outcome)
 
 
 def read_outcome(state_dir: Path, name: str) -> dict[str, Any] | None:

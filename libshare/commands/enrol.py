@@ -78,7 +78,7 @@ def library_mappings(conn: Any, name: str, cfg: Config, processes: bool) -> dict
     from libshare.introspect.survey import survey_domain
 
     seen = survey_domain(conn, name, cache_dir=cfg.state_dir / "introspect")
-    total = sum(lib.mappings for lib in seen.libraries)
+    total = seen.library_mappings()
     region = seen.region_mappings()
     out: dict[str, Any] = {"library": total, "from_region": region,
                            "private": None if region is None else total - region,

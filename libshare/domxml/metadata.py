@@ -129,9 +129,8 @@ def build_record(enr: Enrolment) -> Element:
         attrs["memory-kib"] = str(enr.memory_kib)
     if enr.current_memory_kib is not None:
         attrs["current-memory-kib"] = str(enr.current_memory_kib)
-    if enr.redirect != "off":
-        attrs["redirect"] = enr.redirect
     elem = etree.Element(q("enrolment"), attrs, nsmap={PREFIX: NS})
+    set_redirect(elem, enr.redirect)
     for ch in enr.changes:
         sub = etree.SubElement(elem, q(ch.kind), {"what": ch.what})
         if ch.previous is not None:

@@ -508,16 +508,12 @@ def debian_domain_tree(
     poweroff/crash destroy, reboot restarts. ``devices`` are appended (a
     ``<memballoon>`` among them replaces the default one); ``customize`` callbacks then
     edit the root element in place."""
+    # console_append: a power cycle (DebianGuest.restart) starts a new QEMU on the same
+    # console file, and the boot count relies on the earlier boots' lines
     dom, os_el, devs = domain_skeleton(name, console_log, memory_mib=memory_mib, vcpus=vcpus,
                                        domain_type=domain_type, on_reboot="restart",
-                                       balloon="virtio")
+                                       balloon="virtio", console_append=True)
     _sub(os_el, "boot", dev="hd")
-    # a power cycle (DebianGuest.restart) starts a new QEMU on the same console file:
-    # keep the earlier boots' lines, the boot count relies on them
-    for source in devs.iterfind("serial/source"):
-        source.set("append", "on")
-    for source in devs.iterfind("console/source"):
-        source.set("append", "on")
     disk_el = etree.Element("disk", type="file", device="disk")
     _sub(disk_el, "driver", name="qemu", type="qcow2")
     _sub(disk_el, "source", file=str(disk))
@@ -642,14 +638,8 @@ class DebianGuest(RunningGuest):
 
         (The image has no D-Bus, so no logind: the agent's ``guest-shutdown`` (which runs
         ``shutdown -r +0``) and the ACPI power button do nothing in it.)"""
-        count = len(self.boots()) + 1
-        self.started = time.monotonic()
-        try:  # fire and forget: the agent dies with the old system
-            self.agent.command("guest-exec", {"path": "/bin/systemctl", "arg": ["reboot"]})
-        except AgentError as exc:
-            raise GuestError(f"cannot reboot {self.name}: {exc}") from exc
+        count = self._systemctl("reboot")
         return self.wait_booted(timeout, count=count)
-
 
     def restart(self, timeout: float | None = None, stop_timeout: float = 180.0) -> Boot:
         """Power-cycle the guest: ``systemctl poweroff`` through the agent, wait until
@@ -660,12 +650,7 @@ class DebianGuest(RunningGuest):
         QEMU's TCG translations of the old kernel's pages, and GRUB's relocator then
         copies a new initramfs/kernel layout over them one self-modifying-code fault per
         byte (seen: 1.2 KB/s, reboots of 5-10 minutes). A new QEMU process has none."""
-        count = len(self.boots()) + 1
-        self.started = time.monotonic()
-        try:
-            self.agent.command("guest-exec", {"path": "/bin/systemctl", "arg": ["poweroff"]})
-        except AgentError as exc:
-            raise GuestError(f"cannot power off {self.name}: {exc}") from exc
+        count = self._systemctl("poweroff")
         deadline = time.monotonic() + stop_timeout
         while self.is_active():
             if time.monotonic() > deadline:
@@ -679,6 +664,19 @@ class DebianGuest(RunningGuest):
             raise GuestError(f"cannot start {self.name} again: {exc}\n"
                              f"{qemu_log_tail(self.name)}") from exc
         return self.wait_booted(timeout, count=count)
+
+    def _systemctl(self, action: str) -> int:
+        """Start ``systemctl ACTION`` (reboot, poweroff) in the guest through guest-exec,
+        which answers before the command runs (the agent dies with the old system), and
+        restart the boot clock; return the boot count the next boot will have."""
+        count = len(self.boots()) + 1
+        self.started = time.monotonic()
+        try:
+            self.agent.command("guest-exec", {"path": "/bin/systemctl", "arg": [action]})
+        except AgentError as exc:
+            verb = {"poweroff": "power off"}.get(action, action)
+            raise GuestError(f"cannot {verb} {self.name}: {exc}") from exc
+        return count
 
 
 class DefinedDebianGuest:

@@ -34,12 +34,14 @@ def _sub(parent: etree._Element, tag: str, text: str | None = None,
 
 
 def domain_skeleton(name: str, console_log: Path | str, *, memory_mib: int, vcpus: int,
-                    domain_type: str, on_reboot: str, balloon: str
+                    domain_type: str, on_reboot: str, balloon: str,
+                    console_append: bool = False
                     ) -> tuple[etree._Element, etree._Element, etree._Element]:
     """Return ``(domain, os, devices)`` elements of a test guest common to every kind:
-    x86_64 ``pc`` hvm with ACPI, RAM and vCPUs, serial console to ``console_log``,
-    a ``<memballoon model=balloon>``, poweroff/crash destroy and ``on_reboot``; callers
-    add their boot method to ``os`` and their devices."""
+    x86_64 ``pc`` hvm with ACPI, RAM and vCPUs, serial console to ``console_log``
+    (appended to across QEMU starts with ``console_append``), a ``<memballoon
+    model=balloon>``, poweroff/crash destroy and ``on_reboot``; callers add their boot
+    method to ``os`` and their devices."""
     dom = etree.Element("domain", type=domain_type)
     _sub(dom, "name", name)
     _sub(dom, "memory", str(memory_mib * 1024), unit="KiB")
@@ -56,11 +58,12 @@ def domain_skeleton(name: str, console_log: Path | str, *, memory_mib: int, vcpu
     _sub(dom, "on_reboot", on_reboot)
     _sub(dom, "on_crash", "destroy")
     devs = _sub(dom, "devices")
+    source = {"path": str(console_log), **({"append": "on"} if console_append else {})}
     serial = _sub(devs, "serial", type="file")
-    _sub(serial, "source", path=str(console_log))
+    _sub(serial, "source", **source)
     _sub(serial, "target", port="0")
     console = _sub(devs, "console", type="file")
-    _sub(console, "source", path=str(console_log))
+    _sub(console, "source", **source)
     _sub(console, "target", type="serial", port="0")
     _sub(devs, "memballoon", model=balloon)
     return dom, os_el, devs

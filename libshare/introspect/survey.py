@@ -98,6 +98,10 @@ class DomainSurvey:
     paging_levels: int = 4
     processes: list[ProcessMappings] = field(default_factory=list)
 
+    def library_mappings(self) -> int:
+        """Return how many library mappings the guest's processes have in all."""
+        return sum(lib.mappings for lib in self.libraries)
+
     def region_mappings(self) -> int | None:
         """Return how many library mappings the region serves (None if unknown)."""
         counts = [lib.region_mappings for lib in self.libraries]
@@ -407,7 +411,7 @@ def domain_json(d: DomainSurvey) -> dict[str, Any]:
                        "shared_pages": lib.shared_pages, "mappings": lib.mappings,
                        "region_mappings": lib.region_mappings,
                        "processes": lib.processes} for lib in d.libraries],
-        "library_mappings": sum(lib.mappings for lib in d.libraries),
+        "library_mappings": d.library_mappings(),
         "region_mappings": d.region_mappings(),
         "processes": [{"pid": p.pid, "comm": p.comm, "library_mappings": p.library_mappings,
                        "region_mappings": p.region_mappings} for p in d.processes],
