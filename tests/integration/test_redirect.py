@@ -35,6 +35,7 @@ from libshare.guests.debian import (
     DebianGuest,
     DebianGuestOptions,
     DebianImage,
+    copy_image_libraries,
     debian_image,
     defined_debian_guest,
 )
@@ -53,7 +54,6 @@ LIBSHARE = [sys.executable, "-m", "libshare"]
 #: soname symlink), and its package
 ODD_SONAME = f"/{LIBDIR}/libacl.so.1"
 ODD_PKG = "libacl1"
-PARTITION_OFFSET = 1024 * 1024
 
 
 @dataclass
@@ -70,7 +70,8 @@ class Region:
 @pytest.fixture(scope="module")
 def debian_region() -> Iterator[Region]:
     """Yield a region holding every library under the Debian image's
-    /usr/lib/x86_64-linux-gnu (read from a raw copy of the image, read-only)."""
+    /usr/lib/x86_64-linux-gnu (read on the host from a raw copy of the image, read-only:
+    :func:`~libshare.guests.debian.copy_image_libraries`)."""
     try:
         image = debian_image()
     except Exception as exc:  # no network and no cache: say so
@@ -78,24 +79,9 @@ def debian_region() -> Iterator[Region]:
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     TEST_ROOT.chmod(0o755)
     base = Path(tempfile.mkdtemp(prefix="redirect-", dir=TEST_ROOT))
-    loop = None
-    mnt = base / "mnt"
     try:
-        raw = base / "disk.raw"
-        subprocess.run(["qemu-img", "convert", "-O", "raw", str(image.path), str(raw)],
-                       check=True)
-        loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(PARTITION_OFFSET),
-                               str(raw)], capture_output=True, text=True,
-                              check=True).stdout.strip()
-        mnt.mkdir()
-        subprocess.run(["mount", "-t", "ext4", "-o", "ro,noload", loop, str(mnt)], check=True)
-        tree = base / "tree"
-        shutil.copytree(mnt / LIBDIR, tree / LIBDIR, symlinks=True)
+        tree = copy_image_libraries(image, base / "tree", workdir=base)
         odd = "/" + os.path.relpath(os.path.realpath(tree / ODD_SONAME.lstrip("/")), tree)
-        subprocess.run(["umount", str(mnt)], check=True)
-        subprocess.run(["losetup", "-d", loop], check=True)
-        loop = None
-        raw.unlink()
         cfg = Config(state_dir=base / "state")
         import_tree(cfg.store_dir, [tree])
         res = region.build_region(cfg, GROUP)
@@ -109,10 +95,6 @@ def debian_region() -> Iterator[Region]:
         print(f"region {res.path}: {res.files} files, {res.size >> 20} MiB")
         yield Region(cfg, Path(res.path), paths, image, odd)
     finally:
-        if mnt.exists():
-            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-        if loop:
-            subprocess.run(["losetup", "-d", loop], check=False)
         shutil.rmtree(base, ignore_errors=True)
 
 
