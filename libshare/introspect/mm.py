@@ -114,15 +114,26 @@ def mm_pgd(k: Kernel, mm: int) -> int:
 
 
 def resident_frames(k: Kernel, pgd: int, start: int, end: int,
-                    stats: WalkStats | None = None) -> Iterator[int]:
-    """Yield the guest page frame number of every present page in ``[start, end)`` of
-    the user address space whose PGD is at guest-physical ``pgd`` (huge pages yield
-    each 4 KiB frame they contribute to the range)."""
+                    stats: WalkStats | None = None, device_ok: bool = False) -> Iterator[int]:
+    """Yield the guest page frame number of every present page of guest RAM in
+    ``[start, end)`` of the user address space whose PGD is at guest-physical ``pgd``
+    (huge pages yield each 4 KiB frame they contribute to the range). Leaves outside
+    RAM are not yielded (see :func:`~libshare.introspect.paging.iter_mappings`;
+    ``device_ok`` when the range may map device memory). At most ``ram_size // 4096``
+    frames are yielded - no range can hold more distinct RAM frames; hitting that cap
+    counts one bad entry in ``stats`` and ends the range."""
+    stats = stats if stats is not None else WalkStats()
+    budget = k.mem.ram_size >> 12
     for va, pa, size in iter_mappings(k.mem, pgd, start, end, k.levels, user=True,
-                                      stats=stats):
+                                      stats=stats, device_ok=device_ok):
         lo, hi = max(va, start), min(va + size, end)
         first = (pa + (lo - va)) >> 12
-        yield from range(first, first + ((hi - lo) >> 12))
+        count = (hi - lo) >> 12
+        if count > budget:
+            stats.bad_entries += 1
+            return
+        budget -= count
+        yield from range(first, first + count)
 
 
 def read_user(k: Kernel, pgd: int, va: int, length: int) -> bytes | None:

@@ -11,7 +11,11 @@ may also carry PCID bits). Functions are pure over a :class:`PhysicalMemory`:
 - :func:`kernel_pgd` turns a CR3 value (user or kernel half, PCID) into the kernel PGD.
 
 Table entries that point outside guest RAM end the walk of that subtree; they are
-counted in :attr:`WalkStats.bad_entries` so callers can report a partial result.
+counted in :attr:`WalkStats.bad_entries` so callers can report a partial result. Leaf
+entries whose frames are not wholly guest RAM are never yielded (so no caller expands a
+hostile 1 GiB leaf into frames): they are counted in ``bad_entries`` too, or, where the
+caller expects device memory (a DAX mapping of a pmem region), in
+:attr:`WalkStats.device_leaves`.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ _TABLE = struct.Struct("<512Q")
 
 @dataclass
 class WalkStats:
-    """Counters of one walk: tables read and entries pointing outside RAM."""
+    """Counters of one walk: tables read, entries pointing outside RAM where RAM was
+    required (``bad_entries``) and leaves outside RAM where device memory was expected
+    (``device_leaves``)."""
 
     tables: int = 0
     bad_entries: int = 0
+    device_leaves: int = 0
 
 
 def kernel_pgd(cr3: int) -> int:
@@ -97,12 +104,15 @@ def translate(mem: PhysicalMemory, pgd: int, va: int, levels: int = 4,
 
 def iter_mappings(mem: PhysicalMemory, pgd: int, start: int, end: int, levels: int = 4,
                   user: bool = True, stats: WalkStats | None = None,
-                  max_tables: int = 1 << 20) -> Iterator[tuple[int, int, int]]:
+                  max_tables: int = 1 << 20,
+                  device_ok: bool = False) -> Iterator[tuple[int, int, int]]:
     """Yield ``(virtual, physical, size)`` for each present leaf mapping overlapping
-    ``[start, end)`` (canonical addresses), in address order; ``size`` is 4 KiB, 2 MiB
-    or 1 GiB (a huge page is yielded whole even if it only overlaps the range). Reads
-    each table page once and stops after ``max_tables`` tables. Entries pointing
-    outside RAM are skipped and counted in ``stats``."""
+    ``[start, end)`` (canonical addresses) whose frames are guest RAM, in address order;
+    ``size`` is 4 KiB, 2 MiB or 1 GiB (a huge page is yielded whole even if it only
+    overlaps the range). Reads each table page once and stops after ``max_tables``
+    tables. Tables outside RAM are skipped and counted in ``stats.bad_entries``; so are
+    leaves outside RAM, unless ``device_ok`` (the range may map device memory such as
+    a DAX pmem region), in which case they count in ``stats.device_leaves``."""
     if levels not in (4, 5):
         raise ValueError("levels must be 4 or 5")
     stats = stats if stats is not None else WalkStats()
@@ -130,7 +140,13 @@ def iter_mappings(mem: PhysicalMemory, pgd: int, start: int, end: int, levels: i
             if not (entry & P_PRESENT or (user and leaf and entry & P_PROTNONE)):
                 continue
             if leaf:
-                yield va, entry & ADDR_MASK & ~(size - 1), size
+                pa = entry & ADDR_MASK & ~(size - 1)
+                if mem.is_ram(pa, size):
+                    yield va, pa, size
+                elif device_ok:
+                    stats.device_leaves += 1
+                else:
+                    stats.bad_entries += 1
             else:
                 yield from walk(entry & ADDR_MASK, level - 1, shift - 9, base + (i << shift))
 

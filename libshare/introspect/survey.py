@@ -125,6 +125,13 @@ class _MmLibs:
     fs_known: bool = True
 
 
+def _on_pmem(fs: tuple[str, str] | None) -> bool:
+    """Return True if ``fs`` (from :func:`file_fs`) sits on a pmem device, whose DAX
+    mappings point outside guest RAM by design, or is unknown (a layout without the
+    filesystem members cannot tell)."""
+    return fs is None or fs[1].startswith("pmem")
+
+
 def mm_libraries(k: Kernel, pid: int, mm: int, paths: dict[int, str],
                  stats: WalkStats | None = None,
                  filesystems: dict[int, tuple[str, str] | None] | None = None) -> _MmLibs:
@@ -154,7 +161,9 @@ def mm_libraries(k: Kernel, pid: int, mm: int, paths: dict[int, str],
             out.fs_known = False
         elif is_region_fs(fss[vma.file]):
             out.region[path] = out.region.get(path, 0) + 1
-        got = set(resident_frames(k, pgd, vma.start, vma.end, stats))
+        # a DAX mapping of a pmem filesystem (the library region) maps device memory
+        got = set(resident_frames(k, pgd, vma.start, vma.end, stats,
+                                  device_ok=_on_pmem(fss[vma.file])))
         out.frames.setdefault(path, set()).update(got)
         if not vma.flags & VM_WRITE:
             out.shared.setdefault(path, set()).update(got)
@@ -226,6 +235,7 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
             if lib.build_id is None and path in mine.build_ids:
                 lib.build_id = mine.build_ids[path]
     if stats.bad_entries:
+        out.partial = True  # pages behind those entries are missing from the counts
         out.errors.append(f"{stats.bad_entries} page-table entries point outside RAM")
     for path, lib in libs.items():
         lib.resident_pages = len(frames.get(path, ()))

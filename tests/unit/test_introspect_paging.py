@@ -97,7 +97,7 @@ def test_huge_pages() -> None:
     pgd = t.alloc()
     t.map(pgd, 0x4000_0000, 0x4000_0000, size=1 << 30)  # 1 GiB at 1 GiB
     t.map(pgd, 0x8000_0000 + (2 << 20), 0x20_0000 * 3, size=2 << 20)  # 2 MiB
-    mem = t.mem()
+    mem = BytesMemory(t.buf, [RamBlock(0, 1 << 32, 0)])  # leaves must be RAM: say 4 GiB
     assert translate(mem, pgd, 0x4000_0000 + 0x12345678) == 0x4000_0000 + 0x12345678
     assert translate(mem, pgd, 0x8000_0000 + (2 << 20) + 0x1234) == 0x60_0000 + 0x1234
     assert translate(mem, pgd, 0x8000_0000) is None
@@ -159,3 +159,45 @@ def test_memory_bounds_and_cache() -> None:
     with pytest.raises(MemoryReadError):
         mem.read(0, 1 << 40)  # absurd length refused
     assert mem.ram_ranges() == [(0, 2 * PAGE), (1 << 32, (1 << 32) + PAGE)]
+
+
+def test_huge_leaves_outside_ram_are_not_yielded() -> None:
+    """512 x 1 GiB leaves far outside a ~1.3 MiB guest: nothing is yielded (a caller
+    expanding them into 4 KiB frames would allocate 134 million), each is counted."""
+    t = Tables()
+    pgd, pud = t.alloc(), t.alloc()
+    t.set(pgd, 0, pud | RW)
+    for i in range(512):
+        t.set(pud, i, ((i + 1) << 40) | RW | P_PSE)
+    t.map(pgd, 1 << 39, 0, size=2 << 20)  # a 2 MiB leaf running past the end of RAM
+    t.map(pgd, (1 << 39) + (2 << 20), 0x5000)  # and one good 4 KiB page
+    mem = t.mem()
+    stats = WalkStats()
+    got = list(iter_mappings(mem, pgd, 0, 1 << 40, stats=stats))
+    assert got == [((1 << 39) + (2 << 20), 0x5000, PAGE)]
+    assert stats.bad_entries == 513 and stats.device_leaves == 0
+    dev = WalkStats()
+    assert len(list(iter_mappings(mem, pgd, 0, 1 << 40, stats=dev, device_ok=True))) == 1
+    assert dev.bad_entries == 0 and dev.device_leaves == 513
+
+
+def test_resident_frames_capped_at_ram_size() -> None:
+    """A VMA whose PTEs all name the same RAM frame cannot make resident_frames yield
+    more frames than guest RAM holds."""
+    from types import SimpleNamespace
+    from typing import Any, cast
+
+    from libshare.introspect.mm import resident_frames
+
+    t = Tables()
+    pgd = t.alloc()
+    va = 0x40_0000_0000
+    for i in range(2048):
+        t.map(pgd, va + i * PAGE, 0x5000)
+    mem = t.mem()
+    k = cast(Any, SimpleNamespace(mem=mem, levels=4))
+    stats = WalkStats()
+    frames = list(resident_frames(k, pgd, va, va + 2048 * PAGE, stats))
+    assert len(frames) <= mem.ram_size // PAGE < 2048
+    assert stats.bad_entries == 1
+    assert len(list(resident_frames(k, pgd, va, va + 8 * PAGE))) == 8

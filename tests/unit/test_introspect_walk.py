@@ -218,3 +218,60 @@ def test_build_id_from_first_page() -> None:
     assert want and parse_build_id(page) == want
     assert parse_build_id(b"\x7fELF" + b"\xff" * 4092) is None  # garbage header
     assert parse_build_id(page[:100]) is None
+
+
+def _page(f: Fake) -> int:
+    """Return the guest-physical address of a fresh, zeroed, 4 KiB-aligned page."""
+    f.next = (f.next + 0xFFF) & ~0xFFF
+    pa = f.next
+    f.next += 0x1000
+    return pa
+
+
+def _library_guest(fs_dev: str, leaves: list[int]) -> Kernel:
+    """Return a kernel with one process mapping /libx.so (r-xp, 2 GiB from 1 GiB) on a
+    filesystem on ``fs_dev``, its page tables holding ``leaves`` (1 GiB leaf entries)."""
+    f = Fake()
+    offs = dict(OFFS, **{"file.f_inode": 0x30, "inode.i_sb": 0x00, "super_block.s_type": 0x00,
+                         "super_block.s_id": 0x10, "file_system_type.name": 0x00})
+    init = f.task(0, "swapper/0")
+    root = _dentry(f, b"/", None)
+    top = f.obj()
+    f.put(top, OFFS["mount.mnt_parent"], top)
+    f.put(top, OFFS["mount.mnt"], root)
+    file, inode, sb, fstype, name = f.obj(), f.obj(), f.obj(), f.obj(), f.obj()
+    f.put(file, OFFS["file.f_path"] + OFFS["path.mnt"], top + OFFS["mount.mnt"])
+    f.put(file, OFFS["file.f_path"] + OFFS["path.dentry"], _dentry(f, b"libx.so", root))
+    f.put(file, 0x30, inode)
+    f.put(inode, 0, sb)
+    f.put(sb, 0, fstype)
+    f.put_bytes(sb + 0x10, fs_dev.encode() + b"\0")
+    f.put(fstype, 0, name)
+    f.put_bytes(name, b"ext4\0")
+    mm = f.obj()
+    vma = _vma(f, mm, 1 << 30, 3 << 30)
+    f.put(vma, OFFS["vm_area_struct.vm_file"], file)
+    f.put(mm, OFFS["mm_struct.mmap"], vma)
+    f.put(mm, OFFS["mm_struct.map_count"], 1, 4)
+    pgd, pud = _page(f), _page(f)
+    f.put(mm, OFFS["mm_struct.pgd"], POB + pgd)
+    f.put(POB + pgd, 0, pud | 0x7)
+    for i, leaf in enumerate(leaves):
+        f.put(POB + pud, 8 * (1 + i), leaf)
+    f.link([init, f.task(1, "init", mm)])
+    info = KernelInfo("Linux version 9.9.9-test", init, init - POB, 0, 0, 4, POB,
+                      Layout(offs, {}, "test"))
+    return Kernel(BytesMemory(f.buf), info)
+
+
+def test_survey_hostile_huge_leaves_outside_ram() -> None:
+    """1 GiB leaves of a library mapping pointing outside guest RAM are neither counted
+    as resident (nor expanded into 4 KiB frames) and the survey is marked partial."""
+    leaves = [((i + 1) << 40) | 0x87 for i in range(2)]  # present, user, PS
+    out = walk_kernel(_library_guest("sda1", leaves), "t")
+    assert [lib.path for lib in out.libraries] == ["/libx.so"]
+    assert out.libraries[0].resident_pages == 0
+    assert out.partial and "2 page-table entries point outside RAM" in out.errors
+    # a DAX mapping of a pmem filesystem points outside RAM by design: not partial
+    dax = walk_kernel(_library_guest("pmem0", leaves), "t")
+    assert dax.libraries[0].resident_pages == 0 and not dax.partial and not dax.errors
