@@ -46,6 +46,8 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
     print(f"{result.files_seen} files seen, {len(result.added)} new objects, "
           f"{result.known} already stored, {result.paths_added} new guest paths "
           f"({result.symlinks} symlinks followed)")
+    for sha in result.repaired:
+        print(f"repaired {sha}: the stored copy was corrupt, replaced from the import")
     for reason, count in result.skipped_counts().items():
         print(f"skipped {count}: {reason}")
     return 0

@@ -75,6 +75,7 @@ from libshare.sharing.store import (
     StoreEntry,
     StoreIndex,
     check_object,
+    corrupt_object_problem,
     fsync_dir,
     load_index,
     object_path,
@@ -167,7 +168,10 @@ def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreE
     """Return the store entries chosen by ``selection``, sorted by sha256.
 
     ``selection`` is "all" (every object), a path to a selection file, or a list of
-    guest paths / hex sha256s. Raises LibshareError naming the first unknown entry.
+    guest paths / hex sha256s. A guest path selects every object seen at that path
+    (different trees may hold different versions there: each gets its own region path,
+    and a guest uses the one whose SHA-256 matches its file); a sha256 selects exactly
+    that object. Raises LibshareError naming the first unknown entry.
     """
     if selection == "all":
         chosen = list(index.entries.values())
@@ -176,11 +180,13 @@ def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreE
         by_path = index.by_path()
         picked: dict[str, StoreEntry] = {}
         for item in items:
-            sha = item.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", item) else by_path.get(item)
-            if sha is None or sha not in index.entries:
+            shas = [item.lower()] if re.fullmatch(r"[0-9a-fA-F]{64}", item) \
+                else by_path.get(item, [])
+            if not shas or any(sha not in index.entries for sha in shas):
                 raise LibshareError(f"selection: {item} is not in the store "
                                     "(import it with 'libshare store import')")
-            picked[sha] = index.entries[sha]
+            for sha in shas:
+                picked[sha] = index.entries[sha]
         chosen = list(picked.values())
     return sorted(chosen, key=lambda e: e.sha256)
 
@@ -266,7 +272,12 @@ def _locked(cfg: Config) -> Iterator[None]:
 def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
            progress: Progress | None) -> None:
     """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
-    (JSON and TSV)."""
+    (JSON and TSV).
+
+    Each object is hashed as it is staged (one read: the hard link mkfs.erofs will read,
+    or the copy being written), so a store object damaged in place is never published.
+    Raises LibshareError naming the first corrupt object.
+    """
     total = len(entries)
     for n, e in enumerate(entries, 1):
         if progress:
@@ -281,9 +292,13 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
                 linked = True
             except OSError:
                 pass
-        if not linked:
-            shutil.copyfile(src, dest)
+        if linked:
+            actual = sha256_file(dest)
+        else:
+            actual = _copy_hashed(src, dest)
             os.chmod(dest, OBJECT_MODE)
+        if actual != e.sha256:
+            raise LibshareError(corrupt_object_problem(e, actual))
     meta = root / ".libshare"
     meta.mkdir()
     (meta / "manifest.json").write_bytes(manifest)
@@ -293,6 +308,16 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     for dirpath, _dirs, _files in os.walk(root):
         os.chmod(dirpath, 0o755)
         os.utime(dirpath, (0, 0))
+
+
+def _copy_hashed(src: Path, dest: Path) -> str:
+    """Copy ``src`` to ``dest``; return the hex SHA-256 of the bytes copied."""
+    h = hashlib.sha256()
+    with open(src, "rb") as fin, open(dest, "wb") as fout:
+        while chunk := fin.read(CHUNK):
+            h.update(chunk)
+            fout.write(chunk)
+    return h.hexdigest()
 
 
 def _mkfs(fs_uuid: str, out: Path, root: Path) -> None:

@@ -14,7 +14,10 @@ Rules:
   re-hashed, fsync'ed and renamed; an interrupted import leaves at most temporary files
   (removed by the next import) and never a half-written object;
 * the index is replaced atomically (temp file, fsync, rename, fsync of the directory);
-* importing the same tree twice adds nothing and does not rewrite the index;
+* importing the same tree twice adds nothing and does not rewrite the index; an object
+  already stored is re-hashed first, and one whose bytes no longer match its name
+  (damaged in place) is replaced atomically from the imported file and reported as
+  repaired;
 * identity is the SHA-256: a build-id maps to every hash seen with it, so a build-id
   shared by different bytes gives two objects, never one;
 * guest paths are the paths inside the imported tree ("/usr/lib/.../libc.so.6"); a
@@ -39,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from libshare.digest import sha256_file
 from libshare.errors import LibshareError
 from libshare.fileutil import atomic_write, fsync_dir
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
@@ -100,13 +104,19 @@ class StoreIndex:
                 out.setdefault(e.build_id, []).append(e.sha256)
         return {k: sorted(v) for k, v in sorted(out.items())}
 
-    def by_path(self) -> dict[str, str]:
-        """Return guest path -> SHA-256 (the last imported object seen at that path wins)."""
-        out: dict[str, str] = {}
-        for e in sorted(self.entries.values(), key=lambda x: x.sha256):
+    def by_path(self) -> dict[str, list[str]]:
+        """Return guest path -> sorted SHA-256s of every object seen at that path.
+
+        Different trees (two guest images, two releases) often hold different bytes at
+        the same guest path ("/usr/lib/x86_64-linux-gnu/libc.so.6"); each of those
+        objects is kept, so selecting the path selects all of them, each under its own
+        region path (see ``libshare.sharing.region.fs_path``).
+        """
+        out: dict[str, list[str]] = {}
+        for e in self.entries.values():
             for p in e.paths:
-                out[p] = e.sha256
-        return out
+                out.setdefault(p, []).append(e.sha256)
+        return {k: sorted(v) for k, v in out.items()}
 
     def to_json(self) -> str:
         """Return the canonical JSON text of the index."""
@@ -124,6 +134,7 @@ class ImportResult:
     files_seen: int = 0
     added: list[str] = field(default_factory=list)      # new objects (sha256)
     known: int = 0                                      # files already in the store
+    repaired: list[str] = field(default_factory=list)   # corrupt objects replaced (sha256)
     paths_added: int = 0                                # new guest paths recorded
     symlinks: int = 0                                   # symlinks recorded as guest paths
     skipped: list[Skipped] = field(default_factory=list)
@@ -137,7 +148,7 @@ class ImportResult:
         """Return a JSON-ready summary (non-ELF files are only counted, not listed)."""
         return {"roots": self.roots, "files_seen": self.files_seen,
                 "added": len(self.added), "added_objects": self.added,
-                "known": self.known, "paths_added": self.paths_added,
+                "known": self.known, "repaired": self.repaired, "paths_added": self.paths_added,
                 "symlinks": self.symlinks, "skipped_counts": self.skipped_counts(),
                 "skipped": [{"path": s.path, "reason": s.reason}
                             for s in self.skipped if s.reason != NOT_ELF],
@@ -272,12 +283,22 @@ def _copy_object(store_dir: Path, src: str, ident: ElfIdentity) -> str | None:
     return None
 
 
-def _object_ok(store_dir: Path, ident: ElfIdentity) -> bool:
-    """Return True if the object for ``ident`` already exists with the right size."""
+def _object_state(store_dir: Path, ident: ElfIdentity) -> str | None:
+    """Return None if the object for ``ident`` is stored with the right bytes, else
+    "missing" or "corrupt" (wrong size, wrong SHA-256 or unreadable).
+
+    The stored bytes are re-hashed: a store object damaged in place (same size, a byte
+    changed) must never count as known, or every region built from it would carry it.
+    """
+    path = object_path(store_dir, ident.sha256)
     try:
-        return object_path(store_dir, ident.sha256).stat().st_size == ident.size
+        if path.stat().st_size != ident.size:
+            return "corrupt"
+        return None if sha256_file(path) == ident.sha256 else "corrupt"
+    except FileNotFoundError:
+        return "missing"
     except OSError:
-        return False
+        return "corrupt"
 
 
 def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
@@ -360,14 +381,14 @@ def _add_object(store_dir: Path, path: str, ident: ElfIdentity, index: StoreInde
                 result: ImportResult) -> str | None:
     """Make sure ``ident`` is stored and indexed; return its sha256 or None if skipped."""
     entry = index.entries.get(ident.sha256)
-    if entry is not None and _object_ok(store_dir, ident):
-        result.known += 1
-        return ident.sha256
-    if not _object_ok(store_dir, ident):
+    state = _object_state(store_dir, ident)
+    if state is not None:
         why = _copy_object(store_dir, path, ident)
         if why is not None:
             result.skipped.append(Skipped(path, why))
             return None
+        if state == "corrupt":
+            result.repaired.append(ident.sha256)
     if entry is None:
         index.entries[ident.sha256] = StoreEntry(
             sha256=ident.sha256, size=ident.size, build_id=ident.build_id,
@@ -389,7 +410,11 @@ def _add_path(entry: StoreEntry, guest: str) -> bool:
 
 
 def check_object(store_dir: Path, entry: StoreEntry) -> str | None:
-    """Return a problem with ``entry``'s object file (missing, wrong size), or None."""
+    """Return a problem with ``entry``'s object file (missing, wrong size), or None.
+
+    Cheap (one ``stat``): the bytes are not hashed here; :func:`corrupt_object_problem`
+    words the error for an object whose SHA-256 turned out wrong.
+    """
     path = object_path(store_dir, entry.sha256)
     try:
         size = path.stat().st_size
@@ -400,3 +425,11 @@ def check_object(store_dir: Path, entry: StoreEntry) -> str | None:
     if size != entry.size:
         return f"object {entry.sha256} has size {size}, index says {entry.size}"
     return None
+
+
+def corrupt_object_problem(entry: StoreEntry, actual: str) -> str:
+    """Return the one-line error for store object ``entry`` whose bytes hash to ``actual``."""
+    where = entry.paths[0] if entry.paths else entry.name
+    return (f"store object {entry.sha256} ({where}) is corrupt: its SHA-256 is now "
+            f"{actual}; re-import a tree holding it with 'libshare store import DIR' "
+            "to repair it")

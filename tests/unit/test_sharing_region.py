@@ -14,7 +14,7 @@ from libshare.config import Config
 from libshare.errors import LibshareError
 from libshare.sharing import pfn, region
 from libshare.sharing.erofs import EROFS_MAGIC, Erofs
-from libshare.sharing.store import import_tree, load_index
+from libshare.sharing.store import import_tree, load_index, object_path
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1", "libdl.so.2"]
@@ -299,3 +299,46 @@ def test_set_fs_label_rejects_bad_input(tmp_path: Path) -> None:
         region.set_fs_label(junk)
     with pytest.raises(LibshareError, match="1 to 16 bytes"):
         region.set_fs_label(junk, "x" * 17)
+
+
+def test_build_refuses_a_store_object_damaged_in_place(tmp_path: Path) -> None:
+    """Same size, one byte changed: nothing is published and the group link stays."""
+    cfg = make_cfg(tmp_path)
+    first = region.build_region(cfg, "web")
+    idx = load_index(cfg.store_dir)
+    libz = next(e for e in idx.entries.values() if e.soname == "libz.so.1")
+    obj = object_path(cfg.store_dir, libz.sha256)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    before = sorted(p.name for p in (cfg.regions_dir / "images").iterdir())
+    for mode in (0o644, 0o555):            # copied (not linkable) and hard-linked objects
+        os.chmod(obj, mode)
+        with pytest.raises(LibshareError, match=f"store object {libz.sha256} .*corrupt"):
+            region.build_region(cfg, "web", size=16 * MiB)
+        assert sorted(p.name for p in (cfg.regions_dir / "images").iterdir()) == before
+        assert os.path.realpath(cfg.group_region_link("web")) == first.path
+        assert not list(cfg.regions_dir.glob(".build-*"))
+    import_tree(cfg.store_dir, [tmp_path / "root"])          # re-import repairs it
+    again = region.build_region(cfg, "web", size=16 * MiB)
+    assert region.verify(again.path) is None
+
+
+def test_select_by_guest_path_takes_every_object_seen_there(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    other = tmp_path / "other/usr/lib/x86_64-linux-gnu"
+    other.mkdir(parents=True)
+    data = bytearray((LIBDIR / "libz.so.1").read_bytes())
+    data[-1] ^= 0x55
+    (other / "libz.so.1").write_bytes(bytes(data))
+    import_tree(cfg.store_dir, [tmp_path / "other"])
+    res = region.build_region(cfg, "web", ["/usr/lib/x86_64-linux-gnu/libz.so.1"])
+    assert res.files == 2
+    with open(res.path, "rb") as fh:
+        files = region.read_manifest(Erofs(fh, offset=2 * MiB))["files"]
+    assert len({f["path"] for f in files}) == 2
+    assert all("/usr/lib/x86_64-linux-gnu/libz.so.1" in f["guest_paths"] for f in files)
+    assert region.verify(res.path) is None

@@ -159,3 +159,43 @@ def test_missing_dir(tmp_path: Path) -> None:
     from libshare.errors import LibshareError
     with pytest.raises(LibshareError, match="not a directory"):
         import_tree(tmp_path / "s", [tmp_path / "nope"])
+
+
+def damage(path: Path, offset: int = 100) -> None:
+    """Flip one byte of ``path`` in place (same size), as bit rot or a stray write would."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        byte = fh.read(1)
+        fh.seek(offset)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.chmod(path, store.OBJECT_MODE)
+
+
+def test_reimport_repairs_an_object_damaged_in_place(tmp_path: Path, tree: Path) -> None:
+    sdir = tmp_path / "store"
+    import_tree(sdir, [tree])
+    libz = sha256_file(LIBDIR / "libz.so.1")
+    obj = object_path(sdir, libz)
+    size = obj.stat().st_size
+    damage(obj)
+    assert obj.stat().st_size == size and sha256_file(obj) != libz
+    r = import_tree(sdir, [tree])
+    assert r.repaired == [libz] and r.as_dict()["repaired"] == [libz]
+    assert r.known == len(LIBS) and r.added == []
+    assert sha256_file(obj) == libz and obj.stat().st_mode & 0o777 == store.OBJECT_MODE
+    assert import_tree(sdir, [tree]).repaired == []
+
+
+def test_by_path_keeps_every_object_seen_at_a_path(tmp_path: Path, tree: Path) -> None:
+    """Two trees with different bytes at one guest path: both objects stay selectable."""
+    other = tmp_path / "other/usr/lib/x86_64-linux-gnu"
+    other.mkdir(parents=True)
+    data = bytearray((LIBDIR / "libz.so.1").read_bytes())
+    data[-1] ^= 0x55
+    (other / "libz.so.1.0.0").write_bytes(bytes(data))
+    sdir = tmp_path / "store"
+    import_tree(sdir, [tree, tmp_path / "other"])
+    want = sorted([sha256_file(LIBDIR / "libz.so.1"), store.sha256_file(
+        other / "libz.so.1.0.0")])
+    assert load_index(sdir).by_path()["/usr/lib/x86_64-linux-gnu/libz.so.1.0.0"] == want
