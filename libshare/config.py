@@ -30,6 +30,9 @@ SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/libshare")
 MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: libvirt waits for the hook synchronously: it must give up within this many seconds
+MAX_HOOK_TIMEOUT = 5.0
+MIN_HOOK_TIMEOUT = 0.5
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Config:
     default_group: str = "default"
     log_level: str = "info"
     libvirt_uri: str = "qemu:///system"
-    hook_timeout: float = 5.0
+    hook_timeout: float = MAX_HOOK_TIMEOUT
     redirect: str = "off"
     redirect_wait: float = 900.0
     source: Path | None = field(default=None, compare=False)
@@ -107,6 +110,10 @@ def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
         raise LibshareError(f"{where}: log_level must be one of {', '.join(LOG_LEVELS)}")
     if out.get("redirect", "off") not in REDIRECT_MODES:
         raise LibshareError(f"{where}: redirect must be one of {', '.join(REDIRECT_MODES)}")
+    if not MIN_HOOK_TIMEOUT <= out.get("hook_timeout", MAX_HOOK_TIMEOUT) <= MAX_HOOK_TIMEOUT:
+        raise LibshareError(f"{where}: hook_timeout must be between {MIN_HOOK_TIMEOUT:g} and "
+                            f"{MAX_HOOK_TIMEOUT:g} seconds (libvirt waits for the hook), "
+                            f"not {out['hook_timeout']:g}")
     if out.get("redirect_wait", 1.0) <= 0:
         raise LibshareError(f"{where}: redirect_wait must be a positive number of seconds")
     return out

@@ -1,14 +1,17 @@
 """The libvirt qemu hook's logic (``hooks/qemu`` is only a shim that calls ``run``).
 
 libvirt runs the hook synchronously, so every path here is bounded in time (the
-config's ``hook_timeout``, 5 s by default), never calls the libvirt API (deadlock), never
-starts children, and logs to syslog, to stderr (warnings, which libvirt shows in its
-error message) and to ``STATE/log/hook.log``.
+config's ``hook_timeout``, at most 5 s, counted from the start of the hook process so
+interpreter start-up and imports count), never calls the libvirt API (deadlock), never
+starts children, and logs to syslog (at the config's ``log_level``), to stderr
+(warnings, which libvirt shows in its error message and logs) and to
+``STATE/log/hook.log`` (one JSON line per run, with the traceback of an unexpected error).
 
 Per operation, for enrolled domains only:
 - ``prepare begin``: check the region file (exists, regular, readable, recorded size and
   digest); exit 1 with one line otherwise, so libvirt refuses to start the guest. For
-  the ivshmem model, publish the image into ``/dev/shm``.
+  the ivshmem model, publish the image into ``/dev/shm``, zero-padded to the device's
+  power-of-two size.
 - ``started begin`` / ``reconnect begin``: record the running domain; ``reconnect``
   always exits 0 (a failure there makes libvirt kill the guest). At ``started`` only,
   for a domain enrolled with ``redirect="runtime"``, also leave an automatic redirect
@@ -24,6 +27,8 @@ Anything else exits 0. Unexpected errors: 0 for operations that cannot harm the 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import logging.handlers
 import os
@@ -41,10 +46,15 @@ from libshare.digest import cached_sha256
 from libshare.domxml import devices as dev
 from libshare.domxml.metadata import Enrolment
 from libshare.errors import LibshareError
+from libshare.fileutil import atomic_write
 from libshare.runtime import qemu_pid
 
 STRICT_OPS = ("prepare", "migrate", "restore")
 HOOK_MARKER = "libshare-hook"
+#: where the ivshmem model's shared memory objects live
+SHM_DIR = Path("/dev/shm")
+#: seconds kept back from the budget for writing the log after a timeout
+MARGIN = 0.2
 
 log = logging.getLogger("libshare.hook")
 
@@ -69,10 +79,17 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ign
         pass
 
 
-def _setup_logging() -> None:
+def _setup_logging(level: str = "info") -> None:
+    """Send the hook's log to stderr (warnings and above, always: libvirt shows them) and
+    to syslog when ``/dev/log`` exists (``level`` and above, a config ``log_level``).
+    Called again once the config is loaded, it only sets the level."""
+    syslog_level = getattr(logging, level.upper(), logging.INFO)
+    log.setLevel(min(syslog_level, logging.WARNING))
+    for handler in log.handlers:
+        if isinstance(handler, logging.handlers.SysLogHandler):
+            handler.setLevel(syslog_level)
     if log.handlers:
         return
-    log.setLevel(logging.INFO)
     log.propagate = False
     err = _StderrHandler()
     err.setLevel(logging.WARNING)
@@ -82,9 +99,24 @@ def _setup_logging() -> None:
         try:
             syslog = logging.handlers.SysLogHandler(address="/dev/log")
             syslog.setFormatter(logging.Formatter("libshare-hook: %(message)s"))
+            syslog.setLevel(syslog_level)
             log.addHandler(syslog)
         except OSError:
             pass
+
+
+def process_start() -> float:
+    """Return when this process started, on the ``time.monotonic()`` clock (from
+    ``/proc/self/stat``, 10 ms resolution); the current time when that cannot be read."""
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", "rb") as fh:
+            fields = fh.read().rsplit(b")", 1)[1].split()
+        ticks = int(fields[19])  # field 22, starttime, in clock ticks since boot
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return now
+    return now - max(0.0, age)
 
 
 def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
@@ -100,7 +132,7 @@ def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
     if not os.access(path, os.R_OK):
         raise LibshareError(f"region image {path} is not readable")
     size = path.stat().st_size
-    if size != enr.size:
+    if size != enr.checked_size():
         raise LibshareError(f"region image {path} has {size} bytes, the domain was enrolled "
                             f"with {enr.size}; re-enrol with 'libshare enable'")
     if enr.digest:
@@ -111,19 +143,49 @@ def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
     return path
 
 
-def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> None:
-    """Make ``/dev/shm/libshare-GROUP`` a copy of ``image`` (ivshmem model)."""
-    target = Path("/dev/shm") / dev.shmem_name(enr.group)
-    if target.exists() and target.stat().st_size == enr.size and (
-            not enr.digest or cached_sha256(target, state_dir / "digests.json") == enr.digest):
-        return
+def _stat_key(st: os.stat_result) -> str:
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _read_shm_cache(cache: Path) -> dict[str, str]:
+    """Return the published-copy records of ``cache`` ({} when unreadable)."""
+    try:
+        entries = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> Path:
+    """Make ``SHM_DIR/libshare-GROUP`` a copy of ``image`` zero-padded to the ivshmem
+    device's size ``shmem_size(size)`` (ivshmem model); return its path.
+
+    A copy is reused while its size is the device size and, for an enrolment with a
+    digest, ``STATE/shm.json`` says this very file (device, inode, size, mtime) was
+    published from an image of that digest: the padded file's own SHA-256 is not the
+    image's, so the digest cache cannot tell."""
+    target = SHM_DIR / dev.shmem_name(enr.group)
+    want = dev.shmem_size(enr.checked_size())
+    cache = state_dir / "shm.json"
+    entries = _read_shm_cache(cache)
+    with contextlib.suppress(OSError):
+        st = target.stat()
+        if st.st_size == want and (
+                not enr.digest or entries.get(str(target)) == f"{_stat_key(st)}={enr.digest}"):
+            return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     try:
         shutil.copyfile(image, tmp)
+        os.truncate(tmp, want)  # the padding reads as zeros and takes no memory
         os.replace(tmp, target)
     finally:
         if tmp.exists():
             tmp.unlink()
+    if enr.digest:
+        entries[str(target)] = f"{_stat_key(target.stat())}={enr.digest}"
+        with contextlib.suppress(OSError):
+            atomic_write(cache, json.dumps(entries).encode())
+    return target
 
 
 def _record(name: str, root: Any, enr: Enrolment, state_dir: Path, op: str,
@@ -162,7 +224,7 @@ def local_image(enr: Enrolment, cfg: config.Config) -> Path | None:
         if enr.state_dir:
             candidates.append(Path(enr.state_dir) / "regions" / "images" / f"{enr.digest}.img")
     for cand in candidates:
-        if cand.is_file() and cand.stat().st_size == enr.size and (
+        if cand.is_file() and cand.stat().st_size == enr.checked_size() and (
                 not enr.digest or cached_sha256(cand, cfg.digest_cache) == enr.digest):
             return cand
     return None
@@ -194,6 +256,8 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
     """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``); return
     a short result for the log."""
     state_dir = Path(enr.state_dir) if enr.state_dir else cfg.state_dir
+    if op in STRICT_OPS:
+        enr.checked_size()  # a corrupt record is refused, not read as 0 bytes
     if op == "prepare" and sub == "begin":
         if dev.find_region_device(root.find("devices"), enr.model, enr.region,
                                   enr.group) is None:
@@ -227,31 +291,43 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
     return "ignored"
 
 
-def run(argv: list[str], data: bytes, out: Any = None) -> int:
+def run(argv: list[str], data: bytes, out: Any = None, started: float | None = None) -> int:
     """Run the hook for libvirt's arguments ``argv`` (DOMAIN OP SUB EXTRA) and the domain
-    XML ``data``; return the exit status libvirt should see."""
+    XML ``data``; return the exit status libvirt should see.
+
+    The time budget (the config's ``hook_timeout``) counts from ``started``, a
+    ``time.monotonic()`` value: the shim passes :func:`process_start` so that
+    interpreter start-up and imports count; None means now.
+    """
     _setup_logging()
     name = argv[0] if argv else "?"
     op = argv[1] if len(argv) > 1 else "?"
     sub = argv[2] if len(argv) > 2 else "-"
     strict = op in STRICT_OPS and sub == "begin"
-    started = time.monotonic()
+    if started is None:
+        started = time.monotonic()
     result, status = "error", 1 if strict else 0
+    entry: dict[str, Any] = {}
     state_dir: Path | None = None
     signal.signal(signal.SIGALRM, _on_alarm)
     cfg: config.Config | None = None
     cfg_error: LibshareError | None = None
     try:
         cfg = config.load()
+        _setup_logging(cfg.log_level)
     except LibshareError as exc:  # reported below, as the operation's failure
         cfg_error = exc
-    timeout = cfg.hook_timeout if cfg is not None else 5.0
-    signal.setitimer(signal.ITIMER_REAL, max(0.1, timeout - 0.2))
+    timeout = cfg.hook_timeout if cfg is not None else config.MAX_HOOK_TIMEOUT
+    left = timeout - (time.monotonic() - started) - MARGIN
     try:
+        if left > 0:
+            signal.setitimer(signal.ITIMER_REAL, left)
         root = domxml.parse(data)
         enr = domxml.enrolment(root)
         if enr is None:
             return 0
+        if left <= 0:  # start-up and imports used up the budget
+            raise HookTimeout
         if enr.state_dir:
             state_dir = Path(enr.state_dir)
         if cfg is None:
@@ -267,9 +343,14 @@ def run(argv: list[str], data: bytes, out: Any = None) -> int:
         log.warning("%s: %s", name, exc)
         result = f"refused: {exc}" if strict else f"failed: {exc}"
     except Exception as exc:
-        log.info("%s: %s %s failed:\n%s", name, op, sub, traceback.format_exc())
+        trace = traceback.format_exc()
         log.warning("%s: %s %s failed: %s", name, op, sub, exc)
+        log.info("%s: %s %s failed:\n%s", name, op, sub, trace)
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write(trace)  # libvirt logs the hook's stderr
+            sys.stderr.flush()
         result = f"error: {exc}"
+        entry["traceback"] = trace
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
     if state_dir is None:
@@ -277,6 +358,6 @@ def run(argv: list[str], data: bytes, out: Any = None) -> int:
     elapsed = time.monotonic() - started
     state.append_hook_log(state_dir, {"domain": name, "op": op, "sub": sub,
                                       "status": status, "result": result,
-                                      "seconds": round(elapsed, 4)})
+                                      "seconds": round(elapsed, 4), **entry})
     log.info("%s: %s %s -> %s (%s) in %.3f s", name, op, sub, status, result, elapsed)
     return status

@@ -5,6 +5,11 @@
   ``access='shared'`` for it, so guest writes reach the host file) and ``ivshmem``
   (plain ivshmem shares guest writes too): the last two are for trusted groups only;
 - the qemu-guest-agent channel used by redirect.
+
+libvirt refuses an ivshmem ``<size>`` that is not a power of two, so the shmem device
+is sized ``shmem_size(region size)`` (the next power of two) and the hook pads the
+``/dev/shm`` copy of the image with zeros to that size; the metadata keeps the image's
+own size, from which the device size always follows.
 """
 
 from __future__ import annotations
@@ -20,10 +25,19 @@ def shmem_name(group: str) -> str:
     return f"libshare-{group}"
 
 
+def shmem_size(size: int) -> int:
+    """Return the ivshmem device size for a region of ``size`` bytes: the smallest power
+    of two that is at least ``size`` (libvirt accepts nothing else)."""
+    if size <= 0:
+        raise ValueError(f"region size {size} is not positive")
+    return 1 << (size - 1).bit_length()
+
+
 def region_device(model: str, path: str, size: int, group: str, node: int | None) -> Element:
     """Return the region device element for ``model`` backed by ``path`` of ``size`` bytes.
 
-    ``node`` is the guest NUMA node the nvdimm is attached to.
+    ``node`` is the guest NUMA node the nvdimm is attached to. An ivshmem device gets
+    ``shmem_size(size)`` (a power of two), the others ``size`` itself.
     """
     kib = str(size // 1024)
     if model == "nvdimm":
@@ -43,7 +57,7 @@ def region_device(model: str, path: str, size: int, group: str, node: int | None
     if model == "ivshmem":
         return make("shmem", {"name": shmem_name(group)}, children=[
             make("model", {"type": "ivshmem-plain"}),
-            make("size", {"unit": "KiB"}, kib),
+            make("size", {"unit": "KiB"}, str(shmem_size(size) // 1024)),
         ])
     raise ValueError(f"unknown region model {model!r}")
 

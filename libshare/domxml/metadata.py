@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from lxml import etree
 
 from libshare.domxml.tree import Element
+from libshare.errors import RefusedError
 
 NS = "https://libshare.dev/xmlns/domain/1"
 PREFIX = "libshare"
@@ -62,6 +63,18 @@ class Enrolment:
     current_memory_kib: int | None = None
     redirect: str = "off"
     changes: list[Change] = field(default_factory=list)
+    #: the record's ``size`` attribute as written (None: absent); ``size`` is 0 when it
+    #: is not a byte count, and :meth:`checked_size` says so
+    size_text: str | None = None
+
+    def checked_size(self) -> int:
+        """Return the recorded region size in bytes; raise RefusedError naming the
+        metadata value when the record's ``size`` is missing or not a positive integer."""
+        if self.size > 0:
+            return self.size
+        raise RefusedError(f"libshare metadata of this domain has a bad region size "
+                           f"size={self.size_text!r} (not a positive byte count); "
+                           "re-enrol it with 'libshare enable'")
 
     def has(self, kind: str, what: str) -> bool:
         """Return True when a change of this kind and target was recorded."""
@@ -104,6 +117,7 @@ def parse_record(elem: Element) -> Enrolment:
         current_memory_kib=_int_or_none(elem.get("current-memory-kib")),
         redirect=elem.get("redirect") or "off",
         changes=changes,
+        size_text=elem.get("size"),
     )
 
 

@@ -41,6 +41,9 @@ def test_table_form_is_accepted(tmp_path: Path) -> None:
     ('default_model = "floppy"\n', "default_model"),
     ('log_level = "loud"\n', "log_level"),
     ('hook_timeout = "x"\n', "hook_timeout"),
+    ('hook_timeout = 6\n', "hook_timeout must be between 0.5 and 5 seconds"),
+    ('hook_timeout = 30.5\n', "not 30.5"),
+    ('hook_timeout = 0\n', "hook_timeout"),
     ('state_dir = [\n', "cannot read"),
 ])
 def test_bad_files(tmp_path: Path, text: str, match: str) -> None:
@@ -48,6 +51,13 @@ def test_bad_files(tmp_path: Path, text: str, match: str) -> None:
     f.write_text(text)
     with pytest.raises(LibshareError, match=match):
         config.load(str(f), environ={})
+
+
+def test_hook_timeout_up_to_five_seconds(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text("hook_timeout = 5\n")
+    assert config.load(str(f), environ={}).hook_timeout == 5.0
+    assert config.Config().hook_timeout == config.MAX_HOOK_TIMEOUT == 5.0
 
 
 def test_missing_explicit_file(tmp_path: Path) -> None:

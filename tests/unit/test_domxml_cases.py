@@ -6,6 +6,7 @@ import pytest
 from lxml import etree
 
 from libshare import domxml
+from libshare.domxml import devices as dev
 from libshare.domxml import schema
 from libshare.errors import RefusedError
 
@@ -135,6 +136,29 @@ def test_ivshmem_model_adds_only_shmem() -> None:
     assert shmem is not None and shmem.get("name") == "libshare-trusted"
     assert shmem.find("model").get("type") == "ivshmem-plain"  # type: ignore[union-attr]
     assert out.find("maxMemory") is None and out.find("cpu") is None
+
+
+@pytest.mark.parametrize("size,device", [(2 * MiB, 2 * MiB), (6 * MiB, 8 * MiB),
+                                         (56 * MiB, 64 * MiB), (64 * MiB, 64 * MiB)])
+def test_ivshmem_size_is_rounded_to_a_power_of_two(size: int, device: int) -> None:
+    # libvirt refuses a shmem size that is not a power of two; the record keeps the
+    # image's own size (the hook checks the image against it and pads the shm copy)
+    out = roundtrip(dom(), spec(model="ivshmem", size=size))
+    assert out.findtext("devices/shmem/size") == str(device // 1024)
+    assert out.find("devices/shmem/size").get("unit") == "KiB"  # type: ignore[union-attr]
+    assert domxml.describe(out)["size"] == size
+    assert dev.shmem_size(size) == device
+
+
+def test_corrupt_size_in_record_is_named() -> None:
+    out = domxml.enable(dom(), spec())
+    rec = out.find(f"metadata/{{{domxml.NS}}}enrolment")
+    assert rec is not None
+    rec.set("size", "12x")
+    enr = domxml.enrolment(out)
+    assert enr is not None
+    with pytest.raises(RefusedError, match="size='12x'"):
+        enr.checked_size()
 
 
 def test_virtio_pmem_model() -> None:

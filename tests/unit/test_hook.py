@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import logging.handlers
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from lxml import etree
 
 from libshare import domxml, hook, state
 from libshare.digest import sha256_file
@@ -139,3 +143,102 @@ def test_hook_log_is_json_lines(env: dict[str, Path]) -> None:
     hook.run(["h", "prepare", "begin", "-"], xml)
     lines = state.hook_log_path(env["state"]).read_text().splitlines()
     assert json.loads(lines[-1])["op"] == "prepare"
+
+
+def test_ivshmem_prepare_publishes_padded_copy(env: dict[str, Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    shm = env["tmp"] / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(hook, "SHM_DIR", shm)
+    image = env["image"]
+    image.write_bytes(b"\x07" * (6 * MiB))  # libvirt wants a power of two: 8 MiB
+    xml = enrolled_xml(image, env["state"], model="ivshmem")
+    assert domxml.parse(xml).findtext("devices/shmem/size") == str(8 * 1024)
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    copy = shm / "libshare-g"
+    data = copy.read_bytes()
+    assert len(data) == 8 * MiB and data[:6 * MiB] == image.read_bytes()
+    assert data[6 * MiB:] == bytes(2 * MiB)
+    ino = copy.stat().st_ino
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert copy.stat().st_ino == ino  # an intact copy is reused, not rewritten
+    with open(copy, "r+b") as fh:  # a changed copy (new mtime) is published again
+        fh.write(b"\x09")
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert copy.read_bytes() == data
+    # disable restores the definition exactly
+    plain = domxml.parse(PLAIN)
+    assert etree.tostring(domxml.disable(domxml.parse(xml)), method="c14n") == \
+        etree.tostring(plain, method="c14n")
+
+
+def test_corrupt_size_in_metadata_is_refused(env: dict[str, Path],
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    xml = enrolled_xml(env["image"], env["state"]).replace(
+        f'size="{2 * MiB}"'.encode(), b'size="2MiB"')
+    assert b'size="2MiB"' in xml
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "size='2MiB'" in err[0] and "enrolled with 0" not in err[0]
+    assert hook.run(["h", "migrate", "begin", "-"], xml, out=io.StringIO()) == 1
+
+
+def test_unexpected_error_keeps_its_traceback(env: dict[str, Path],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(*_args: object) -> str:
+        raise KeyError("deep inside")
+
+    monkeypatch.setattr(hook, "_dispatch", broken)
+    xml = enrolled_xml(env["image"], env["state"])
+    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    entry = state.read_hook_log(env["state"])[-1]
+    assert entry["status"] == 1 and "Traceback" in entry["traceback"]
+    assert "in broken" in entry["traceback"] and "KeyError: 'deep inside'" in entry["traceback"]
+    err = capsys.readouterr().err
+    assert err.count("Traceback (most recent call last)") == 2 and "in broken" in err
+
+
+def test_budget_counts_from_process_start(env: dict[str, Path],
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    xml = enrolled_xml(env["image"], env["state"])
+    late = time.monotonic() - 4.9  # start-up took almost all of the 5 s
+    assert hook.run(["h", "prepare", "begin", "-"], xml, started=late) == 1
+    assert "timed out" in capsys.readouterr().err
+    assert state.read_hook_log(env["state"])[-1]["result"] == "timeout"
+    assert hook.run(["h", "reconnect", "begin", "-"], xml, started=late) == 0
+    # the same late start within a longer-than-used budget succeeds
+    assert hook.run(["h", "prepare", "begin", "-"], xml,
+                    started=time.monotonic() - 3.0) == 0
+    # not enrolled: never a timeout, whatever the start
+    assert hook.run(["h", "prepare", "begin", "-"], PLAIN.encode(), started=late) == 0
+
+
+def test_process_start_counts_interpreter_start() -> None:
+    code = ("import time; time.sleep(0.4); from libshare.hook import process_start; "
+            "print(time.monotonic() - process_start())")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, timeout=30)
+    assert 0.4 <= float(res.stdout) < 5.0
+    assert hook.process_start() <= time.monotonic()
+
+
+@pytest.mark.parametrize("level,expected", [("debug", logging.DEBUG),
+                                            ("info", logging.INFO),
+                                            ("error", logging.WARNING)])
+def test_log_level_from_config(env: dict[str, Path], level: str, expected: int) -> None:
+    (env["tmp"] / "libshare.toml").write_text(
+        f'state_dir = "{env["state"]}"\nlog_level = "{level}"\n')
+    syslog = logging.handlers.SysLogHandler(address=str(env["tmp"] / "no-such-socket"))
+    hook.log.addHandler(syslog)
+    try:
+        hook.run(["h", "prepare", "begin", "-"], PLAIN.encode())
+        # stderr keeps warnings (libvirt shows refusals) whatever the level; syslog
+        # gets the configured level
+        assert hook.log.level == expected
+        assert syslog.level == getattr(logging, level.upper())
+    finally:
+        hook.log.removeHandler(syslog)
+        syslog.close()
+        hook._setup_logging()
