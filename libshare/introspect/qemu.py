@@ -7,7 +7,9 @@ guest RAM blocks and their host virtual addresses (HMP ``info mtree -f`` plus
 ``/proc/PID/maps`` mapping of exactly the RAM size plus QEMU's pc/q35 split below and
 above 4 GiB), opening a :class:`~libshare.introspect.memory.ProcMemory` or (for
 file/memfd-backed RAM) a :class:`~libshare.introspect.memory.FileMemory`, and
-:func:`paused`, a bounded suspend/resume around a walk.
+:func:`paused`, a bounded suspend/resume around a walk (resumed on exit, on its
+watchdog and on SIGINT/SIGTERM/SIGHUP; :class:`PauseState` tells whether the watchdog
+fired).
 
 Only the RAM regions of the machine's main memory (``pc.ram``, NUMA ``ram-node*``) are
 taken: device RAM (VGA, NVDIMM or ivshmem regions, ROMs) is not guest RAM.
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
+import signal
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -205,15 +210,31 @@ def open_memory(dom: Any, backend: str = "proc") -> PhysicalMemory:
     return ProcMemory(pid, blocks)
 
 
+@dataclass
+class PauseState:
+    """What happened to a pause: ``expired`` once the watchdog resumed the guest before
+    the ``with`` body ended (the body then ran over a running guest)."""
+
+    timeout: float
+    expired: bool = False
+
+
+#: signals that end the command; paused() resumes the guest before they take effect
+PAUSE_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 @contextlib.contextmanager
-def paused(dom: Any, timeout: float = 60.0) -> Iterator[None]:
-    """Suspend ``dom`` for the ``with`` body and always resume it afterwards; a watchdog
-    resumes it after ``timeout`` seconds even if the body is stuck. A domain that was
-    already paused is left paused. Yields nothing."""
+def paused(dom: Any, timeout: float = 60.0) -> Iterator[PauseState]:
+    """Suspend ``dom`` for the ``with`` body and always resume it afterwards; yield a
+    :class:`PauseState`. A watchdog resumes it after ``timeout`` seconds even if the
+    body is stuck (``expired`` then tells the body its snapshot is no longer exact).
+    In the main thread, SIGINT/SIGTERM/SIGHUP resume the guest first and then take
+    their previous effect (the previous handlers are restored on exit). A domain that
+    was already paused is left paused."""
     libvirt = libvirt_module()
-    state = dom.state()[0]
-    if state == libvirt.VIR_DOMAIN_PAUSED:
-        yield
+    state = PauseState(timeout)
+    if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+        yield state
         return
     try:
         dom.suspend()
@@ -233,11 +254,40 @@ def paused(dom: Any, timeout: float = 60.0) -> Iterator[None]:
             except libvirt.libvirtError as exc:
                 log.error("could not resume %s: %s", dom.name(), exc.get_error_message())
 
-    timer = threading.Timer(timeout, resume)
+    def watchdog() -> None:
+        with lock:
+            if resumed:
+                return
+        state.expired = True
+        log.warning("%s: paused for %.0f s; resuming it (the walk goes on over a running "
+                    "guest)", dom.name(), timeout)
+        resume()
+
+    previous: dict[int, Any] = {}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        resume()
+        prev = previous.get(signum, signal.SIG_DFL)
+        if callable(prev):
+            prev(signum, frame)
+            return
+        signal.signal(signum, signal.SIG_DFL)  # die of the signal, as without us
+        os.kill(os.getpid(), signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in PAUSE_SIGNALS:
+            prev = signal.getsignal(sig)
+            if prev in (signal.SIG_IGN, None):
+                continue  # ignored (or set outside Python): leave it so
+            previous[sig] = prev
+            signal.signal(sig, on_signal)
+    timer = threading.Timer(timeout, watchdog)
     timer.daemon = True
     timer.start()
     try:
-        yield
+        yield state
     finally:
         timer.cancel()
         resume()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -367,8 +367,9 @@ def survey_domain(conn: Any, name: str, pause: bool = False, backend: str = "pro
     try:
         key = _boot_key(qemu.qemu_pid(dom))
         cache_file = cache_dir / f"{dom.UUIDString()}.json" if cache_dir else None
-        ctx = qemu.paused(dom, pause_timeout) if pause else contextlib.nullcontext()
-        with ctx:
+        ctx: contextlib.AbstractContextManager[qemu.PauseState | None] = (
+            qemu.paused(dom, pause_timeout) if pause else contextlib.nullcontext())
+        with ctx as pause_state:
             mem.invalidate()
             try:
                 info, scanned = understand(mem, layout, cache_file, key)
@@ -377,6 +378,10 @@ def survey_domain(conn: Any, name: str, pause: bool = False, backend: str = "pro
             k = Kernel(mem, info)
             out = walk_with_retries(k, name, retries=1 if pause else RETRIES)
             out.scanned = scanned
+        if pause_state is not None and pause_state.expired:
+            out.partial = True
+            out.errors.append(f"the guest was resumed after {pause_timeout:.0f} s paused, "
+                              "before the walk ended: not an exact snapshot")
     finally:
         mem.close()
     out.wall_seconds = time.perf_counter() - t0

@@ -76,3 +76,103 @@ def test_pc_and_q35_splits() -> None:
     assert pc_ram_layout(0xD000_0000, "pc") == [RamBlock(0, 0xD000_0000, 0)]
     assert pc_ram_layout(3 << 30, "pc-q35-7.2", 0x1000) == [
         RamBlock(0, 0x8000_0000, 0x1000), RamBlock(1 << 32, 1 << 30, 0x8000_1000)]
+
+
+class PausableDomain:
+    """A fake domain recording suspend/resume calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def name(self) -> str:
+        return "fake"
+
+    def state(self) -> list[int]:
+        import libvirt
+
+        paused = self.calls[-1:] == ["suspend"]
+        return [libvirt.VIR_DOMAIN_PAUSED if paused else libvirt.VIR_DOMAIN_RUNNING, 0]
+
+    def suspend(self) -> None:
+        self.calls.append("suspend")
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+
+
+def test_paused_resumes_on_exception_and_restores_handlers() -> None:
+    import signal
+
+    import pytest
+
+    dom = PausableDomain()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RuntimeError), qemu.paused(dom, timeout=30) as state:
+        assert dom.calls == ["suspend"]
+        assert signal.getsignal(signal.SIGTERM) is not before
+        raise RuntimeError("walk failed")
+    assert dom.calls == ["suspend", "resume"] and not state.expired
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_paused_watchdog_resumes_and_says_so() -> None:
+    import time
+
+    dom = PausableDomain()
+    with qemu.paused(dom, timeout=0.05) as state:
+        deadline = time.monotonic() + 5
+        while not state.expired and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert dom.calls == ["suspend", "resume"]  # resumed while the body still runs
+    assert state.expired and dom.calls == ["suspend", "resume"]  # once only
+
+
+def test_paused_resumes_before_sigterm_takes_effect() -> None:
+    """A Python SIGTERM handler still runs, after the resume; with the default action
+    the process dies of SIGTERM, after the resume."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    dom = PausableDomain()
+    seen: list[list[str]] = []
+
+    class Stop(Exception):
+        pass
+
+    def handler(signum: int, frame: Any) -> None:
+        seen.append(list(dom.calls))
+        raise Stop
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        try:
+            with qemu.paused(dom, timeout=30):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time_left = 100
+                while time_left and not seen:  # the handler runs between bytecodes
+                    time_left -= 1
+        except Stop:
+            pass
+        assert seen == [["suspend", "resume"]] and dom.calls == ["suspend", "resume"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    script = (
+        "import os, signal, sys\n"
+        "from libshare.introspect import qemu\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_introspect_qemu import PausableDomain\n"
+        "class D(PausableDomain):\n"
+        "    def resume(self):\n"
+        "        print('resumed', flush=True)\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
+        "with qemu.paused(D(), timeout=30):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    for _ in range(1000): pass\n"
+        "print('survived', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stdout == "resumed\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from libshare.cli import build_parser
 from libshare.introspect.survey import (
@@ -63,3 +64,42 @@ def test_prune_cache(tmp_path: Path) -> None:
     os.utime(old, (past, past))
     prune_cache(tmp_path)
     assert not old.exists() and fresh.exists() and other.exists()
+
+
+def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None:
+    """When --pause's watchdog resumed the guest before the walk ended, the result is
+    not an exact snapshot: partial, with an error saying why."""
+    import contextlib
+    from collections.abc import Iterator
+
+    from libshare.introspect import qemu
+    from libshare.introspect import survey as sv
+    from libshare.introspect.memory import BytesMemory
+
+    class Dom:
+        def name(self) -> str:
+            return "g"
+
+        def UUIDString(self) -> str:
+            return "u"
+
+    expire = [True]
+
+    @contextlib.contextmanager
+    def fake_paused(dom: Any, timeout: float) -> Iterator[qemu.PauseState]:
+        state = qemu.PauseState(timeout)
+        yield state
+        state.expired = expire[0]
+
+    monkeypatch.setattr(qemu, "running_domain", lambda conn, name: Dom())
+    monkeypatch.setattr(qemu, "open_memory", lambda dom, backend: BytesMemory(bytes(4096)))
+    monkeypatch.setattr(qemu, "qemu_pid", lambda dom: 1)
+    monkeypatch.setattr(qemu, "paused", fake_paused)
+    monkeypatch.setattr(sv, "understand", lambda *a: (None, False))
+    monkeypatch.setattr(sv, "Kernel", lambda mem, info: None)
+    monkeypatch.setattr(sv, "walk_with_retries", lambda k, name, retries: DomainSurvey(name))
+    out = sv.survey_domain(None, "g", pause=True, pause_timeout=7)
+    assert out.partial and "resumed after 7 s" in out.errors[0]
+    expire[0] = False
+    out = sv.survey_domain(None, "g", pause=True, pause_timeout=7)
+    assert not out.partial and not out.errors
