@@ -2,6 +2,8 @@
 
 Each sub-command lives in ``libshare/commands/<name>.py`` and exposes
 ``register(subparsers)``; the parser it adds sets ``func(args, cfg) -> int``.
+The global options (``--config``, ``--state-dir``, ``-v``) are accepted before the
+sub-command and after it, at any depth (``libshare region build --state-dir DIR``).
 Errors: a LibshareError prints ``libshare: <reason>`` on stderr and exits 1 (2 for
 usage errors); argparse's own usage errors exit 2.
 """
@@ -22,25 +24,47 @@ COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "guest",
                    "daemon", "demo"]
 
 
+def _add_global_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """Add the global options to ``parser``; ``default`` is their value when absent."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="configuration file (default $LIBSHARE_CONFIG or "
+                        f"{config.SYSTEM_CONFIG})")
+    parser.add_argument("--state-dir", metavar="DIR", default=default,
+                        help="state directory (default $LIBSHARE_STATE_DIR, the config's "
+                        f"state_dir, or {config.DEFAULT_STATE_DIR})")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        default=False if default is None else default,
+                        help="log debug messages")
+
+
+def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Return every sub-command parser under ``parser``, nested ones included (each once)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                found.append(child)
+                found.extend(_sub_parsers(child))
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """Return the full argument parser with every sub-command registered."""
+    """Return the full argument parser with every sub-command registered; each
+    sub-command also accepts the global options (SUPPRESS default: a value given after
+    the sub-command overrides one given before it, absence keeps it)."""
     parser = argparse.ArgumentParser(
         prog="libshare",
         description="Share one canonical copy of shared libraries among the libvirt "
         "guests of a trust group, through a read-only library region device.",
     )
     parser.add_argument("--version", action="version", version=f"libshare {__version__}")
-    parser.add_argument("--config", metavar="PATH",
-                        help="configuration file (default $LIBSHARE_CONFIG or "
-                        f"{config.SYSTEM_CONFIG})")
-    parser.add_argument("--state-dir", metavar="DIR",
-                        help="state directory (default $LIBSHARE_STATE_DIR, the config's "
-                        f"state_dir, or {config.DEFAULT_STATE_DIR})")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    _add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"libshare.commands.{name}")
         module.register(sub)
+    for child in _sub_parsers(parser):
+        _add_global_options(child, argparse.SUPPRESS)
     return parser
 
 

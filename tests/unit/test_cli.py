@@ -89,3 +89,46 @@ def test_bad_xml_file(tmp_path: Path) -> None:
 def test_help_mentions_trust_for_ivshmem() -> None:
     res = cli("xml", "enable", "--help")
     assert res.returncode == 0 and "trusted groups only" in " ".join(res.stdout.split())
+
+
+@pytest.mark.parametrize("argv,state_dir,config_path,verbose", [
+    (["--state-dir", "/a", "xml", "show", "-"], "/a", None, False),
+    (["xml", "show", "--state-dir", "/b", "-"], "/b", None, False),
+    (["--state-dir", "/a", "xml", "show", "-", "--state-dir", "/b"], "/b", None, False),
+    (["region", "build", "--state-dir", "/c", "--config", "/c.toml", "-v"], "/c", "/c.toml",
+     True),
+    (["-v", "--config", "/g.toml", "region", "build"], None, "/g.toml", True),
+    (["daemon", "install", "--state-dir", "/d"], "/d", None, False),
+    (["hook", "log", "--config", "/h.toml"], None, "/h.toml", False),
+    (["status"], None, None, False),
+])
+def test_global_options_before_or_after_the_sub_command(
+        argv: list[str], state_dir: str | None, config_path: str | None,
+        verbose: bool) -> None:
+    from libshare.cli import build_parser
+    args = build_parser().parse_args(argv)
+    assert (args.state_dir, args.config, args.verbose) == (state_dir, config_path, verbose)
+
+
+def test_every_sub_command_takes_the_global_options() -> None:
+    from libshare.cli import _sub_parsers, build_parser
+    subs = _sub_parsers(build_parser())
+    assert len(subs) > 20
+    for p in subs:
+        opts = {o for a in p._actions for o in a.option_strings}
+        assert {"--state-dir", "--config", "-v"} <= opts, p.prog
+
+
+def test_state_dir_after_sub_command_is_used(tmp_path: Path) -> None:
+    # 'xml enable' with no --region reads the group link under the state directory
+    res = cli("xml", "enable", "--state-dir", str(tmp_path / "late"), "-", stdin=DOMAIN,
+              tmp=tmp_path)
+    assert res.returncode == 1 and str(tmp_path / "late" / "regions") in res.stderr
+    res = cli("xml", "enable", "-", stdin=DOMAIN, tmp=tmp_path)  # env var still works
+    assert res.returncode == 1 and str(tmp_path / "state" / "regions") in res.stderr
+    res = cli("--state-dir", str(tmp_path / "early"), "xml", "enable", "-", stdin=DOMAIN,
+              tmp=tmp_path)
+    assert res.returncode == 1 and str(tmp_path / "early" / "regions") in res.stderr
+    missing = tmp_path / "none.toml"
+    res = cli("xml", "show", "--config", str(missing), "-", stdin=DOMAIN, tmp=tmp_path)
+    assert res.returncode == 1 and "does not exist" in res.stderr
