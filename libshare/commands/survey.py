@@ -54,6 +54,22 @@ def _layout(path: str | None) -> Any:
     return layout_from_offsets(path)
 
 
+def print_domain_libraries(d: Any) -> None:
+    """Print the library table of one domain's survey ``d`` (a DomainSurvey): path,
+    short build-id, resident and shareable pages, mappings and processes; largest
+    resident first. Prints nothing if it has no libraries."""
+    if not d.libraries:
+        return
+    print()
+    print(f"{d.name} ({d.kernel or 'kernel unknown'}, {d.tasks} tasks"
+          f"{', partial' if d.partial else ''}):")
+    libs = sorted(d.libraries, key=lambda lib: (-lib.resident_pages, lib.path))
+    print_table(["LIBRARY", "BUILD-ID", "RESIDENT-PAGES", "SHARED-PAGES", "MAPPINGS",
+                 "PROCESSES"],
+                [[lib.path, (lib.build_id or "-")[:16], lib.resident_pages, lib.shared_pages,
+                  lib.mappings, lib.processes] for lib in libs])
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Survey the requested running domains; print a table or JSON; return the status."""
     from libshare.introspect import qemu
@@ -88,9 +104,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
                 for d in results]
         print_table(["DOMAIN", "KERNEL", "TASKS", "THREADS", "LIBRARIES", "RESIDENT-PAGES",
                      "TIME", ""], rows)
+        for d in results:
+            print_domain_libraries(d)
         libs = summarize(results)
         if libs:
             print()
+            print(f"across {len(results)} domain(s):")
             print_table(["LIBRARY", "BUILD-ID", "COPIES", "RESIDENT-PAGES", "SAVED-KIB"],
                         [[g["path"], (g["build_id"] or "-")[:16], g["copies"],
                           g["resident_pages"], g["saved_bytes"] // 1024] for g in libs])

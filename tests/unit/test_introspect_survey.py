@@ -103,3 +103,34 @@ def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None
     expire[0] = False
     out = sv.survey_domain(None, "g", pause=True, pause_timeout=7)
     assert not out.partial and not out.errors
+
+
+def test_cli_table_shows_each_domains_libraries(monkeypatch: Any, capsys: Any) -> None:
+    """Without --json the output still shows, per domain, every library's build-id and
+    resident pages; a partial survey is marked and exits 1."""
+    from libshare.commands import survey as cmd
+    from libshare.config import Config
+    from libshare.introspect import qemu
+    from libshare.introspect import survey as sv
+
+    doms = {"a": _dom("a", [Library("/lib/libc.so.6", "aabbccddeeff00112233", 300, 280, 4, 2),
+                            Library("/opt/x.so", None, 5, 5, 1, 1)]),
+            "b": _dom("b", [Library("/lib/libc.so.6", "aabbccddeeff00112233", 250, 240)])}
+    doms["b"].partial = True
+    doms["b"].errors = ["3 page-table entries point outside RAM"]
+    monkeypatch.setattr(qemu, "connect", lambda uri: None)
+    monkeypatch.setattr(sv, "survey_domain", lambda conn, name, **kw: doms[name])
+    args = build_parser().parse_args(["survey", "a", "b"])
+    rc = cmd.run(args, Config())
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    a_at = next(i for i, line in enumerate(lines) if line.startswith("a ("))
+    b_at = next(i for i, line in enumerate(lines) if line.startswith("b ("))
+    assert "partial" in lines[b_at] and "partial" not in lines[a_at]
+    a_rows = [line.split() for line in lines[a_at:b_at]]
+    assert ["/lib/libc.so.6", "aabbccddeeff0011", "300", "280", "4", "2"] in a_rows
+    assert ["/opt/x.so", "-", "5", "5", "1", "1"] in a_rows
+    assert any(line.split()[:3] == ["/lib/libc.so.6", "aabbccddeeff0011", "250"]
+               for line in lines[b_at:])
+    assert "b: 3 page-table entries point outside RAM" in err
+    assert rc == 1
