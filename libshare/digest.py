@@ -1,8 +1,10 @@
-"""SHA-256 of files, with a small on-disk cache keyed by device, inode, size and mtime.
+"""SHA-256 of files, with a small on-disk cache keyed by device, inode, size, mtime, ctime.
 
 Region images are large and hashed on every guest start (by the hook's prepare check);
 the cache makes the second and later checks a ``stat``. A cache entry is only trusted
-while the file's (st_dev, st_ino, st_size, st_mtime_ns) are unchanged.
+while the file's (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) are unchanged: a
+write in place that restores the mtime with ``utime`` still moves the ctime, which user
+space cannot set. :func:`forget` prunes entries of removed files (``region gc``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,32 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 
 
 def _key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    """Return the cache key of a file's stat: what must not change for a hit."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _load(cache: Path) -> dict[str, str]:
+    """Return the cache's entries (empty if it is missing or unreadable)."""
+    with contextlib.suppress(OSError, ValueError):
+        doc = json.loads(cache.read_text())
+        if isinstance(doc, dict):
+            return doc
+    return {}
+
+
+def _save(cache: Path, entries: dict[str, str]) -> None:
+    """Replace the cache file with ``entries`` atomically; errors are ignored."""
+    with contextlib.suppress(OSError):
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".digests.")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(entries, fh)
+            os.replace(tmp, cache)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:
@@ -39,18 +66,28 @@ def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:
     st = os.stat(real)
     entries: dict[str, str] = {}
     if cache is not None:
-        with contextlib.suppress(OSError, ValueError):
-            entries = json.loads(cache.read_text())
+        entries = _load(cache)
         hit = entries.get(real)
         if isinstance(hit, str) and hit.startswith(_key(st) + "="):
             return hit.split("=", 1)[1]
     digest = sha256_file(real)
     if cache is not None and _key(os.stat(real)) == _key(st):
         entries[real] = f"{_key(st)}={digest}"
-        with contextlib.suppress(OSError):
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".digests.")
-            with os.fdopen(fd, "w") as fh:
-                json.dump(entries, fh)
-            os.replace(tmp, cache)
+        _save(cache, entries)
     return digest
+
+
+def forget(cache: Path, paths: list[str] | None = None) -> list[str]:
+    """Remove from the cache file ``cache`` the entries of ``paths`` (real paths) and of
+    every file that no longer exists; return the paths removed (sorted).
+
+    The cache is rewritten only when something was removed.
+    """
+    entries = _load(cache)
+    drop = {os.path.realpath(p) for p in paths or []}
+    gone = sorted(p for p in entries if p in drop or not os.path.lexists(p))
+    if gone:
+        for p in gone:
+            del entries[p]
+        _save(cache, entries)
+    return gone

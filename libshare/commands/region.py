@@ -3,7 +3,8 @@
 ``region build [--group NAME] [--select all|FILE] [--size SIZE] [--json]`` builds the
 group's image from the store and switches the group's link to it; ``region verify PATH``
 exits 1 with the first problem; ``region ls [--json]``; ``region gc [--dry-run] [--json]
-[-c URI]`` removes images that no libvirt domain references.
+[-c URI]`` removes images that no libvirt domain references nor a running QEMU maps
+(root only, unless --dry-run: reading QEMU's mappings needs root).
 """
 
 from __future__ import annotations
@@ -113,5 +114,9 @@ def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
         print(f"kept {path}: {why}")
     for path in result.leftovers:
         print(f"{verb} leftover {path}")
+    if result.unreadable:
+        print(f"note: could not read the mappings of QEMU process "
+              f"{', '.join(map(str, result.unreadable))}; images they map are not "
+              "protected in this list (run as root)")
     print(f"{verb} {len(result.removed)} images, {human(result.freed)}")
     return 0

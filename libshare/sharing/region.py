@@ -57,7 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
-from libshare.digest import cached_sha256, sha256_file
+from libshare.digest import cached_sha256, forget, sha256_file
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing import pfn
 from libshare.sharing.erofs import (
@@ -142,6 +142,7 @@ class GcResult:
     freed: int = 0
     leftovers: list[str] = field(default_factory=list)     # temporaries of dead builds
     dry_run: bool = False
+    unreadable: list[int] = field(default_factory=list)    # QEMU pids not looked at
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -696,36 +697,67 @@ def libvirt_region_paths(uri: str) -> set[str]:
         conn.close()
 
 
-def mapped_images(images_dir: Path) -> set[str]:
-    """Return the real paths of files under ``images_dir`` mapped by any process now.
+def _is_qemu(proc: str, pid: str) -> bool:
+    """Return True if process ``pid`` (under the proc mount ``proc``) is a QEMU."""
+    try:
+        with open(f"{proc}/{pid}/comm") as fh:
+            return fh.read().startswith("qemu")
+    except OSError:
+        return False
+
+
+def mapped_images(images_dir: Path, proc: str = "/proc") -> tuple[set[str], list[int]]:
+    """Return (real paths of files under ``images_dir`` mapped by any process now, pids of
+    QEMU processes whose ``maps`` could not be read).
 
     A running QEMU keeps its region file mapped even after its group moved on; such a
-    file must survive gc (live migration and the running guest still need it).
+    file must survive gc (live migration and the running guest still need it). Only
+    root can read another user's ``/proc/PID/maps``: the second list says which guests
+    were not looked at. Processes that exit during the scan are ignored. ``proc`` is the
+    proc mount (tests pass a fake one).
     """
     prefix = os.path.realpath(images_dir) + "/"
     out: set[str] = set()
-    for pid in os.listdir("/proc"):
+    unreadable: list[int] = []
+    for pid in os.listdir(proc):
         if not pid.isdigit():
             continue
-        with contextlib.suppress(OSError), open(f"/proc/{pid}/maps") as fh:
-            for line in fh:
-                i = line.find(prefix)
-                if i >= 0:
-                    out.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
-    return out
+        try:
+            with open(f"{proc}/{pid}/maps") as fh:
+                for line in fh:
+                    i = line.find(prefix)
+                    if i >= 0:
+                        out.add(line[i:].rstrip("\n").removesuffix(" (deleted)"))
+        except OSError:
+            if os.path.exists(f"{proc}/{pid}") and _is_qemu(proc, pid):
+                unreadable.append(int(pid))
+    return out, sorted(unreadable)
 
 
-def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False) -> GcResult:
+def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False,
+       proc: str = "/proc") -> GcResult:
     """Remove images that no path in ``referenced`` resolves to; return a :class:`GcResult`.
 
     Never removes a group's current image nor an image mapped by a running process.
-    Also removes temporaries left by interrupted builds (under the regions lock).
+    Also removes temporaries left by interrupted builds (under the regions lock) and the
+    digest-cache entries of removed files. Raises LibshareError, removing nothing, when
+    not root or when a QEMU process's mappings cannot be read (a running guest's image
+    would lose its protection); with ``dry_run`` those pids are listed in
+    ``GcResult.unreadable`` instead.
     """
+    if not dry_run and os.geteuid() != 0:
+        raise LibshareError("region gc must run as root: it reads every QEMU process's "
+                            "mappings to keep running guests' images (--dry-run to look)")
     refs = {os.path.realpath(p) for p in referenced}
     current = set(group_links(cfg).values())
     result = GcResult(dry_run=dry_run)
     images = cfg.regions_dir / "images"
-    mapped = mapped_images(images) if images.is_dir() else set()
+    mapped, unreadable = mapped_images(images, proc) if images.is_dir() else (set(), [])
+    if unreadable and not dry_run:
+        raise LibshareError(f"cannot read the mappings of QEMU process "
+                            f"{', '.join(map(str, unreadable))} (/proc/PID/maps): refusing "
+                            "to remove images a running guest may map")
+    result.unreadable = unreadable
     with _locked(cfg):
         for info in list_images(cfg, read_manifests=False):
             real = os.path.realpath(info.path)
@@ -754,4 +786,6 @@ def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False) -> GcResul
                         p.unlink()
         if not dry_run and images.is_dir():
             fsync_dir(images)
+        if not dry_run:
+            forget(cfg.digest_cache, result.removed)
     return result

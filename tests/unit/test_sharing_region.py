@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -219,11 +220,48 @@ def test_ls_and_gc(tmp_path: Path) -> None:
     # a domain still referencing the old image by path keeps it
     res = region.gc(cfg, {old.path})
     assert res.removed == [] and "referenced" in res.kept[old.path]
+    assert old.path in json.loads(cfg.digest_cache.read_text())
     res = region.gc(cfg, {str(cfg.group_region_link("web"))})
     assert res.removed == [old.path] and not Path(old.path).exists()
     assert res.freed == old.size
     assert Path(new.path).exists() and Path(kept.path).exists()
     assert not (cfg.regions_dir / ".build-dead").exists()
+    cached = json.loads(cfg.digest_cache.read_text())
+    assert old.path not in cached and new.path in cached     # gc pruned the digest cache
+
+
+def fake_proc(base: Path, maps: dict[str, str | None]) -> Path:
+    """A /proc with one QEMU per pid: maps text, or None for maps it cannot read."""
+    proc = base / "proc"
+    for pid, text in maps.items():
+        (proc / pid).mkdir(parents=True)
+        (proc / pid / "comm").write_text("qemu-system-x86\n")
+        if text is None:
+            (proc / pid / "maps").mkdir()           # reading it fails like EACCES would
+        else:
+            (proc / pid / "maps").write_text(text)
+    return proc
+
+
+def test_gc_keeps_mapped_images_and_refuses_blind(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg(tmp_path)
+    old = region.build_region(cfg, "web")
+    region.build_region(cfg, "web", size=16 * MiB)
+    line = f"7f00-7f10 r--p 00000000 08:01 12 {old.path}\n"
+    res = region.gc(cfg, set(), proc=str(fake_proc(tmp_path / "a", {"42": line})))
+    assert res.removed == [] and "mapped" in res.kept[old.path]
+    blind = str(fake_proc(tmp_path / "b", {"43": None}))
+    with pytest.raises(LibshareError, match="QEMU process 43"):
+        region.gc(cfg, set(), proc=blind)
+    assert Path(old.path).exists()
+    dry = region.gc(cfg, set(), dry_run=True, proc=blind)
+    assert dry.unreadable == [43] and dry.removed == [old.path]
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(LibshareError, match="must run as root"):
+        region.gc(cfg, set(), proc=str(fake_proc(tmp_path / "c", {})))
+    assert Path(old.path).exists()
+    assert region.gc(cfg, set(), dry_run=True, proc=blind).removed == [old.path]
 
 
 def test_region_paths_in_xml() -> None:
