@@ -392,16 +392,22 @@ def auto_state(state_dir: Path, name: str) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- unit
 
 def unit_template() -> str:
-    """Return the unit file template shipped with the package."""
+    """Return the unit file's Jinja2 template shipped with the package (its one
+    variable, ``exec_start``, is the ExecStart command line)."""
     return resources.files("libshare").joinpath("data", UNIT_NAME).read_text()
 
 
 def render_unit(python: str | None = None, extra_args: list[str] | None = None) -> str:
     """Return the unit file with ExecStart running ``python -m libshare`` (default: this
     interpreter's absolute path) with global options ``extra_args`` and ``daemon``."""
+    import jinja2  # only 'daemon install' renders a unit: keep it off the serving path
+
     argv = [os.path.abspath(python or sys.executable), "-m", "libshare",
             *(extra_args or []), "daemon"]
-    return unit_template().replace("@EXEC_START@", " ".join(_quote(a) for a in argv))
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
+                             keep_trailing_newline=True)
+    return env.from_string(unit_template()).render(
+        exec_start=" ".join(_quote(a) for a in argv))
 
 
 def _quote(arg: str) -> str:

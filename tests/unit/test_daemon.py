@@ -512,5 +512,36 @@ def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_unit_template_is_package_data() -> None:
     from importlib import resources
 
-    assert "@EXEC_START@" in resources.files("libshare").joinpath(
+    assert "{{ exec_start }}" in resources.files("libshare").joinpath(
         "data", daemon.UNIT_NAME).read_text()
+
+
+def test_unit_renders_with_jinja2_as_before() -> None:
+    # the exact text the former @EXEC_START@ substitution produced for these inputs
+    expected = (
+        "# libshare-daemon: written by 'libshare daemon install'; removed by 'libshare "
+        "daemon uninstall'.\n"
+        "[Unit]\n"
+        "Description=libshare automatic runtime redirect of library-region guests\n"
+        "After=libvirtd.service virtqemud.service\n\n"
+        "[Service]\n"
+        "Type=simple\n"
+        'ExecStart="/opt/py bin/python3" -m libshare --state-dir "/s \\"q\\"" daemon\n'
+        "Restart=on-failure\n"
+        "RestartSec=10\n"
+        "# a redirect in hand (a slow TCG guest restarting its services) is finished first\n"
+        "TimeoutStopSec=300\n\n"
+        "[Install]\n"
+        "WantedBy=multi-user.target\n")
+    assert daemon.render_unit("/opt/py bin/python3", ["--state-dir", '/s "q"']) == expected
+    # no HTML escaping, nothing left over
+    text = daemon.render_unit("/usr/bin/python3", ["--config", "/a&b<c>.toml"])
+    assert '"/a&b<c>.toml"' in text and "{{" not in text
+
+
+def test_unit_template_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import jinja2
+
+    monkeypatch.setattr(daemon, "unit_template", lambda: "ExecStart={{ exec_strat }}\n")
+    with pytest.raises(jinja2.UndefinedError):
+        daemon.render_unit()
