@@ -172,11 +172,43 @@ def test_verify_catches_superblock_and_name(built: tuple[Config, region.BuildRes
     assert "no EROFS superblock" in (region.verify(bad) or "")
     bad = corrupt_copy(res.path, tmp_path / "y.img", offset=2 * MiB + 1024 + 40)
     assert "superblock checksum" in (region.verify(bad) or "")
-    # a byte flipped in the zero padding is only caught by the digest in the name
-    named = tmp_path / (res.digest + ".img")
-    corrupt_copy(res.path, named, offset=res.size - 1)
+    # a sound image under another image's digest name
+    named = corrupt_copy(res.path, tmp_path / ("0" * 64 + ".img"))
     assert "does not match the file name" in (region.verify(named) or "")
     assert region.verify(named, check_name=False) is None
+
+
+@pytest.mark.parametrize("where", ["gap", "tail", "last"])
+def test_verify_catches_nonzero_padding(built: tuple[Config, region.BuildResult],
+                                        tmp_path: Path, where: str) -> None:
+    """A byte changed at 1 MiB (between the info block and the filesystem) or after the
+    filesystem's last block is refused, even without the digest in the file name."""
+    _cfg, res = built
+    with open(res.path, "rb") as fh:
+        fs_end = 2 * MiB + Erofs(fh, offset=2 * MiB).sb.blocks * 4096
+    offset = {"gap": 1 * MiB, "tail": fs_end, "last": res.size - 1}[where]
+    bad = corrupt_copy(res.path, tmp_path / "pad.img", offset=offset)
+    problem = region.verify(bad) or ""
+    assert problem.startswith(f"byte {offset} is not zero"), problem
+    assert region.quick_verify(bad) == problem
+    assert region.quick_verify(res.path) is None
+
+
+def test_quick_verify_reads_no_library(built: tuple[Config, region.BuildResult],
+                                       tmp_path: Path) -> None:
+    """quick_verify checks the layout only; verify also hashes every library."""
+    _cfg, res = built
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)
+        item = region.read_manifest(fs)["files"][0]
+        ino = fs.lookup(item["path"])
+    bad = corrupt_copy(res.path, tmp_path / "lib.img", offset=2 * MiB + ino.raw_blkaddr * 4096)
+    assert region.quick_verify(bad) is None
+    assert "does not match the manifest" in (region.verify(bad) or "")
+    assert "PFN info block" in (region.quick_verify(
+        corrupt_copy(res.path, tmp_path / "pfn.img", offset=4096 + 100)) or "")
+    assert "truncated" in (region.quick_verify(
+        corrupt_copy(res.path, tmp_path / "t.img", size=res.size - 2 * MiB)) or "")
 
 
 def test_verify_with_fsck(built: tuple[Config, region.BuildResult]) -> None:
