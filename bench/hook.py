@@ -6,12 +6,14 @@ Two measurements, one run, medians over ``--runs`` repetitions:
    (``LC_ALL=C``, minimal environment, XML on stdin) for each operation on an enrolled
    domain, and on a domain that is not enrolled (the fast path);
 2. ``virsh start`` + ``virsh destroy`` of an enrolled TCG domain that has no bootable
-   disk (so only QEMU's start is measured, not a guest boot) with libshare's hook
-   installed, against the same without any hook; ratio of the two medians.
+   disk (so only QEMU's start is measured, not a guest boot) with libshare's hook as
+   the only hook, against the same with no hook at all; ratio of the two medians.
 
-Needs root and a running system libvirtd. It installs the hook in /etc/libvirt/hooks
-for part 2 and restores the previous state afterwards. The domain is named
-``lsbench-hook-*`` and always removed.
+Needs root and a running system libvirtd. For part 2 the whole hooks directory
+(/etc/libvirt/hooks, with any other program's hooks) is moved aside, so that the
+baseline runs no hook at all and the other measurement only libshare's; it is put
+back afterwards (libvirtd is sent SIGHUP at each change) and what it held is printed.
+The domain is named ``lsbench-hook-*`` and always removed.
 
 Usage (from the project root): ``.venv/bin/python -m bench.hook [--runs N] [--json]``
 """
@@ -38,7 +40,8 @@ from libshare.digest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = [("prepare", "begin"), ("start", "begin"), ("started", "begin"),
-       ("reconnect", "begin"), ("migrate", "begin"), ("stopped", "end"), ("release", "end")]
+       ("reconnect", "begin"), ("migrate", "begin"), ("restore", "begin"), ("stopped", "end"),
+       ("release", "end")]
 MiB = 1 << 20
 
 
@@ -82,6 +85,20 @@ def time_starts(conn: Any, name: str, runs: int) -> float:
     return median(samples)
 
 
+def hooks_present(hooks: Path) -> list[str]:
+    """Return the hook files under ``hooks`` (relative names; qemu.d/ and the like
+    included), sorted."""
+    if not hooks.is_dir():
+        return []
+    return sorted(str(p.relative_to(hooks)) for p in hooks.rglob("*") if p.is_file())
+
+
+def reload_libvirt() -> None:
+    """Tell libvirtd to rescan its hooks and give it a moment to do so."""
+    hook_install.reload_daemons()
+    time.sleep(1.0)
+
+
 def main() -> int:
     """Run both measurements; print them (or JSON); return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,8 +110,10 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lsbench-hook-", dir="/var/tmp"))
     work.chmod(0o755)
     hooks = hook_install.DEFAULT_HOOKS_DIR
-    had_hook = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
-                if p.exists() and hook_install.is_ours(p)]
+    aside = hooks.with_name(f".{hooks.name}.lsbench-{secrets.token_hex(3)}")
+    others = [h for h in hooks_present(hooks)
+              if not hook_install.is_ours(hooks / h)]
+    moved = created = False
     conn = libvirt.open("qemu:///system")
     name = f"lsbench-hook-{secrets.token_hex(3)}"
     try:
@@ -113,12 +132,16 @@ def main() -> int:
         ops = time_hook_ops(script, enrolled.encode(), plain.encode(), cfg, args.runs)
 
         conn.defineXML(enrolled)
-        hook_install.uninstall(hooks)
-        time.sleep(1.0)
+        if hooks.exists():
+            os.rename(hooks, aside)
+            moved = True
+        reload_libvirt()  # no hooks directory: libvirt runs no hook at all
         time_starts(conn, name, 2)  # warm QEMU's and libvirt's caches
         without = time_starts(conn, name, args.runs)
-        hook_install.install(hooks)
-        time.sleep(1.0)
+        hooks.mkdir(mode=0o755)
+        created = True
+        hook_install.install(hooks, reload=False)
+        reload_libvirt()  # libshare's hook and nothing else
         with_hook = time_starts(conn, name, args.runs)
     finally:
         try:
@@ -129,15 +152,18 @@ def main() -> int:
         except libvirt.libvirtError:
             pass
         conn.close()
-        if had_hook:
-            hook_install.install(hooks)
-        else:
-            hook_install.uninstall(hooks)
+        if created:  # only the directory made above, never the host's own
+            shutil.rmtree(hooks, ignore_errors=True)
+        if moved:
+            os.rename(aside, hooks)
+        if moved or created:
+            reload_libvirt()
         shutil.rmtree(work, ignore_errors=True)
     report = {"command": reproduce_command("bench.hook"), "machine": machine(), "runs": args.runs,
               "hook_ms": ops, "virsh_start_ms": {"without_hook": without,
                                                  "with_hook": with_hook,
-                                                 "ratio": with_hook / without}}
+                                                 "ratio": with_hook / without},
+              "other_hooks_set_aside": others}
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -146,9 +172,11 @@ def main() -> int:
     print(f"runs per figure: {args.runs} (medians)")
     for label, ms in ops.items():
         print(f"  hook {label:<30} {ms:8.1f} ms")
-    print(f"  virsh start, no hook             {without:8.1f} ms")
-    print(f"  virsh start, libshare hook       {with_hook:8.1f} ms")
+    print(f"  virsh start, no hook at all      {without:8.1f} ms")
+    print(f"  virsh start, libshare hook only  {with_hook:8.1f} ms")
     print(f"  ratio with/without               {with_hook / without:8.2f}")
+    print("other hooks on this host (set aside for the virsh start figures): "
+          + (", ".join(others) if others else "none"))
     return 0
 
 
