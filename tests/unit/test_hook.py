@@ -242,3 +242,18 @@ def test_log_level_from_config(env: dict[str, Path], level: str, expected: int) 
         hook.log.removeHandler(syslog)
         syslog.close()
         hook._setup_logging()
+
+
+def test_shim_keeps_traceback_when_libshare_cannot_load(env: dict[str, Path]) -> None:
+    broken = env["tmp"] / "broken" / "libshare"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise RuntimeError('boom at import')\n")
+    xml = enrolled_xml(env["image"], env["state"])
+    res = subprocess.run([sys.executable, str(ROOT / "hooks" / "qemu"), "h", "prepare",
+                          "begin", "-"], input=xml, capture_output=True, timeout=30,
+                         env={"LC_ALL": "C", "PATH": "/usr/bin:/bin",
+                              "PYTHONPATH": str(broken.parent)})
+    err = res.stderr.decode()
+    assert res.returncode == 1
+    assert err.startswith("libshare: hook failed: boom at import\n")
+    assert "Traceback (most recent call last)" in err and "__init__.py" in err
