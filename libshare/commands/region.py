@@ -67,6 +67,7 @@ def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     print(f"size    {result.size} ({human(result.size)})")
     print(f"files   {result.files} ({human(result.data_size)} of libraries)")
     print(f"group   {result.group} -> {result.link}{'' if result.new else ' (image existed)'}")
+    print(f"mkfs    erofs-utils {result.mkfs_erofs}")
     return 0
 
 

@@ -1,9 +1,15 @@
 """Progress reporting for long store imports and region builds.
 
-Owns the presentation of the ``Progress`` callbacks (phase, done, total) that
+Owns the presentation of the ``Progress`` callbacks (phase, done, total, unit) that
 :mod:`libshare.sharing.store` and :mod:`libshare.sharing.region` call: nothing is shown
-for operations that finish within ``delay`` seconds; after that, a redrawn bar on a
-terminal, or one plain line per phase when the stream is not a terminal (logs, CI).
+for operations that finish within ``delay`` seconds; after that, a redrawn line on a
+terminal, or plain lines when the stream is not a terminal (logs, CI).
+
+* a phase with a known ``total`` shows a bar on a terminal and one line ("write
+  (144.0 MiB)", "stage (12 files)") otherwise; ``unit`` "bytes" is shown in human units;
+* a phase with ``total`` 0 has no known end (mkfs.erofs running): its caller ticks it
+  and a terminal shows a spinner with the elapsed seconds; otherwise one line when it
+  starts and one when it ends, with the time it took.
 """
 
 from __future__ import annotations
@@ -11,6 +17,10 @@ from __future__ import annotations
 import sys
 import time
 from typing import TextIO
+
+from libshare.units import human
+
+SPINNER = "|/-\\"
 
 
 class ProgressPrinter:
@@ -25,23 +35,38 @@ class ProgressPrinter:
         self.start = time.monotonic()
         self.last_draw = 0.0
         self.phase: str | None = None
+        self.phase_start = self.start
+        self.open_ended = False       # the current phase has no known total
         self.announced: str | None = None
         self.drawn = False
+        self.spins = 0
 
-    def __call__(self, phase: str, done: int, total: int) -> None:
-        """Record progress of ``phase``: ``done`` of ``total`` units (total 0: unknown)."""
+    def _write(self, text: str) -> None:
+        self.stream.write(text)
+        self.stream.flush()
+
+    def _end_phase(self, now: float) -> None:
+        """Say that an announced open-ended phase ended (plain lines only)."""
+        if self.open_ended and not self.tty and self.announced == self.phase:
+            self._write(f"{self.label}: {self.phase} done in {now - self.phase_start:.1f} s\n")
+
+    def __call__(self, phase: str, done: int, total: int, unit: str = "") -> None:
+        """Record progress of ``phase``: ``done`` of ``total`` ``unit`` ("bytes", "files";
+        "" for plain steps). ``total`` 0: no known end, ``done`` is ignored and the
+        time since the phase began is shown instead."""
         now = time.monotonic()
         if phase != self.phase:
+            self._end_phase(now)
             self.phase = phase
+            self.phase_start = now
             self.last_draw = 0.0
+        self.open_ended = total == 0
         if now - self.start < self.delay:
             return
         if not self.tty:
             if self.announced != phase:
                 self.announced = phase
-                what = f" ({total} steps)" if total else ""
-                self.stream.write(f"{self.label}: {phase}{what}\n")
-                self.stream.flush()
+                self._write(f"{self.label}: {phase}{self._amount(total, unit)}\n")
             return
         if now - self.last_draw < 0.1 and done != total:
             return
@@ -51,15 +76,28 @@ class ProgressPrinter:
             filled = int(width * done / total)
             bar = "#" * filled + "-" * (width - filled)
             text = f"\r{self.label}: {phase:<10} [{bar}] {100 * done // total:3d}%"
+            if unit == "bytes":
+                text += f" {human(done)} of {human(total)}"
         else:
-            text = f"\r{self.label}: {phase:<10} ..."
-        self.stream.write(text.ljust(60))
-        self.stream.flush()
+            self.spins += 1
+            text = (f"\r{self.label}: {phase:<10} {SPINNER[self.spins % len(SPINNER)]} "
+                    f"{now - self.phase_start:.0f} s")
+        self._write(text.ljust(72))
         self.drawn = True
 
+    @staticmethod
+    def _amount(total: int, unit: str) -> str:
+        """Return the " (amount)" suffix of a plain line ("" for open-ended phases)."""
+        if not total:
+            return " ..."
+        if unit == "bytes":
+            return f" ({human(total)})"
+        return f" ({total} {unit or 'steps'})"
+
     def close(self) -> None:
-        """End the bar's line (if one was drawn)."""
+        """End the operation: finish an open-ended phase's plain lines and the bar's line."""
+        self._end_phase(time.monotonic())
+        self.phase = None
         if self.drawn:
-            self.stream.write("\n")
-            self.stream.flush()
+            self._write("\n")
             self.drawn = False

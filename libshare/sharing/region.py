@@ -33,8 +33,10 @@ the region among their /dev/pmem* devices with ``blkid`` by label, not by device
 
 Determinism: the staging tree has fixed modes, mkfs.erofs gets ``-T0`` (all times 0),
 ``--all-root``, ``-x-1`` (no xattrs) and a UUID derived from the manifest; the PFN
-uuid derives from the filesystem UUID. The same store objects, selection and group
-give the byte-identical image on every host. The group name is part of the manifest,
+uuid derives from the filesystem UUID. The same store objects, selection, group and
+erofs-utils version give the byte-identical image on every host; the version is part of
+the manifest (``mkfs_erofs``), so a fleet must run one erofs-utils version (1.5 on
+Debian 12) to build one file. The group name is part of the manifest,
 so two trust groups never share one image file (nor its host page cache).
 """
 
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -50,6 +53,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import uuid as uuidlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -90,6 +94,10 @@ FS_LABEL = "libshare"
 MANIFEST_VERSION = 1
 DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
+                          re.MULTILINE)
+#: seconds between progress ticks while mkfs.erofs runs
+TICK = 0.2
 MKFS_OPTIONS = ["--quiet", "-x-1", "-T0", "--all-root", "-Enoinline_data"]
 CHUNK = 4 * 1024 * 1024
 #: QEMU 7.2 opens a memory-backend-file O_RDWR unless readonly=on, which libvirt 9.0 never
@@ -111,6 +119,7 @@ class BuildResult:
     fs_size: int         # bytes of the EROFS filesystem
     data_size: int       # sum of the library sizes
     new: bool            # False if an identical image already existed
+    mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -127,6 +136,7 @@ class ImageInfo:
     groups: list[str] = field(default_factory=list)
     files: int | None = None
     manifest_group: str | None = None
+    mkfs_erofs: str | None = None      # from the manifest (None: built before it was kept)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the image description as a JSON-ready dict."""
@@ -197,11 +207,13 @@ def fs_path(entry: StoreEntry) -> str:
     return f"/lib/{entry.sha256[:2]}/{entry.sha256}/{entry.name}"
 
 
-def manifest_bytes(entries: list[StoreEntry], group: str) -> bytes:
-    """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``."""
+def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str) -> bytes:
+    """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``,
+    recording the erofs-utils version ``mkfs_version`` that formats the image."""
     doc = {
         "version": MANIFEST_VERSION,
         "group": group,
+        "mkfs_erofs": mkfs_version,
         "files": [{"path": fs_path(e), "sha256": e.sha256, "build_id": e.build_id,
                    "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
                   for e in sorted(entries, key=lambda x: x.sha256)],
@@ -282,7 +294,7 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     total = len(entries)
     for n, e in enumerate(entries, 1):
         if progress:
-            progress("stage", n, total)
+            progress("stage", n, total, "files")
         dest = root / fs_path(e).lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         src = object_path(store_dir, e.sha256)
@@ -321,16 +333,61 @@ def _copy_hashed(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _mkfs(fs_uuid: str, out: Path, root: Path) -> None:
-    """Run mkfs.erofs and label the result (FS_LABEL); raise LibshareError with its last
-    error line on failure."""
+def _find_mkfs() -> str:
+    """Return the path of mkfs.erofs; raise LibshareError if it is not installed."""
     mkfs = shutil.which("mkfs.erofs")
     if mkfs is None:
         raise LibshareError("mkfs.erofs not found (install erofs-utils)")
+    return mkfs
+
+
+@functools.lru_cache(maxsize=4)
+def mkfs_erofs_version(mkfs: str) -> str:
+    """Return the erofs-utils version of the mkfs.erofs at ``mkfs`` ("1.5"), "unknown"
+    when neither ``mkfs.erofs --version`` nor dpkg tells it.
+
+    erofs-utils 1.5 prints "mkfs.erofs 1.5" and then rejects ``--version`` (exit 1);
+    later versions print "mkfs.erofs (erofs-utils) 1.7.1". Images are byte-identical
+    only for identical inputs and the same version: it goes into the manifest.
+    """
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run([mkfs, "--version"], capture_output=True, text=True,
+                              check=False, timeout=10)
+        m = MKFS_VERSION.search(proc.stdout + "\n" + proc.stderr)
+        if m:
+            return m.group(1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "erofs-utils"],
+                              capture_output=True, text=True, check=False, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    return "unknown"
+
+
+def _mkfs(mkfs: str, fs_uuid: str, out: Path, root: Path,
+          progress: Progress | None = None) -> None:
+    """Run mkfs.erofs and label the result (FS_LABEL); raise LibshareError with its last
+    error line on failure. While it runs, ``progress("mkfs.erofs", seconds, 0)`` ticks
+    every TICK seconds (total 0: no known end, the printer shows elapsed time)."""
     cmd = [mkfs, *MKFS_OPTIONS, f"-U{fs_uuid}", str(out), str(root)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    start = time.monotonic()
+    if progress:
+        progress("mkfs.erofs", 0, 0)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            while True:
+                try:
+                    stdout, stderr = proc.communicate(timeout=TICK)
+                    break
+                except subprocess.TimeoutExpired:
+                    if progress:
+                        progress("mkfs.erofs", int(time.monotonic() - start), 0)
+        except BaseException:
+            proc.kill()
+            raise
     if proc.returncode != 0 or not out.exists():
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        lines = (stderr or stdout).strip().splitlines()
         raise LibshareError(f"mkfs.erofs failed: {lines[-1] if lines else proc.returncode}")
     set_fs_label(out)
 
@@ -352,7 +409,7 @@ def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
                 h.update(chunk)
                 written += len(chunk)
                 if progress:
-                    progress("write", written, total)
+                    progress("write", written, total, "bytes")
         pad = total - written
         zeros = bytes(min(CHUNK, pad))
         while pad > 0:  # write real zeros: a sparse hole would cost a guest nothing, but
@@ -361,7 +418,7 @@ def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
             h.update(zeros[:n])
             pad -= n
         if progress:
-            progress("write", total, total)
+            progress("write", total, total, "bytes")
         out.flush()
         os.fchmod(out.fileno(), IMAGE_MODE)
         os.fsync(out.fileno())
@@ -412,7 +469,9 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
         problem = check_object(cfg.store_dir, e)
         if problem:
             raise LibshareError(problem)
-    manifest = manifest_bytes(entries, group)
+    mkfs = _find_mkfs()
+    version = mkfs_erofs_version(mkfs)
+    manifest = manifest_bytes(entries, group, version)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -423,10 +482,8 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             root = staging / "root"
             root.mkdir()
             _stage(cfg.store_dir, entries, root, manifest, progress)
-            if progress:
-                progress("mkfs.erofs", 0, 0)
             fs_image = staging / "fs.erofs"
-            _mkfs(fs_uuid, fs_image, root)
+            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
             fs_size = fs_image.stat().st_size
             need = DATAOFF + round_up(fs_size, REGION_ALIGN)
             total = need if size is None else round_up(size, REGION_ALIGN)
@@ -460,7 +517,8 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
-                       data_size=sum(e.size for e in entries), new=new)
+                       data_size=sum(e.size for e in entries), new=new,
+                       mkfs_erofs=version)
 
 
 def pfn_uuid(seed: bytes) -> uuidlib.UUID:
@@ -696,6 +754,7 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
                 doc = read_manifest(fs)
                 info.files = len(doc["files"])
                 info.manifest_group = doc.get("group")
+                info.mkfs_erofs = doc.get("mkfs_erofs")
         out.append(info)
     return out
 

@@ -37,10 +37,10 @@ import os
 import stat
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from libshare.digest import sha256_file
 from libshare.errors import LibshareError
@@ -52,8 +52,12 @@ CHUNK = 1024 * 1024
 NOT_ELF = "not an ELF file"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
-Progress = Callable[[str, int, int], None]
-"""Progress callback: (phase, done, total); total 0 when unknown."""
+class Progress(Protocol):
+    """Progress callback (libshare.sharing.progress.ProgressPrinter shows it)."""
+
+    def __call__(self, phase: str, done: int, total: int, unit: str = "") -> None:
+        """Report ``done`` of ``total`` ``unit`` ("bytes", "files", "" for steps) in
+        ``phase``; total 0 when the end is unknown (then ``done`` is seconds)."""
 
 
 @dataclass
@@ -338,7 +342,7 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
     total = len(items)
     for n, (path, st) in enumerate(items, 1):
         if progress:
-            progress("import", n, total)
+            progress("import", n, total, "files")
         guest = "/" + os.path.relpath(path, root)
         if stat.S_ISLNK(st.st_mode):
             links.append(guest)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from libshare import cli
+from libshare.config import Config
 from libshare.sharing import region
 from libshare.sharing.progress import ProgressPrinter
+from libshare.sharing.store import import_tree
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="no mkfs.erofs")
@@ -54,11 +57,13 @@ def test_store_and_region_commands(tmp_path: Path, tree: Path,
     built = json.loads(out)
     assert {"path", "digest", "size", "files"} <= set(built)
     assert built["files"] == 2 and built["size"] % (2 * 1024 * 1024) == 0
+    assert re.fullmatch(r"[0-9][\w.+~:-]*", built["mkfs_erofs"])
     rc, out, _ = run(capsys, state, "region", "verify", built["path"])
     assert rc == 0 and out.endswith(": ok\n")
     rc, out, _ = run(capsys, state, "region", "ls", "--json")
     listed = json.loads(out)
     assert listed["images"][0]["groups"] == ["web"]
+    assert listed["images"][0]["mkfs_erofs"] == built["mkfs_erofs"]
     assert listed["groups"] == {"web": built["path"]}
 
     rc, _, err = run(capsys, state, "region", "build", "--group", "web", "--size", "2M")
@@ -83,6 +88,10 @@ def test_store_and_region_commands(tmp_path: Path, tree: Path,
     monkeypatch.setattr(region, "libvirt_region_paths", lambda uri: set())
     rc, out, _ = run(capsys, state, "region", "gc", "--dry-run", "--json")
     assert rc == 0 and json.loads(out)["removed"] == [old] and os.path.exists(old)
+    with monkeypatch.context() as m:
+        m.setattr(os, "geteuid", lambda: 1000)
+        rc, _, err = run(capsys, state, "region", "gc")
+        assert rc == 1 and "root" in err and err.count("\n") == 1 and os.path.exists(old)
     rc, out, _ = run(capsys, state, "region", "gc")
     assert rc == 0 and not os.path.exists(old)
 
@@ -97,18 +106,67 @@ def test_progress_plain_lines_and_bar() -> None:
     plain = io.StringIO()
     p = ProgressPrinter("build", plain, delay=0.0, tty=False)
     for i in range(1, 4):
-        p("stage", i, 3)
+        p("stage", i, 3, "files")
     p("mkfs.erofs", 0, 0)
+    p("mkfs.erofs", 1, 0)
+    p("write", 150994944, 150994944, "bytes")
     p.close()
-    assert plain.getvalue() == "build: stage (3 steps)\nbuild: mkfs.erofs\n"
+    lines = plain.getvalue().splitlines()
+    assert lines[:2] == ["build: stage (3 files)", "build: mkfs.erofs ..."]
+    assert re.fullmatch(r"build: mkfs\.erofs done in \d+\.\d s", lines[2])
+    assert lines[3:] == ["build: write (144.0 MiB)"]
     bar = io.StringIO()
     p = ProgressPrinter("build", bar, delay=0.0, tty=True)
-    p("write", 5, 10)
-    p("write", 10, 10)
+    p("write", 5 * 2**20, 10 * 2**20, "bytes")
+    p("write", 10 * 2**20, 10 * 2**20, "bytes")
     p.close()
-    assert "\r" in bar.getvalue() and "100%" in bar.getvalue() and bar.getvalue().endswith("\n")
+    out = bar.getvalue()
+    assert "\r" in out and "100%" in out and "10.0 MiB of 10.0 MiB" in out
+    assert out.endswith("\n") and "steps" not in out
     quiet = io.StringIO()
     p = ProgressPrinter("build", quiet, delay=60.0, tty=True)   # quick operations: silent
     p("write", 10, 10)
+    p("mkfs.erofs", 0, 0)
     p.close()
     assert quiet.getvalue() == ""
+
+
+def test_progress_ticks_while_mkfs_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow mkfs.erofs shows elapsed seconds on a terminal (spinner), two plain lines on
+    a pipe, and each build records the erofs-utils version."""
+    real = shutil.which("mkfs.erofs")
+    assert real is not None
+    slow = tmp_path / "bin/mkfs.erofs"
+    slow.parent.mkdir()
+    slow.write_text(f"#!/bin/sh\ncase \"$1\" in --version) exec {real} --version;; esac\n"
+                    f"sleep 1.3\nexec {real} \"$@\"\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{slow.parent}:{os.environ['PATH']}")
+    root = tmp_path / "tree/usr/lib"
+    root.mkdir(parents=True)
+    shutil.copyfile(LIBDIR / "libz.so.1", root / "libz.so.1")
+    cfg = Config(state_dir=tmp_path / "state")
+    import_tree(cfg.store_dir, [tmp_path / "tree"])
+    for tty in (True, False):
+        stream = io.StringIO()
+        p = ProgressPrinter("build", stream, delay=0.5, tty=tty)
+        try:
+            res = region.build_region(cfg, "web" if tty else "db", progress=p)
+        finally:
+            p.close()
+        out = stream.getvalue()
+        assert res.mkfs_erofs == region.mkfs_erofs_version(real) != "unknown"
+        if tty:
+            assert re.search(r"mkfs\.erofs +[-|/\\] 1 s", out), out
+        else:
+            assert "build: mkfs.erofs ...\n" in out, out
+            assert re.search(r"build: mkfs\.erofs done in 1\.\d s\n", out), out
+
+
+def test_mkfs_version_parsing(tmp_path: Path) -> None:
+    for text, want in [("mkfs.erofs 1.5\nusage: ...", "1.5"),
+                       ("mkfs.erofs (erofs-utils) 1.7.1\n", "1.7.1")]:
+        fake = tmp_path / f"mkfs-{want}"
+        fake.write_text(f"#!/bin/sh\nprintf '{text}'\nexit 1\n")
+        fake.chmod(0o755)
+        assert region.mkfs_erofs_version(str(fake)) == want
