@@ -6,7 +6,8 @@ guest RAM blocks and their host virtual addresses (HMP ``info mtree -f`` plus
 ``gpa2hva`` through ``virDomainQemuMonitorCommand``; without HMP, the process's
 ``/proc/PID/maps`` mapping of exactly the RAM size plus QEMU's pc/q35 split below and
 above 4 GiB), opening a :class:`~libshare.introspect.memory.ProcMemory` or (for
-file/memfd-backed RAM) a :class:`~libshare.introspect.memory.FileMemory`, and
+file/memfd-backed RAM, found by :func:`ram_file`) a
+:class:`~libshare.introspect.memory.FileMemory`, and
 :func:`paused`, a bounded suspend/resume around a walk (resumed on exit, on its
 watchdog and on SIGINT/SIGTERM/SIGHUP; :class:`PauseState` tells whether the watchdog
 fired).
@@ -184,21 +185,31 @@ def ram_blocks_maps(pid: int, ram_size: int, machine: str) -> tuple[list[RamBloc
     return pc_ram_layout(ram_size, machine, lo), path
 
 
+def ram_file(dom: Any) -> tuple[str, list[RamBlock]]:
+    """Return ``(path, blocks)`` for guest RAM held in a shared file or memfd: a path
+    that opens that very file (``/proc/<qemu pid>/map_files/<lo>-<hi>`` of QEMU's
+    mapping of it) and the RamBlocks with file offsets; raise LibshareError if the RAM
+    is anonymous memory."""
+    pid = qemu_pid(dom)
+    size, machine = domain_ram(dom)
+    blocks, _path = ram_blocks_maps(pid, size, machine)
+    lo = blocks[0].backing_offset
+    hit = next(m for m in host_mappings(pid) if m[0] == lo)
+    if not hit[3] or hit[3].startswith("["):
+        raise LibshareError(f"{dom.name()}: guest RAM is anonymous memory; the file "
+                            "backend needs <memoryBacking><source type='file'|'memfd'/>")
+    fblocks = [RamBlock(b.start, b.size, b.backing_offset - lo) for b in blocks]
+    return f"/proc/{pid}/map_files/{hit[0]:x}-{hit[1]:x}", fblocks
+
+
 def open_memory(dom: Any, backend: str = "proc") -> PhysicalMemory:
     """Return a reader of ``dom``'s guest RAM. ``backend`` "proc" reads
     ``/proc/<qemu pid>/mem`` (layout from HMP, else from /proc/PID/maps); "file" maps
     the file or memfd backing the RAM (the domain must use file/memfd memory backing)."""
     pid = qemu_pid(dom)
     if backend == "file":
-        size, machine = domain_ram(dom)
-        blocks, _path = ram_blocks_maps(pid, size, machine)
-        lo = blocks[0].backing_offset
-        hit = next(m for m in host_mappings(pid) if m[0] == lo)
-        if not hit[3] or hit[3].startswith("["):
-            raise LibshareError(f"{dom.name()}: guest RAM is anonymous memory; the file "
-                                "backend needs <memoryBacking><source type='file'|'memfd'/>")
-        fblocks = [RamBlock(b.start, b.size, b.backing_offset - lo) for b in blocks]
-        return FileMemory(f"/proc/{pid}/map_files/{hit[0]:x}-{hit[1]:x}", fblocks)
+        path, fblocks = ram_file(dom)
+        return FileMemory(path, fblocks)
     if backend != "proc":
         raise LibshareError(f"unknown memory backend {backend!r} (proc, file)")
     try:

@@ -1,8 +1,8 @@
 """The optional LibVMI reader: a second, independent way to read guest memory.
 
 Owns :class:`VmiMemory` (a :class:`~libshare.introspect.memory.PhysicalMemory` whose
-reads go through LibVMI's FILE mode, ``vmi_read_pa``, over a raw physical-memory file
-whose offset is the guest-physical address), :func:`vmi_read_va` (LibVMI's own x86-64
+reads go through LibVMI's FILE mode, ``vmi_read_pa``, over a raw physical-memory file:
+a dump, or the shared file/memfd backing a running guest's RAM), :func:`vmi_read_va` (LibVMI's own x86-64
 page-table walk, with the paging mode given in the access context, since FILE mode has
 no registers to detect it) and :func:`dump_raw` (write guest RAM from any reader into
 such a raw file, sparse over holes). Used to cross-check the default backend and the
@@ -53,9 +53,13 @@ class VmiMemory(PhysicalMemory):
     """Guest RAM read by LibVMI (FILE mode) from a raw dump at ``path``."""
 
     def __init__(self, path: str | os.PathLike[str],
-                 ranges: Sequence[tuple[int, int]] | None = None) -> None:
+                 ranges: Sequence[tuple[int, int]] | None = None,
+                 blocks: Sequence[RamBlock] | None = None) -> None:
         """Open ``path`` with LibVMI; ``ranges`` are the guest-physical ``(start, end)``
-        ranges that are RAM (default: the whole file)."""
+        ranges that are RAM, at file offset = guest-physical address (default: the whole
+        file); or ``blocks`` give each RAM range's file offset (a shared RAM file or
+        memfd, where RAM above 4 GiB follows the low RAM; LibVMI's own page-table walk,
+        :func:`vmi_read_va`, is right only where offset = address)."""
         libvmi = _libvmi()
         try:
             self.vmi = libvmi.Libvmi(str(path), libvmi.INIT_DOMAINNAME,
@@ -63,8 +67,9 @@ class VmiMemory(PhysicalMemory):
         except Exception as exc:  # LibVMI raises plain LibvmiError/RuntimeError
             raise MemoryReadError(f"LibVMI cannot open {path}: {exc}") from exc
         size = os.path.getsize(path)
-        blocks = [RamBlock(lo, hi - lo, lo) for lo, hi in ranges] if ranges else \
-            [RamBlock(0, size, 0)]
+        if blocks is None:
+            blocks = [RamBlock(lo, hi - lo, lo) for lo, hi in ranges] if ranges else \
+                [RamBlock(0, size, 0)]
         super().__init__(blocks)
 
     def _read_backing(self, offset: int, length: int) -> bytes:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from libshare.guests import GuestOptions, Kernel, running_guest
+from libshare.guests.domain import DEFAULT_CMDLINE
 
 pytestmark = pytest.mark.integration
 
@@ -30,6 +31,13 @@ PROGRAMS = ["/usr/bin/sleep", "/usr/bin/cat", "/usr/bin/tail", "/usr/bin/xz",
 # Only builtins between snapshots: read -t on a FIFO we hold open is the sleep.
 GUEST_SCRIPT = r"""
 . /etc/libshare.sh
+read -r rel < /proc/sys/kernel/osrelease
+echo "RELEASE $rel"
+pti=off
+while read -r key rest; do
+    case "$key" in flags) case " $rest " in *" pti "*) pti=on ;; esac ;; esac
+done < /proc/cpuinfo
+echo "PTI $pti"
 mkfifo /tmp/tick
 exec 3<>/tmp/tick
 /usr/bin/sleep 100000 &
@@ -73,13 +81,24 @@ def proc_comm(comm: str) -> str:
 
 
 def idle_sign(name: str) -> str:
-    """Return a /proc name with a busy workqueue worker's "+desc" written "-desc" (busy
-    or not is a matter of the instant)."""
-    return re.sub(r"^(kworker/[^+-]*)\+", r"\1-", name)
+    """Return a /proc name without a workqueue worker's "+desc"/"-desc" suffix: whether
+    it is busy, and which workqueue it last served, are matters of the instant (a
+    snapshot and the survey seconds later may differ)."""
+    return re.sub(r"^(kworker/[^+-]*)[+-].*$", r"\1", name)
 
 
 _SNAP = re.compile(r"^SNAP-BEGIN (\d+)\n(.*?)^SNAP-END \1$", re.M | re.S)
 _TASK = re.compile(r"^TASK (\d+) \((.*)\) \S")
+
+
+def guest_facts(console: str) -> dict[str, str]:
+    """Return what the guest said of itself before its first snapshot: ``release``
+    (/proc/sys/kernel/osrelease) and ``pti`` ("on" when its CPU flags in /proc/cpuinfo
+    list "pti", the kernel's page-table isolation, else "off")."""
+    rel = re.search(r"^RELEASE (\S+)$", console, re.M)
+    pti = re.search(r"^PTI (on|off)$", console, re.M)
+    assert rel and pti, console[-2000:]
+    return {"release": rel.group(1), "pti": pti.group(1)}
 
 
 def snapshots(console: str) -> dict[int, tuple[set[tuple[int, str]], set[str]]]:
@@ -127,12 +146,13 @@ def run_survey(name: str | list[str], *extra: str) -> dict[str, Any]:
 
 
 def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
-                         customize: Sequence[Callable[[Any], object]] = ()
-                         ) -> dict[str, Any]:
+                         customize: Sequence[Callable[[Any], object]] = (),
+                         cmdline: str = DEFAULT_CMDLINE
+                         ) -> tuple[dict[str, Any], dict[str, str]]:
     """Compare ``libshare survey`` of a paused guest with what the guest printed;
-    return the survey's domain object."""
+    return the survey's domain object and :func:`guest_facts`."""
     options = GuestOptions(kernel=kernel, binaries=PROGRAMS, memory_mib=256,
-                           customize=list(customize))
+                           customize=list(customize), cmdline=cmdline)
     with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
         guest.wait_ready(timeout=120)
         for _attempt in range(4):
@@ -151,12 +171,13 @@ def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
         else:
             pytest.fail("the guest's task list kept changing; no stable snapshot")
         tasks, libs = snaps[before]
+        facts = guest_facts(guest.console())
         dom = doc["domains"][0]
         print(f"survey of {name}: {dom['tasks']} tasks, {len(dom['libraries'])} libraries, "
               f"{dom['wall_seconds']}s wall, {dom['cpu_seconds']}s CPU, "
               f"kernel {dom['kernel']}")
         assert dom["name"] == name
-        assert dom["kernel"] == kernel.release
+        assert dom["kernel"] == kernel.release == facts["release"]
         assert not dom["partial"], dom["errors"]
         # /proc names (kernel threads' full names, workers' descriptions) and comms
         got_names = {(t["pid"], idle_sign(t["name"])) for t in dom["task_list"]}
@@ -182,13 +203,29 @@ def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
         assert again["kernel"] == kernel.release
         assert {lib["path"] for lib in again["libraries"]} == libs
         assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
-        return dom
+        return dom, facts
 
 
 def test_survey_matches_guest_debian12(
     libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
 ) -> None:
-    dom = survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
+    dom, facts = survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
+    assert facts["release"].startswith("6.1.")  # Debian 12's kernel: VMAs in a maple tree
+    assert facts["pti"] == "off"  # mitigations=off
+    assert dom["paging_levels"] == 4
+
+
+def test_survey_matches_guest_with_pti(
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+) -> None:
+    """The same comparison with kernel page-table isolation on (``pti=on``, no
+    ``mitigations=off``): each process has a user/kernel PGD pair; the guest's CPU flags
+    prove PTI is on."""
+    cmdline = DEFAULT_CMDLINE.replace("mitigations=off", "pti=on")
+    assert "pti=on" in cmdline and "mitigations=off" not in cmdline
+    dom, facts = survey_against_guest(libvirt_conn, domain_name(), guest_kernel,
+                                      cmdline=cmdline)
+    assert facts["pti"] == "on" and facts["release"].startswith("6.1.")
     assert dom["paging_levels"] == 4
 
 
@@ -214,15 +251,18 @@ def test_survey_matches_guest_debian11(
     libvirt_conn: Any, domain_name: Callable[[], str], bullseye_kernel: Kernel
 ) -> None:
     assert bullseye_kernel.release.startswith("5.10.")
-    survey_against_guest(libvirt_conn, domain_name(), bullseye_kernel)
+    _dom, facts = survey_against_guest(libvirt_conn, domain_name(), bullseye_kernel)
+    assert facts["release"].startswith("5.10.")  # VMAs in a linked list
 
 
 def test_libvmi_crosscheck(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel, tmp_path: Any
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
 ) -> None:
-    """The default reader (/proc/PID/mem) and LibVMI (FILE mode over a raw dump of the
-    same paused guest) give the same survey; LibVMI's own page-table walk reads the same
-    bytes as ours at every resident ELF header page of every process."""
+    """Two independent readers of the same paused guest give the same survey: the
+    default one (/proc/PID/mem of QEMU) and LibVMI in FILE mode opened directly on the
+    shared memfd backing the guest's RAM (nothing of libshare's reading in between);
+    LibVMI's own page-table walk reads the same bytes as ours at every resident ELF
+    header page of every process."""
     pytest.importorskip("libvmi")
     from libshare.introspect import qemu
     from libshare.introspect.kernel import Kernel as GuestKernel
@@ -230,44 +270,49 @@ def test_libvmi_crosscheck(
     from libshare.introspect.mm import for_each_vma, mm_pgd, read_user
     from libshare.introspect.survey import domain_json, walk_kernel
     from libshare.introspect.tasks import for_each_task, task_info
-    from libshare.introspect.vmi import VmiMemory, dump_raw, vmi_read_va
+    from libshare.introspect.vmi import VmiMemory, vmi_read_va
 
     name = domain_name()
-    options = GuestOptions(kernel=guest_kernel, binaries=PROGRAMS, memory_mib=256)
+    options = GuestOptions(kernel=guest_kernel, binaries=PROGRAMS, memory_mib=256,
+                           customize=[_shared_memfd])
     with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
         guest.wait_ready(timeout=120)
         dom = qemu.running_domain(libvirt_conn, name)
-        with qemu.paused(dom):
+        path, blocks = qemu.ram_file(dom)
+        # 256 MiB: one block, file offset = guest-physical (LibVMI's walk relies on it)
+        assert [(b.start, b.backing_offset) for b in blocks] == [(0, 0)]
+        assert path.startswith("/proc/") and "/map_files/" in path
+        with qemu.paused(dom, timeout=600):
             proc = qemu.open_memory(dom)
-            raw = dump_raw(proc, tmp_path / "guest.raw")
-            k1 = GuestKernel(proc, find_kernel(proc))
-            s1 = domain_json(walk_kernel(k1, name))
-        vmi = VmiMemory(raw, proc.ram_ranges())
-        try:
-            k2 = GuestKernel(vmi, find_kernel(vmi))
-            s2 = domain_json(walk_kernel(k2, name))
-            assert k1.info.init_task == k2.info.init_task
-            assert k1.info.page_offset_base == k2.info.page_offset_base
-            for key in ("wall_seconds", "cpu_seconds"):
-                s1.pop(key), s2.pop(key)
-            assert s1 == s2
-            assert len(s1["libraries"]) >= 7
-            compared = 0
-            for t in map(lambda a: task_info(k1, a), for_each_task(k1)):
-                if not t.mm:
-                    continue
-                pgd = mm_pgd(k1, t.mm)
-                for vma in for_each_vma(k1, t.mm):
-                    if not vma.file or vma.pgoff:
+            vmi = VmiMemory(path, blocks=blocks)
+            try:
+                assert proc.ram_ranges() == vmi.ram_ranges()
+                k1 = GuestKernel(proc, find_kernel(proc))
+                s1 = domain_json(walk_kernel(k1, name))
+                k2 = GuestKernel(vmi, find_kernel(vmi))
+                s2 = domain_json(walk_kernel(k2, name))
+                assert k1.info.init_task == k2.info.init_task
+                assert k1.info.page_offset_base == k2.info.page_offset_base
+                compared = 0
+                for t in map(lambda a: task_info(k1, a), for_each_task(k1)):
+                    if not t.mm:
                         continue
-                    ours = read_user(k1, pgd, vma.start, 4096)
-                    theirs = vmi_read_va(vmi, pgd, vma.start, 4096)
-                    assert ours == theirs, (t.pid, hex(vma.start))
-                    compared += ours is not None
-            assert compared >= 10
-        finally:
-            vmi.close()
-            proc.close()
+                    pgd = mm_pgd(k1, t.mm)
+                    for vma in for_each_vma(k1, t.mm):
+                        if not vma.file or vma.pgoff:
+                            continue
+                        ours = read_user(k1, pgd, vma.start, 4096)
+                        theirs = vmi_read_va(vmi, pgd, vma.start, 4096)
+                        assert ours == theirs, (t.pid, hex(vma.start))
+                        compared += ours is not None
+            finally:
+                vmi.close()
+                proc.close()
+        for key in ("wall_seconds", "cpu_seconds"):
+            s1.pop(key), s2.pop(key)
+        assert s1 == s2
+        assert len(s1["libraries"]) >= 7
+        assert compared >= 10
 
 
 def _shared_memfd(dom: Any) -> None:
@@ -350,8 +395,8 @@ def test_survey_matches_guest_5_level_paging(
 ) -> None:
     """The same ground-truth comparison on a CPU with LA57: Debian's kernel then runs
     5-level page tables and a direct map at 0xff11... (not 4-level canonical)."""
-    dom = survey_against_guest(libvirt_conn, domain_name(), guest_kernel,
-                               customize=[_la57_cpu])
+    dom, _facts = survey_against_guest(libvirt_conn, domain_name(), guest_kernel,
+                                       customize=[_la57_cpu])
     assert dom["paging_levels"] == 5
 
 
