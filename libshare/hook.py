@@ -121,7 +121,8 @@ def process_start() -> float:
 
 def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
     """Return the region image path after checking it exists with the recorded size and
-    digest; raise LibshareError with the reason otherwise."""
+    digest (or, when enrolment recorded no digest because the image did not exist yet, a
+    sound region layout); raise LibshareError with the reason otherwise."""
     path = Path(enr.region)
     if not path.exists():
         raise LibshareError(f"region image {path} is missing (group {enr.group}); "
@@ -140,6 +141,13 @@ def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
         if digest != enr.digest:
             raise LibshareError(f"region image {path} has digest {digest[:16]}..., the domain "
                                 f"was enrolled with {enr.digest[:16]}...; the image changed")
+    else:  # enrolled before the image existed: at least its layout must be sound
+        from libshare.sharing.region import quick_verify
+
+        problem = quick_verify(path)
+        if problem:
+            raise LibshareError(f"region image {path} (enrolled without a digest) is not a "
+                                f"sound region: {problem}")
     return path
 
 

@@ -257,3 +257,34 @@ def test_shim_keeps_traceback_when_libshare_cannot_load(env: dict[str, Path]) ->
     assert res.returncode == 1
     assert err.startswith("libshare: hook failed: boom at import\n")
     assert "Traceback (most recent call last)" in err and "__init__.py" in err
+
+
+def test_prepare_without_recorded_digest_checks_the_layout(
+        env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A domain enrolled before its image existed has no digest: prepare then refuses an
+    image that is not a sound region and accepts a real one."""
+    import shutil
+
+    if shutil.which("mkfs.erofs") is None:
+        pytest.skip("no mkfs.erofs")
+    from libshare.config import Config
+    from libshare.sharing import region
+    from libshare.sharing.store import import_tree
+
+    lib = env["tmp"] / "root" / "usr" / "lib"
+    lib.mkdir(parents=True)
+    shutil.copyfile("/lib/x86_64-linux-gnu/libz.so.1", lib / "libz.so.1")
+    cfg = Config(state_dir=env["state"])
+    import_tree(cfg.store_dir, [env["tmp"] / "root"])
+    built = Path(region.build_region(cfg, "g").path)
+    image = env["tmp"] / "later.img"
+    spec = domxml.RegionSpec(str(image), built.stat().st_size, "g", digest=None,
+                             state_dir=str(env["state"]))
+    xml = domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
+
+    image.write_bytes(b"\x01" * built.stat().st_size)  # right size, not a region
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "enrolled without a digest" in err[0], err
+    shutil.copyfile(built, image)
+    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
