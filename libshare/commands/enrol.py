@@ -15,6 +15,7 @@ from libshare.agent import GuestAgent
 from libshare.commands.xml import MODEL_HELP, REDIRECT_HELP
 from libshare.config import MODELS, REDIRECT_MODES, Config
 from libshare.digest import cached_sha256
+from libshare.domxml.metadata import Enrolment
 from libshare.errors import LibshareError
 from libshare.output import print_json, print_table
 from libshare.runtime import qemu_pid
@@ -40,24 +41,46 @@ def _report(outcomes: list[enrol.Outcome], failures: list[dict[str, Any]],
     return 1 if failures else 0
 
 
+def _recorded(conn: Any, name: str) -> Enrolment | None:
+    """Return the enrolment recorded in domain ``name``'s definition, or None (also
+    when the domain does not exist: enabling it then reports that)."""
+    try:
+        return domxml.enrolment(domxml.parse(virt.inactive_xml(virt.lookup(conn, name))))
+    except LibshareError:
+        return None
+
+
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
-    model = args.model or cfg.default_model
     outcomes, failures = [], []
+    specs: dict[tuple[str, str], domxml.RegionSpec] = {}
     with virt.connect(args.connect or cfg.libvirt_uri) as conn:
-        if model == "virtio-pmem":
-            works, reason = capabilities.virtio_pmem_works(conn, cfg.state_dir)
-            if not works:
-                print(f"libshare: virtio-pmem cannot start on this host ({reason}); "
-                      "using nvdimm", file=sys.stderr)
-                model = "nvdimm"
-        spec = replace(enrol.resolve_region(cfg, args.group or cfg.default_group, model,
-                                            args.region), redirect=args.redirect)
         for name in args.domains:
             try:
-                outcomes.append(enrol.enable_domain(conn, name, spec, cfg.redirect))
+                # an enrolled domain keeps its group and model unless told otherwise
+                old = _recorded(conn, name) if not (args.group and args.model) else None
+                group = args.group or (old.group if old else cfg.default_group)
+                model = args.model or (old.model if old else cfg.default_model)
+                if (group, model) not in specs:
+                    specs[(group, model)] = _spec(conn, cfg, args, group, model)
+                outcomes.append(enrol.enable_domain(conn, name, specs[(group, model)],
+                                                    cfg.redirect))
             except LibshareError as exc:
                 failures.append({"domain": name, "error": str(exc)})
     return _report(outcomes, failures, args.json)
+
+
+def _spec(conn: Any, cfg: Config, args: argparse.Namespace, group: str,
+          model: str) -> domxml.RegionSpec:
+    """Return the region spec for ``group`` and ``model`` (virtio-pmem falls back to
+    nvdimm, with a warning, on hosts where it cannot start)."""
+    if model == "virtio-pmem":
+        works, reason = capabilities.virtio_pmem_works(conn, cfg.state_dir)
+        if not works:
+            print(f"libshare: virtio-pmem cannot start on this host ({reason}); "
+                  "using nvdimm", file=sys.stderr)
+            model = "nvdimm"
+    return replace(enrol.resolve_region(cfg, group, model, args.region),
+                   redirect=args.redirect)
 
 
 def _disable(args: argparse.Namespace, cfg: Config) -> int:
@@ -283,10 +306,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("enable", help="enrol libvirt domains into their group's region",
                        description="Redefine each domain's persistent definition with the "
                        "library region device (see 'libshare xml enable'). A running "
-                       "domain keeps running; the region is attached at its next boot.")
+                       "domain keeps running; the region is attached at its next boot. Run it "
+                       "again after 'libshare region build' to move enrolled domains to "
+                       "their group's new image (a running guest keeps the old one until "
+                       "it stops).")
     e.add_argument("domains", nargs="+", metavar="DOMAIN")
-    e.add_argument("--group", metavar="NAME", help="trust group (default from config)")
-    e.add_argument("--model", choices=MODELS, help=MODEL_HELP)
+    e.add_argument("--group", metavar="NAME",
+                   help="trust group (default: an enrolled domain's recorded group, else "
+                        "the config's default_group)")
+    e.add_argument("--model", choices=MODELS,
+                   help=MODEL_HELP + "; default: an enrolled domain's recorded model, else "
+                        "the config's default_model")
     e.add_argument("--region", metavar="PATH",
                    help="region image (default: the group's current image)")
     e.add_argument("--redirect", choices=REDIRECT_MODES, help=REDIRECT_HELP)

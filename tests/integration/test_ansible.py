@@ -143,6 +143,22 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     assert counts["changed"] == 0, out[-4000:]
     assert dom.XMLDesc(INACTIVE) == enrolled
 
+    # a new library in the group's tree: a new region, and the domain moves to it
+    shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libacl.so.1"), libs / "libacl.so.1")
+    counts, out = playbook(work, variables)
+    assert counts["changed"] == 3, out[-4000:]  # import, build, enable
+    enrolled = dom.XMLDesc(INACTIVE)
+    moved = region_sources(enrolled)
+    assert len(moved) == 1 and moved[0] != str(image) and Path(moved[0]).is_file(), moved
+    assert (libs / "libacl.so.1").read_bytes()[:4096] in Path(moved[0]).read_bytes()
+    # enabling again without --group keeps the domain in its group (not the default one)
+    again = subprocess.run([str(venv / "bin" / "libshare"), "--config",
+                            str(work / "etc" / "libshare.toml"), "enable", "--json", name],
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["domains"][0]["action"] == "unchanged", again.stdout
+    assert dom.XMLDesc(INACTIVE) == enrolled
+
     # check mode on an undo: nothing is changed
     undo = dict(variables, libshare_hook="absent",
                 libshare_domains=[{"name": name, "state": "disabled"}])
