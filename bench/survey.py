@@ -22,8 +22,8 @@ thread-group leaders and the ``.so`` paths of their file-backed VMAs
 (``for_each_task``, ``for_each_vma``, ``d_path``) with the kernel's debug info from
 Debian's ``linux-image-<release>-dbg`` (``apt-get download``, cached with the extracted
 vmlinux under /var/cache/libshare/dbg/: ~850 MB). Prints both times, the ratio, and
-whether both tools found the same tasks and libraries. drgn comes from PyPI
-(``pip install drgn`` into the venv); it is no dependency of libshare.
+whether both tools found the same tasks and libraries. drgn comes from PyPI through the
+``bench`` extra (``pip install -e '.[bench]'``); it is no dependency of libshare.
 
 Needs root and a running system libvirtd. Usage (from the project root):
 ``/opt/libshare-venv/bin/python -m bench.survey [DOMAIN] [--runs N] [--extra N] [--json]``
@@ -255,8 +255,8 @@ def peer_main(args: argparse.Namespace) -> int:
     try:
         import drgn  # noqa: F401
     except ImportError:
-        print("drgn is not installed: pip install drgn (into this interpreter's venv)",
-              file=sys.stderr)
+        print("drgn is not installed: pip install -e '.[bench]' (from the project root, "
+              "into this interpreter's venv)", file=sys.stderr)
         return 2
     if shutil.which("virsh") is None:
         print("virsh not found", file=sys.stderr)

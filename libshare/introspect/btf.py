@@ -14,6 +14,7 @@ fixed depth, and a malformed blob raises :class:`BtfError`.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ _EXTRA: dict[int, tuple[int, int]] = {
     KIND_FUNC_PROTO: (0, 8), KIND_VAR: (4, 0), KIND_DATASEC: (0, 12), KIND_FLOAT: (0, 0),
     KIND_DECL_TAG: (4, 0), KIND_TYPE_TAG: (0, 0), KIND_ENUM64: (0, 12),
 }
+#: what every header parse_header accepts starts with: magic, version 1, any flags,
+#: hdr_len 24 (searched as one pattern: the 3-byte magic alone hits thousands of times)
+_HEADER_START = re.compile(re.escape(BTF_MAGIC_BYTES) + rb".\x18\x00\x00\x00", re.S)
+#: (fixed, per-vlen) extra bytes of each kind's record, indexed by kind (None: unknown)
+_STEPS: list[tuple[int, int] | None] = [_EXTRA.get(k) for k in range(32)]
+#: the kinds find_types looks up by name
+_NAMED_KINDS = frozenset((KIND_STRUCT, KIND_UNION, KIND_TYPEDEF, KIND_INT, KIND_ENUM))
 _MODIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
 _MAX_CHAIN = 32
 _MAX_NEST = 8
@@ -124,27 +132,37 @@ class Btf:
         self._str_start = hdr.hdr_len + hdr.str_off
         self._str_end = self._str_start + hdr.str_len
         self._offs: list[int] = [0]  # record offset of each type id; id 0 is void
-        self._names: dict[str, list[int]] | None = None
+        self._by_name_off: dict[int, list[int]] = {}  # name offset -> ids (named kinds)
+        self._names: dict[str, list[int]] | None = None  # name -> ids, built on first use
         self._index_types()
 
     def _index_types(self) -> None:
+        """Record each type's offset and, for the named kinds :meth:`find_types` serves,
+        its id under its name's string offset (one pass, no string decoding)."""
         data = self._data
         pos = self._types_start
         end = pos + self.header.type_len
         offs = self._offs
+        by_name = self._by_name_off
         unpack = _TYPE.unpack_from
-        extra = _EXTRA
+        steps = _STEPS
+        named = _NAMED_KINDS
         while pos < end:
             if end - pos < 12:
                 raise BtfError(f"BTF type section ends inside a record at {pos}")
-            _name, info, _size = unpack(data, pos)
+            name, info, _size = unpack(data, pos)
             kind = (info >> 24) & 0x1F
-            try:
-                fixed, per = extra[kind]
-            except KeyError:
-                raise BtfError(f"unknown BTF kind {kind} for type {len(offs)}") from None
+            step = steps[kind]
+            if step is None:
+                raise BtfError(f"unknown BTF kind {kind} for type {len(offs)}")
+            if name and kind in named:
+                ids = by_name.get(name)
+                if ids is None:
+                    by_name[name] = [len(offs)]
+                else:
+                    ids.append(len(offs))
             offs.append(pos)
-            pos += 12 + fixed + per * (info & 0xFFFF)
+            pos += 12 + step[0] + step[1] * (info & 0xFFFF)
         if pos != end:
             raise BtfError("BTF type section overruns its declared length")
 
@@ -187,24 +205,17 @@ class Btf:
             return ""
         return self.string(self._record(type_id)[1])
 
-    def _build_names(self) -> dict[str, list[int]]:
-        names: dict[str, list[int]] = {}
-        data = self._data
-        for type_id in range(1, len(self._offs)):
-            name_off, info, _ = _TYPE.unpack_from(data, self._offs[type_id])
-            if name_off and ((info >> 24) & 0x1F) in (KIND_STRUCT, KIND_UNION, KIND_TYPEDEF,
-                                                      KIND_INT, KIND_ENUM):
-                names.setdefault(self.string(name_off), []).append(type_id)
-        return names
-
     def find_types(self, name: str, kinds: Iterable[int] | None = None) -> list[int]:
         """Return the ids of struct/union/typedef/int/enum types named ``name``
-        (optionally only of ``kinds``)."""
+        (optionally only of ``kinds``), in id order."""
         if self._names is None:
-            self._names = self._build_names()
-        ids = self._names.get(name, [])
+            names: dict[str, list[int]] = {}
+            for off, ids in self._by_name_off.items():
+                names.setdefault(self.string(off), []).extend(ids)
+            self._names = names
+        ids = sorted(self._names.get(name, []))
         if kinds is None:
-            return list(ids)
+            return ids
         wanted = set(kinds)
         return [i for i in ids if self.kind(i) in wanted]
 
@@ -325,9 +336,7 @@ def find_btf(chunks: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, BtfHead
     iterable of ``(address, data)`` pieces of memory (scan order). Candidates still need
     :meth:`Btf.validate_kernel` on the parsed blob: a partial copy has the same header."""
     for base, data in chunks:
-        pos = data.find(BTF_MAGIC_BYTES)
-        while pos >= 0:
-            hdr = parse_header(data, pos)
+        for m in _HEADER_START.finditer(data):
+            hdr = parse_header(data, m.start())
             if hdr is not None:
-                yield base + pos, hdr
-            pos = data.find(BTF_MAGIC_BYTES, pos + 1)
+                yield base + m.start(), hdr

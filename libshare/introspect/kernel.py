@@ -2,8 +2,10 @@
 KASLR, paging mode, direct map) and virtual-address reads.
 
 Owns :func:`scan_memory` (one pass over guest RAM looking for BTF headers, the
-``swapper/0`` comm and the ``Linux version`` banner), :func:`find_kernel` (turns those
-hits into a validated :class:`KernelInfo`) and :class:`Kernel` (reads kernel virtual
+``swapper/0`` comm and the ``Linux version`` banner), :func:`scan_order` (the likely
+kernel image first: from a 2 MiB-aligned page that starts with the banner, as x86-64
+.rodata does), :func:`find_kernel` (turns those hits into a validated
+:class:`KernelInfo`, stopping the scan early) and :class:`Kernel` (reads kernel virtual
 memory through the guest's own page tables, with a direct-map fast path).
 
 How KASLR is undone, without symbols: ``init_task`` is the task whose ``comm`` is
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -109,6 +111,56 @@ def _scan_chunk(res: ScanResult, seen: set[int], base: int, data: bytes) -> None
                 seen.add(base + pos)
                 out.append(base + pos)
             pos = data.find(pattern, pos + 1)
+
+
+#: x86-64 links .rodata at a 2 MiB boundary of the kernel image (``X86_ALIGN_RODATA_BEGIN``)
+#: and the image is loaded 2 MiB-aligned, so ``linux_banner``, early in .rodata, sits
+#: near the start of a 2 MiB-aligned guest page
+HPAGE = 2 << 20
+#: how much of each 2 MiB-aligned page is searched for the banner
+BANNER_HEAD = PAGE_SIZE
+#: how far from such a page the kernel's BTF, ``init_task`` and banner are looked for
+#: first (.rodata, .BTF and .data of a distribution kernel span ~10-20 MiB)
+IMAGE_SPAN = 64 << 20
+IMAGE_CHUNK = 4 << 20
+
+
+def rodata_candidates(mem: PhysicalMemory) -> list[int]:
+    """Return the 2 MiB-aligned guest-physical addresses whose first
+    :data:`BANNER_HEAD` bytes hold ``Linux version`` (where the kernel image's .rodata
+    may start), reading only those heads."""
+    out = []
+    for lo, hi in mem.ram_ranges():
+        addr = (lo + HPAGE - 1) & ~(HPAGE - 1)
+        while addr + BANNER_HEAD <= hi:
+            try:
+                if BANNER_PREFIX in mem.read_uncached(addr, BANNER_HEAD):
+                    out.append(addr)
+            except MemoryReadError:
+                pass
+            addr += HPAGE
+    return out
+
+
+def scan_order(mem: PhysicalMemory, chunk_size: int = 16 << 20
+               ) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(address, data)`` pieces of guest RAM to scan for the kernel, likeliest
+    first: :data:`IMAGE_SPAN` bytes from each :func:`rodata_candidates` address (in
+    :data:`IMAGE_CHUNK` pieces), then all of RAM (:meth:`PhysicalMemory.chunks`), so a
+    caller that stops once it has found what it needs rarely reads more than the kernel
+    image, and never misses what a full scan finds."""
+    for start in rodata_candidates(mem):
+        end = next((min(hi, start + IMAGE_SPAN) for lo, hi in mem.ram_ranges()
+                    if lo <= start < hi), start)
+        pos = start
+        while pos < end:
+            n = min(IMAGE_CHUNK + PAGE_SIZE, end - pos)
+            try:
+                yield pos, mem.read_uncached(pos, n)
+            except MemoryReadError:
+                break
+            pos += IMAGE_CHUNK
+    yield from mem.chunks(chunk_size)
 
 
 def scan_memory(mem: PhysicalMemory, chunk_size: int = 16 << 20) -> ScanResult:
@@ -273,8 +325,9 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
                 scan: ScanResult | None = None, attempts: int = 5) -> KernelInfo:
     """Return the validated KernelInfo of the kernel running in ``mem``. Uses the BTF
     found in guest RAM unless ``layout`` is given. Without ``scan``, guest RAM is
-    scanned chunk by chunk and the scan stops as soon as the BTF, ``init_task`` and the
-    banner are found (all live in the kernel image). ``init_task`` is probed up to
+    scanned chunk by chunk, the likely kernel image first (:func:`scan_order`), and the
+    scan stops as soon as the BTF, ``init_task`` and the banner are found (all live in
+    the kernel image). ``init_task`` is probed up to
     ``attempts`` times (a running guest can tear a probe). Raise KernelError with the
     reason if the kernel cannot be understood."""
     btf_phys: int | None = None
@@ -295,7 +348,7 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
     if scan is None:
         res = ScanResult()
         seen: set[int] = set()
-        for base, data in mem.chunks():
+        for base, data in scan_order(mem):
             _scan_chunk(res, seen, base, data)
             if layout is None:
                 layout = try_btf(res)

@@ -201,3 +201,28 @@ def test_resident_frames_capped_at_ram_size() -> None:
     assert len(frames) <= mem.ram_size // PAGE < 2048
     assert stats.bad_entries == 1
     assert len(list(resident_frames(k, pgd, va, va + 8 * PAGE))) == 8
+
+
+def test_scan_order_tries_the_kernel_image_first() -> None:
+    """The kernel scan reads first from 2 MiB-aligned pages that open with the banner
+    (x86-64 .rodata), up to IMAGE_SPAN, then all of RAM: nothing a full scan would see
+    is skipped, and a banner elsewhere is still found by the full pass."""
+    from libshare.introspect.kernel import (
+        BANNER_PREFIX,
+        IMAGE_CHUNK,
+        rodata_candidates,
+        scan_memory,
+        scan_order,
+    )
+
+    size = 8 << 20
+    data = bytearray(size)
+    data[(4 << 20) + 0x1A0:(4 << 20) + 0x1A0 + 14] = BANNER_PREFIX  # .rodata at 4 MiB
+    data[(2 << 20) + 8192:(2 << 20) + 8192 + 14] = BANNER_PREFIX  # not in a page head
+    mem = BytesMemory(data)
+    assert rodata_candidates(mem) == [4 << 20]
+    pieces = [(addr, len(chunk)) for addr, chunk in scan_order(mem, chunk_size=1 << 20)]
+    assert pieces[0] == (4 << 20, IMAGE_CHUNK)  # the image first (to the end of RAM)
+    rest = [addr for addr, _ in pieces[1:]]
+    assert rest == list(range(0, size, 1 << 20))  # then everything
+    assert scan_memory(mem).banners == [(2 << 20) + 8192, (4 << 20) + 0x1A0]
