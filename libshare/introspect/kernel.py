@@ -24,11 +24,12 @@ freed mm.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from libshare.errors import LibshareError
 from libshare.introspect.btf import Btf, BtfError, find_btf, parse_header
@@ -191,6 +192,51 @@ def load_btf(mem: PhysicalMemory, candidates: Iterable[int]) -> tuple[int, Btf]:
     raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
 
 
+class LayoutStore(Protocol):
+    """Layouts already derived from BTF blobs, keyed by :func:`btf_digest` (a dict, or
+    a store that also keeps them on disk)."""
+
+    def get(self, digest: str, /) -> Layout | None:
+        """Return the layout of the blob with ``digest``, or None."""
+
+    def __setitem__(self, digest: str, layout: Layout, /) -> None:
+        """Remember ``layout`` for the blob with ``digest``."""
+
+
+def btf_digest(blob: bytes) -> str:
+    """Return the identity of a BTF blob (BLAKE2b-128 of its bytes, hex)."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def load_layout(mem: PhysicalMemory, candidates: Iterable[int],
+                layouts: LayoutStore | None = None) -> tuple[int, Layout]:
+    """Return ``(address, Layout)`` for the first candidate address holding a complete,
+    valid kernel BTF blob - or one whose exact bytes ``layouts`` has seen before (then
+    neither parsed nor validated again; new ones are added); raise KernelError if none
+    does."""
+    reasons = []
+    for addr in candidates:
+        try:
+            hdr = parse_header(mem.read(addr, 24))
+            if hdr is None:
+                continue
+            blob = mem.read_uncached(addr, hdr.total_len)
+            digest = btf_digest(blob) if layouts is not None else ""
+            known = layouts.get(digest) if layouts is not None else None
+            if known is not None:
+                return addr, known
+            btf = Btf(blob)
+            btf.validate_kernel()
+            layout = layout_from_btf(btf, f"BTF at guest physical {addr:#x}")
+            if layouts is not None:
+                layouts[digest] = layout
+            return addr, layout
+        except (BtfError, MemoryReadError) as exc:
+            reasons.append(f"{addr:#x}: {exc}")
+    detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
+    raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
+
+
 def _u64(mem: PhysicalMemory, addr: int) -> int:
     return int.from_bytes(mem.read(addr, 8), "little")
 
@@ -322,14 +368,16 @@ def _conclude(mem: PhysicalMemory, layout: Layout, scan: ScanResult, attempts: i
 
 
 def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
-                scan: ScanResult | None = None, attempts: int = 5) -> KernelInfo:
+                scan: ScanResult | None = None, attempts: int = 5,
+                layouts: LayoutStore | None = None) -> KernelInfo:
     """Return the validated KernelInfo of the kernel running in ``mem``. Uses the BTF
     found in guest RAM unless ``layout`` is given. Without ``scan``, guest RAM is
     scanned chunk by chunk, the likely kernel image first (:func:`scan_order`), and the
     scan stops as soon as the BTF, ``init_task`` and the banner are found (all live in
     the kernel image). ``init_task`` is probed up to
     ``attempts`` times (a running guest can tear a probe). Raise KernelError with the
-    reason if the kernel cannot be understood."""
+    reason if the kernel cannot be understood. ``layouts`` spares parsing a BTF blob
+    already seen (same kernel build, another boot or guest)."""
     btf_phys: int | None = None
     tried: set[int] = set()
 
@@ -340,10 +388,10 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
         if not fresh:
             return None
         try:
-            btf_phys, btf = load_btf(mem, fresh)
+            btf_phys, found = load_layout(mem, fresh, layouts)
         except KernelError:
             return None
-        return layout_from_btf(btf, f"BTF at guest physical {btf_phys:#x}")
+        return found
 
     if scan is None:
         res = ScanResult()

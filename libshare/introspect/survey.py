@@ -321,15 +321,62 @@ def save_kernel(cache_file: Path | None, key: str, info: KernelInfo) -> None:
         log.debug("cannot write %s: %s", cache_file, exc)
 
 
+#: layouts derived from BTF blobs in this process, by blob digest
+_BTF_LAYOUTS: dict[str, Layout] = {}
+
+
+class BtfLayouts:
+    """The :class:`~libshare.introspect.kernel.LayoutStore` of a survey: layouts already
+    derived from BTF blobs, in this process and (with ``cache_dir``) in
+    ``btf-<digest>.json`` files there, so a kernel build already seen - in another
+    guest, or an earlier boot - is not parsed again."""
+
+    def __init__(self, cache_dir: Path | None) -> None:
+        """Keep layouts in memory and, if given, under ``cache_dir``."""
+        self.cache_dir = cache_dir
+
+    def get(self, digest: str, /) -> Layout | None:
+        """Return the layout derived from the BTF blob with ``digest``, or None."""
+        if digest in _BTF_LAYOUTS:
+            return _BTF_LAYOUTS[digest]
+        if self.cache_dir is None:
+            return None
+        try:
+            raw = json.loads((self.cache_dir / f"btf-{digest}.json").read_text())
+            offsets = {k: int(v) for k, v in raw.items() if not k.startswith("sizeof(")}
+            sizes = {k[7:-1]: int(v) for k, v in raw.items() if k.startswith("sizeof(")}
+        except (OSError, ValueError, TypeError, AttributeError):
+            return None
+        layout = Layout(offsets, sizes, f"cached layout of BTF {digest}")
+        _BTF_LAYOUTS[digest] = layout
+        return layout
+
+    def __setitem__(self, digest: str, layout: Layout, /) -> None:
+        """Remember ``layout`` for ``digest`` (on disk best effort)."""
+        _BTF_LAYOUTS[digest] = layout
+        if self.cache_dir is None:
+            return
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            path = self.cache_dir / f"btf-{digest}.json"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(layout.to_json()))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.debug("cannot write the BTF layout cache: %s", exc)
+
+
 def understand(mem: PhysicalMemory, layout: Layout | None = None,
                cache_file: Path | None = None, key: str = "") -> tuple[KernelInfo, bool]:
     """Return ``(KernelInfo, scanned)`` for the kernel in ``mem``: from the cache when
-    valid (``scanned`` False), else by scanning guest RAM (and caching the result)."""
+    valid (``scanned`` False), else by scanning guest RAM (and caching the result; a
+    BTF blob already seen is not parsed again, see :class:`BtfLayouts`)."""
     if layout is None:
         info = cached_kernel(mem, cache_file, key)
         if info is not None:
             return info, False
-    info = find_kernel(mem, layout)
+    info = find_kernel(mem, layout,
+                       layouts=BtfLayouts(cache_file.parent if cache_file else None))
     if layout is None:
         save_kernel(cache_file, key, info)
     return info, True

@@ -167,3 +167,33 @@ def test_offsets_file_and_isf(tmp_path: Path, host_btf: Btf) -> None:
     isf = layout_from_isf(tmp_path / "k.isf.json")
     for key in REQUIRED:
         assert isf.off(key) == layout.off(key), key
+
+
+def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """load_layout parses and validates a BTF blob once; the same bytes found again
+    (another boot or guest of that kernel build, another process through the
+    btf-<digest>.json file) give the same layout without parsing; other bytes do not."""
+    from libshare.introspect import kernel, survey
+    from libshare.introspect.memory import BytesMemory
+
+    try:
+        blob = VMLINUX.read_bytes()
+    except OSError:
+        pytest.skip("no readable /sys/kernel/btf/vmlinux")
+    mem = BytesMemory(bytes(4096) + blob)
+    monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})
+    store = survey.BtfLayouts(tmp_path)
+    addr, first = kernel.load_layout(mem, [4096], store)
+    assert addr == 4096 and first.offsets == layout_from_btf(Btf(blob)).offsets
+    assert (tmp_path / f"btf-{kernel.btf_digest(blob)}.json").exists()
+    parsed: list[int] = []
+    monkeypatch.setattr(kernel, "Btf", lambda data: parsed.append(1) or Btf(data))
+    assert kernel.load_layout(mem, [4096], store)[1] is first  # in-process
+    monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})  # a new process: from the file
+    again = kernel.load_layout(mem, [4096], survey.BtfLayouts(tmp_path))[1]
+    assert again.offsets == first.offsets and again.sizes == first.sizes and not parsed
+    changed = bytearray(blob)
+    changed[-2] ^= 0xFF  # another blob (a string byte): parsed and validated afresh
+    kernel.load_layout(BytesMemory(bytes(4096) + changed), [4096], store)
+    assert parsed == [1]
