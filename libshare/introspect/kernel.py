@@ -174,24 +174,6 @@ def scan_memory(mem: PhysicalMemory, chunk_size: int = 16 << 20) -> ScanResult:
     return res
 
 
-def load_btf(mem: PhysicalMemory, candidates: Iterable[int]) -> tuple[int, Btf]:
-    """Return ``(address, Btf)`` for the first candidate address holding a complete,
-    valid kernel BTF blob; raise KernelError if none does."""
-    reasons = []
-    for addr in candidates:
-        try:
-            hdr = parse_header(mem.read(addr, 24))
-            if hdr is None:
-                continue
-            btf = Btf(mem.read_uncached(addr, hdr.total_len))
-            btf.validate_kernel()
-            return addr, btf
-        except (BtfError, MemoryReadError) as exc:
-            reasons.append(f"{addr:#x}: {exc}")
-    detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
-    raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
-
-
 class LayoutStore(Protocol):
     """Layouts already derived from BTF blobs, keyed by :func:`btf_digest` (a dict, or
     a store that also keeps them on disk)."""
@@ -411,7 +393,7 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
         if not scan.btf:
             raise KernelError("no BTF in guest memory (kernel without CONFIG_DEBUG_INFO_BTF? "
                               "give an ISF or offsets file)")
-        load_btf(mem, scan.btf)  # raises with the reasons
+        load_layout(mem, scan.btf)  # raises with the reasons
         raise KernelError("no usable kernel BTF found in guest memory")
     info = _conclude(mem, layout, scan, attempts, btf_phys)
     if info is not None:

@@ -552,14 +552,7 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
     named ``<sha256>.img``, that its SHA-256 matches the name.
     """
     spath = os.fspath(path)
-    try:
-        with open(spath, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return f"{spath}: not a regular file"
-            problem = _verify_open(fh, st.st_size, content=True)
-    except OSError as exc:
-        return f"{spath}: {exc.strerror or exc}"
+    problem = _verify_path(spath, content=True)
     if problem:
         return problem
     if fsck:
@@ -585,13 +578,18 @@ def quick_verify(path: str | os.PathLike[str]) -> str | None:
     file, and a readable manifest. Meant for checks with a time limit (the hook's
     prepare check of a domain enrolled without a digest); :func:`verify` does it all.
     """
-    spath = os.fspath(path)
+    return _verify_path(os.fspath(path), content=False)
+
+
+def _verify_path(spath: str, content: bool) -> str | None:
+    """Return the first problem :func:`_verify_open` finds in the regular file ``spath``
+    (libraries hashed too when ``content``), or None."""
     try:
         with open(spath, "rb") as fh:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 return f"{spath}: not a regular file"
-            return _verify_open(fh, st.st_size, content=False)
+            return _verify_open(fh, st.st_size, content=content)
     except OSError as exc:
         return f"{spath}: {exc.strerror or exc}"
 

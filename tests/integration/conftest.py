@@ -25,6 +25,8 @@ from libshare.guests.cache import CACHE_ENV, DEFAULT_CACHE
 
 URI = "qemu:///system"
 PREFIX = "lstest-"
+#: scratch folders of tests that QEMU (user libvirt-qemu) must be able to traverse
+SCRATCH_ROOT = Path("/var/lib/libshare-test")
 _HERE = Path(__file__).parent
 _TAGGED = re.compile(rf"^{PREFIX}p(\d+)-")
 #: an untagged lstest-* domain is a leftover once it has run this long (or is shut off)
@@ -162,3 +164,18 @@ def domain_name(libvirt_conn: Any, request: pytest.FixtureRequest) -> Iterator[C
 def _libvirt_alias(libvirt_conn: Any) -> Any:
     """Return the session connection to ``qemu:///system`` (same as ``libvirt_conn``)."""
     return libvirt_conn
+
+
+@pytest.fixture
+def scratch_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """Yield a fresh folder under SCRATCH_ROOT that QEMU can traverse (region images,
+    state directories), named by this process and test; removed afterwards."""
+    SCRATCH_ROOT.mkdir(mode=0o755, exist_ok=True)
+    SCRATCH_ROOT.chmod(0o755)
+    path = SCRATCH_ROOT / f"p{os.getpid()}-{request.node.name[:40]}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -16,7 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,6 @@ from lxml import etree
 
 ROOT = Path(__file__).resolve().parents[2]
 PLAYBOOK = Path(sys.executable).parent / "ansible-playbook"
-TEST_ROOT = Path("/var/lib/libshare-test")
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 LIBS = ("libz.so.1", "libm.so.6")
 RECAP = re.compile(r"ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)")
@@ -48,16 +47,9 @@ PLAY = """- hosts: localhost
 
 
 @pytest.fixture
-def work(request: pytest.FixtureRequest) -> Iterator[Path]:
-    """Return a fresh folder for everything the role writes; removed afterwards."""
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    path = TEST_ROOT / f"p{os.getpid()}-ansible"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def work(scratch_dir: Path) -> Path:
+    """Return a fresh folder for everything the role writes (removed afterwards)."""
+    return scratch_dir
 
 
 def playbook(work: Path, variables: dict[str, Any], *extra: str) -> tuple[dict[str, int], str]:

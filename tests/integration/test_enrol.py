@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -25,7 +24,6 @@ from libshare.guests import GuestOptions, defined_guest
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
-TEST_ROOT = Path("/var/lib/libshare-test")
 INACTIVE = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
 
 PMEM_SCRIPT = """. /etc/libshare.sh
@@ -53,17 +51,9 @@ def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
 
 
 @pytest.fixture
-def state_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
+def state_dir(scratch_dir: Path) -> Path:
     """Return a fresh state directory QEMU can traverse (the region image lives in it)."""
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
-    TEST_ROOT.chmod(0o755)
-    path = TEST_ROOT / f"p{os.getpid()}-{request.node.name[:40]}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return scratch_dir
 
 
 def make_region(state_dir: Path) -> Path:

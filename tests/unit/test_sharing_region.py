@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,15 +133,21 @@ def corrupt_copy(src: str, dst: Path, offset: int | None = None, size: int | Non
     return dst
 
 
-def test_verify_catches_flipped_library_byte(built: tuple[Config, region.BuildResult],
-                                             tmp_path: Path) -> None:
-    _cfg, res = built
-    with open(res.path, "rb") as fh:
+def first_library(image: str) -> tuple[dict[str, Any], int]:
+    """Return the manifest entry of the first library in ``image`` and the offset of its
+    first byte in the image file."""
+    with open(image, "rb") as fh:
         fs = Erofs(fh, offset=2 * MiB)
         item = region.read_manifest(fs)["files"][0]
         ino = fs.lookup(item["path"])
-    where = 2 * MiB + ino.raw_blkaddr * 4096 + 100
-    bad = corrupt_copy(res.path, tmp_path / "x.img", offset=where)
+    return item, 2 * MiB + ino.raw_blkaddr * 4096
+
+
+def test_verify_catches_flipped_library_byte(built: tuple[Config, region.BuildResult],
+                                             tmp_path: Path) -> None:
+    _cfg, res = built
+    item, start = first_library(res.path)
+    bad = corrupt_copy(res.path, tmp_path / "x.img", offset=start + 100)
     problem = region.verify(bad)
     assert problem and item["path"] in problem and "SHA-256" in problem
 
@@ -198,11 +205,8 @@ def test_quick_verify_reads_no_library(built: tuple[Config, region.BuildResult],
                                        tmp_path: Path) -> None:
     """quick_verify checks the layout only; verify also hashes every library."""
     _cfg, res = built
-    with open(res.path, "rb") as fh:
-        fs = Erofs(fh, offset=2 * MiB)
-        item = region.read_manifest(fs)["files"][0]
-        ino = fs.lookup(item["path"])
-    bad = corrupt_copy(res.path, tmp_path / "lib.img", offset=2 * MiB + ino.raw_blkaddr * 4096)
+    _item, start = first_library(res.path)
+    bad = corrupt_copy(res.path, tmp_path / "lib.img", offset=start)
     assert region.quick_verify(bad) is None
     assert "does not match the manifest" in (region.verify(bad) or "")
     assert "PFN info block" in (region.quick_verify(
