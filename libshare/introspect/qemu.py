@@ -247,32 +247,29 @@ def paused(dom: Any, timeout: float = 60.0) -> Iterator[PauseState]:
     if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
         yield state
         return
-    try:
-        dom.suspend()
-    except libvirt.libvirtError as exc:
-        raise LibshareError(f"cannot pause {dom.name()}: {exc.get_error_message()}") from exc
-    lock = threading.Lock()
+    # re-entrant: a signal handled in the thread that is inside resume() calls it again
+    lock = threading.RLock()
+    suspending = False  # set before suspend() is called: a signal may land at any point
     resumed = False
 
-    def resume() -> None:
+    def resume() -> bool:
+        """Resume the guest unless done already; return True if this call did."""
         nonlocal resumed
         with lock:
-            if resumed:
-                return
+            if resumed or not suspending:
+                return False
             resumed = True
             try:
                 dom.resume()
             except libvirt.libvirtError as exc:
                 log.error("could not resume %s: %s", dom.name(), exc.get_error_message())
+            return True
 
     def watchdog() -> None:
-        with lock:
-            if resumed:
-                return
-        state.expired = True
-        log.warning("%s: paused for %.0f s; resuming it (the walk goes on over a running "
-                    "guest)", dom.name(), timeout)
-        resume()
+        if resume():  # expired is set only once the guest runs again
+            state.expired = True
+            log.warning("%s: paused for %.0f s; resumed it (the walk goes on over a "
+                        "running guest)", dom.name(), timeout)
 
     previous: dict[int, Any] = {}
 
@@ -285,17 +282,25 @@ def paused(dom: Any, timeout: float = 60.0) -> Iterator[PauseState]:
         signal.signal(signum, signal.SIG_DFL)  # die of the signal, as without us
         os.kill(os.getpid(), signum)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in PAUSE_SIGNALS:
-            prev = signal.getsignal(sig)
-            if prev in (signal.SIG_IGN, None):
-                continue  # ignored (or set outside Python): leave it so
-            previous[sig] = prev
-            signal.signal(sig, on_signal)
     timer = threading.Timer(timeout, watchdog)
     timer.daemon = True
-    timer.start()
     try:
+        if threading.current_thread() is threading.main_thread():
+            for sig in PAUSE_SIGNALS:  # before suspend(): no moment without them
+                prev = signal.getsignal(sig)
+                if prev in (signal.SIG_IGN, None):
+                    continue  # ignored (or set outside Python): leave it so
+                previous[sig] = prev
+                signal.signal(sig, on_signal)
+        suspending = True
+        try:
+            dom.suspend()
+        except libvirt.libvirtError as exc:
+            with lock:
+                suspending = False
+            raise LibshareError(f"cannot pause {dom.name()}: "
+                                f"{exc.get_error_message()}") from exc
+        timer.start()
         yield state
     finally:
         timer.cancel()

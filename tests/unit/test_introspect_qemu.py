@@ -176,3 +176,51 @@ def test_paused_resumes_before_sigterm_takes_effect() -> None:
                           timeout=60)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert proc.stdout == "resumed\n"
+
+
+def test_paused_signal_during_resume_does_not_hang() -> None:
+    """A Ctrl-C handled while resume() is running (in the same thread) must not wait for
+    the lock resume() holds; the guest is resumed once."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys, time\n"
+        "from libshare.introspect import qemu\n"
+        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+        "from test_introspect_qemu import PausableDomain\n"
+        "class D(PausableDomain):\n"
+        "    def resume(self):\n"
+        "        self.calls.append('resume')\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        time.sleep(0.2)\n"
+        "d = D()\n"
+        "try:\n"
+        "    with qemu.paused(d, timeout=30):\n"
+        "        pass\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', d.calls, flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=20)
+    assert proc.stdout == "interrupted ['suspend', 'resume']\n", (proc.stdout, proc.stderr)
+
+
+def test_paused_signal_during_suspend_still_resumes() -> None:
+    """A Ctrl-C that lands while suspend() runs still resumes the guest."""
+    import os
+    import signal
+
+    import pytest
+
+    class D(PausableDomain):
+        def suspend(self) -> None:
+            self.calls.append("suspend")
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the handler runs between bytecodes, here
+                pass
+
+    dom = D()
+    with pytest.raises(KeyboardInterrupt), qemu.paused(dom, timeout=30):
+        pass
+    assert dom.calls == ["suspend", "resume"]
