@@ -329,25 +329,34 @@ class BtfLayouts:
     """The :class:`~libshare.introspect.kernel.LayoutStore` of a survey: layouts already
     derived from BTF blobs, in this process and (with ``cache_dir``) in
     ``btf-<digest>.json`` files there, so a kernel build already seen - in another
-    guest, or an earlier boot - is not parsed again."""
+    guest, or an earlier boot - is not parsed again (a bad cache file only costs the
+    parse)."""
 
     def __init__(self, cache_dir: Path | None) -> None:
         """Keep layouts in memory and, if given, under ``cache_dir``."""
         self.cache_dir = cache_dir
 
+    def path(self, digest: str) -> Path:
+        """Return the cache file of the layout of the BTF blob with ``digest`` (named by
+        CACHE_FORMAT too: files of another layout format are never read)."""
+        assert self.cache_dir is not None
+        return self.cache_dir / f"btf-v{CACHE_FORMAT}-{digest}.json"
+
     def get(self, digest: str, /) -> Layout | None:
-        """Return the layout derived from the BTF blob with ``digest``, or None."""
+        """Return the layout derived from the BTF blob with ``digest``, or None (also
+        when its cache file is unreadable or not a valid layout)."""
         if digest in _BTF_LAYOUTS:
             return _BTF_LAYOUTS[digest]
         if self.cache_dir is None:
             return None
         try:
-            raw = json.loads((self.cache_dir / f"btf-{digest}.json").read_text())
+            raw = json.loads(self.path(digest).read_text())
             offsets = {k: int(v) for k, v in raw.items() if not k.startswith("sizeof(")}
             sizes = {k[7:-1]: int(v) for k, v in raw.items() if k.startswith("sizeof(")}
-        except (OSError, ValueError, TypeError, AttributeError):
+            layout = Layout(offsets, sizes, f"cached layout of BTF {digest}")
+        except (OSError, ValueError, TypeError, AttributeError, LibshareError) as exc:
+            log.debug("BTF layout cache for %s unusable (%s); parsing BTF", digest, exc)
             return None
-        layout = Layout(offsets, sizes, f"cached layout of BTF {digest}")
         _BTF_LAYOUTS[digest] = layout
         return layout
 
@@ -358,7 +367,7 @@ class BtfLayouts:
             return
         try:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            path = self.cache_dir / f"btf-{digest}.json"
+            path = self.path(digest)
             tmp = path.with_suffix(".tmp")
             tmp.write_text(json.dumps(layout.to_json()))
             os.replace(tmp, path)

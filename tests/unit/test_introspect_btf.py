@@ -173,7 +173,8 @@ def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """load_layout parses and validates a BTF blob once; the same bytes found again
     (another boot or guest of that kernel build, another process through the
-    btf-<digest>.json file) give the same layout without parsing; other bytes do not."""
+    btf-v<format>-<digest>.json file) give the same layout without parsing; other bytes
+    do not."""
     from libshare.introspect import kernel, survey
     from libshare.introspect.memory import BytesMemory
 
@@ -186,7 +187,7 @@ def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
     store = survey.BtfLayouts(tmp_path)
     addr, first = kernel.load_layout(mem, [4096], store)
     assert addr == 4096 and first.offsets == layout_from_btf(Btf(blob)).offsets
-    assert (tmp_path / f"btf-{kernel.btf_digest(blob)}.json").exists()
+    assert store.path(kernel.btf_digest(blob)).exists()
     parsed: list[int] = []
     monkeypatch.setattr(kernel, "Btf", lambda data: parsed.append(1) or Btf(data))
     assert kernel.load_layout(mem, [4096], store)[1] is first  # in-process
@@ -197,3 +198,25 @@ def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
     changed[-2] ^= 0xFF  # another blob (a string byte): parsed and validated afresh
     kernel.load_layout(BytesMemory(bytes(4096) + changed), [4096], store)
     assert parsed == [1]
+
+
+def test_a_bad_layout_cache_file_only_costs_a_parse(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache file that is not a valid layout (a key missing, garbage) is ignored: the
+    blob is parsed again and the file rewritten."""
+    from libshare.introspect import kernel, survey
+    from libshare.introspect.memory import BytesMemory
+
+    try:
+        blob = VMLINUX.read_bytes()
+    except OSError:
+        pytest.skip("no readable /sys/kernel/btf/vmlinux")
+    mem = BytesMemory(bytes(4096) + blob)
+    store = survey.BtfLayouts(tmp_path)
+    path = store.path(kernel.btf_digest(blob))
+    for bad in ('{"task_struct.comm": 1}', "not json", "[1, 2]"):
+        monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})
+        path.write_text(bad)
+        _addr, layout = kernel.load_layout(mem, [4096], store)
+        assert layout.offsets == layout_from_btf(Btf(blob)).offsets
+        assert path.read_text() != bad
