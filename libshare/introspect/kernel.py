@@ -124,6 +124,9 @@ BANNER_HEAD = PAGE_SIZE
 #: first (.rodata, .BTF and .data of a distribution kernel span ~10-20 MiB)
 IMAGE_SPAN = 64 << 20
 IMAGE_CHUNK = 4 << 20
+#: at most this many candidate spans are read before the full scan (a guest can put
+#: "Linux version" at the head of every 2 MiB page; one real kernel needs one)
+MAX_IMAGE_CANDIDATES = 4
 
 
 def rodata_candidates(mem: PhysicalMemory) -> list[int]:
@@ -146,13 +149,22 @@ def rodata_candidates(mem: PhysicalMemory) -> list[int]:
 def scan_order(mem: PhysicalMemory, chunk_size: int = 16 << 20
                ) -> Iterator[tuple[int, bytes]]:
     """Yield ``(address, data)`` pieces of guest RAM to scan for the kernel, likeliest
-    first: :data:`IMAGE_SPAN` bytes from each :func:`rodata_candidates` address (in
+    first: :data:`IMAGE_SPAN` bytes from each :func:`rodata_candidates` address not
+    inside an earlier span (at most :data:`MAX_IMAGE_CANDIDATES` spans, in
     :data:`IMAGE_CHUNK` pieces), then all of RAM (:meth:`PhysicalMemory.chunks`), so a
     caller that stops once it has found what it needs rarely reads more than the kernel
     image, and never misses what a full scan finds."""
+    covered = -1  # the end of the spans read so far: they never overlap
+    spans = 0
     for start in rodata_candidates(mem):
+        if start < covered:
+            continue
+        if spans == MAX_IMAGE_CANDIDATES:
+            break
+        spans += 1
         end = next((min(hi, start + IMAGE_SPAN) for lo, hi in mem.ram_ranges()
                     if lo <= start < hi), start)
+        covered = end
         pos = start
         while pos < end:
             n = min(IMAGE_CHUNK + PAGE_SIZE, end - pos)

@@ -226,3 +226,30 @@ def test_scan_order_tries_the_kernel_image_first() -> None:
     rest = [addr for addr, _ in pieces[1:]]
     assert rest == list(range(0, size, 1 << 20))  # then everything
     assert scan_memory(mem).banners == [(2 << 20) + 8192, (4 << 20) + 0x1A0]
+
+
+def test_scan_order_is_bounded_when_every_page_claims_the_banner() -> None:
+    """A guest that opens every 2 MiB page with the banner costs at most
+    MAX_IMAGE_CANDIDATES non-overlapping IMAGE_SPAN reads before the full pass."""
+    from libshare.introspect.kernel import (
+        BANNER_PREFIX,
+        IMAGE_CHUNK,
+        IMAGE_SPAN,
+        MAX_IMAGE_CANDIDATES,
+        scan_order,
+    )
+
+    size = 512 << 20
+    data = bytearray(size)
+    for addr in range(2 << 20, size, 2 << 20):  # every page but the first
+        data[addr:addr + len(BANNER_PREFIX)] = BANNER_PREFIX
+    mem = BytesMemory(data)
+    first = []
+    for addr, chunk in scan_order(mem):
+        if addr == 0:  # the full pass begins
+            break
+        first.append((addr, chunk))
+    starts = [addr for addr, _ in first]
+    assert starts == sorted(set(starts))  # no piece read twice
+    overlap = IMAGE_SPAN // IMAGE_CHUNK * 4096  # each piece reads a page beyond its end
+    assert sum(len(chunk) for _, chunk in first) <= MAX_IMAGE_CANDIDATES * (IMAGE_SPAN + overlap)
