@@ -354,9 +354,10 @@ def run(argv: list[str], data: bytes, out: Any = None, started: float | None = N
         trace = traceback.format_exc()
         log.warning("%s: %s %s failed: %s", name, op, sub, exc)
         log.info("%s: %s %s failed:\n%s", name, op, sub, trace)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write(trace)  # libvirt logs the hook's stderr
-            sys.stderr.flush()
+        if not strict:  # libvirt logs the hook's stderr; a refusal stays one line
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(trace)
+                sys.stderr.flush()
         result = f"error: {exc}"
         entry["traceback"] = trace
     finally:
