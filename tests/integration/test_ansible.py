@@ -52,8 +52,10 @@ def work(scratch_dir: Path) -> Path:
     return scratch_dir
 
 
-def playbook(work: Path, variables: dict[str, Any], *extra: str) -> tuple[dict[str, int], str]:
-    """Run the role with ``variables``; return the recap counts and the whole output."""
+def playbook(work: Path, variables: dict[str, Any], *extra: str,
+             fails: bool = False) -> tuple[dict[str, int], str]:
+    """Run the role with ``variables``; return the recap counts and the whole output
+    (the run must succeed, or with ``fails`` fail)."""
     (work / "vars.json").write_text(json.dumps(variables))
     (work / "play.yml").write_text(PLAY)
     (work / "inventory").write_text(
@@ -66,7 +68,7 @@ def playbook(work: Path, variables: dict[str, Any], *extra: str) -> tuple[dict[s
                           capture_output=True, text=True, env=env, timeout=600)
     out = proc.stdout + proc.stderr
     m = RECAP.search(proc.stdout)
-    assert proc.returncode == 0 and m, out[-4000:]
+    assert (proc.returncode != 0) == fails and m, out[-4000:]
     counts = dict(zip(("ok", "changed", "unreachable", "failed"),
                       (int(g) for g in m.groups()), strict=True))
     return counts, out
@@ -109,7 +111,16 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
         "libshare_hooks_dir": str(hooks),
         "libshare_groups": [{"name": "lstest", "import": [str(work / "golden")]}],
         "libshare_domains": [{"name": name, "group": "lstest"}],
+        "libshare_daemon": True,
+        "libshare_unit_dir": str(work / "units"),
     }
+    (work / "units").mkdir()
+
+    # check mode on a host that has nothing yet: runs through, changes nothing
+    counts, out = playbook(work, variables, "--check")
+    assert not venv.exists() and not (work / "etc").exists(), out[-4000:]
+    assert not (hooks / "qemu").exists() and not state_dir.exists()
+    assert dom.XMLDesc(INACTIVE) == original
 
     # first run: everything is done
     counts, out = playbook(work, variables)
@@ -129,6 +140,8 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     for lib in LIBS:  # the libraries are in the region, byte for byte
         assert (libs / lib).read_bytes()[:4096] in data, lib
     assert "org.qemu.guest_agent.0" in enrolled
+    unit = (work / "units" / "libshare-daemon.service").read_text()
+    assert f"ExecStart={venv}/bin/python" in unit and str(work / "etc") in unit, unit
 
     # second run: nothing changes
     counts, out = playbook(work, variables)
@@ -165,3 +178,8 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     assert not (hooks / "qemu").exists()
     counts, out = playbook(work, undo)
     assert counts["changed"] == 0, out[-4000:]
+
+    # a domain libvirt does not know: the run fails with libshare's own line
+    missing = dict(variables, libshare_domains=[{"name": f"{name}-nosuch", "group": "lstest"}])
+    counts, out = playbook(work, missing, fails=True)
+    assert f"{name}-nosuch" in out and "libshare:" in out, out[-4000:]
