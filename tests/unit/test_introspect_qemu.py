@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from typing import Any
 
 from libshare.introspect import qemu
@@ -100,6 +103,19 @@ class PausableDomain:
         self.calls.append("resume")
 
 
+def run_with_fake_domain(body: str) -> subprocess.CompletedProcess[str]:
+    """Run, in a new Python process, ``body`` after a prelude that imports os, signal,
+    sys, time and libshare's qemu module and starts ``class D(PausableDomain):`` (body
+    goes on with its methods, then the code using it); return the finished process."""
+    prelude = ("import os, signal, sys, time\n"
+               "from libshare.introspect import qemu\n"
+               f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+               "from test_introspect_qemu import PausableDomain\n"
+               "class D(PausableDomain):\n")
+    return subprocess.run([sys.executable, "-c", prelude + body], capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_paused_resumes_on_exception_and_restores_handlers() -> None:
     import signal
 
@@ -132,8 +148,6 @@ def test_paused_resumes_before_sigterm_takes_effect() -> None:
     the process dies of SIGTERM, after the resume."""
     import os
     import signal
-    import subprocess
-    import sys
 
     dom = PausableDomain()
     seen: list[list[str]] = []
@@ -159,12 +173,7 @@ def test_paused_resumes_before_sigterm_takes_effect() -> None:
         assert signal.getsignal(signal.SIGTERM) is handler
     finally:
         signal.signal(signal.SIGTERM, old)
-    script = (
-        "import os, signal, sys\n"
-        "from libshare.introspect import qemu\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_introspect_qemu import PausableDomain\n"
-        "class D(PausableDomain):\n"
+    proc = run_with_fake_domain(
         "    def resume(self):\n"
         "        print('resumed', flush=True)\n"
         "signal.signal(signal.SIGTERM, signal.SIG_DFL)\n"
@@ -172,8 +181,6 @@ def test_paused_resumes_before_sigterm_takes_effect() -> None:
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    for _ in range(1000): pass\n"
         "print('survived', flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=60)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert proc.stdout == "resumed\n"
 
@@ -181,16 +188,7 @@ def test_paused_resumes_before_sigterm_takes_effect() -> None:
 def test_paused_signal_during_resume_does_not_hang() -> None:
     """A Ctrl-C handled while resume() is running (in the same thread) must not wait for
     the lock resume() holds; the guest is resumed once."""
-    import os
-    import subprocess
-    import sys
-
-    script = (
-        "import os, signal, sys, time\n"
-        "from libshare.introspect import qemu\n"
-        f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-        "from test_introspect_qemu import PausableDomain\n"
-        "class D(PausableDomain):\n"
+    proc = run_with_fake_domain(
         "    def resume(self):\n"
         "        self.calls.append('resume')\n"
         "        os.kill(os.getpid(), signal.SIGINT)\n"
@@ -201,8 +199,6 @@ def test_paused_signal_during_resume_does_not_hang() -> None:
         "        pass\n"
         "except KeyboardInterrupt:\n"
         "    print('interrupted', d.calls, flush=True)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=20)
     assert proc.stdout == "interrupted ['suspend', 'resume']\n", (proc.stdout, proc.stderr)
 
 
