@@ -15,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 CHUNK = 4 * 1024 * 1024
 
@@ -28,13 +29,26 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def _key(st: os.stat_result) -> str:
-    """Return the cache key of a file's stat: what must not change for a hit."""
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+def copy_sha256(src: BinaryIO, dst: BinaryIO) -> str:
+    """Copy the rest of ``src`` to ``dst``; return the hex SHA-256 of the bytes copied
+    (one read for both)."""
+    h = hashlib.sha256()
+    while chunk := src.read(CHUNK):
+        h.update(chunk)
+        dst.write(chunk)
+    return h.hexdigest()
 
 
-def _load(cache: Path) -> dict[str, str]:
-    """Return the cache's entries (empty if it is missing or unreadable)."""
+def stat_key(st: os.stat_result, ctime: bool = True) -> str:
+    """Return the cache key of a file's stat: what must not change for a hit (device,
+    inode, size, mtime and, unless ``ctime`` is False, ctime)."""
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    return f"{key}:{st.st_ctime_ns}" if ctime else key
+
+
+def load_entries(cache: Path) -> dict[str, str]:
+    """Return the entries of the JSON cache file ``cache`` (empty if it is missing or
+    unreadable)."""
     with contextlib.suppress(OSError, ValueError):
         doc = json.loads(cache.read_text())
         if isinstance(doc, dict):
@@ -42,8 +56,9 @@ def _load(cache: Path) -> dict[str, str]:
     return {}
 
 
-def _save(cache: Path, entries: dict[str, str]) -> None:
-    """Replace the cache file with ``entries`` atomically; errors are ignored."""
+def save_entries(cache: Path, entries: dict[str, str]) -> None:
+    """Replace the JSON cache file ``cache`` with ``entries`` atomically; errors are
+    ignored (a lost cache only costs a recomputation)."""
     with contextlib.suppress(OSError):
         cache.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".digests.")
@@ -66,14 +81,14 @@ def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:
     st = os.stat(real)
     entries: dict[str, str] = {}
     if cache is not None:
-        entries = _load(cache)
+        entries = load_entries(cache)
         hit = entries.get(real)
-        if isinstance(hit, str) and hit.startswith(_key(st) + "="):
+        if isinstance(hit, str) and hit.startswith(stat_key(st) + "="):
             return hit.split("=", 1)[1]
     digest = sha256_file(real)
-    if cache is not None and _key(os.stat(real)) == _key(st):
-        entries[real] = f"{_key(st)}={digest}"
-        _save(cache, entries)
+    if cache is not None and stat_key(os.stat(real)) == stat_key(st):
+        entries[real] = f"{stat_key(st)}={digest}"
+        save_entries(cache, entries)
     return digest
 
 
@@ -83,11 +98,11 @@ def forget(cache: Path, paths: list[str] | None = None) -> list[str]:
 
     The cache is rewritten only when something was removed.
     """
-    entries = _load(cache)
+    entries = load_entries(cache)
     drop = {os.path.realpath(p) for p in paths or []}
     gone = sorted(p for p in entries if p in drop or not os.path.lexists(p))
     if gone:
         for p in gone:
             del entries[p]
-        _save(cache, entries)
+        save_entries(cache, entries)
     return gone

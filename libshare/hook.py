@@ -28,7 +28,6 @@ Anything else exits 0. Unexpected errors: 0 for operations that cannot harm the 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import logging.handlers
 import os
@@ -42,11 +41,10 @@ from types import FrameType
 from typing import Any
 
 from libshare import config, domxml, state
-from libshare.digest import cached_sha256
+from libshare.digest import cached_sha256, load_entries, save_entries, stat_key
 from libshare.domxml import devices as dev
 from libshare.domxml.metadata import Enrolment
 from libshare.errors import LibshareError
-from libshare.fileutil import atomic_write
 from libshare.runtime import qemu_pid
 
 STRICT_OPS = ("prepare", "migrate", "restore")
@@ -151,19 +149,6 @@ def _check_region_file(enr: Enrolment, state_dir: Path) -> Path:
     return path
 
 
-def _stat_key(st: os.stat_result) -> str:
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-
-def _read_shm_cache(cache: Path) -> dict[str, str]:
-    """Return the published-copy records of ``cache`` ({} when unreadable)."""
-    try:
-        entries = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
 def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> Path:
     """Make ``SHM_DIR/libshare-GROUP`` a copy of ``image`` zero-padded to the ivshmem
     device's size ``shmem_size(size)`` (ivshmem model); return its path.
@@ -175,11 +160,14 @@ def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> Path:
     target = SHM_DIR / dev.shmem_name(enr.group)
     want = dev.shmem_size(enr.checked_size())
     cache = state_dir / "shm.json"
-    entries = _read_shm_cache(cache)
+    entries = load_entries(cache)
+
+    def record(st: os.stat_result) -> str:
+        return f"{stat_key(st, ctime=False)}={enr.digest}"
+
     with contextlib.suppress(OSError):
         st = target.stat()
-        if st.st_size == want and (
-                not enr.digest or entries.get(str(target)) == f"{_stat_key(st)}={enr.digest}"):
+        if st.st_size == want and (not enr.digest or entries.get(str(target)) == record(st)):
             return target
     tmp = target.with_name(f".{target.name}.{os.getpid()}")
     try:
@@ -190,9 +178,8 @@ def _publish_shm(image: Path, enr: Enrolment, state_dir: Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     if enr.digest:
-        entries[str(target)] = f"{_stat_key(target.stat())}={enr.digest}"
-        with contextlib.suppress(OSError):
-            atomic_write(cache, json.dumps(entries).encode())
+        entries[str(target)] = record(target.stat())
+        save_entries(cache, entries)
     return target
 
 

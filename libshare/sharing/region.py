@@ -43,7 +43,6 @@ so two trust groups never share one image file (nor its host page cache).
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import hashlib
@@ -62,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
-from libshare.digest import cached_sha256, forget, sha256_file
+from libshare.digest import cached_sha256, copy_sha256, forget, sha256_file
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing import pfn
 from libshare.sharing.erofs import (
@@ -309,7 +308,8 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
         if linked:
             actual = sha256_file(dest)
         else:
-            actual = _copy_hashed(src, dest)
+            with open(src, "rb") as fin, open(dest, "wb") as fout:
+                actual = copy_sha256(fin, fout)
             os.chmod(dest, OBJECT_MODE)
         if actual != e.sha256:
             raise LibshareError(corrupt_object_problem(e, actual))
@@ -322,16 +322,6 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     for dirpath, _dirs, _files in os.walk(root):
         os.chmod(dirpath, 0o755)
         os.utime(dirpath, (0, 0))
-
-
-def _copy_hashed(src: Path, dest: Path) -> str:
-    """Copy ``src`` to ``dest``; return the hex SHA-256 of the bytes copied."""
-    h = hashlib.sha256()
-    with open(src, "rb") as fin, open(dest, "wb") as fout:
-        while chunk := fin.read(CHUNK):
-            h.update(chunk)
-            fout.write(chunk)
-    return h.hexdigest()
 
 
 def _find_mkfs() -> str:
@@ -607,34 +597,13 @@ def _first_nonzero(data: bytes) -> int:
 QUICK_TAIL = 64 * 1024
 
 
-def _data_ranges(fh: Any, start: int, end: int) -> Iterator[tuple[int, int]]:
-    """Yield the ``(offset, end)`` ranges of ``fh`` between ``start`` and ``end`` that may
-    hold data (holes of a sparse file are skipped: they read as zeros); the whole range
-    where the filesystem cannot tell."""
-    fd = fh.fileno()
-    pos = start
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole up to the end of the file
-                return
-            yield pos, end  # SEEK_DATA unsupported here: read it all
-            return
-        if data >= end:
-            return
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        yield data, hole
-        pos = hole
-
-
 def _zero_tail_problem(fh: Any, start: int, size: int, quick: bool = False) -> str | None:
     """Return a problem if a byte of ``fh`` from ``start`` to ``size`` is not zero (with
     ``quick``, only the first and last QUICK_TAIL bytes of that range are read)."""
     if quick and size - start > 2 * QUICK_TAIL:
         ranges = [(start, start + QUICK_TAIL), (size - QUICK_TAIL, size)]
     else:
-        ranges = list(_data_ranges(fh, start, size))
+        ranges = [(start, size)]
     for lo, hi in ranges:
         fh.seek(lo)
         pos = lo

@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import stat
@@ -42,13 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from libshare.digest import sha256_file
+from libshare.digest import copy_sha256, sha256_file
 from libshare.errors import LibshareError
 from libshare.fileutil import atomic_write, fsync_dir
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
 
 INDEX_VERSION = 1
-CHUNK = 1024 * 1024
 NOT_ELF = "not an ELF file"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
@@ -266,15 +264,12 @@ def _copy_object(store_dir: Path, src: str, ident: ElfIdentity) -> str | None:
     tmpdir.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=tmpdir, prefix=ident.sha256[:16] + ".")
     try:
-        h = hashlib.sha256()
         with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
-            while chunk := s.read(CHUNK):
-                h.update(chunk)
-                d.write(chunk)
+            copied = copy_sha256(s, d)
             d.flush()
             os.fchmod(d.fileno(), OBJECT_MODE)
             os.fsync(d.fileno())
-        if h.hexdigest() != ident.sha256:
+        if copied != ident.sha256:
             os.unlink(tmp)
             return "file changed while being imported"
         final.parent.mkdir(parents=True, exist_ok=True)
