@@ -26,8 +26,8 @@ whether both tools found the same tasks and libraries. drgn comes from PyPI thro
 ``bench`` extra (``pip install -e '.[bench]'``); it is no dependency of libshare.
 
 Needs root and a running system libvirtd. Usage (from the project root):
-``/opt/libshare-venv/bin/python -m bench.survey [DOMAIN] [--runs N] [--extra N] [--json]``
-``/opt/libshare-venv/bin/python -m bench.survey --peer drgn [--guest debian|busybox]``
+``.venv/bin/python -m bench.survey [DOMAIN] [--runs N] [--extra N] [--json]``
+``.venv/bin/python -m bench.survey --peer drgn [--guest debian|busybox]``
 """
 
 from __future__ import annotations

@@ -206,12 +206,11 @@ def open_memory(dom: Any, backend: str = "proc") -> PhysicalMemory:
     """Return a reader of ``dom``'s guest RAM. ``backend`` "proc" reads
     ``/proc/<qemu pid>/mem`` (layout from HMP, else from /proc/PID/maps); "file" maps
     the file or memfd backing the RAM (the domain must use file/memfd memory backing)."""
-    pid = qemu_pid(dom)
     if backend == "file":
-        path, fblocks = ram_file(dom)
-        return FileMemory(path, fblocks)
+        return FileMemory(*ram_file(dom))
     if backend != "proc":
         raise LibshareError(f"unknown memory backend {backend!r} (proc, file)")
+    pid = qemu_pid(dom)
     try:
         blocks = ram_blocks_hmp(dom)
     except LibshareError as exc:

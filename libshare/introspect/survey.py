@@ -311,14 +311,19 @@ def save_kernel(cache_file: Path | None, key: str, info: KernelInfo) -> None:
     if cache_file is None:
         return
     prune_cache(cache_file.parent, keep=cache_file)
+    _write_cache(cache_file, {"key": key, "format": CACHE_FORMAT, "info": info.to_json()})
+
+
+def _write_cache(path: Path, doc: Any) -> None:
+    """Replace the cache file ``path`` with ``doc`` as JSON (temp file, rename); a cache
+    that cannot be written is only logged."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "format": CACHE_FORMAT,
-                                   "info": info.to_json()}))
-        os.replace(tmp, cache_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc))
+        os.replace(tmp, path)
     except OSError as exc:
-        log.debug("cannot write %s: %s", cache_file, exc)
+        log.debug("cannot write %s: %s", path, exc)
 
 
 #: layouts derived from BTF blobs in this process, by blob digest
@@ -363,16 +368,8 @@ class BtfLayouts:
     def __setitem__(self, digest: str, layout: Layout, /) -> None:
         """Remember ``layout`` for ``digest`` (on disk best effort)."""
         _BTF_LAYOUTS[digest] = layout
-        if self.cache_dir is None:
-            return
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            path = self.path(digest)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(layout.to_json()))
-            os.replace(tmp, path)
-        except OSError as exc:
-            log.debug("cannot write the BTF layout cache: %s", exc)
+        if self.cache_dir is not None:
+            _write_cache(self.path(digest), layout.to_json())
 
 
 def understand(mem: PhysicalMemory, layout: Layout | None = None,
