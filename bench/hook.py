@@ -35,8 +35,9 @@ from typing import Any
 import libvirt
 
 from bench.common import machine, median, print_header, reproduce_command
-from libshare import domxml, hook_install
-from libshare.digest import sha256_file
+from libshare import domxml
+from libshare.hook import install
+from libshare.util.digest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS = [("prepare", "begin"), ("start", "begin"), ("started", "begin"),
@@ -95,7 +96,7 @@ def hooks_present(hooks: Path) -> list[str]:
 
 def reload_libvirt() -> None:
     """Tell libvirtd to rescan its hooks and give it a moment to do so."""
-    hook_install.reload_daemons()
+    install.reload_daemons()
     time.sleep(1.0)
 
 
@@ -109,10 +110,10 @@ def main() -> int:
         raise SystemExit("bench/hook.py needs root (system libvirtd, /etc/libvirt/hooks)")
     work = Path(tempfile.mkdtemp(prefix="lsbench-hook-", dir="/var/tmp"))
     work.chmod(0o755)
-    hooks = hook_install.DEFAULT_HOOKS_DIR
+    hooks = install.DEFAULT_HOOKS_DIR
     aside = hooks.with_name(f".{hooks.name}.lsbench-{secrets.token_hex(3)}")
     others = [h for h in hooks_present(hooks)
-              if not hook_install.is_ours(hooks / h)]
+              if not install.is_ours(hooks / h)]
     moved = created = False
     conn = libvirt.open("qemu:///system")
     name = f"lsbench-hook-{secrets.token_hex(3)}"
@@ -127,7 +128,7 @@ def main() -> int:
         plain = domain_xml(name)
         enrolled = domxml.serialize(domxml.enable(domxml.parse(plain), spec))
         script = work / "qemu"
-        script.write_text(hook_install.render())
+        script.write_text(install.render())
         script.chmod(0o755)
         ops = time_hook_ops(script, enrolled.encode(), plain.encode(), cfg, args.runs)
 
@@ -140,7 +141,7 @@ def main() -> int:
         without = time_starts(conn, name, args.runs)
         hooks.mkdir(mode=0o755)
         created = True
-        hook_install.install(hooks, reload=False)
+        install.install(hooks, reload=False)
         reload_libvirt()  # libshare's hook and nothing else
         with_hook = time_starts(conn, name, args.runs)
     finally:

@@ -33,7 +33,7 @@ from typing import Any
 
 from bench.common import machine, reproduce_command
 from libshare.config import Config
-from libshare.sharing import region
+from libshare.sharing.region import build, verify
 from libshare.sharing.store import import_tree, load_index, object_path
 
 
@@ -79,7 +79,7 @@ def run(libdir: Path, scratch: Path) -> dict[str, Any]:
 
     os.sync()  # each timed step starts with no dirty pages from the previous one
     t0 = time.perf_counter()
-    res = region.build_region(cfg, "bench")
+    res = build.build_region(cfg, "bench")
     t_build = time.perf_counter() - t0
 
     plain = scratch / "plain.erofs"
@@ -94,7 +94,7 @@ def run(libdir: Path, scratch: Path) -> dict[str, Any]:
     t_mkfs_dedup = timed_mkfs(plain2, dedup)
 
     t0 = time.perf_counter()
-    problem = region.verify(res.path)
+    problem = verify.verify(res.path)
     t_verify = time.perf_counter() - t0
 
     return {

@@ -13,7 +13,7 @@ or an existing running domain given by name):
 
 ``--peer drgn`` instead answers the same question with a peer tool, once, on the same
 moment of the same guest (by default the systemd Debian 12 guest of
-:mod:`libshare.guests.debian` with ``--extra`` sleeping processes, ~75 tasks; with
+:mod:`libshare.demo.debian.guest` with ``--extra`` sleeping processes, ~75 tasks; with
 ``--guest busybox`` the busybox guest), the guest given a ``vmcoreinfo`` device so that
 its dump says where its kernel is. With the guest paused: ``libshare survey`` (first
 survey of the boot, then cached, in process; then the whole command line), and ``virsh
@@ -75,7 +75,7 @@ def guest_script(extra: int) -> str:
 def bench_guest(conn: Any, extra: int) -> Iterator[str]:
     """Boot the bench guest (named ``lstest-p<PID>-bench-survey``, always removed) and
     yield its name once its programs run."""
-    from libshare.guests import GuestOptions, running_guest
+    from libshare.demo.tiny.runner import GuestOptions, running_guest
 
     name = f"lstest-p{os.getpid()}-bench-survey"
     options = GuestOptions(binaries=PROGRAMS, memory_mib=256)
@@ -102,7 +102,8 @@ def peer_guest(conn: Any, kind: str, extra: int) -> Iterator[tuple[str, str]]:
     yield its name and the Debian version of its kernel package, once it is idle."""
     name = f"lstest-p{os.getpid()}-bench-peer"
     if kind == "busybox":
-        from libshare.guests import DEFAULT_MODULES, GuestOptions, fetch_kernel, running_guest
+        from libshare.demo.tiny.kernel import DEFAULT_MODULES, fetch_kernel
+        from libshare.demo.tiny.runner import GuestOptions, running_guest
 
         kernel = fetch_kernel()
         busybox = GuestOptions(kernel=kernel, binaries=PROGRAMS, memory_mib=512,
@@ -112,7 +113,7 @@ def peer_guest(conn: Any, kind: str, extra: int) -> Iterator[tuple[str, str]]:
             guest.wait_ready(timeout=180)
             yield name, kernel.version
         return
-    from libshare.guests.debian import DebianGuestOptions, running_debian_guest
+    from libshare.demo.debian.guest import DebianGuestOptions, running_debian_guest
 
     debian = DebianGuestOptions(memory_mib=512, customize=[_vmcoreinfo])
     with running_debian_guest(conn, name, debian) as dguest:
@@ -262,8 +263,8 @@ def peer_main(args: argparse.Namespace) -> int:
         print("virsh not found", file=sys.stderr)
         return 2
     conn = libvirt.open("qemu:///system")
-    if args.guest == "debian" and importlib.util.find_spec("libshare.guests.debian") is None:
-        print("libshare.guests.debian is not there: using the busybox guest", file=sys.stderr)
+    if args.guest == "debian" and importlib.util.find_spec("libshare.demo.debian.guest") is None:
+        print("libshare.demo.debian.guest is not there: using the busybox guest", file=sys.stderr)
         args.guest = "busybox"
     extra = EXTRA_FOR_75[args.guest] if args.extra is None else args.extra
     with peer_guest(conn, args.guest, extra) as (name, version):

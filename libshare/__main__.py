@@ -2,6 +2,6 @@
 
 import sys
 
-from libshare.cli import main
+from libshare.cli.app import main
 
 sys.exit(main())

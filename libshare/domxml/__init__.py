@@ -4,7 +4,8 @@
 ``parse``/``serialize`` convert text; ``schema`` validates against libvirt's RelaxNG.
 """
 
-from libshare.domxml.enrol import (
+from libshare.domxml.metadata import NS
+from libshare.domxml.transform import (
     RegionSpec,
     describe,
     disable,
@@ -13,7 +14,6 @@ from libshare.domxml.enrol import (
     parse,
     serialize,
 )
-from libshare.domxml.metadata import NS
 
 __all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "parse",
            "serialize"]

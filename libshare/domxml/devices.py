@@ -116,3 +116,18 @@ def virtio_serial_users(devices: Element | None) -> int:
             if target is not None and target.get("type") == "virtio":
                 count += 1
     return count
+
+
+def region_paths(root: Element) -> set[str]:
+    """Return the region backing paths the domain ``root`` refers to: the
+    ``<source><path>`` of nvdimm and virtio-pmem ``<memory>`` devices and ``/dev/shm/N``
+    of ``<shmem name=N>`` (see :func:`region_path_of`)."""
+    out: set[str] = set()
+    for dev in root.iterfind("./devices/*"):
+        if dev.tag == "memory" and dev.get("model") not in ("nvdimm", "virtio-pmem"):
+            continue
+        if dev.tag in ("memory", "shmem"):
+            path = region_path_of(dev)
+            if path:
+                out.add(path)
+    return out

@@ -12,8 +12,8 @@ Owns nothing itself; its modules, lowest layer first:
   layouts from the kernel's BTF (or an ISF JSON / offsets file);
 - :mod:`~libshare.introspect.kernel`: finding the kernel (init_task, KASLR, page tables)
   and reading kernel virtual memory;
-- :mod:`~libshare.introspect.tasks`, :mod:`~libshare.introspect.mm`,
-  :mod:`~libshare.introspect.maple`, :mod:`~libshare.introspect.fs`: drgn-style walkers
+- :mod:`~libshare.introspect.helpers.tasks`, :mod:`~libshare.introspect.helpers.mm`,
+  :mod:`~libshare.introspect.helpers.maple`, :mod:`~libshare.introspect.helpers.fs`: drgn-style walkers
   (tasks, VMAs, maple tree, d_path, resident pages, build-ids);
 - :mod:`~libshare.introspect.survey`: the library survey behind ``libshare survey``.
 """

@@ -31,7 +31,6 @@ from typing import Any
 
 from lxml import etree
 
-from libshare import runtime
 from libshare.errors import LibshareError
 from libshare.introspect.memory import (
     FileMemory,
@@ -40,9 +39,10 @@ from libshare.introspect.memory import (
     RamBlock,
     pc_ram_layout,
 )
+from libshare.virt import process
 
 log = logging.getLogger(__name__)
-PID_DIR = runtime.QEMU_RUN_DIR
+PID_DIR = process.QEMU_RUN_DIR
 _MTREE_LINE = re.compile(
     r"^\s*([0-9a-f]+)-([0-9a-f]+) \(prio -?\d+, (ram|rom|i/o|romd)\): (\S+)"
     r"(?: @([0-9a-f]+))?")
@@ -85,7 +85,7 @@ def running_domain(conn: Any, name: str) -> Any:
 
 def qemu_pid(dom: Any, pid_dir: Path = PID_DIR) -> int:
     """Return the pid of the QEMU process running ``dom``."""
-    pid = runtime.qemu_pid(dom.name(), pid_dir)
+    pid = process.qemu_pid(dom.name(), pid_dir)
     if pid is None:
         raise LibshareError(f"cannot find the QEMU process of {dom.name()} "
                             f"(no live QEMU named in {pid_dir}/{dom.name()}.pid)")

@@ -28,7 +28,16 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import LibshareError
-from libshare.introspect.fs import file_fs, file_path, is_region_fs
+from libshare.introspect.helpers.fs import file_fs, file_path, is_region_fs
+from libshare.introspect.helpers.mm import (
+    VM_WRITE,
+    build_id,
+    for_each_vma,
+    map_count,
+    mm_pgd,
+    resident_frames,
+)
+from libshare.introspect.helpers.tasks import for_each_task, for_each_thread, task_info
 from libshare.introspect.kernel import (
     Kernel,
     KernelError,
@@ -40,16 +49,7 @@ from libshare.introspect.kernel import (
 )
 from libshare.introspect.layout import Layout
 from libshare.introspect.memory import PhysicalMemory
-from libshare.introspect.mm import (
-    VM_WRITE,
-    build_id,
-    for_each_vma,
-    map_count,
-    mm_pgd,
-    resident_frames,
-)
 from libshare.introspect.paging import WalkStats
-from libshare.introspect.tasks import for_each_task, for_each_thread, task_info
 
 log = logging.getLogger(__name__)
 PAGE_SIZE = 4096

@@ -41,17 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from libshare.digest import copy_sha256, sha256_file
 from libshare.errors import LibshareError
-from libshare.fileutil import atomic_write, fsync_dir
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
+from libshare.util.digest import copy_sha256, sha256_file
+from libshare.util.files import atomic_write, fsync_dir
 
 INDEX_VERSION = 1
 NOT_ELF = "not an ELF file"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
 class Progress(Protocol):
-    """Progress callback (libshare.sharing.progress.ProgressPrinter shows it)."""
+    """Progress callback (libshare.cli.progress.ProgressPrinter shows it)."""
 
     def __call__(self, phase: str, done: int, total: int, unit: str = "") -> None:
         """Report ``done`` of ``total`` ``unit`` ("bytes", "files", "" for steps) in
@@ -112,7 +112,7 @@ class StoreIndex:
         Different trees (two guest images, two releases) often hold different bytes at
         the same guest path ("/usr/lib/x86_64-linux-gnu/libc.so.6"); each of those
         objects is kept, so selecting the path selects all of them, each under its own
-        region path (see ``libshare.sharing.region.fs_path``).
+        region path (see ``libshare.sharing.region.build.fs_path``).
         """
         out: dict[str, list[str]] = {}
         for e in self.entries.values():

@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from libshare.guests import Kernel, cleanup_domain, fetch_kernel
-from libshare.guests.cache import CACHE_ENV, DEFAULT_CACHE
+from libshare.demo.cache import CACHE_ENV, DEFAULT_CACHE
+from libshare.demo.lifecycle import cleanup_domain
+from libshare.demo.tiny.kernel import KernelPackage, fetch_kernel
 
 URI = "qemu:///system"
 PREFIX = "lstest-"
@@ -134,7 +135,7 @@ def libvirt_conn() -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
-def guest_kernel() -> Kernel:
+def guest_kernel() -> KernelPackage:
     """Return the cached Debian kernel test guests boot (fetched on first use)."""
     return fetch_kernel()
 

@@ -1,5 +1,5 @@
-"""Integration test of full Debian guests (libshare.guests.debian) and the guest agent
-client (libshare.agent) in one real TCG boot of the cached image: GRUB and the image's own
+"""Integration test of full Debian guests (libshare.demo.debian.guest) and the guest agent
+client (libshare.redirect.agent) in one real TCG boot of the cached image: GRUB and the image's own
 initramfs boot the kernel whose banner matches ``uname -r``, systemd reaches multi-user,
 files go in and out through the agent intact, an initramfs-tools hook added in the guest
 runs at the next boot, a reboot comes back, and nothing is left behind."""
@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from libshare.agent import AgentError
-from libshare.guests import DebianGuestOptions, DebianImage, debian_image, running_debian_guest
+from libshare.demo.debian.guest import DebianGuestOptions, running_debian_guest
+from libshare.demo.debian.image import DebianImage, debian_image
+from libshare.redirect.agent import AgentError
 
 #: Generous bound for boot to multi-user under TCG on a busy 2-core host (measured ~20 s).
 BOOT_LIMIT = 150.0

@@ -18,9 +18,9 @@ from typing import Any
 import libvirt
 import pytest
 
-from libshare import hook_install, state
-from libshare.digest import sha256_file
-from libshare.guests import GuestOptions, defined_guest
+from libshare.demo.tiny.runner import GuestOptions, defined_guest
+from libshare.hook import install, state
+from libshare.util.digest import sha256_file
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
@@ -39,15 +39,15 @@ park
 def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
     """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI
     does); if this fixture had to install it, it removes it afterwards."""
-    hooks = hook_install.DEFAULT_HOOKS_DIR
+    hooks = install.DEFAULT_HOOKS_DIR
     present = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
-               if p.exists() and hook_install.is_ours(p)]
-    res = hook_install.install(hooks)  # updates the #! line to this Python if needed
+               if p.exists() and install.is_ours(p)]
+    res = install.install(hooks)  # updates the #! line to this Python if needed
     try:
         yield res.path
     finally:
         if not present:
-            hook_install.uninstall(hooks)
+            install.uninstall(hooks)
 
 
 @pytest.fixture
@@ -167,7 +167,7 @@ def test_enable_refuses_unknown_domain_and_keeps_others(
 
 def test_virtio_pmem_falls_back_to_nvdimm_where_it_cannot_start(
         libvirt_conn: Any, domain_name: Callable[[], str], state_dir: Path) -> None:
-    from libshare import capabilities
+    from libshare.virt import capabilities
 
     name = domain_name()
     image = make_region(state_dir)

@@ -14,14 +14,9 @@ from typing import Any
 
 import pytest
 
-from libshare.guests import (
-    GuestOptions,
-    Kernel,
-    add_numa_nvdimm_support,
-    nvdimm_device_xml,
-    run_guest,
-    running_guest,
-)
+from libshare.demo.domain import add_numa_nvdimm_support, nvdimm_device_xml
+from libshare.demo.tiny.kernel import KernelPackage
+from libshare.demo.tiny.runner import GuestOptions, run_guest, running_guest
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +29,7 @@ def _domain_exists(conn: Any, name: str) -> bool:
 
 
 def test_guest_runs_script_and_reports_from_inside(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     token = secrets.token_hex(8)
     name = domain_name()
@@ -66,7 +61,7 @@ def test_guest_runs_script_and_reports_from_inside(
 
 
 def test_script_exit_code_is_reported(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     res = run_guest(libvirt_conn, domain_name(), "echo about to fail\nexit 7\n",
                     GuestOptions(kernel=guest_kernel), timeout=90)
@@ -76,7 +71,7 @@ def test_script_exit_code_is_reported(
 
 
 def test_dynamically_linked_host_binary_runs(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     opts = GuestOptions(kernel=guest_kernel, binaries=["/usr/bin/basename"])
     res = run_guest(libvirt_conn, domain_name(), "/usr/bin/basename --version | head -n1\n",
@@ -86,7 +81,7 @@ def test_dynamically_linked_host_binary_runs(
 
 
 def test_running_guest_ready_then_destroyed(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     name = domain_name()
     token = secrets.token_hex(4)
@@ -104,7 +99,7 @@ def test_running_guest_ready_then_destroyed(
 
 
 def test_timeout_still_cleans_up(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     name = domain_name()
     res = run_guest(libvirt_conn, name, "echo parked\nwhile :; do sleep 1; done\n",
@@ -129,7 +124,7 @@ def nvdimm_file() -> Any:
 
 
 def test_nvdimm_shows_as_readonly_pmem0(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel,
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage,
     nvdimm_file: tuple[Path, str],
 ) -> None:
     path, token = nvdimm_file
@@ -157,11 +152,11 @@ def test_debian11_kernel_boots_and_sees_pmem0(
     libvirt_conn: Any, domain_name: Callable[[], str], nvdimm_file: tuple[Path, str]
 ) -> None:
     """The kit's second kernel: Debian 11's 5.10 from bullseye, same image and modules."""
-    from libshare.guests import KernelError, fetch_kernel
+    from libshare.demo.tiny.kernel import KernelPackageError, fetch_kernel
 
     try:
         kernel = fetch_kernel(suite="bullseye")
-    except KernelError as exc:
+    except KernelPackageError as exc:
         pytest.skip(f"Debian 11 kernel not available: {exc}")
     path, token = nvdimm_file
     script = (
@@ -181,10 +176,10 @@ def test_debian11_kernel_boots_and_sees_pmem0(
 
 
 def test_defined_guest_can_be_changed_before_start(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     """Define, change the persistent definition through libvirt, then start."""
-    from libshare.guests import defined_guest
+    from libshare.demo.tiny.runner import defined_guest
 
     name = domain_name()
     with defined_guest(libvirt_conn, name, "cat /proc/cmdline\n",

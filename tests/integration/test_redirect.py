@@ -29,20 +29,15 @@ from typing import Any
 
 import pytest
 
-from libshare import enrol, state
 from libshare.config import Config
-from libshare.guests.debian import (
-    DebianGuest,
-    DebianGuestOptions,
-    DebianImage,
-    copy_image_libraries,
-    debian_image,
-    defined_debian_guest,
-)
-from libshare.sharing import region
+from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
+from libshare.demo.debian.image import DebianImage, copy_image_libraries, debian_image
+from libshare.hook import state
 from libshare.sharing.accounting import region_usage
-from libshare.sharing.erofs import Erofs
+from libshare.sharing.formats.erofs import Erofs
+from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
+from libshare.virt import enrol
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +66,7 @@ class Region:
 def debian_region() -> Iterator[Region]:
     """Yield a region holding every library under the Debian image's
     /usr/lib/x86_64-linux-gnu (read on the host from a raw copy of the image, read-only:
-    :func:`~libshare.guests.debian.copy_image_libraries`)."""
+    :func:`~libshare.demo.debian.guest.copy_image_libraries`)."""
     try:
         image = debian_image()
     except Exception as exc:  # no network and no cache: say so
@@ -84,12 +79,12 @@ def debian_region() -> Iterator[Region]:
         odd = "/" + os.path.relpath(os.path.realpath(tree / ODD_SONAME.lstrip("/")), tree)
         cfg = Config(state_dir=base / "state")
         import_tree(cfg.store_dir, [tree])
-        res = region.build_region(cfg, GROUP)
+        res = build.build_region(cfg, GROUP)
         for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
                   cfg.regions_dir / "groups"):
             d.chmod(0o755)
         with open(res.path, "rb") as fh:
-            files = region.read_manifest(Erofs(fh, offset=region.DATAOFF))["files"]
+            files = manifest.read_manifest(Erofs(fh, offset=layout.DATAOFF))["files"]
         paths = {g: f["sha256"] for f in files for g in f["guest_paths"]}
         assert odd in paths and odd != ODD_SONAME and f"/{LIBDIR}/libc.so.6" in paths
         print(f"region {res.path}: {res.files} files, {res.size >> 20} MiB")

@@ -24,11 +24,13 @@ import pytest
 
 from libshare import domxml
 from libshare.config import Config
-from libshare.digest import sha256_file
-from libshare.guests import GuestError, GuestOptions, Kernel, run_guest, running_guest
-from libshare.sharing import region
-from libshare.sharing.erofs import Erofs
+from libshare.demo.lifecycle import GuestError
+from libshare.demo.tiny.kernel import KernelPackage
+from libshare.demo.tiny.runner import GuestOptions, run_guest, running_guest
+from libshare.sharing.formats.erofs import Erofs
+from libshare.sharing.region import build, layout, manifest, verify
 from libshare.sharing.store import import_tree
+from libshare.util.digest import sha256_file
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +79,14 @@ def built_region() -> Iterator[Region]:
         shutil.copyfile(big, lib / big.name)
         cfg = Config(state_dir=base / "state")
         import_tree(cfg.store_dir, [base / "tree"])
-        res = region.build_region(cfg, GROUP)
+        res = build.build_region(cfg, GROUP)
         for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
                   cfg.regions_dir / "groups"):
             d.chmod(0o755)
-        assert region.verify(res.path) is None
+        assert verify.verify(res.path) is None
         with open(res.path, "rb") as fh:
-            fs = Erofs(fh, offset=region.DATAOFF)
-            files = region.read_manifest(fs)["files"]
+            fs = Erofs(fh, offset=layout.DATAOFF)
+            files = manifest.read_manifest(fs)["files"]
             libc = next(f for f in files if f["soname"] == "libc.so.6")
             bigf = next(f for f in files if f["size"] >= MIN_BIG)
             blk = fs.lookup(bigf["path"]).raw_blkaddr
@@ -110,7 +112,7 @@ def enrolled(reg: Region, path: Path | None = None,
     return apply
 
 
-def options(kernel: Kernel, reg: Region, **kw: Any) -> GuestOptions:
+def options(kernel: KernelPackage, reg: Region, **kw: Any) -> GuestOptions:
     """Return guest options with the region enrolled and /usr/bin/cat (dynamic) inside."""
     return GuestOptions(kernel=kernel, binaries=["/usr/bin/cat"],
                         customize=[enrolled(reg, kw.pop("path", None), kw.pop("size", None))],
@@ -131,7 +133,7 @@ cached() { sync; echo 3 > /proc/sys/vm/drop_caches; awk '/^Cached:/{print $2}' /
 
 
 def test_region_is_fsdax_and_served_by_dax(libvirt_conn: Any, domain_name: Callable[[], str],
-                                           guest_kernel: Kernel, built_region: Region) -> None:
+                                           guest_kernel: KernelPackage, built_region: Region) -> None:
     reg = built_region
     libc, big = reg.libc["path"], reg.big["path"]
     script = PRELUDE + f"""
@@ -241,7 +243,7 @@ def pfns(pid: int, mp: Mapping, file_off: int, pages: int) -> list[int | None]:
 
 def test_two_guests_one_copy_and_private_writes(libvirt_conn: Any,
                                                 domain_name: Callable[[], str],
-                                                guest_kernel: Kernel,
+                                                guest_kernel: KernelPackage,
                                                 built_region: Region) -> None:
     reg = built_region
     libc, big, blk = reg.libc["path"], reg.big["path"], reg.big_blk
@@ -284,7 +286,7 @@ park
             pid_a, pid_b = a.qemu_pid(), b.qemu_pid()
             assert pid_a and pid_b
             map_a, map_b = region_mapping(pid_a, reg.path), region_mapping(pid_b, reg.path)
-            first = region.DATAOFF + blk * PAGE
+            first = layout.DATAOFF + blk * PAGE
             npages = -(-reg.big["size"] // PAGE)
             pa, pb = pfns(pid_a, map_a, first, npages), pfns(pid_b, map_b, first, npages)
     print("A:", out_a, map_a.fields, "\nB:", out_b, map_b.fields)
@@ -327,7 +329,7 @@ def _corrupt(src: Path, dst: Path, offset: int | None = None, size: int | None =
 
 @pytest.mark.parametrize("damage", ["checksum", "truncated", "library"])
 def test_corrupt_image_refused(libvirt_conn: Any, domain_name: Callable[[], str],
-                               guest_kernel: Kernel, built_region: Region, damage: str) -> None:
+                               guest_kernel: KernelPackage, built_region: Region, damage: str) -> None:
     reg = built_region
     bad = reg.path.parent / f"bad-{damage}-{secrets.token_hex(3)}.img"
     try:
@@ -338,7 +340,7 @@ def test_corrupt_image_refused(libvirt_conn: Any, domain_name: Callable[[], str]
             _corrupt(reg.path, bad, size=reg.size - 2 * 1024 * 1024)
             want = "npfns"
         else:
-            _corrupt(reg.path, bad, offset=region.DATAOFF + reg.big_blk * PAGE + 4242)
+            _corrupt(reg.path, bad, offset=layout.DATAOFF + reg.big_blk * PAGE + 4242)
             want = "SHA-256"
         # libshare region verify exits 1 with the first problem
         proc = subprocess.run([*LIBSHARE, "region", "verify", str(bad)],

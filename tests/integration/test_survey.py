@@ -20,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from libshare.guests import GuestOptions, Kernel, running_guest
-from libshare.guests.domain import DEFAULT_CMDLINE
+from libshare.demo.tiny.domain import DEFAULT_CMDLINE
+from libshare.demo.tiny.kernel import KernelPackage
+from libshare.demo.tiny.runner import GuestOptions, running_guest
 
 pytestmark = pytest.mark.integration
 
@@ -145,7 +146,7 @@ def run_survey(name: str | list[str], *extra: str) -> dict[str, Any]:
     return doc
 
 
-def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
+def survey_against_guest(libvirt_conn: Any, name: str, kernel: KernelPackage,
                          customize: Sequence[Callable[[Any], object]] = (),
                          cmdline: str = DEFAULT_CMDLINE
                          ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -207,7 +208,7 @@ def survey_against_guest(libvirt_conn: Any, name: str, kernel: Kernel,
 
 
 def test_survey_matches_guest_debian12(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     dom, facts = survey_against_guest(libvirt_conn, domain_name(), guest_kernel)
     assert facts["release"].startswith("6.1.")  # Debian 12's kernel: VMAs in a maple tree
@@ -216,7 +217,7 @@ def test_survey_matches_guest_debian12(
 
 
 def test_survey_matches_guest_with_pti(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     """The same comparison with kernel page-table isolation on (``pti=on``, no
     ``mitigations=off``): each process has a user/kernel PGD pair; the guest's CPU flags
@@ -237,18 +238,18 @@ def test_survey_refuses_domain_not_running(libvirt_conn: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def bullseye_kernel() -> Kernel:
+def bullseye_kernel() -> KernelPackage:
     """Return Debian 11's 5.10 kernel (VMAs in a linked list, before the maple tree)."""
-    from libshare.guests import KernelError, fetch_kernel
+    from libshare.demo.tiny.kernel import KernelPackageError, fetch_kernel
 
     try:
         return fetch_kernel(suite="bullseye")
-    except KernelError as exc:
+    except KernelPackageError as exc:
         pytest.skip(f"Debian 11 kernel unavailable: {exc}")
 
 
 def test_survey_matches_guest_debian11(
-    libvirt_conn: Any, domain_name: Callable[[], str], bullseye_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], bullseye_kernel: KernelPackage
 ) -> None:
     assert bullseye_kernel.release.startswith("5.10.")
     _dom, facts = survey_against_guest(libvirt_conn, domain_name(), bullseye_kernel)
@@ -256,7 +257,7 @@ def test_survey_matches_guest_debian11(
 
 
 def test_libvmi_crosscheck(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     """Two independent readers of the same paused guest give the same survey: the
     default one (/proc/PID/mem of QEMU) and LibVMI in FILE mode opened directly on the
@@ -265,11 +266,11 @@ def test_libvmi_crosscheck(
     header page of every process."""
     pytest.importorskip("libvmi")
     from libshare.introspect import qemu
+    from libshare.introspect.helpers.mm import for_each_vma, mm_pgd, read_user
+    from libshare.introspect.helpers.tasks import for_each_task, task_info
     from libshare.introspect.kernel import Kernel as GuestKernel
     from libshare.introspect.kernel import find_kernel
-    from libshare.introspect.mm import for_each_vma, mm_pgd, read_user
     from libshare.introspect.survey import domain_json, walk_kernel
-    from libshare.introspect.tasks import for_each_task, task_info
     from libshare.introspect.vmi import VmiMemory, vmi_read_va
 
     name = domain_name()
@@ -325,7 +326,7 @@ def _shared_memfd(dom: Any) -> None:
 
 
 def test_file_backend_and_running_guest(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel, tmp_path: Any
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage, tmp_path: Any
 ) -> None:
     """Guest RAM in a shared memfd: the file backend (mmap of the memfd) and the default
     backend agree on a paused guest, and so does a survey given an offsets file instead
@@ -391,7 +392,7 @@ def _la57_cpu(dom: Any) -> None:
 
 
 def test_survey_matches_guest_5_level_paging(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     """The same ground-truth comparison on a CPU with LA57: Debian's kernel then runs
     5-level page tables and a direct map at 0xff11... (not 4-level canonical)."""
@@ -401,7 +402,7 @@ def test_survey_matches_guest_5_level_paging(
 
 
 def test_survey_two_domains(
-    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: Kernel
+    libvirt_conn: Any, domain_name: Callable[[], str], guest_kernel: KernelPackage
 ) -> None:
     """One command surveys two guests (paused in turn): each library used by both shows
     two copies, and one shared copy would save the smaller one's shareable pages."""

@@ -1,5 +1,5 @@
 """Integration test of ``libshare survey`` on a systemd-based Debian 12 guest (debootstrap
-minbase with systemd-sysv, :mod:`libshare.guests.debian`) against ground truth taken
+minbase with systemd-sysv, :mod:`libshare.demo.debian.guest`) against ground truth taken
 inside the guest: the seed's table (tasks, unique libraries) for today's Debian.
 
 Ground truth comes through the qemu-guest-agent: a ``/bin/sh`` (dash) script that uses
@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from libshare.guests.debian import DebianGuest, DebianGuestOptions, running_debian_guest
+from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, running_debian_guest
 
 pytestmark = pytest.mark.integration
 

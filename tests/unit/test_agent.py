@@ -1,4 +1,4 @@
-"""Unit tests of the guest-agent client (libshare.agent) against a fake agent: the JSON
+"""Unit tests of the guest-agent client (libshare.redirect.agent) against a fake agent: the JSON
 it sends, base64 in both directions, exec polling and time out, chunked file transfer,
 and that every failure is an AgentError with one line naming the guest."""
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from libshare.agent import CHUNK, AgentError, AgentTimeout, ExecResult, GuestAgent
 from libshare.errors import LibshareError
+from libshare.redirect.agent import CHUNK, AgentError, AgentTimeout, ExecResult, GuestAgent
 
 
 class FakeAgent:

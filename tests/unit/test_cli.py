@@ -105,13 +105,13 @@ def test_help_mentions_trust_for_ivshmem() -> None:
 def test_global_options_before_or_after_the_sub_command(
         argv: list[str], state_dir: str | None, config_path: str | None,
         verbose: bool) -> None:
-    from libshare.cli import build_parser
+    from libshare.cli.app import build_parser
     args = build_parser().parse_args(argv)
     assert (args.state_dir, args.config, args.verbose) == (state_dir, config_path, verbose)
 
 
 def test_every_sub_command_takes_the_global_options() -> None:
-    from libshare.cli import _sub_parsers, build_parser
+    from libshare.cli.app import _sub_parsers, build_parser
     subs = _sub_parsers(build_parser())
     assert len(subs) > 20
     for p in subs:

@@ -16,10 +16,12 @@ from typing import Any
 import libvirt
 import pytest
 
-from libshare import daemon, domxml, hook, redirect, state
-from libshare.agent import AgentError
-from libshare.digest import sha256_file
+from libshare import domxml
 from libshare.errors import LibshareError, RefusedError
+from libshare.hook import handler, state
+from libshare.redirect import actions, daemon
+from libshare.redirect.agent import AgentError
+from libshare.util.digest import sha256_file
 
 MiB = 1 << 20
 UUID = "0d4c2cf5-1b5e-4b53-9d7f-1f9b3c7b9a11"
@@ -48,24 +50,24 @@ def hook_xml(image: Path, state_dir: Path, mode: str) -> bytes:
 def test_started_leaves_a_request_and_stopped_removes_it(env: dict[str, Path]) -> None:
     xml = hook_xml(env["image"], env["state"], "runtime")
     before = time.time()
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
     req = state.read_request(env["state"], "h")
     assert req is not None and req["domain"] == "h" and req["uuid"] == UUID
     assert req["mode"] == "runtime" and "pid" in req and req["requested_at"] >= before - 1
     assert state.read_hook_log(env["state"])[-1]["result"] == "recorded; redirect requested"
-    assert hook.run(["h", "stopped", "end", "-"], xml) == 0
+    assert handler.run(["h", "stopped", "end", "-"], xml) == 0
     assert state.read_request(env["state"], "h") is None
     assert state.read_hook_log(env["state"])[-1]["result"] == "removed; request dropped"
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
-    assert hook.run(["h", "release", "end", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "release", "end", "-"], xml) == 0
     assert state.read_requests(env["state"]) == []
 
 
 def test_no_request_for_reconnect_or_mode_off(env: dict[str, Path]) -> None:
     runtime = hook_xml(env["image"], env["state"], "runtime")
-    assert hook.run(["h", "reconnect", "begin", "-"], runtime) == 0
+    assert handler.run(["h", "reconnect", "begin", "-"], runtime) == 0
     off = hook_xml(env["image"], env["state"], "off")
-    assert hook.run(["h", "started", "begin", "-"], off) == 0
+    assert handler.run(["h", "started", "begin", "-"], off) == 0
     assert state.read_requests(env["state"]) == []
     assert state.read_hook_log(env["state"])[-1]["result"] == "recorded"
 
@@ -75,14 +77,14 @@ def test_started_never_fails_when_the_request_cannot_be_written(
     xml = hook_xml(env["image"], env["state"], "runtime")
     env["state"].mkdir(exist_ok=True)
     (env["state"] / "requests").write_text("not a dir")
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
     entry = state.read_hook_log(env["state"])[-1]
     assert entry["status"] == 0 and entry["result"].startswith("error:")
     # a failed running record does not prevent the request
     (env["state"] / "requests").unlink()
     shutil.rmtree(env["state"] / "running")
     (env["state"] / "running").write_text("not a dir")
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
     assert state.read_request(env["state"], "h") is not None
 
 
@@ -145,7 +147,7 @@ class FakeAgent:
 
 
 class Guests:
-    """Scripted redirect.installed/install/redirect, per domain name."""
+    """Scripted actions.installed/install/redirect, per domain name."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, installed: bool = True) -> None:
         self.agents: dict[str, FakeAgent] = {}
@@ -154,9 +156,9 @@ class Guests:
         self.calls: list[tuple[str, str, Any]] = []
         self.fail: dict[str, Exception] = {}
         self.gate: dict[str, threading.Event] = {}
-        monkeypatch.setattr(redirect, "installed", self._installed)
-        monkeypatch.setattr(redirect, "install", self._install)
-        monkeypatch.setattr(redirect, "redirect", self._redirect)
+        monkeypatch.setattr(actions, "installed", self._installed)
+        monkeypatch.setattr(actions, "install", self._install)
+        monkeypatch.setattr(actions, "redirect", self._redirect)
 
     def agent(self, dom: Any) -> FakeAgent:
         return self.agents.setdefault(dom.name(), FakeAgent())
@@ -168,21 +170,21 @@ class Guests:
         return self.installed.get(self._name(agent), self.default_installed)
 
     def _install(self, dom: Any, agent_factory: Any = None,
-                 update_initramfs: bool = True) -> redirect.InstallReport:
+                 update_initramfs: bool = True) -> actions.InstallReport:
         self.calls.append((dom.name(), "install", update_initramfs))
         assert agent_factory(dom) is self.agents[dom.name()]
         self.installed[dom.name()] = True
-        return redirect.InstallReport(domain=dom.name(), region_device="/dev/pmem0",
+        return actions.InstallReport(domain=dom.name(), region_device="/dev/pmem0",
                                       files=["/usr/sbin/libshare-redirect"])
 
     def _redirect(self, dom: Any, restart: bool = True,
-                  agent_factory: Any = None) -> redirect.RedirectReport:
+                  agent_factory: Any = None) -> actions.RedirectReport:
         self.calls.append((dom.name(), "redirect", restart))
         if dom.name() in self.gate:
             assert self.gate[dom.name()].wait(10)
         if dom.name() in self.fail:
             raise self.fail[dom.name()]
-        return redirect.RedirectReport(domain=dom.name(), action="redirect", bound=40,
+        return actions.RedirectReport(domain=dom.name(), action="redirect", bound=40,
                                        binds_total=40, restarted=["cron.service"])
 
 
@@ -510,10 +512,9 @@ def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_unit_template_is_package_data() -> None:
-    from importlib import resources
+    from libshare.data import host_text
 
-    assert "{{ exec_start }}" in resources.files("libshare").joinpath(
-        "data", daemon.UNIT_NAME).read_text()
+    assert "{{ exec_start }}" in host_text(daemon.UNIT_NAME)
 
 
 def test_unit_renders_with_jinja2_as_before() -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from libshare.guests import cpio
-from libshare.guests.initramfs import INIT_SCRIPT, overlay_archive
-from libshare.guests.runner import parse_console
+from libshare.demo.tiny.initramfs import INIT_SCRIPT, overlay_archive
+from libshare.demo.tiny.runner import parse_console
+from libshare.util import cpio
 
 
 def _sample() -> list[cpio.Entry]:

@@ -1,4 +1,4 @@
-"""Unit tests of the pure parts of libshare.guests.debian: apt sources parsing and mirror
+"""Unit tests of the pure parts of libshare.demo.debian.guest: apt sources parsing and mirror
 choice, the cache key, boot markers on the console, and the domain XML (validated against
 libvirt's RelaxNG schema)."""
 
@@ -9,19 +9,12 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from libshare.guests.debian import (
-    BASE_PACKAGES,
-    BOOTED_MARKER,
-    console_boots,
-    debian_domain_tree,
-    debian_domain_xml,
-    host_mirror,
-    packages_key,
-    parse_deb822_sources,
-    parse_sources_list,
-    pick_mirror,
-)
-from libshare.guests.domain import add_numa_nvdimm_support, nvdimm_device_xml
+from libshare.demo.apt import host_mirror, parse_deb822_sources, parse_sources_list, pick_mirror
+from libshare.demo.debian.domain import debian_domain_tree, debian_domain_xml
+from libshare.demo.debian.guest import console_boots
+from libshare.demo.debian.image import BASE_PACKAGES, packages_key
+from libshare.demo.domain import add_numa_nvdimm_support, nvdimm_device_xml
+from libshare.demo.debian.image import BOOTED_MARKER
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 

@@ -7,12 +7,8 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from libshare.guests.domain import (
-    add_numa_nvdimm_support,
-    guest_domain_tree,
-    guest_domain_xml,
-    nvdimm_device_xml,
-)
+from libshare.demo.domain import add_numa_nvdimm_support, nvdimm_device_xml
+from libshare.demo.tiny.domain import guest_domain_tree, guest_domain_xml
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 

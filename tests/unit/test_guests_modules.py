@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from libshare.guests.kernel import (
-    KernelError,
+from libshare.demo.tiny.kernel import (
+    KernelPackageError,
     module_closure,
     module_name,
     parse_aliases,
@@ -70,7 +70,7 @@ def test_every_module_after_its_dependencies() -> None:
 
 def test_builtin_is_skipped_and_unknown_raises() -> None:
     assert closure(["dax", "8250"]) == []
-    with pytest.raises(KernelError, match="nosuchmod"):
+    with pytest.raises(KernelPackageError, match="nosuchmod"):
         closure(["nosuchmod"])
 
 
@@ -94,7 +94,7 @@ def test_compressed_paths_are_kept() -> None:
 
 def test_cycle_is_reported() -> None:
     deps = parse_modules_dep("a.ko: b.ko\nb.ko: a.ko\n")
-    with pytest.raises(KernelError, match="cycle"):
+    with pytest.raises(KernelPackageError, match="cycle"):
         module_closure(["a"], deps)
 
 
@@ -104,8 +104,8 @@ def test_default_modules_resolve_on_a_cached_kernel() -> None:
     import os
     from pathlib import Path
 
-    from libshare.guests.cache import CACHE_ENV, DEFAULT_CACHE
-    from libshare.guests.kernel import DEFAULT_MODULES, _cached_kernels, kernel_modules_order
+    from libshare.demo.cache import CACHE_ENV, DEFAULT_CACHE
+    from libshare.demo.tiny.kernel import DEFAULT_MODULES, _cached_kernels, kernel_modules_order
 
     kdir = Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE) / "kernels"
     kernels = _cached_kernels(kdir) if kdir.is_dir() else []

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from lxml import etree
 
-from libshare import domxml, hook, state
-from libshare.digest import sha256_file
+from libshare import domxml
+from libshare.hook import handler, state
+from libshare.util.digest import sha256_file
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1 << 20
@@ -43,7 +44,7 @@ def enrolled_xml(image: Path, state_dir: Path, model: str = "nvdimm") -> bytes:
 
 def test_prepare_accepts_intact_region(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
     assert state.read_hook_log(env["state"])[-1]["result"] == "region-ok"
 
 
@@ -60,28 +61,28 @@ def test_prepare_refuses_bad_region(env: dict[str, Path], damage: str,
         with open(env["image"], "r+b") as fh:
             fh.seek(12345)
             fh.write(b"\x02")
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("libshare: h: region image")
 
 
 def test_started_and_stopped_manage_record(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
     recs = state.read_running(env["state"])
     assert [r["name"] for r in recs] == ["h"] and recs[0]["region"] == str(env["image"])
-    assert hook.run(["h", "reconnect", "begin", "-"], xml) == 0
-    assert hook.run(["h", "stopped", "end", "-"], xml) == 0
+    assert handler.run(["h", "reconnect", "begin", "-"], xml) == 0
+    assert handler.run(["h", "stopped", "end", "-"], xml) == 0
     assert state.read_running(env["state"]) == []
-    assert hook.run(["h", "release", "end", "-"], xml) == 0
+    assert handler.run(["h", "release", "end", "-"], xml) == 0
 
 
 def test_safe_ops_exit_zero_on_garbage_state(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
     env["state"].mkdir(exist_ok=True)
     (env["state"] / "running").write_text("not a dir")  # makes recording fail
-    assert hook.run(["h", "reconnect", "begin", "-"], xml) == 0
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "reconnect", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
 
 
 def test_migrate_maps_to_local_image(env: dict[str, Path]) -> None:
@@ -91,14 +92,14 @@ def test_migrate_maps_to_local_image(env: dict[str, Path]) -> None:
     local.parent.mkdir(parents=True)
     os.rename(env["image"], local)  # the source host's path does not exist here
     out = io.StringIO()
-    assert hook.run(["h", "migrate", "begin", "-"], xml, out=out) == 0
+    assert handler.run(["h", "migrate", "begin", "-"], xml, out=out) == 0
     mapped = domxml.parse(out.getvalue())
     assert mapped.findtext("devices/memory/source/path") == str(local)
     assert domxml.describe(mapped)["region"] == str(local)
     assert len(mapped.findall("devices/*")) == len(domxml.parse(xml).findall("devices/*"))
     # same path on this host: nothing printed
     out = io.StringIO()
-    assert hook.run(["h", "restore", "begin", "-"], mapped_bytes := out.getvalue().encode()
+    assert handler.run(["h", "restore", "begin", "-"], mapped_bytes := out.getvalue().encode()
                     or domxml.serialize(mapped).encode(), out=out) == 0
     assert out.getvalue() == "" and mapped_bytes
 
@@ -106,11 +107,11 @@ def test_migrate_maps_to_local_image(env: dict[str, Path]) -> None:
 def test_migrate_refused_without_image(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
     env["image"].unlink()
-    assert hook.run(["h", "migrate", "begin", "-"], xml, out=io.StringIO()) == 1
+    assert handler.run(["h", "migrate", "begin", "-"], xml, out=io.StringIO()) == 1
 
 
 def test_unenrolled_domain_is_ignored(env: dict[str, Path]) -> None:
-    assert hook.run(["h", "prepare", "begin", "-"], PLAIN.encode()) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], PLAIN.encode()) == 0
 
 
 def run_shim(args: list[str], data: bytes, tmp: Path) -> subprocess.CompletedProcess[bytes]:
@@ -140,7 +141,7 @@ def test_shim_reconnect_garbage_never_fails(env: dict[str, Path]) -> None:
 
 def test_hook_log_is_json_lines(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
-    hook.run(["h", "prepare", "begin", "-"], xml)
+    handler.run(["h", "prepare", "begin", "-"], xml)
     lines = state.hook_log_path(env["state"]).read_text().splitlines()
     assert json.loads(lines[-1])["op"] == "prepare"
 
@@ -149,22 +150,22 @@ def test_ivshmem_prepare_publishes_padded_copy(env: dict[str, Path],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     shm = env["tmp"] / "shm"
     shm.mkdir()
-    monkeypatch.setattr(hook, "SHM_DIR", shm)
+    monkeypatch.setattr(handler, "SHM_DIR", shm)
     image = env["image"]
     image.write_bytes(b"\x07" * (6 * MiB))  # libvirt wants a power of two: 8 MiB
     xml = enrolled_xml(image, env["state"], model="ivshmem")
     assert domxml.parse(xml).findtext("devices/shmem/size") == str(8 * 1024)
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
     copy = shm / "libshare-g"
     data = copy.read_bytes()
     assert len(data) == 8 * MiB and data[:6 * MiB] == image.read_bytes()
     assert data[6 * MiB:] == bytes(2 * MiB)
     ino = copy.stat().st_ino
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
     assert copy.stat().st_ino == ino  # an intact copy is reused, not rewritten
     with open(copy, "r+b") as fh:  # a changed copy (new mtime) is published again
         fh.write(b"\x09")
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
     assert copy.read_bytes() == data
     # disable restores the definition exactly
     plain = domxml.parse(PLAIN)
@@ -177,10 +178,10 @@ def test_corrupt_size_in_metadata_is_refused(env: dict[str, Path],
     xml = enrolled_xml(env["image"], env["state"]).replace(
         f'size="{2 * MiB}"'.encode(), b'size="2MiB"')
     assert b'size="2MiB"' in xml
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "size='2MiB'" in err[0] and "enrolled with 0" not in err[0]
-    assert hook.run(["h", "migrate", "begin", "-"], xml, out=io.StringIO()) == 1
+    assert handler.run(["h", "migrate", "begin", "-"], xml, out=io.StringIO()) == 1
 
 
 def test_unexpected_error_keeps_its_traceback(env: dict[str, Path],
@@ -189,12 +190,12 @@ def test_unexpected_error_keeps_its_traceback(env: dict[str, Path],
     def broken(*_args: object) -> str:
         raise KeyError("deep inside")
 
-    monkeypatch.setattr(hook, "_dispatch", broken)
+    monkeypatch.setattr(handler, "_dispatch", broken)
     xml = enrolled_xml(env["image"], env["state"])
-    assert hook.run(["h", "started", "begin", "-"], xml) == 0
+    assert handler.run(["h", "started", "begin", "-"], xml) == 0
     err = capsys.readouterr().err  # an op that cannot refuse: the traceback for libvirt's log
     assert err.count("Traceback (most recent call last)") == 1 and "in broken" in err
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     entry = state.read_hook_log(env["state"])[-1]
     assert entry["status"] == 1 and "Traceback" in entry["traceback"]
     assert "in broken" in entry["traceback"] and "KeyError: 'deep inside'" in entry["traceback"]
@@ -206,24 +207,24 @@ def test_budget_counts_from_process_start(env: dict[str, Path],
                                           capsys: pytest.CaptureFixture[str]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
     late = time.monotonic() - 4.9  # start-up took almost all of the 5 s
-    assert hook.run(["h", "prepare", "begin", "-"], xml, started=late) == 1
+    assert handler.run(["h", "prepare", "begin", "-"], xml, started=late) == 1
     assert "timed out" in capsys.readouterr().err
     assert state.read_hook_log(env["state"])[-1]["result"] == "timeout"
-    assert hook.run(["h", "reconnect", "begin", "-"], xml, started=late) == 0
+    assert handler.run(["h", "reconnect", "begin", "-"], xml, started=late) == 0
     # the same late start within a longer-than-used budget succeeds
-    assert hook.run(["h", "prepare", "begin", "-"], xml,
+    assert handler.run(["h", "prepare", "begin", "-"], xml,
                     started=time.monotonic() - 3.0) == 0
     # not enrolled: never a timeout, whatever the start
-    assert hook.run(["h", "prepare", "begin", "-"], PLAIN.encode(), started=late) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], PLAIN.encode(), started=late) == 0
 
 
 def test_process_start_counts_interpreter_start() -> None:
-    code = ("import time; time.sleep(0.4); from libshare.hook import process_start; "
+    code = ("import time; time.sleep(0.4); from libshare.hook.handler import process_start; "
             "print(time.monotonic() - process_start())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT, timeout=30)
     assert 0.4 <= float(res.stdout) < 5.0
-    assert hook.process_start() <= time.monotonic()
+    assert handler.process_start() <= time.monotonic()
 
 
 @pytest.mark.parametrize("level,expected", [("debug", logging.DEBUG),
@@ -233,17 +234,17 @@ def test_log_level_from_config(env: dict[str, Path], level: str, expected: int) 
     (env["tmp"] / "libshare.toml").write_text(
         f'state_dir = "{env["state"]}"\nlog_level = "{level}"\n')
     syslog = logging.handlers.SysLogHandler(address=str(env["tmp"] / "no-such-socket"))
-    hook.log.addHandler(syslog)
+    handler.log.addHandler(syslog)
     try:
-        hook.run(["h", "prepare", "begin", "-"], PLAIN.encode())
+        handler.run(["h", "prepare", "begin", "-"], PLAIN.encode())
         # stderr keeps warnings (libvirt shows refusals) whatever the level; syslog
         # gets the configured level
-        assert hook.log.level == expected
+        assert handler.log.level == expected
         assert syslog.level == getattr(logging, level.upper())
     finally:
-        hook.log.removeHandler(syslog)
+        handler.log.removeHandler(syslog)
         syslog.close()
-        hook._setup_logging()
+        handler._setup_logging()
 
 
 def test_shim_keeps_traceback_when_libshare_cannot_load(env: dict[str, Path]) -> None:
@@ -276,7 +277,7 @@ def test_prepare_without_recorded_digest_checks_the_layout(
     if shutil.which("mkfs.erofs") is None:
         pytest.skip("no mkfs.erofs")
     from libshare.config import Config
-    from libshare.sharing import region
+    from libshare.sharing.region import build
     from libshare.sharing.store import import_tree
 
     lib = env["tmp"] / "root" / "usr" / "lib"
@@ -284,15 +285,15 @@ def test_prepare_without_recorded_digest_checks_the_layout(
     shutil.copyfile("/lib/x86_64-linux-gnu/libz.so.1", lib / "libz.so.1")
     cfg = Config(state_dir=env["state"])
     import_tree(cfg.store_dir, [env["tmp"] / "root"])
-    built = Path(region.build_region(cfg, "g").path)
+    built = Path(build.build_region(cfg, "g").path)
     image = env["tmp"] / "later.img"
     spec = domxml.RegionSpec(str(image), built.stat().st_size, "g", digest=None,
                              state_dir=str(env["state"]))
     xml = domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
 
     image.write_bytes(b"\x01" * built.stat().st_size)  # right size, not a region
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 1
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "enrolled without a digest" in err[0], err
     shutil.copyfile(built, image)
-    assert hook.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0

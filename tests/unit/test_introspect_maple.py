@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from libshare.introspect.maple import (
+from libshare.introspect.helpers.maple import (
     MAPLE_ARANGE_64,
     MAPLE_LEAF_64,
     MAPLE_RANGE_64,

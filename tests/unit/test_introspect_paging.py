@@ -187,7 +187,7 @@ def test_resident_frames_capped_at_ram_size() -> None:
     from types import SimpleNamespace
     from typing import Any, cast
 
-    from libshare.introspect.mm import resident_frames
+    from libshare.introspect.helpers.mm import resident_frames
 
     t = Tables()
     pgd = t.alloc()

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from libshare.cli import build_parser
+from libshare.cli.app import build_parser
 from libshare.introspect.survey import (
     CACHE_MAX_AGE,
     DomainSurvey,
@@ -108,7 +108,7 @@ def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None
 def test_cli_table_shows_each_domains_libraries(monkeypatch: Any, capsys: Any) -> None:
     """Without --json the output still shows, per domain, every library's build-id and
     resident pages; a partial survey is marked and exits 1."""
-    from libshare.commands import survey as cmd
+    from libshare.cli.commands import survey as cmd
     from libshare.config import Config
     from libshare.introspect import qemu
     from libshare.introspect import survey as sv

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from libshare.introspect.fs import d_path, file_path
+from libshare.introspect.helpers.fs import d_path, file_path
+from libshare.introspect.helpers.mm import for_each_vma, parse_build_id, perms
+from libshare.introspect.helpers.tasks import for_each_task, for_each_thread, task_info
 from libshare.introspect.kernel import Kernel, KernelInfo, WalkError
 from libshare.introspect.layout import REQUIRED, Layout
 from libshare.introspect.memory import BytesMemory
-from libshare.introspect.mm import for_each_vma, parse_build_id, perms
 from libshare.introspect.survey import walk_kernel
-from libshare.introspect.tasks import for_each_task, for_each_thread, task_info
 
 POB = 0xFFFF_8880_0000_0000
 RAM = 1 << 20

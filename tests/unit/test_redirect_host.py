@@ -1,4 +1,4 @@
-"""Host side of redirect (libshare.redirect and its commands) against fake domains and
+"""Host side of redirect (libshare.redirect.actions and its commands) against fake domains and
 a scripted fake guest agent: refusals change nothing, reports parse the guest's output."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from libshare import domxml, redirect
-from libshare.agent import AgentError, ExecResult
+from libshare import domxml
 from libshare.errors import LibshareError, RefusedError
+from libshare.redirect import actions
+from libshare.redirect.agent import AgentError, ExecResult
 
 BASE = """<domain type='qemu'><name>g1</name><memory unit='MiB'>512</memory>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><devices/></domain>"""
@@ -88,15 +89,15 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
 
     def handle(argv: list[str], stdin: bytes | None) -> ExecResult:
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
-            assert stdin == redirect.script_bytes()
+            assert stdin == actions.script_bytes()
             return ok(probe_out)
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
             return ok(rc=0 if installed else 1)
-        if argv[:2] == [redirect.SCRIPT, "apply"]:
+        if argv[:2] == [actions.SCRIPT, "apply"]:
             return ok(apply_out)
-        if argv[:2] == [redirect.SCRIPT, "prime"]:
+        if argv[:2] == [actions.SCRIPT, "prime"]:
             return ok("identical=412\ndiffers=/usr/lib/x/libacl.so.1\nhashed=413\n")
-        if argv[:2] == [redirect.SCRIPT, "uninstall"]:
+        if argv[:2] == [actions.SCRIPT, "uninstall"]:
             return ok(uninstall_out)
         if "lsinitramfs" in " ".join(argv):
             return ok("7\n")
@@ -112,7 +113,7 @@ def factory(agent: FakeAgent) -> Callable[[Any], Any]:
 
 
 def test_parse_kv() -> None:
-    kv = redirect.parse_kv("bound=2\ndiffers=/a\nlog line\ndiffers=/b c\nx y=1\nrefused=no DAX\n")
+    kv = actions.parse_kv("bound=2\ndiffers=/a\nlog line\ndiffers=/b c\nx y=1\nrefused=no DAX\n")
     assert kv == {"bound": "2", "differs": ["/a", "/b c"], "refused": "no DAX"}
 
 
@@ -131,7 +132,7 @@ def test_refusals_change_nothing(case: str, match: str) -> None:
              "no device in guest": "refused=no region device (no /dev/pmem* with "
                                    "filesystem label libshare)\n"}.get(
         case, "region_device=/dev/pmem0\ndax=1\n")
-    for op in (redirect.install, redirect.redirect):
+    for op in (actions.install, actions.redirect):
         agent = FakeAgent(guest(probe_out=probe), alive=case != "no agent")
         with pytest.raises(RefusedError, match=match) as info:
             op(dom, agent_factory=factory(agent))
@@ -141,13 +142,13 @@ def test_refusals_change_nothing(case: str, match: str) -> None:
 
 def test_install_writes_every_file_and_rebuilds_the_initramfs() -> None:
     agent = FakeAgent(guest())
-    rep = redirect.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert rep.region_device == "/dev/pmem0"
-    assert rep.files == [f.path for f in redirect.GUEST_FILES]
+    assert rep.files == [f.path for f in actions.GUEST_FILES]
     assert rep.initramfs == "updated" and rep.initramfs_entries == 7
     assert rep.identical == 412 and rep.differs == ["/usr/lib/x/libacl.so.1"]
     writes = [a for k, a in agent.calls if k == "write"]
-    assert writes == [f.path for f in redirect.GUEST_FILES if f.source]
+    assert writes == [f.path for f in actions.GUEST_FILES if f.source]
     execs = [" ".join(a) for k, a in agent.calls if k == "exec"]
     assert any("update-initramfs -u" in e for e in execs)
     assert any(e.startswith("ln -sfn") for e in execs)
@@ -171,55 +172,55 @@ def test_install_rolls_back_a_partial_write() -> None:
 
     agent.write_file = failing  # type: ignore[method-assign]
     with pytest.raises(LibshareError, match="nothing left behind"):
-        redirect.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     rm = [a for k, a in agent.calls if k == "exec" and a[:2] == ["rm", "-f"]]
-    assert rm and rm[-1][2:] == [f.path for f in redirect.GUEST_FILES[:2]]
+    assert rm and rm[-1][2:] == [f.path for f in actions.GUEST_FILES[:2]]
 
 
 def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(redirect.time, "sleep", lambda s: None)
+    monkeypatch.setattr(actions.time, "sleep", lambda s: None)
     out = ("region_device=/dev/pmem0\ndiffers=/usr/lib/x86_64-linux-gnu/libz.so.1\n"
            "bound=29\nalready=0\nhashed=30\ncached=0\nbinds_total=29\n"
            "restarted=cron.service systemd-journald.service\nkept=\n"
            "agent_restart=deferred\n")
     agent = FakeAgent(guest(apply_out=out))
-    rep = redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert rep.bound == 29 and rep.binds_total == 29 and rep.hashed == 30
     assert rep.differs == ["/usr/lib/x86_64-linux-gnu/libz.so.1"]
     assert rep.restarted == ["cron.service", "systemd-journald.service"]
     assert rep.agent_restarted
-    assert ("exec", [redirect.SCRIPT, "apply", "--defer-agent"]) in agent.calls
+    assert ("exec", [actions.SCRIPT, "apply", "--defer-agent"]) in agent.calls
     queued = [a for k, a in agent.calls if k == "exec" and a[0] == "systemd-run"]
     assert queued and queued[0][-2:] == ["restart", "qemu-guest-agent.service"]
     agent = FakeAgent(guest(apply_out="bound=1\n"))
-    rep = redirect.redirect(FakeDomain(enrolled_xml()), restart=False,
+    rep = actions.redirect(FakeDomain(enrolled_xml()), restart=False,
                             agent_factory=factory(agent))
-    assert ("exec", [redirect.SCRIPT, "apply", "--defer-agent", "--no-restart"]) in agent.calls
+    assert ("exec", [actions.SCRIPT, "apply", "--defer-agent", "--no-restart"]) in agent.calls
     assert not rep.agent_restarted
 
 
 def test_redirect_needs_install_and_reports_guest_refusal() -> None:
     agent = FakeAgent(guest(installed=False))
     with pytest.raises(RefusedError, match="guest install g1"):
-        redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert agent.changes() == []
     agent = FakeAgent(guest(apply_out="refused=DAX is not active on /dev/pmem0\n"))
     with pytest.raises(RefusedError, match="DAX"):
-        redirect.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
 
 
 def test_unredirect() -> None:
     out = "removed=29\nlazy=3\ndeleted=/usr/sbin/libshare-redirect\ninitramfs=updated\n"
     agent = FakeAgent(guest(uninstall_out=out))
-    rep = redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert rep.removed == 29 and rep.deleted == ["/usr/sbin/libshare-redirect"]
     assert rep.initramfs == "updated"
     agent = FakeAgent(guest(installed=False))
     with pytest.raises(RefusedError, match="nothing to undo"):
-        redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     agent = FakeAgent(guest(), alive=False)
     with pytest.raises(RefusedError, match="no responding guest agent"):
-        redirect.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
     assert agent.changes() == []
 
 
@@ -227,18 +228,19 @@ def test_cli_refusal_is_one_line(monkeypatch: pytest.MonkeyPatch,
                                  capsys: pytest.CaptureFixture[str]) -> None:
     from contextlib import contextmanager
 
-    from libshare import cli, virt
+    from libshare import cli
+    from libshare.virt import api
 
     @contextmanager
     def fake_connect(uri: str) -> Any:
         yield object()
 
-    monkeypatch.setattr(virt, "connect", fake_connect)
-    monkeypatch.setattr(virt, "lookup", lambda conn, name: FakeDomain(BASE))
+    monkeypatch.setattr(api, "connect", fake_connect)
+    monkeypatch.setattr(api, "lookup", lambda conn, name: FakeDomain(BASE))
     for argv in (["redirect", "g1", "--json"], ["unredirect", "g1"],
                  ["guest", "install", "g1"]):
         dom_active = argv[0] != "unredirect"
-        monkeypatch.setattr(virt, "lookup",
+        monkeypatch.setattr(api, "lookup",
                             lambda conn, name, a=dom_active: FakeDomain(BASE, active=a))
         assert cli.main(argv) == 1
         err = capsys.readouterr().err

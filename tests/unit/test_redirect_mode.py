@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from lxml import etree
 
-from libshare import config, domxml, enrol
+from libshare import config, domxml
 from libshare.errors import LibshareError, RefusedError
+from libshare.virt import enrol
 
 MiB = 1 << 20
 DOMAIN = """<domain type='kvm'>
@@ -181,7 +182,8 @@ def test_enable_cli_sets_and_changes_the_mode(tmp_path: Path, monkeypatch: pytes
                                                capsys: pytest.CaptureFixture[str]) -> None:
     from contextlib import contextmanager
 
-    from libshare import cli, virt
+    from libshare import cli
+    from libshare.virt import api
 
     region = tmp_path / "region.img"
     region.write_bytes(b"\0" * (4 * MiB))
@@ -191,7 +193,7 @@ def test_enable_cli_sets_and_changes_the_mode(tmp_path: Path, monkeypatch: pytes
     def connect(uri: str) -> Any:
         yield conn
 
-    monkeypatch.setattr(virt, "connect", connect)
+    monkeypatch.setattr(api, "connect", connect)
     (tmp_path / "c.toml").write_text('redirect = "runtime"\n')
     monkeypatch.setenv("LIBSHARE_CONFIG", str(tmp_path / "c.toml"))
     base = ["--state-dir", str(tmp_path / "state"), "enable", "r", "--region", str(region)]

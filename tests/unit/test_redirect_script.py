@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
-from libshare import redirect
 from libshare.config import Config
-from libshare.sharing import region
+from libshare.data import guest_path
+from libshare.redirect import actions
+from libshare.sharing.region import build, layout
 from libshare.sharing.store import import_tree
 
-SCRIPT = Path(redirect.__file__).parent / "guest" / "libshare-redirect"
+SCRIPT = guest_path("libshare-redirect")
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
 SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom"]
@@ -47,10 +48,10 @@ def test_guest_file_list_matches_script() -> None:
     """The script's uninstall list is exactly what the host installs."""
     text = SCRIPT.read_text()
     block = text.split('GUEST_FILES="', 1)[1].split('"', 1)[0]
-    assert block.split() == [f.path for f in redirect.GUEST_FILES]
-    for f in redirect.GUEST_FILES:
+    assert block.split() == [f.path for f in actions.GUEST_FILES]
+    for f in actions.GUEST_FILES:
         if f.source:
-            assert redirect.guest_file_bytes(f.source)
+            assert actions.guest_file_bytes(f.source)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Fake:
         proc = subprocess.run(argv, capture_output=True, text=True, env=self.env(**extra),
                               check=False, timeout=120)
         assert proc.returncode == 0, proc
-        kv = redirect.parse_kv(proc.stdout)
+        kv = actions.parse_kv(proc.stdout)
         kv["_stderr"] = proc.stderr
         return kv
 
@@ -107,14 +108,14 @@ def fake(tmp_path: Path) -> Iterator[Fake]:
     os.symlink("libz.so.1", tree / LIBDIR / "libz.so")
     cfg = Config(state_dir=tmp_path / "state")
     import_tree(cfg.store_dir, [tree])
-    res = region.build_region(cfg, "t")
+    res = build.build_region(cfg, "t")
     root = tmp_path / "root"
     shutil.copytree(tree, root, symlinks=True)
     acl = root / LIBDIR / "libacl.so.1"          # differs by one byte, same size
     data = bytearray(acl.read_bytes())
     data[100] ^= 0xFF
     acl.write_bytes(bytes(data))
-    loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(region.DATAOFF),
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(layout.DATAOFF),
                            res.path], capture_output=True, text=True, check=True).stdout.strip()
     manifest: list[list[str]] = []
     try:
@@ -154,7 +155,7 @@ def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> No
         st = os.stat(str(fake.root) + p)
         assert st.st_dev == region_dev
         sha = next(m[0] for m in fake.manifest if m[3] == p)
-        assert redirect.parse_kv(subprocess.run(
+        assert actions.parse_kv(subprocess.run(
             ["sh", "-c", f"echo sha=$(sha256sum {fake.root}{p} | cut -d' ' -f1)"],
             capture_output=True, text=True, check=True).stdout)["sha"] == sha
     assert os.stat(fake.root / LIBDIR / "libacl.so.1").st_dev != region_dev
@@ -281,17 +282,17 @@ def test_refusals_change_nothing(fake: Fake) -> None:
 
 @needs_root
 def test_uninstall_removes_binds_and_files(fake: Fake) -> None:
-    for f in redirect.GUEST_FILES:
+    for f in actions.GUEST_FILES:
         p = Path(str(fake.root) + f.path)
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text("x")
     fake.run_script("apply", "--no-restart")
     out = fake.run_script("uninstall", "--no-restart")
     assert out["removed"] == "2"
-    assert sorted(out["deleted"]) == sorted(f.path for f in redirect.GUEST_FILES)
+    assert sorted(out["deleted"]) == sorted(f.path for f in actions.GUEST_FILES)
     assert fake.mounts() == []
     assert not (fake.root / "var/lib/libshare").exists()
-    for f in redirect.GUEST_FILES:
+    for f in actions.GUEST_FILES:
         assert not Path(str(fake.root) + f.path).exists()
 
 

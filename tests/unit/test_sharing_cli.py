@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -12,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from libshare import cli
+from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
-from libshare.sharing import region
-from libshare.sharing.progress import ProgressPrinter
+from libshare.sharing.region import build
 from libshare.sharing.store import import_tree
+from libshare.virt import api
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="no mkfs.erofs")
@@ -85,7 +87,8 @@ def test_store_and_region_commands(tmp_path: Path, tree: Path,
     rc, out, _ = run(capsys, state, "region", "build", "--group", "web", "--size", "8M",
                      "--json")
     assert json.loads(out)["path"] != old
-    monkeypatch.setattr(region, "libvirt_region_paths", lambda uri: set())
+    monkeypatch.setattr(api, "connect", lambda uri: contextlib.nullcontext(None))
+    monkeypatch.setattr(api, "referenced_region_paths", lambda conn: set())
     rc, out, _ = run(capsys, state, "region", "gc", "--dry-run", "--json")
     assert rc == 0 and json.loads(out)["removed"] == [old] and os.path.exists(old)
     with monkeypatch.context() as m:
@@ -151,11 +154,11 @@ def test_progress_ticks_while_mkfs_runs(tmp_path: Path, monkeypatch: pytest.Monk
         stream = io.StringIO()
         p = ProgressPrinter("build", stream, delay=0.5, tty=tty)
         try:
-            res = region.build_region(cfg, "web" if tty else "db", progress=p)
+            res = build.build_region(cfg, "web" if tty else "db", progress=p)
         finally:
             p.close()
         out = stream.getvalue()
-        assert res.mkfs_erofs == region.mkfs_erofs_version(real) != "unknown"
+        assert res.mkfs_erofs == build.mkfs_erofs_version(real) != "unknown"
         if tty:
             assert re.search(r"mkfs\.erofs +[-|/\\] 1 s", out), out
         else:
@@ -169,4 +172,4 @@ def test_mkfs_version_parsing(tmp_path: Path) -> None:
         fake = tmp_path / f"mkfs-{want}"
         fake.write_text(f"#!/bin/sh\nprintf '{text}'\nexit 1\n")
         fake.chmod(0o755)
-        assert region.mkfs_erofs_version(str(fake)) == want
+        assert build.mkfs_erofs_version(str(fake)) == want

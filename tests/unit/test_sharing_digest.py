@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from libshare.digest import cached_sha256, forget, sha256_file
+from libshare.util.digest import cached_sha256, forget, sha256_file
 
 
 def test_restored_mtime_does_not_hide_corruption(tmp_path: Path) -> None:

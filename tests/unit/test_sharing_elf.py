@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from libshare.digest import sha256_file
 from libshare.sharing.elf import ElfIdentity, Skipped, identify, same_library
+from libshare.util.digest import sha256_file
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBZ = LIBDIR / "libz.so.1"

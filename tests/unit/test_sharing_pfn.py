@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from libshare.sharing import pfn
+from libshare.sharing.formats import pfn
 
 MiB = 1024 * 1024
 

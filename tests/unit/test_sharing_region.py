@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 
+from libshare import domxml
 from libshare.config import Config
+from libshare.domxml.devices import region_paths
 from libshare.errors import LibshareError
-from libshare.sharing import pfn, region
-from libshare.sharing.erofs import EROFS_MAGIC, Erofs
+from libshare.sharing.formats import pfn
+from libshare.sharing.formats.erofs import EROFS_MAGIC, Erofs
+from libshare.sharing.region import build, gc, layout, manifest, verify
 from libshare.sharing.store import import_tree, load_index, object_path
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
@@ -45,12 +48,12 @@ def make_cfg(base: Path, mtime: int = 1_000_000, reverse: bool = False) -> Confi
 
 
 @pytest.fixture
-def built(tmp_path: Path) -> tuple[Config, region.BuildResult]:
+def built(tmp_path: Path) -> tuple[Config, build.BuildResult]:
     cfg = make_cfg(tmp_path)
-    return cfg, region.build_region(cfg, "web")
+    return cfg, build.build_region(cfg, "web")
 
 
-def test_layout(built: tuple[Config, region.BuildResult]) -> None:
+def test_layout(built: tuple[Config, build.BuildResult]) -> None:
     cfg, res = built
     data = Path(res.path).read_bytes()
     assert res.size == len(data) and len(data) % (2 * MiB) == 0
@@ -65,7 +68,7 @@ def test_layout(built: tuple[Config, region.BuildResult]) -> None:
     assert int.from_bytes(data[2 * MiB + 1024:2 * MiB + 1028], "little") == EROFS_MAGIC
     with open(res.path, "rb") as fh:
         fs = Erofs(fh, offset=2 * MiB)
-        doc = region.read_manifest(fs)
+        doc = manifest.read_manifest(fs)
         assert doc["group"] == "web" and len(doc["files"]) == len(LIBS) == res.files
         for item in doc["files"]:
             sha = item["sha256"]
@@ -74,19 +77,19 @@ def test_layout(built: tuple[Config, region.BuildResult]) -> None:
             assert hashlib.sha256(fs.read_inode(ino)).hexdigest() == sha
             assert ino.layout == 0  # flat-plain: block aligned, DAX-mappable
             assert item["guest_paths"]
-    assert region.verify(res.path) is None
+    assert verify.verify(res.path) is None
 
 
 def test_deterministic_across_hosts(tmp_path: Path) -> None:
     a = make_cfg(tmp_path / "a", mtime=1_000_000)
     b = make_cfg(tmp_path / "b", mtime=1_700_000_000, reverse=True)
-    ra = region.build_region(a, "web")
-    rb = region.build_region(b, "web")
+    ra = build.build_region(a, "web")
+    rb = build.build_region(b, "web")
     assert ra.digest == rb.digest
     assert Path(ra.path).read_bytes() == Path(rb.path).read_bytes()
-    again = region.build_region(a, "web")
+    again = build.build_region(a, "web")
     assert again.digest == ra.digest and not again.new
-    other = region.build_region(a, "db")   # another trust group never shares the file
+    other = build.build_region(a, "db")   # another trust group never shares the file
     assert other.digest != ra.digest
 
 
@@ -98,24 +101,24 @@ def test_selection_file_and_size(tmp_path: Path) -> None:
     sel.write_text("# libraries for the web tier\n"
                    "/usr/lib/x86_64-linux-gnu/libacl.so.1\n"
                    f"{libz.sha256}   # by hash\n\n")
-    res = region.build_region(cfg, "web", str(sel), size=20 * MiB)
+    res = build.build_region(cfg, "web", str(sel), size=20 * MiB)
     assert res.files == 2 and res.size == 20 * MiB
-    assert region.verify(res.path) is None
-    res2 = region.build_region(cfg, "web", str(sel), size=19 * MiB)  # rounded up
+    assert verify.verify(res.path) is None
+    res2 = build.build_region(cfg, "web", str(sel), size=19 * MiB)  # rounded up
     assert res2.size == 20 * MiB
     with pytest.raises(LibshareError, match="too small"):
-        region.build_region(cfg, "web", str(sel), size=2 * MiB)
+        build.build_region(cfg, "web", str(sel), size=2 * MiB)
     sel.write_text("/usr/lib/nothing.so\n")
     with pytest.raises(LibshareError, match="not in the store"):
-        region.build_region(cfg, "web", str(sel))
+        build.build_region(cfg, "web", str(sel))
 
 
 def test_empty_store_and_bad_group(tmp_path: Path) -> None:
     cfg = Config(state_dir=tmp_path / "s")
     with pytest.raises(LibshareError, match="empty"):
-        region.build_region(cfg, "web")
+        build.build_region(cfg, "web")
     with pytest.raises(LibshareError, match="invalid group"):
-        region.build_region(cfg, "../etc")
+        build.build_region(cfg, "../etc")
 
 
 def corrupt_copy(src: str, dst: Path, offset: int | None = None, size: int | None = None
@@ -138,55 +141,55 @@ def first_library(image: str) -> tuple[dict[str, Any], int]:
     first byte in the image file."""
     with open(image, "rb") as fh:
         fs = Erofs(fh, offset=2 * MiB)
-        item = region.read_manifest(fs)["files"][0]
+        item = manifest.read_manifest(fs)["files"][0]
         ino = fs.lookup(item["path"])
     return item, 2 * MiB + ino.raw_blkaddr * 4096
 
 
-def test_verify_catches_flipped_library_byte(built: tuple[Config, region.BuildResult],
+def test_verify_catches_flipped_library_byte(built: tuple[Config, build.BuildResult],
                                              tmp_path: Path) -> None:
     _cfg, res = built
     item, start = first_library(res.path)
     bad = corrupt_copy(res.path, tmp_path / "x.img", offset=start + 100)
-    problem = region.verify(bad)
+    problem = verify.verify(bad)
     assert problem and item["path"] in problem and "SHA-256" in problem
 
 
-def test_verify_catches_bad_checksum(built: tuple[Config, region.BuildResult],
+def test_verify_catches_bad_checksum(built: tuple[Config, build.BuildResult],
                                      tmp_path: Path) -> None:
     _cfg, res = built
     bad = corrupt_copy(res.path, tmp_path / "x.img", offset=4096 + 1000)  # padding byte
-    problem = region.verify(bad)
+    problem = verify.verify(bad)
     assert problem and "checksum" in problem
 
 
-def test_verify_catches_truncation(built: tuple[Config, region.BuildResult],
+def test_verify_catches_truncation(built: tuple[Config, build.BuildResult],
                                    tmp_path: Path) -> None:
     cfg, res = built
-    big = region.build_region(cfg, "web", size=8 * MiB)
+    big = build.build_region(cfg, "web", size=8 * MiB)
     bad = corrupt_copy(big.path, tmp_path / "x.img", size=big.size - 2 * MiB)
-    assert "npfns" in (region.verify(bad) or "")
+    assert "npfns" in (verify.verify(bad) or "")
     bad = corrupt_copy(big.path, tmp_path / "y.img", size=big.size - 4096)
-    assert "multiple of 2 MiB" in (region.verify(bad) or "")
+    assert "multiple of 2 MiB" in (verify.verify(bad) or "")
     bad = corrupt_copy(res.path, tmp_path / "z.img", size=2 * MiB)
-    assert "too small" in (region.verify(bad) or "")
+    assert "too small" in (verify.verify(bad) or "")
 
 
-def test_verify_catches_superblock_and_name(built: tuple[Config, region.BuildResult],
+def test_verify_catches_superblock_and_name(built: tuple[Config, build.BuildResult],
                                             tmp_path: Path) -> None:
     _cfg, res = built
     bad = corrupt_copy(res.path, tmp_path / "x.img", offset=2 * MiB + 1024)
-    assert "no EROFS superblock" in (region.verify(bad) or "")
+    assert "no EROFS superblock" in (verify.verify(bad) or "")
     bad = corrupt_copy(res.path, tmp_path / "y.img", offset=2 * MiB + 1024 + 40)
-    assert "superblock checksum" in (region.verify(bad) or "")
+    assert "superblock checksum" in (verify.verify(bad) or "")
     # a sound image under another image's digest name
     named = corrupt_copy(res.path, tmp_path / ("0" * 64 + ".img"))
-    assert "does not match the file name" in (region.verify(named) or "")
-    assert region.verify(named, check_name=False) is None
+    assert "does not match the file name" in (verify.verify(named) or "")
+    assert verify.verify(named, check_name=False) is None
 
 
 @pytest.mark.parametrize("where", ["gap", "tail", "last"])
-def test_verify_catches_nonzero_padding(built: tuple[Config, region.BuildResult],
+def test_verify_catches_nonzero_padding(built: tuple[Config, build.BuildResult],
                                         tmp_path: Path, where: str) -> None:
     """A byte changed at 1 MiB (between the info block and the filesystem) or after the
     filesystem's last block is refused, even without the digest in the file name."""
@@ -195,10 +198,10 @@ def test_verify_catches_nonzero_padding(built: tuple[Config, region.BuildResult]
         fs_end = 2 * MiB + Erofs(fh, offset=2 * MiB).sb.blocks * 4096
     offset = {"gap": 1 * MiB, "tail": fs_end, "last": res.size - 1}[where]
     bad = corrupt_copy(res.path, tmp_path / "pad.img", offset=offset)
-    problem = region.verify(bad) or ""
+    problem = verify.verify(bad) or ""
     assert problem.startswith(f"byte {offset} is not zero"), problem
-    assert region.quick_verify(bad) == problem
-    assert region.quick_verify(res.path) is None
+    assert verify.quick_verify(bad) == problem
+    assert verify.quick_verify(res.path) is None
 
 
 def test_quick_verify_of_a_large_image_reads_only_the_ends_of_its_tail(
@@ -207,52 +210,52 @@ def test_quick_verify_of_a_large_image_reads_only_the_ends_of_its_tail(
     reads QUICK_TAIL bytes at each end, so a 4 GiB image costs what a small one does)
     but not verify; one near either end is caught by both."""
     cfg = make_cfg(tmp_path)
-    res = region.build_region(cfg, "web", size=64 * MiB)
+    res = build.build_region(cfg, "web", size=64 * MiB)
     with open(res.path, "rb") as fh:
         fs_end = 2 * MiB + Erofs(fh, offset=2 * MiB).sb.blocks * 4096
     middle = (fs_end + res.size) // 2
     bad = corrupt_copy(res.path, tmp_path / "mid.img", offset=middle)
-    assert region.quick_verify(bad) is None
-    assert (region.verify(bad) or "").startswith(f"byte {middle} is not zero")
-    for offset in (fs_end + region.QUICK_TAIL - 1, res.size - region.QUICK_TAIL):
+    assert verify.quick_verify(bad) is None
+    assert (verify.verify(bad) or "").startswith(f"byte {middle} is not zero")
+    for offset in (fs_end + verify.QUICK_TAIL - 1, res.size - verify.QUICK_TAIL):
         bad = corrupt_copy(res.path, tmp_path / f"{offset}.img", offset=offset)
-        assert (region.quick_verify(bad) or "").startswith(f"byte {offset} is not zero")
+        assert (verify.quick_verify(bad) or "").startswith(f"byte {offset} is not zero")
 
 
-def test_quick_verify_reads_no_library(built: tuple[Config, region.BuildResult],
+def test_quick_verify_reads_no_library(built: tuple[Config, build.BuildResult],
                                        tmp_path: Path) -> None:
     """quick_verify checks the layout only; verify also hashes every library."""
     _cfg, res = built
     _item, start = first_library(res.path)
     bad = corrupt_copy(res.path, tmp_path / "lib.img", offset=start)
-    assert region.quick_verify(bad) is None
-    assert "does not match the manifest" in (region.verify(bad) or "")
-    assert "PFN info block" in (region.quick_verify(
+    assert verify.quick_verify(bad) is None
+    assert "does not match the manifest" in (verify.verify(bad) or "")
+    assert "PFN info block" in (verify.quick_verify(
         corrupt_copy(res.path, tmp_path / "pfn.img", offset=4096 + 100)) or "")
-    assert "truncated" in (region.quick_verify(
+    assert "truncated" in (verify.quick_verify(
         corrupt_copy(res.path, tmp_path / "t.img", size=res.size - 2 * MiB)) or "")
 
 
-def test_verify_with_fsck(built: tuple[Config, region.BuildResult]) -> None:
+def test_verify_with_fsck(built: tuple[Config, build.BuildResult]) -> None:
     if shutil.which("fsck.erofs") is None:
         pytest.skip("no fsck.erofs")
-    assert region.verify(built[1].path, fsck=True) is None
+    assert verify.verify(built[1].path, fsck=True) is None
 
 
 def test_interrupted_build_leaves_nothing(tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path)
-    first = region.build_region(cfg, "web")
-    real = region._write_image
+    first = build.build_region(cfg, "web")
+    real = build._write_image
 
     def interrupted(tmp: Path, *args: object, **kw: object) -> str:
         tmp.write_bytes(b"half an image")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(region, "_write_image", interrupted)
+    monkeypatch.setattr(build, "_write_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        region.build_region(cfg, "web", size=40 * MiB)
-    monkeypatch.setattr(region, "_write_image", real)
+        build.build_region(cfg, "web", size=40 * MiB)
+    monkeypatch.setattr(build, "_write_image", real)
     names = sorted(p.name for p in (cfg.regions_dir / "images").iterdir())
     assert names == [first.digest + ".img"]
     assert not list(cfg.regions_dir.glob(".build-*"))
@@ -261,21 +264,21 @@ def test_interrupted_build_leaves_nothing(tmp_path: Path,
 
 def test_ls_and_gc(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
-    old = region.build_region(cfg, "web")
-    new = region.build_region(cfg, "web", size=16 * MiB)
-    kept = region.build_region(cfg, "db")
+    old = build.build_region(cfg, "web")
+    new = build.build_region(cfg, "web", size=16 * MiB)
+    kept = build.build_region(cfg, "db")
     assert new.digest != old.digest
-    infos = {i.digest: i for i in region.list_images(cfg)}
+    infos = {i.digest: i for i in gc.list_images(cfg)}
     assert infos[new.digest].groups == ["web"] and infos[old.digest].groups == []
     assert infos[kept.digest].files == len(LIBS)
     (cfg.regions_dir / ".build-dead").mkdir()        # leftover of a killed build
-    dry = region.gc(cfg, set(), dry_run=True)
+    dry = gc.gc(cfg, set(), dry_run=True)
     assert dry.removed == [old.path] and Path(old.path).exists()
     # a domain still referencing the old image by path keeps it
-    res = region.gc(cfg, {old.path})
+    res = gc.gc(cfg, {old.path})
     assert res.removed == [] and "referenced" in res.kept[old.path]
     assert old.path in json.loads(cfg.digest_cache.read_text())
-    res = region.gc(cfg, {str(cfg.group_region_link("web"))})
+    res = gc.gc(cfg, {str(cfg.group_region_link("web"))})
     assert res.removed == [old.path] and not Path(old.path).exists()
     assert res.freed == old.size
     assert Path(new.path).exists() and Path(kept.path).exists()
@@ -300,22 +303,22 @@ def fake_proc(base: Path, maps: dict[str, str | None]) -> Path:
 def test_gc_keeps_mapped_images_and_refuses_blind(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg(tmp_path)
-    old = region.build_region(cfg, "web")
-    region.build_region(cfg, "web", size=16 * MiB)
+    old = build.build_region(cfg, "web")
+    build.build_region(cfg, "web", size=16 * MiB)
     line = f"7f00-7f10 r--p 00000000 08:01 12 {old.path}\n"
-    res = region.gc(cfg, set(), proc=str(fake_proc(tmp_path / "a", {"42": line})))
+    res = gc.gc(cfg, set(), proc=str(fake_proc(tmp_path / "a", {"42": line})))
     assert res.removed == [] and "mapped" in res.kept[old.path]
     blind = str(fake_proc(tmp_path / "b", {"43": None}))
     with pytest.raises(LibshareError, match="QEMU process 43"):
-        region.gc(cfg, set(), proc=blind)
+        gc.gc(cfg, set(), proc=blind)
     assert Path(old.path).exists()
-    dry = region.gc(cfg, set(), dry_run=True, proc=blind)
+    dry = gc.gc(cfg, set(), dry_run=True, proc=blind)
     assert dry.unreadable == [43] and dry.removed == [old.path]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(LibshareError, match="must run as root"):
-        region.gc(cfg, set(), proc=str(fake_proc(tmp_path / "c", {})))
+        gc.gc(cfg, set(), proc=str(fake_proc(tmp_path / "c", {})))
     assert Path(old.path).exists()
-    assert region.gc(cfg, set(), dry_run=True, proc=blind).removed == [old.path]
+    assert gc.gc(cfg, set(), dry_run=True, proc=blind).removed == [old.path]
 
 
 def test_region_paths_in_xml() -> None:
@@ -326,32 +329,32 @@ def test_region_paths_in_xml() -> None:
       <memory model='virtio-pmem'><source><path>/r/b.img</path></source></memory>
       <shmem name='libshare-web'><model type='ivshmem-plain'/></shmem>
     </devices></domain>"""
-    assert region.region_paths_in_xml(xml) == {"/r/a.img", "/r/b.img",
+    assert region_paths(domxml.parse(xml)) == {"/r/a.img", "/r/b.img",
                                                "/dev/shm/libshare-web"}
 
 
 def test_rebuild_repairs_a_damaged_image_and_primes_digest_cache(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
-    first = region.build_region(cfg, "web")
+    first = build.build_region(cfg, "web")
     assert first.path in cfg.digest_cache.read_text()   # the hook's check will be a stat
     os.chmod(first.path, 0o644)
     with open(first.path, "r+b") as fh:                  # bit rot under the digest name
         fh.seek(first.size - 1)
         fh.write(b"\x01")
-    again = region.build_region(cfg, "web")
+    again = build.build_region(cfg, "web")
     assert again.digest == first.digest and again.new
-    assert region.verify(again.path) is None
+    assert verify.verify(again.path) is None
 
 
-def test_text_manifest_and_label(built: tuple[Config, region.BuildResult],
+def test_text_manifest_and_label(built: tuple[Config, build.BuildResult],
                                  tmp_path: Path) -> None:
     """Guests' POSIX sh reads manifest.tsv and finds the filesystem by its label."""
     _cfg, res = built
     with open(res.path, "rb") as fh:
         fs = Erofs(fh, offset=2 * MiB)       # the superblock crc still checks
-        assert region.fs_label(fs) == region.FS_LABEL == "libshare"
-        doc = region.read_manifest(fs)
-        tsv = fs.read_inode(fs.lookup(region.TSV_MANIFEST_PATH)).decode()
+        assert layout.fs_label(fs) == layout.FS_LABEL == "libshare"
+        doc = manifest.read_manifest(fs)
+        tsv = fs.read_inode(fs.lookup(manifest.TSV_MANIFEST_PATH)).decode()
     want = sorted(f"{f['sha256']}\t{f['size']}\t{f['path']}\t{g}"
                   for f in doc["files"] for g in f["guest_paths"])
     assert tsv.splitlines() == want and tsv.endswith("\n")
@@ -374,13 +377,13 @@ def test_verify_catches_text_manifest_mismatch(tmp_path: Path,
     cfg = make_cfg(tmp_path)
     idx = load_index(cfg.store_dir)
     entries = sorted(idx.entries.values(), key=lambda e: e.sha256)
-    good = region.tsv_manifest_bytes(entries).decode().splitlines()
+    good = manifest.tsv_manifest_bytes(entries).decode().splitlines()
     assert all(len(line.split("\t")) == 4 for line in good)
     a, b = entries[0], entries[1]
-    swapped = f"{a.sha256}\t{a.size}\t{region.fs_path(b)}\t{sorted(a.paths)[0]}"
-    monkeypatch.setattr(region, "tsv_manifest_bytes", lambda e: (swapped + "\n").encode())
-    res = region.build_region(cfg, "web")
-    problem = region.verify(res.path)
+    swapped = f"{a.sha256}\t{a.size}\t{layout.fs_path(b)}\t{sorted(a.paths)[0]}"
+    monkeypatch.setattr(build, "tsv_manifest_bytes", lambda e: (swapped + "\n").encode())
+    res = build.build_region(cfg, "web")
+    problem = verify.verify(res.path)
     assert problem and "manifest.tsv line 1" in problem, problem
 
 
@@ -388,15 +391,15 @@ def test_set_fs_label_rejects_bad_input(tmp_path: Path) -> None:
     junk = tmp_path / "junk"
     junk.write_bytes(bytes(8192))
     with pytest.raises(LibshareError, match="not an EROFS"):
-        region.set_fs_label(junk)
+        layout.set_fs_label(junk)
     with pytest.raises(LibshareError, match="1 to 16 bytes"):
-        region.set_fs_label(junk, "x" * 17)
+        layout.set_fs_label(junk, "x" * 17)
 
 
 def test_build_refuses_a_store_object_damaged_in_place(tmp_path: Path) -> None:
     """Same size, one byte changed: nothing is published and the group link stays."""
     cfg = make_cfg(tmp_path)
-    first = region.build_region(cfg, "web")
+    first = build.build_region(cfg, "web")
     idx = load_index(cfg.store_dir)
     libz = next(e for e in idx.entries.values() if e.soname == "libz.so.1")
     obj = object_path(cfg.store_dir, libz.sha256)
@@ -410,13 +413,13 @@ def test_build_refuses_a_store_object_damaged_in_place(tmp_path: Path) -> None:
     for mode in (0o644, 0o555):            # copied (not linkable) and hard-linked objects
         os.chmod(obj, mode)
         with pytest.raises(LibshareError, match=f"store object {libz.sha256} .*corrupt"):
-            region.build_region(cfg, "web", size=16 * MiB)
+            build.build_region(cfg, "web", size=16 * MiB)
         assert sorted(p.name for p in (cfg.regions_dir / "images").iterdir()) == before
         assert os.path.realpath(cfg.group_region_link("web")) == first.path
         assert not list(cfg.regions_dir.glob(".build-*"))
     import_tree(cfg.store_dir, [tmp_path / "root"])          # re-import repairs it
-    again = region.build_region(cfg, "web", size=16 * MiB)
-    assert region.verify(again.path) is None
+    again = build.build_region(cfg, "web", size=16 * MiB)
+    assert verify.verify(again.path) is None
 
 
 def test_select_by_guest_path_takes_every_object_seen_there(tmp_path: Path) -> None:
@@ -427,10 +430,10 @@ def test_select_by_guest_path_takes_every_object_seen_there(tmp_path: Path) -> N
     data[-1] ^= 0x55
     (other / "libz.so.1").write_bytes(bytes(data))
     import_tree(cfg.store_dir, [tmp_path / "other"])
-    res = region.build_region(cfg, "web", ["/usr/lib/x86_64-linux-gnu/libz.so.1"])
+    res = build.build_region(cfg, "web", ["/usr/lib/x86_64-linux-gnu/libz.so.1"])
     assert res.files == 2
     with open(res.path, "rb") as fh:
-        files = region.read_manifest(Erofs(fh, offset=2 * MiB))["files"]
+        files = manifest.read_manifest(Erofs(fh, offset=2 * MiB))["files"]
     assert len({f["path"] for f in files}) == 2
     assert all("/usr/lib/x86_64-linux-gnu/libz.so.1" in f["guest_paths"] for f in files)
-    assert region.verify(res.path) is None
+    assert verify.verify(res.path) is None

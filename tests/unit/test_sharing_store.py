@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from libshare.digest import sha256_file
 from libshare.sharing import store
 from libshare.sharing.store import import_tree, load_index, object_path, resolve_in_root
+from libshare.util.digest import sha256_file
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]

@@ -11,10 +11,13 @@ from typing import Any
 
 import pytest
 
-from libshare import cli, domxml, redirect, state, virt
-from libshare.agent import AgentError, ExecResult, GuestAgent
-from libshare.commands import enrol as enrol_cmd
+from libshare import cli, domxml
+from libshare.cli.commands import enrol as enrol_cmd
 from libshare.config import Config
+from libshare.hook import state
+from libshare.redirect import actions
+from libshare.redirect.agent import AgentError, ExecResult, GuestAgent
+from libshare.virt import api
 
 MiB = 1 << 20
 BASE = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
@@ -116,8 +119,8 @@ def fake_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, F
     def connect(uri: str) -> Iterator[object]:
         yield object()
 
-    monkeypatch.setattr(virt, "connect", connect)
-    monkeypatch.setattr(virt, "all_domains", lambda conn: doms)
+    monkeypatch.setattr(api, "connect", connect)
+    monkeypatch.setattr(api, "all_domains", lambda conn: doms)
     monkeypatch.setattr(GuestAgent, "for_domain",
                         lambda dom, timeout=10: agents[dom.name()])
     monkeypatch.setenv("LIBSHARE_CONFIG", "")
@@ -168,5 +171,5 @@ def test_status_table_and_no_agent(tmp_path: Path, fake_libvirt: dict[str, FakeA
 
 def test_guest_status_passes_its_timeout() -> None:
     agent = FakeAgent()
-    redirect.guest_status(object(), agent_factory=lambda _d: agent, timeout=3.0)
+    actions.guest_status(object(), agent_factory=lambda _d: agent, timeout=3.0)
     assert agent.timeouts == [3.0, 3.0]

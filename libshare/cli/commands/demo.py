@@ -1,0 +1,116 @@
+"""``libshare demo``: the whole story on this host, with two Debian guests by default or
+tiny busybox guests with ``--tiny`` (see libshare.demo.story)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+from typing import Any
+
+from libshare.cli.output import print_json, print_table
+from libshare.config import Config
+from libshare.demo import story
+
+
+def _run(args: argparse.Namespace, cfg: Config) -> int:
+    def say(msg: str) -> None:
+        print(f"demo: {msg}", file=sys.stderr)
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # unwinds through the demo's cleanups (guests removed)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        report = story.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, say,
+                               tiny=args.tiny, mode=args.mode)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if args.json:
+        print_json(report)
+        return 0
+    if report["kind"] == "debian":
+        _print_debian(report)
+        return 0
+    reg = report["region"]
+    print(f"region: {reg['path']} ({reg['files']} libraries, {reg['size'] // 1024} kB)")
+    print()
+    print_table(
+        ["GUEST", "DAX", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "SURVEY: FROM REGION",
+         "GUEST CACHE +kB", "QEMU REGION RSS kB", "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"],
+        [[g["name"], "yes" if g["dax"] else "NO", g["binds"], g["maps_region"],
+          g["maps_disk"],
+          f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
+          g["cached_growth_kb"], g["region_mapping"].get("Rss", 0),
+          g["region_mapping"].get("Shared_Clean", 0),
+          g["region_mapping"].get("Private_Dirty", 0)] for g in report["guests"]])
+    host = report["host"]
+    print()
+    print_table(["HOST", "kB"], [
+        ["region pages mapped by the guests' QEMUs (sum of Rss)", host["region_rss_sum_kb"]],
+        ["sum of their Pss (each page counted once)", host["region_pss_sum_kb"]],
+        ["region file in the host page cache (one copy)", host["region_page_cache_kb"]],
+        ["private copies of region pages (Private_Dirty)", host["region_private_dirty_kb"]],
+        ["host memory for these libraries without sharing", host["without_sharing_kb"]],
+        ["host memory for these libraries with libshare", host["with_sharing_kb"]],
+    ])
+    return 0
+
+
+def _print_debian(report: dict[str, Any]) -> None:
+    """Print the Debian demo's report as tables."""
+    reg = report["region"]
+    print(f"region: {reg['path']} ({reg['files']} libraries of the Debian image, "
+          f"{reg['size'] >> 20} MiB)")
+    print()
+    print("In each guest (read inside it through the guest agent, all processes):")
+    print_table(
+        ["GUEST", "MODE", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "FILES MAPPED",
+         "THEIR SIZE kB", "DISK COPIES CACHED kB", "GUEST CACHE SAVED kB"],
+        [[g["name"], g["mode"], g["binds"], g["maps_region"], g["maps_disk"],
+          g["region_files_mapped"], g["region_files_mapped_kb"], g["disk_copies_cached_kb"],
+          g["guest_cache_saved_kb"]] for g in report["guests"]])
+    print("(guest cache saved: the region pages the guest touched, as its QEMU maps them; "
+          "without the region the guest would hold them in its own page cache)")
+    print()
+    print("From the host (introspection of guest memory; each QEMU's region mapping):")
+    print_table(
+        ["GUEST", "SURVEY: FROM REGION", "RSS kB", "PSS kB", "SHARED_CLEAN kB",
+         "PRIVATE_DIRTY kB"],
+        [[g["name"], f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
+          g["region_mapping"].get("Rss", 0), g["region_mapping"].get("Pss", 0),
+          g["region_mapping"].get("Shared_Clean", 0),
+          g["region_mapping"].get("Private_Dirty", 0)] for g in report["guests"]])
+    host = report["host"]
+    print()
+    print_table(["HOST", "kB"], [
+        ["region file in the host page cache (one copy)", host["region_page_cache_kb"]],
+        ["private copies of region pages (Private_Dirty)", host["region_private_dirty_kb"]],
+        ["host memory for these libraries without sharing (sum of Rss)",
+         host["without_sharing_kb"]],
+        ["host memory for these libraries with libshare (sum of Pss)",
+         host["with_sharing_kb"]],
+        ["saved", host["without_sharing_kb"] - host["with_sharing_kb"]],
+    ])
+    secs = report["seconds"]
+    print()
+    print(f"took {secs['total']:.0f} s (guests booted at {secs['boot']:.0f} s, "
+          f"redirected at {secs['redirect']:.0f} s)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo`` to the ``libshare`` parser."""
+    p = sub.add_parser("demo", help="run the built-in demo: guests share one region",
+                       description=story.__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--guests", type=int, default=2, metavar="N",
+                   help="how many demo guests (default 2)")
+    p.add_argument("--tiny", action="store_true",
+                   help="fast variant: busybox guests bind the region themselves")
+    p.add_argument("--mode", choices=("boot", "runtime"), default="boot",
+                   help="redirect mode of the Debian guests (default: boot, i.e. guest "
+                   "install + reboot)")
+    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run)

@@ -1,0 +1,75 @@
+"""``libshare guest install|status DOMAIN``: the guest-side files of redirection.
+
+``install`` puts ``libshare-redirect``, its initramfs-tools hook and init-bottom script
+(boot-time mode), the apt/dpkg hooks and a systemd unit into a running guest through
+qemu-guest-agent, then rebuilds the guest's initramfs (libshare.redirect.actions.install).
+``status`` prints the guest's own view of its redirection.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from libshare.cli.output import print_json
+from libshare.config import Config
+from libshare.redirect import actions
+from libshare.virt import api
+
+
+def _install(args: argparse.Namespace, cfg: Config) -> int:
+    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+        dom = api.lookup(conn, args.domain)
+        rep = actions.install(dom, update_initramfs=not args.no_initramfs)
+    if args.json:
+        print_json(rep.as_dict())
+    else:
+        print(f"{rep.domain}: region {rep.region_device} mounts with DAX")
+        for f in rep.files:
+            print(f"{rep.domain}: installed {f}")
+        print(f"{rep.domain}: initramfs {rep.initramfs}"
+              + (f" ({rep.initramfs_entries} libshare files in it)"
+                 if rep.initramfs == "updated" else ""))
+        print(f"{rep.domain}: boot-time redirect from the next boot; "
+              f"'libshare redirect {rep.domain}' applies it now ({rep.seconds} s)")
+    return 0 if not rep.initramfs.startswith("failed") else 1
+
+
+def _status(args: argparse.Namespace, cfg: Config) -> int:
+    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+        dom = api.lookup(conn, args.domain)
+        info = actions.guest_status(dom)
+    if args.json:
+        print_json({"domain": args.domain, **info})
+    else:
+        for key, value in info.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``guest install`` and ``guest status`` to the ``libshare`` parser."""
+    g = sub.add_parser("guest", help="install libshare's guest-side files in a guest",
+                       description="Manage the guest side of redirection through "
+                       "qemu-guest-agent.")
+    gsub = g.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
+    i = gsub.add_parser("install", help="put libshare-redirect and its boot/dpkg hooks "
+                        "into a running guest",
+                        description="Install libshare-redirect, its initramfs-tools hook "
+                        "and init-bottom script (boot-time redirect), apt/dpkg hooks and "
+                        "a systemd unit into a running enrolled guest, then run "
+                        "update-initramfs -u in it. Refused, with nothing changed, when "
+                        "the guest has no responding agent, no region device or no DAX.")
+    i.add_argument("domain", metavar="DOMAIN")
+    i.add_argument("--no-initramfs", action="store_true",
+                   help="do not rebuild the initramfs (runtime mode only)")
+    s = gsub.add_parser("status", help="the guest's view: region mount, DAX, binds, "
+                        "library mappings from region/disk",
+                        description="Run libshare-redirect status in the guest (from "
+                        "stdin: works without install).")
+    s.add_argument("domain", metavar="DOMAIN")
+    for p in (i, s):
+        p.add_argument("-c", "--connect", metavar="URI",
+                       help="libvirt connection URI (default from config)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=_install)
+    s.set_defaults(func=_status)

@@ -1,0 +1,70 @@
+"""``libshare store``: import libraries into the canonical store and list it.
+
+``store import DIR... [--json]`` walks each tree (a guest root, an extracted package, a
+mounted image) and stores every x86-64 ELF shared object or executable by SHA-256;
+``store ls [--json]`` lists the store's objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from libshare.cli.output import print_json, print_table
+from libshare.cli.progress import ProgressPrinter
+from libshare.config import Config
+from libshare.sharing.store import import_tree, load_index
+from libshare.util.units import human
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``store`` command and its sub-commands to ``subparsers``."""
+    p = subparsers.add_parser("store", help="canonical library store",
+                              description="Content-addressed store of library files.")
+    sub = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    imp = sub.add_parser("import", help="import the libraries found under directories",
+                         description="Import every x86-64 ELF shared object or executable "
+                         "found under DIR (symlinks become extra guest paths). Idempotent.")
+    imp.add_argument("dirs", nargs="+", metavar="DIR", help="root of a tree to import")
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    imp.set_defaults(func=cmd_import)
+    ls = sub.add_parser("ls", help="list the objects of the store")
+    ls.add_argument("--json", action="store_true", help="print the result as JSON")
+    ls.set_defaults(func=cmd_ls)
+
+
+def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
+    """Import ``args.dirs`` into the store; return the exit status (0)."""
+    progress = ProgressPrinter("store import")
+    try:
+        result = import_tree(cfg.store_dir, args.dirs, progress=progress)
+    finally:
+        progress.close()
+    if args.json:
+        print_json(result.as_dict())
+        return 0
+    print(f"{result.files_seen} files seen, {len(result.added)} new objects, "
+          f"{result.known} already stored, {result.paths_added} new guest paths "
+          f"({result.symlinks} symlinks followed)")
+    for sha in result.repaired:
+        print(f"repaired {sha}: the stored copy was corrupt, replaced from the import")
+    for reason, count in result.skipped_counts().items():
+        print(f"skipped {count}: {reason}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
+    """List the store's objects; return the exit status (0)."""
+    index = load_index(cfg.store_dir)
+    entries = sorted(index.entries.values(), key=lambda e: (e.name, e.sha256))
+    if args.json:
+        print_json({"store": str(cfg.store_dir),
+                    "objects": [e.as_dict() for e in entries],
+                    "build_ids": index.by_build_id()})
+        return 0
+    rows = [[e.sha256[:16], e.name, human(e.size), (e.build_id or "-")[:16],
+             e.paths[0] if e.paths else "-", len(e.paths)] for e in entries]
+    print_table(["SHA256", "NAME", "SIZE", "BUILD-ID", "FIRST PATH", "PATHS"], rows)
+    total = sum(e.size for e in entries)
+    print(f"{len(entries)} objects, {human(total)}")
+    return 0

@@ -1,0 +1,411 @@
+"""Redirect: make running guests use the library region's copies of their libraries.
+
+Owns the host side of redirection, done entirely through qemu-guest-agent
+(:mod:`libshare.redirect.agent`): which guest-side files libshare installs and where
+(:data:`GUEST_FILES`, shipped as package data in ``libshare/guest/``), the checks every
+operation makes before touching a guest (:func:`check_domain`: running, region device
+attached, agent answering, DAX active in the guest), and the three operations:
+
+- :func:`install` puts the guest-side files into the guest (the ``libshare-redirect``
+  script, an initramfs-tools hook and init-bottom script for boot-time mode, the apt and
+  dpkg hooks, a systemd unit) and runs ``update-initramfs -u``;
+- :func:`redirect` runs ``libshare-redirect apply`` now (runtime mode: binds, then
+  ``systemctl daemon-reexec`` and service restarts unless ``restart=False``);
+- :func:`unredirect` runs ``libshare-redirect uninstall``: removes exactly the binds it
+  recorded, deletes every guest-side file and rebuilds the initramfs.
+
+The guest script prints ``key=value`` lines (:func:`parse_kv`); a ``refused=`` line
+means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from libshare import domxml
+from libshare.data import guest_bytes
+from libshare.errors import LibshareError, RefusedError
+from libshare.redirect.agent import AgentError, ExecResult, GuestAgent
+from libshare.virt import api
+
+#: the guest script's installed path
+SCRIPT = "/usr/sbin/libshare-redirect"
+UNIT = "libshare-redirect.service"
+AGENT_UNIT = "qemu-guest-agent.service"
+#: seconds update-initramfs may take in a guest (TCG guests are slow)
+INITRAMFS_TIMEOUT = 900.0
+#: seconds ``libshare-redirect apply`` may take (hashing every library the first time)
+APPLY_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True)
+class GuestFile:
+    """One file libshare installs in a guest: package resource ``source`` (under
+    ``libshare/guest/``, None for a symlink), guest ``path``, ``mode``, and ``link``
+    (the symlink target when ``source`` is None)."""
+
+    source: str | None
+    path: str
+    mode: int = 0o644
+    link: str | None = None
+
+
+GUEST_FILES: tuple[GuestFile, ...] = (
+    GuestFile("libshare-redirect", SCRIPT, 0o755),
+    GuestFile("initramfs-hook", "/etc/initramfs-tools/hooks/libshare", 0o755),
+    GuestFile("init-bottom", "/etc/initramfs-tools/scripts/init-bottom/libshare", 0o755),
+    GuestFile("apt.conf", "/etc/apt/apt.conf.d/80libshare"),
+    GuestFile("dpkg.cfg", "/etc/dpkg/dpkg.cfg.d/libshare"),
+    GuestFile(UNIT, f"/etc/systemd/system/{UNIT}"),
+    GuestFile(None, f"/etc/systemd/system/multi-user.target.wants/{UNIT}",
+              link=f"/etc/systemd/system/{UNIT}"),
+)
+
+
+def guest_file_bytes(name: str) -> bytes:
+    """Return the contents of guest-side package file ``name`` (``libshare/guest/NAME``)."""
+    return guest_bytes(name)
+
+
+def script_bytes() -> bytes:
+    """Return the ``libshare-redirect`` script as shipped in the package."""
+    return guest_file_bytes("libshare-redirect")
+
+
+def parse_kv(text: str) -> dict[str, Any]:
+    """Return the ``key=value`` lines of the guest script's output as a dict.
+
+    Keys seen more than once (``differs=PATH``, ``deleted=PATH``) give a list of every
+    value; others give the last value. Lines without ``=`` are ignored.
+    """
+    out: dict[str, Any] = {}
+    multi = {"differs", "deleted"}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            continue
+        if key in multi:
+            out.setdefault(key, []).append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _int(kv: dict[str, Any], key: str) -> int:
+    """Return ``kv[key]`` as an int (0 if absent or not a number)."""
+    try:
+        return int(kv.get(key, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
+# ---------------------------------------------------------------------------- checks
+
+@dataclass
+class Target:
+    """A guest that passed :func:`check_domain`: its name, agent, enrolment and the
+    region device the guest sees."""
+
+    name: str
+    agent: GuestAgent
+    group: str | None
+    digest: str | None
+    region_device: str | None = None
+
+
+AgentFactory = Callable[[Any], GuestAgent]
+
+
+def check_domain(dom: Any, need_dax: bool = True,
+                 agent_factory: AgentFactory = GuestAgent.for_domain) -> Target:
+    """Return a :class:`Target` for libvirt domain ``dom`` once it is known safe to act on.
+
+    Raises RefusedError with a one-line reason, before anything in the guest changes, if
+    the domain is not running, its running definition has no library region device, its
+    guest agent does not answer, or (``need_dax``) the guest cannot mount the region
+    with DAX (checked by running the script's ``probe`` from stdin: nothing installed).
+    """
+    name = dom.name()
+    if not api.is_active(dom):
+        raise RefusedError(f"{name} is not running")
+    try:
+        live = domxml.describe(domxml.parse(str(dom.XMLDesc(0))))
+    except Exception as exc:  # libvirt or XML errors: one line, nothing done
+        raise RefusedError(f"{name}: cannot read its running definition: {exc}") from exc
+    if not live["enrolled"] or not live["device_present"]:
+        hint = ("enrolled, but the region is attached at its next boot: restart it"
+                if live["enrolled"] else "enrol it with 'libshare enable' and restart it")
+        raise RefusedError(f"{name} has no library region device ({hint})")
+    agent = agent_factory(dom)
+    try:
+        agent.ping()
+    except AgentError as exc:
+        raise RefusedError(f"{name}: no responding guest agent ({exc})") from exc
+    target = Target(name=name, agent=agent, group=live["group"], digest=live["digest"])
+    if need_dax:
+        target.region_device = probe(agent, name)
+    return target
+
+
+def probe(agent: GuestAgent, name: str) -> str:
+    """Return the guest's region device after checking it mounts with DAX and carries a
+    text manifest; RefusedError with the script's reason otherwise. Runs the packaged
+    script through ``sh -s`` (nothing is installed; the probe mount is undone)."""
+    res = _run(agent, ["/bin/sh", "-s", "--", "probe"], stdin=script_bytes(), timeout=120)
+    kv = parse_kv(res.out)
+    if "refused" in kv:
+        raise RefusedError(f"{name}: {kv['refused']}")
+    if not res.ok or kv.get("dax") != "1" or not kv.get("region_device"):
+        raise RefusedError(f"{name}: region probe failed (exit {res.rc}): "
+                           f"{_tail(res)}")
+    return str(kv["region_device"])
+
+
+def _tail(res: ExecResult) -> str:
+    """Return the last line of a program's stderr (or stdout) for messages."""
+    lines = (res.err.strip() or res.out.strip()).splitlines()
+    return lines[-1] if lines else "no output"
+
+
+def _run(agent: GuestAgent, argv: list[str], stdin: bytes | None = None,
+         timeout: float = 60.0) -> ExecResult:
+    """Return the result of running ``argv`` in the guest (AgentError -> LibshareError)."""
+    try:
+        return agent.exec(argv, stdin=stdin, timeout=timeout)
+    except AgentError as exc:
+        raise LibshareError(str(exc)) from exc
+
+
+def installed(agent: GuestAgent, timeout: float = 30.0) -> bool:
+    """Return True if the guest has the libshare-redirect script installed."""
+    return _run(agent, ["/bin/sh", "-c", f"test -x {SCRIPT}"], timeout=timeout).ok
+
+
+# ---------------------------------------------------------------------------- install
+
+@dataclass
+class InstallReport:
+    """What :func:`install` did in one guest."""
+
+    domain: str
+    region_device: str | None
+    files: list[str] = field(default_factory=list)
+    identical: int = 0                  # guest files identical to the region's (primed)
+    differs: list[str] = field(default_factory=list)
+    initramfs: str = "not run"          # "updated", "failed: ..."
+    initramfs_entries: int = 0          # libshare files found in the new initramfs
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
+            update_initramfs: bool = True) -> InstallReport:
+    """Install the guest-side files into running domain ``dom`` and rebuild its
+    initramfs; return an :class:`InstallReport`.
+
+    Refuses (RefusedError, nothing changed) as :func:`check_domain` does. If writing a
+    file fails, the files written so far are removed again before the error is raised.
+    """
+    t0 = time.monotonic()
+    target = check_domain(dom, agent_factory=agent_factory)
+    agent = target.agent
+    report = InstallReport(domain=target.name, region_device=target.region_device)
+    dirs = sorted({f.path.rsplit("/", 1)[0] for f in GUEST_FILES})
+    try:
+        _run(agent, ["mkdir", "-p", *dirs], timeout=30)
+        for f in GUEST_FILES:
+            if f.source is None:
+                assert f.link is not None
+                res = _run(agent, ["ln", "-sfn", f.link, f.path], timeout=30)
+                if not res.ok:
+                    raise LibshareError(f"{target.name}: cannot link {f.path}: {_tail(res)}")
+            else:
+                agent.write_file(f.path, guest_file_bytes(f.source), mode=f.mode)
+            report.files.append(f.path)
+    except (AgentError, LibshareError) as exc:
+        if report.files:
+            _run(agent, ["rm", "-f", *report.files], timeout=30)
+        raise LibshareError(f"{target.name}: install failed, nothing left behind: {exc}") \
+            from exc
+    # started now (not only from the next boot) so that its ExecStop detaches the binds
+    # of a runtime redirect at shutdown; 'start' never restarts it (that would detach)
+    _run(agent, ["/bin/sh", "-c", "command -v systemctl >/dev/null && "
+                 f"[ -d /run/systemd/system ] && systemctl daemon-reload && "
+                 f"systemctl start {UNIT} || true"], timeout=120)
+    # hash every library now (O_DIRECT) so the boot-time apply only reads its verdicts
+    res = _run(agent, [SCRIPT, "prime"], timeout=APPLY_TIMEOUT)
+    kv = parse_kv(res.out)
+    report.identical, report.differs = _int(kv, "identical"), list(kv.get("differs", []))
+    if update_initramfs:
+        res = _run(agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
+                   timeout=INITRAMFS_TIMEOUT)
+        report.initramfs = "updated" if res.ok else f"failed: {_tail(res)}"
+        if res.ok:
+            report.initramfs_entries = initramfs_entries(agent)
+    report.seconds = round(time.monotonic() - t0, 1)
+    return report
+
+
+def initramfs_entries(agent: GuestAgent) -> int:
+    """Return how many libshare files the guest's current initramfs holds (lsinitramfs
+    of /boot/initrd.img-$(uname -r)); 0 if it cannot be listed."""
+    res = _run(agent, ["/bin/sh", "-c",
+                       'lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c libshare'],
+               timeout=300)
+    try:
+        return int(res.out.strip() or 0)
+    except ValueError:
+        return 0
+
+
+# ---------------------------------------------------------------------------- redirect
+
+@dataclass
+class RedirectReport:
+    """What :func:`redirect` or :func:`unredirect` did in one guest."""
+
+    domain: str
+    action: str
+    region_device: str | None = None
+    bound: int = 0                       # binds made now
+    binds_total: int = 0                 # binds in place afterwards
+    differs: list[str] = field(default_factory=list)
+    hashed: int = 0
+    cached: int = 0
+    removed: int = 0
+    deleted: list[str] = field(default_factory=list)
+    initramfs: str | None = None
+    restarted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    agent_restarted: bool = False
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _agent_pid(agent: GuestAgent) -> str:
+    """Return the guest agent service's main PID as systemd reports it ('' if unknown)."""
+    res = agent.exec(["systemctl", "show", "-p", "MainPID", "--value", AGENT_UNIT],
+                     timeout=30)
+    return res.out.strip() if res.ok else ""
+
+
+def _restart_agent(agent: GuestAgent, kv: dict[str, Any], name: str,
+                   timeout: float = 180.0) -> bool:
+    """If the guest deferred the restart of its agent (``agent_restart=deferred``: the
+    agent runs the script, so it must outlive it), restart it now, asynchronously
+    (``systemd-run --no-block``), and wait until a new agent process answers; return
+    True if it was restarted."""
+    if kv.get("agent_restart") != "deferred":
+        return False
+    try:
+        before = _agent_pid(agent)
+        agent.exec(["systemd-run", "--no-block", "--collect", "--quiet", "systemctl",
+                    "restart", AGENT_UNIT], timeout=30)
+    except AgentError:
+        pass  # the agent may go away while answering: that is the restart
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            pid = _agent_pid(agent)
+            if pid and pid != "0" and pid != before:
+                return True
+            last = f"main PID still {pid}"
+        except AgentError as exc:
+            last = str(exc)
+        time.sleep(1.0)
+    raise LibshareError(f"{name}: guest agent did not come back after its restart: {last}")
+
+
+def redirect(dom: Any, restart: bool = True,
+             agent_factory: AgentFactory = GuestAgent.for_domain) -> RedirectReport:
+    """Bind the region's identical copies over the guest's libraries now (runtime mode);
+    return a :class:`RedirectReport`. With ``restart``, the guest re-executes systemd and
+    restarts the services still mapping old copies, its agent last (waited for).
+
+    Refuses as :func:`check_domain` does, and if the guest-side files are not installed.
+    """
+    t0 = time.monotonic()
+    target = check_domain(dom, agent_factory=agent_factory)
+    agent = target.agent
+    if not installed(agent):
+        raise RefusedError(f"{target.name}: libshare-redirect is not installed "
+                           f"(run 'libshare guest install {target.name}' first)")
+    argv = [SCRIPT, "apply", "--defer-agent"] + ([] if restart else ["--no-restart"])
+    res = _run(agent, argv, timeout=APPLY_TIMEOUT)
+    kv = parse_kv(res.out)
+    if "refused" in kv:
+        raise RefusedError(f"{target.name}: {kv['refused']}")
+    if not res.ok:
+        raise LibshareError(f"{target.name}: libshare-redirect apply failed (exit {res.rc}): "
+                            f"{_tail(res)}")
+    report = RedirectReport(
+        domain=target.name, action="redirect", region_device=kv.get("region_device"),
+        bound=_int(kv, "bound"), binds_total=_int(kv, "binds_total"),
+        differs=list(kv.get("differs", [])), hashed=_int(kv, "hashed"),
+        cached=_int(kv, "cached"), restarted=str(kv.get("restarted", "")).split(),
+        kept=str(kv.get("kept", "")).split())
+    report.agent_restarted = _restart_agent(agent, kv, target.name)
+    report.seconds = round(time.monotonic() - t0, 1)
+    return report
+
+
+def unredirect(dom: Any, restart: bool = True,
+               agent_factory: AgentFactory = GuestAgent.for_domain) -> RedirectReport:
+    """Undo :func:`install` and :func:`redirect` in running domain ``dom``: remove exactly
+    the binds recorded in the guest, delete every guest-side file and rebuild the
+    initramfs (a reboot then runs the guest as before); return a :class:`RedirectReport`.
+
+    Refuses if the domain is not running or its agent does not answer, and if nothing is
+    installed; the region device and DAX are not required (there may be nothing to
+    mount any more).
+    """
+    t0 = time.monotonic()
+    if not api.is_active(dom):
+        raise RefusedError(f"{dom.name()} is not running")
+    agent = agent_factory(dom)
+    name = dom.name()
+    try:
+        agent.ping()
+    except AgentError as exc:
+        raise RefusedError(f"{name}: no responding guest agent ({exc})") from exc
+    if not installed(agent):
+        raise RefusedError(f"{name}: libshare-redirect is not installed: nothing to undo")
+    argv = [SCRIPT, "uninstall", "--defer-agent"] + ([] if restart else ["--no-restart"])
+    res = _run(agent, argv, timeout=INITRAMFS_TIMEOUT)
+    kv = parse_kv(res.out)
+    if not res.ok:
+        raise LibshareError(f"{name}: libshare-redirect uninstall failed (exit {res.rc}): "
+                            f"{_tail(res)}")
+    report = RedirectReport(
+        domain=name, action="unredirect", removed=_int(kv, "removed"),
+        deleted=list(kv.get("deleted", [])), initramfs=kv.get("initramfs"),
+        restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
+    report.agent_restarted = _restart_agent(agent, kv, name)
+    report.seconds = round(time.monotonic() - t0, 1)
+    return report
+
+
+def guest_status(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
+                 timeout: float = 120.0) -> dict[str, Any]:
+    """Return the guest's own view (``libshare-redirect status``): region mounted, DAX,
+    binds, boot mode, library mappings from the region / from disk / stale. For
+    ``libshare status``. Each program run in the guest may take ``timeout`` seconds.
+    Raises LibshareError if the agent does not answer."""
+    agent = agent_factory(dom)
+    res = _run(agent, ["/bin/sh", "-s", "--", "status"], stdin=script_bytes(),
+               timeout=timeout)
+    kv = parse_kv(res.out)
+    out: dict[str, Any] = {"installed": installed(agent, timeout=min(timeout, 30.0))}
+    for key, value in kv.items():
+        out[key] = int(value) if isinstance(value, str) and value.isdigit() else value
+    return out

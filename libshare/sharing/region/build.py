@@ -1,0 +1,409 @@
+"""Building a group's region image from the store and making it the group's current one.
+
+Selection of store objects, staging them (hashed as they are staged), mkfs.erofs with
+the options that make the result deterministic, the PFN head and zero tail, and
+publishing under the regions lock: the image as ``images/DIGEST.img``, then the group's
+link switched atomically. On any failure or interrupt nothing is published. The image
+layout, names and the determinism rules are described once, in
+:mod:`libshare.sharing.region.layout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+import uuid as uuidlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from libshare.config import Config
+from libshare.errors import LibshareError, UsageError
+from libshare.sharing.formats import pfn
+from libshare.sharing.region.layout import (
+    CHUNK,
+    DATAOFF,
+    IMAGE_MODE,
+    check_group,
+    fs_path,
+    locked,
+    pfn_uuid,
+    set_fs_label,
+)
+from libshare.sharing.region.manifest import manifest_bytes, tsv_manifest_bytes
+from libshare.sharing.store import (
+    OBJECT_MODE,
+    Progress,
+    StoreEntry,
+    StoreIndex,
+    check_object,
+    corrupt_object_problem,
+    fsync_dir,
+    load_index,
+    object_path,
+)
+from libshare.util.digest import cached_sha256, copy_sha256, sha256_file
+from libshare.util.units import REGION_ALIGN, human, round_up
+
+MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
+                          re.MULTILINE)
+#: seconds between progress ticks while mkfs.erofs runs
+TICK = 0.2
+MKFS_OPTIONS = ["--quiet", "-x-1", "-T0", "--all-root", "-Enoinline_data"]
+
+
+@dataclass
+class BuildResult:
+    """What :func:`build_region` produced."""
+
+    path: str            # the image, named by its digest
+    digest: str          # hex SHA-256 of the image file
+    size: int            # bytes, a multiple of 2 MiB
+    files: int           # libraries in the image
+    group: str
+    link: str            # the group's stable path (symlink to ``path``)
+    fs_size: int         # bytes of the EROFS filesystem
+    data_size: int       # sum of the library sizes
+    new: bool            # False if an identical image already existed
+    mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- selection
+
+def parse_selection_file(path: str | os.PathLike[str]) -> list[str]:
+    """Return the entries (guest paths or sha256s) listed in ``path``, '#' comments removed."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read selection file {path}: {exc.strerror}") from exc
+    out = []
+    for line in text.splitlines():
+        item = line.split("#", 1)[0].strip()
+        if item:
+            out.append(item)
+    return out
+
+
+def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreEntry]:
+    """Return the store entries chosen by ``selection``, sorted by sha256.
+
+    ``selection`` is "all" (every object), a path to a selection file, or a list of
+    guest paths / hex sha256s. A guest path selects every object seen at that path
+    (different trees may hold different versions there: each gets its own region path,
+    and a guest uses the one whose SHA-256 matches its file); a sha256 selects exactly
+    that object. Raises LibshareError naming the first unknown entry.
+    """
+    if selection == "all":
+        chosen = list(index.entries.values())
+    else:
+        items = parse_selection_file(selection) if isinstance(selection, str) else selection
+        by_path = index.by_path()
+        picked: dict[str, StoreEntry] = {}
+        for item in items:
+            shas = [item.lower()] if re.fullmatch(r"[0-9a-fA-F]{64}", item) \
+                else by_path.get(item, [])
+            if not shas or any(sha not in index.entries for sha in shas):
+                raise LibshareError(f"selection: {item} is not in the store "
+                                    "(import it with 'libshare store import')")
+            for sha in shas:
+                picked[sha] = index.entries[sha]
+        chosen = list(picked.values())
+    return sorted(chosen, key=lambda e: e.sha256)
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- build
+
+
+
+def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
+           progress: Progress | None) -> None:
+    """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
+    (JSON and TSV).
+
+    Each object is hashed as it is staged (one read: the hard link mkfs.erofs will read,
+    or the copy being written), so a store object damaged in place is never published.
+    Raises LibshareError naming the first corrupt object.
+    """
+    total = len(entries)
+    for n, e in enumerate(entries, 1):
+        if progress:
+            progress("stage", n, total, "files")
+        dest = root / fs_path(e).lstrip("/")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        src = object_path(store_dir, e.sha256)
+        linked = False
+        if stat.S_IMODE(src.stat().st_mode) == OBJECT_MODE:
+            try:
+                os.link(src, dest)
+                linked = True
+            except OSError:
+                pass
+        if linked:
+            actual = sha256_file(dest)
+        else:
+            with open(src, "rb") as fin, open(dest, "wb") as fout:
+                actual = copy_sha256(fin, fout)
+            os.chmod(dest, OBJECT_MODE)
+        if actual != e.sha256:
+            raise LibshareError(corrupt_object_problem(e, actual))
+    meta = root / ".libshare"
+    meta.mkdir()
+    (meta / "manifest.json").write_bytes(manifest)
+    os.chmod(meta / "manifest.json", 0o444)
+    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries))
+    os.chmod(meta / "manifest.tsv", 0o444)
+    for dirpath, _dirs, _files in os.walk(root):
+        os.chmod(dirpath, 0o755)
+        os.utime(dirpath, (0, 0))
+
+
+def _find_mkfs() -> str:
+    """Return the path of mkfs.erofs; raise LibshareError if it is not installed."""
+    mkfs = shutil.which("mkfs.erofs")
+    if mkfs is None:
+        raise LibshareError("mkfs.erofs not found (install erofs-utils)")
+    return mkfs
+
+
+@functools.lru_cache(maxsize=4)
+def mkfs_erofs_version(mkfs: str) -> str:
+    """Return the erofs-utils version of the mkfs.erofs at ``mkfs`` ("1.5"), "unknown"
+    when neither ``mkfs.erofs --version`` nor dpkg tells it.
+
+    erofs-utils 1.5 prints "mkfs.erofs 1.5" and then rejects ``--version`` (exit 1);
+    later versions print "mkfs.erofs (erofs-utils) 1.7.1". Images are byte-identical
+    only for identical inputs and the same version: it goes into the manifest.
+    """
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run([mkfs, "--version"], capture_output=True, text=True,
+                              check=False, timeout=10)
+        m = MKFS_VERSION.search(proc.stdout + "\n" + proc.stderr)
+        if m:
+            return m.group(1)
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "erofs-utils"],
+                              capture_output=True, text=True, check=False, timeout=10)
+        if proc.returncode == 0 and proc.stdout.strip():
+            return proc.stdout.strip()
+    return "unknown"
+
+
+def _mkfs(mkfs: str, fs_uuid: str, out: Path, root: Path,
+          progress: Progress | None = None) -> None:
+    """Run mkfs.erofs and label the result (FS_LABEL); raise LibshareError with its last
+    error line on failure. While it runs, ``progress("mkfs.erofs", seconds, 0)`` ticks
+    every TICK seconds (total 0: no known end, the printer shows elapsed time)."""
+    cmd = [mkfs, *MKFS_OPTIONS, f"-U{fs_uuid}", str(out), str(root)]
+    start = time.monotonic()
+    if progress:
+        progress("mkfs.erofs", 0, 0)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        try:
+            while True:
+                try:
+                    stdout, stderr = proc.communicate(timeout=TICK)
+                    break
+                except subprocess.TimeoutExpired:
+                    if progress:
+                        progress("mkfs.erofs", int(time.monotonic() - start), 0)
+        except BaseException:
+            proc.kill()
+            raise
+    if proc.returncode != 0 or not out.exists():
+        lines = (stderr or stdout).strip().splitlines()
+        raise LibshareError(f"mkfs.erofs failed: {lines[-1] if lines else proc.returncode}")
+    set_fs_label(out)
+
+
+def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
+                 progress: Progress | None) -> str:
+    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256."""
+    h = hashlib.sha256()
+    head = bytes(pfn.INFO_OFFSET) + block
+    head += bytes(DATAOFF - len(head))
+    written = 0
+    with open(tmp, "wb") as out:
+        out.write(head)
+        h.update(head)
+        written += len(head)
+        with open(fs_image, "rb") as fs:
+            while chunk := fs.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                written += len(chunk)
+                if progress:
+                    progress("write", written, total, "bytes")
+        pad = total - written
+        zeros = bytes(min(CHUNK, pad))
+        while pad > 0:  # write real zeros: a sparse hole would cost a guest nothing, but
+            n = min(pad, len(zeros))  # we want the size on disk to be honest and stable
+            out.write(zeros[:n])
+            h.update(zeros[:n])
+            pad -= n
+        if progress:
+            progress("write", total, total, "bytes")
+        out.flush()
+        os.fchmod(out.fileno(), IMAGE_MODE)
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
+def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
+    """Point ``group``'s stable link at ``image`` atomically; return the link path."""
+    link = cfg.group_region_link(group)
+    link.parent.mkdir(parents=True, exist_ok=True)
+    target = os.path.relpath(image, link.parent)
+    tmp = link.parent / f".{link.name}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fsync_dir(link.parent)
+    return link
+
+
+
+
+def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
+                 size: int | None = None, progress: Progress | None = None) -> BuildResult:
+    """Build ``group``'s region image from the store and make it the group's current one.
+
+    ``selection``: see :func:`select_entries`. ``size``: total image size wanted
+    (rounded up to 2 MiB; LibshareError if the content needs more). Returns a
+    :class:`BuildResult`. On any failure or interrupt nothing is left under a digest name
+    and the group link is unchanged.
+    """
+    check_group(group)
+    index = load_index(cfg.store_dir)
+    entries = select_entries(index, selection)
+    if not entries:
+        raise LibshareError("nothing to put in the region: the store is empty "
+                            "(import libraries with 'libshare store import DIR')")
+    for e in entries:
+        problem = check_object(cfg.store_dir, e)
+        if problem:
+            raise LibshareError(problem)
+    mkfs = _find_mkfs()
+    version = mkfs_erofs_version(mkfs)
+    manifest = manifest_bytes(entries, group, version)
+    fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
+    images = cfg.regions_dir / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    with locked(cfg):
+        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
+        tmp_image: Path | None = None
+        try:
+            root = staging / "root"
+            root.mkdir()
+            _stage(cfg.store_dir, entries, root, manifest, progress)
+            fs_image = staging / "fs.erofs"
+            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+            fs_size = fs_image.stat().st_size
+            need = DATAOFF + round_up(fs_size, REGION_ALIGN)
+            total = need if size is None else round_up(size, REGION_ALIGN)
+            if total < need:
+                raise LibshareError(f"--size {human(size or 0)} is too small: the region "
+                                    f"needs {human(need)} ({need} bytes)")
+            block = pfn.build(total, DATAOFF, pfn.uuid_from(
+                hashlib.sha256(b"libshare-region-pfn\0" + uuidlib.UUID(fs_uuid).bytes).digest()))
+            fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
+            os.close(fd)
+            tmp_image = Path(name)
+            digest = _write_image(tmp_image, block, fs_image, total, progress)
+            final = cfg.region_image(digest)
+            # an existing image of that name is reused only if its bytes still match
+            # (this also primes the digest cache the hook's prepare check reads: a cold
+            # hash of a multi-GiB image could exceed the hook's time limit)
+            new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
+            if new:
+                os.replace(tmp_image, final)
+            else:
+                tmp_image.unlink()
+            tmp_image = None
+            fsync_dir(images)
+            if new and cached_sha256(final, cfg.digest_cache) != digest:
+                raise LibshareError(f"{final} changed while being built")
+            link = switch_group_link(cfg, group, final)
+        finally:
+            if tmp_image is not None:
+                with contextlib.suppress(OSError):
+                    tmp_image.unlink()
+            shutil.rmtree(staging, ignore_errors=True)
+    return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
+                       group=group, link=str(link), fs_size=fs_size,
+                       data_size=sum(e.size for e in entries), new=new,
+                       mkfs_erofs=version)
+
+
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+# ---------------------------------------------------------------------------- ls / gc
+
+
+
+
+
+
+
+
+
+
+
+
+

@@ -1,0 +1,148 @@
+"""Region images: their layout, names and paths, shared by build, verify and gc.
+
+Owns ``cfg.regions_dir``: ``images/DIGEST.img`` (one file per distinct image, named by
+the hex SHA-256 of its bytes, mode 0644: see IMAGE_MODE), ``groups/GROUP.img`` (a relative symlink to
+the group's current image, switched atomically), ``.lock`` and the temporary
+``.build-*`` / ``images/.tmp-*`` entries of a build in progress.
+
+Image layout (the guest sees the file as a label-less NVDIMM namespace)::
+
+    0        4 KiB of zeros
+    4 KiB    NVDIMM PFN info block (libshare.sharing.formats.pfn): mode RAM, align and
+             dataoff 2 MiB, npfns = (size - 2 MiB) / 4 KiB  -> the guest builds an
+             fsdax device /dev/pmem0 that starts at 2 MiB
+    8 KiB    zeros up to 2 MiB
+    2 MiB    EROFS filesystem (mkfs.erofs, uncompressed, 4 KiB blocks,
+             -Enoinline_data so every file is block-aligned and DAX-mappable)
+    ...      zeros up to the total size, a multiple of 2 MiB
+
+Inside the filesystem every store object lives at a path that depends only on its
+content and name: ``/lib/<sha256[:2]>/<sha256>/<name>``, where ``name`` is the SONAME
+(else the smallest basename it was seen under). The hash directory makes paths unique
+and stable across rebuilds and hosts (adding a library never moves another one), and
+the real basename keeps guest ``/proc/PID/maps`` readable ("/.../libc.so.6").
+``/.libshare/manifest.json`` lists, per file: path, sha256, build_id, soname, size and
+the guest paths it serves, plus the group name. ``/.libshare/manifest.tsv`` says the same
+for POSIX sh in guests (libshare/guest/libshare-redirect): one line per guest path,
+``sha256 TAB size TAB path-in-image TAB guest-path``, sorted; guest paths holding a tab,
+newline or backslash are left out of it (no shell can read them back safely).
+
+The filesystem carries the label ``libshare`` (EROFS ``volume_name``; erofs-utils 1.5 has
+no ``-L``, so the superblock is patched after mkfs and its crc32c recomputed): guests find
+the region among their /dev/pmem* devices with ``blkid`` by label, not by device order.
+
+Determinism: the staging tree has fixed modes, mkfs.erofs gets ``-T0`` (all times 0),
+``--all-root``, ``-x-1`` (no xattrs) and a UUID derived from the manifest; the PFN
+uuid derives from the filesystem UUID. The same store objects, selection, group and
+erofs-utils version give the byte-identical image on every host; the version is part of
+the manifest (``mkfs_erofs``), so a fleet must run one erofs-utils version (1.5 on
+Debian 12) to build one file. The group name is part of the manifest,
+so two trust groups never share one image file (nor its host page cache).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import uuid as uuidlib
+from collections.abc import Iterator
+from pathlib import Path
+
+from libshare.config import Config
+from libshare.errors import LibshareError, UsageError
+from libshare.sharing.formats import pfn
+from libshare.sharing.formats.erofs import (
+    FEATURE_COMPAT_SB_CHKSUM,
+    SUPER_OFFSET,
+    Erofs,
+    crc32c_raw,
+)
+from libshare.sharing.store import (
+    StoreEntry,
+)
+from libshare.util.units import REGION_ALIGN
+
+DATAOFF = REGION_ALIGN
+
+
+#: EROFS volume label of every region filesystem (at most 16 bytes)
+FS_LABEL = "libshare"
+
+
+DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
+
+
+GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+CHUNK = 4 * 1024 * 1024
+
+
+#: QEMU 7.2 opens a memory-backend-file O_RDWR unless readonly=on, which libvirt 9.0 never
+#: sets: a 0444 image fails with EACCES once libvirt chowns it to the QEMU user. The
+#: guests still cannot change it: access='private' maps it MAP_PRIVATE (copy-on-write).
+IMAGE_MODE = 0o644
+
+
+def fs_path(entry: StoreEntry) -> str:
+    """Return the stable path of ``entry`` inside the region filesystem."""
+    return f"/lib/{entry.sha256[:2]}/{entry.sha256}/{entry.name}"
+
+
+def set_fs_label(fs_image: Path, label: str = FS_LABEL) -> None:
+    """Write ``label`` into the EROFS superblock's volume_name of the filesystem image
+    ``fs_image`` and recompute the superblock crc32c when the image has one.
+
+    Returns nothing; raises LibshareError if the label is too long or the file is not
+    an EROFS image with 4 KiB blocks.
+    """
+    raw = label.encode()
+    if not raw or len(raw) > 16:
+        raise LibshareError(f"filesystem label {label!r} must be 1 to 16 bytes")
+    with open(fs_image, "r+b") as fh:
+        fh.seek(0)
+        block = bytearray(fh.read(4096))
+        if len(block) != 4096 or int.from_bytes(
+                block[SUPER_OFFSET:SUPER_OFFSET + 4], "little") != 0xE0F5E1E2 \
+                or block[SUPER_OFFSET + 12] != 12:
+            raise LibshareError(f"{fs_image}: not an EROFS image with 4 KiB blocks")
+        name = SUPER_OFFSET + 64
+        block[name:name + 16] = raw.ljust(16, b"\0")
+        compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
+        if compat & FEATURE_COMPAT_SB_CHKSUM:
+            sb = bytearray(block[SUPER_OFFSET:])
+            sb[4:8] = bytes(4)
+            block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+        fh.seek(0)
+        fh.write(block)
+
+
+def fs_label(fs: Erofs) -> str:
+    """Return the volume label of the EROFS filesystem ``fs`` ('' when it has none)."""
+    raw = fs.read(SUPER_OFFSET + 64, 16)
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def pfn_uuid(seed: bytes) -> uuidlib.UUID:
+    """Return the UUID derived from ``seed`` (see :func:`libshare.sharing.formats.pfn.uuid_from`)."""
+    return uuidlib.UUID(bytes=pfn.uuid_from(seed))
+
+
+def check_group(group: str) -> None:
+    """Raise UsageError unless ``group`` is a valid trust-group name."""
+    if not GROUP_NAME.match(group):
+        raise UsageError(f"invalid group name {group!r} (letters, digits, '_', '.', '-')")
+
+
+@contextlib.contextmanager
+def locked(cfg: Config) -> Iterator[None]:
+    """Hold the regions lock (builds and gc exclude each other)."""
+    cfg.regions_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.regions_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -1,0 +1,103 @@
+"""Thin helpers over libvirt-python: connecting, finding domains, reading definitions.
+
+Every libvirt error is turned into a LibshareError with libvirt's own message, so the
+command line prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+
+import libvirt
+
+from libshare import domxml
+from libshare.domxml.devices import region_paths
+from libshare.errors import LibshareError
+
+# Persistent definition, with secrets (passwords) so that redefining loses nothing.
+INACTIVE_XML = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+
+
+def _quiet_handler(_ctx: object, _err: object) -> None:
+    """Swallow libvirt's default printing of errors to stderr (we report them ourselves)."""
+
+
+libvirt.registerErrorHandler(_quiet_handler, None)
+
+
+@contextmanager
+def connect(uri: str) -> Iterator[libvirt.virConnect]:
+    """Yield an open libvirt connection to ``uri``, closed afterwards."""
+    try:
+        conn = libvirt.open(uri)
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") \
+            from exc
+    try:
+        yield conn
+    finally:
+        with suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    """Return the domain called ``name`` (or with that UUID); raise if there is none."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError:
+        pass
+    try:
+        return conn.lookupByUUIDString(name)
+    except libvirt.libvirtError:
+        raise LibshareError(f"domain {name!r} not found") from None
+
+
+def inactive_xml(dom: libvirt.virDomain) -> str:
+    """Return the persistent definition of ``dom`` (with secrets)."""
+    try:
+        return str(dom.XMLDesc(INACTIVE_XML))
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"{dom.name()}: cannot read definition: "
+                            f"{exc.get_error_message()}") from exc
+
+
+def define(conn: libvirt.virConnect, xml: str) -> libvirt.virDomain:
+    """Define (or redefine) a domain from ``xml`` with libvirt's schema validation;
+    return it."""
+    try:
+        return conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"libvirt refused the definition: {exc.get_error_message()}") \
+            from exc
+
+
+def is_active(dom: libvirt.virDomain) -> bool:
+    """Return True when the domain is running (or paused)."""
+    return bool(dom.isActive())
+
+
+def all_domains(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
+    """Return every domain, defined or running, sorted by name."""
+    try:
+        doms = conn.listAllDomains(0)
+    except libvirt.libvirtError as exc:
+        raise LibshareError(f"cannot list domains: {exc.get_error_message()}") from exc
+    return sorted(doms, key=lambda d: d.name())
+
+
+def referenced_region_paths(conn: libvirt.virConnect) -> set[str]:
+    """Return every region path that any domain at ``conn``, defined or running, refers
+    to (its persistent and its live definition); raise LibshareError if libvirt cannot
+    list them: ``region gc`` must not guess."""
+    out: set[str] = set()
+    for dom in all_domains(conn):
+        try:
+            out |= region_paths(domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+            if dom.isActive():
+                out |= region_paths(domxml.parse(dom.XMLDesc(0)))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined while we looked
+            raise LibshareError(f"libvirt: {exc.get_error_message()}") from exc
+    return out
