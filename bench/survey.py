@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import machine, median, print_header, reproduce_command
+from libshare.virt import api
 
 DBG_CACHE = Path("/var/cache/libshare/dbg")
 #: The extra sleeping processes that bring each guest to ~75 tasks.
@@ -202,7 +203,7 @@ def measure_peer(conn: Any, name: str, vmlinux: Path, runs: int) -> dict[str, An
     with tempfile.TemporaryDirectory(prefix="lsbench-", dir="/var/tmp") as tmp:
         cache_dir = Path(tmp) / "state"
         dump = Path(tmp) / "guest.elf"
-        dom = qemu.running_domain(conn, name)
+        dom = api.running_domain(conn, name)
         with qemu.paused(dom, timeout=600):
             cold = survey_domain(conn, name, cache_dir=cache_dir / "introspect")
             warms = [survey_domain(conn, name, cache_dir=cache_dir / "introspect")

@@ -1,9 +1,10 @@
 """The ``libshare`` command line: global options, sub-command dispatch, exit codes.
 
-Each sub-command lives in ``libshare/commands/<name>.py`` and exposes
+Each sub-command lives in ``libshare/cli/commands/<name>.py`` and exposes
 ``register(subparsers)``; the parser it adds sets ``func(args, cfg) -> int``.
-The global options (``--config``, ``--state-dir``, ``-v``) are accepted before the
-sub-command and after it, at any depth (``libshare region build --state-dir DIR``).
+The global options (``--config``, ``--state-dir``, ``-c/--connect``, ``-v``; see
+:mod:`libshare.cli.options`) are accepted before the sub-command and after it, at any
+depth (``libshare region build --state-dir DIR``).
 Errors: a LibshareError prints ``libshare: <reason>`` on stderr and exits 1 (2 for
 usage errors); argparse's own usage errors exit 2.
 """
@@ -17,24 +18,12 @@ import sys
 from collections.abc import Sequence
 
 from libshare import __version__, config
+from libshare.cli.options import add_global_options
 from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "hook", "store", "region", "survey", "guest", "redirect",
+COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
                    "daemon", "demo"]
-
-
-def _add_global_options(parser: argparse.ArgumentParser, default: object = None) -> None:
-    """Add the global options to ``parser``; ``default`` is their value when absent."""
-    parser.add_argument("--config", metavar="PATH", default=default,
-                        help="configuration file (default $LIBSHARE_CONFIG or "
-                        f"{config.SYSTEM_CONFIG})")
-    parser.add_argument("--state-dir", metavar="DIR", default=default,
-                        help="state directory (default $LIBSHARE_STATE_DIR, the config's "
-                        f"state_dir, or {config.DEFAULT_STATE_DIR})")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        default=False if default is None else default,
-                        help="log debug messages")
 
 
 def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -58,13 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
         "guests of a trust group, through a read-only library region device.",
     )
     parser.add_argument("--version", action="version", version=f"libshare {__version__}")
-    _add_global_options(parser)
+    add_global_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"libshare.cli.commands.{name}")
         module.register(sub)
     for child in _sub_parsers(parser):
-        _add_global_options(child, argparse.SUPPRESS)
+        add_global_options(child, argparse.SUPPRESS)
     return parser
 
 

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 from lxml import etree
 
+from libshare import XMLNS
 from libshare.domxml.tree import Element
 from libshare.errors import RefusedError
 
-NS = "https://libshare.dev/xmlns/domain/1"
+NS = XMLNS
 PREFIX = "libshare"
 VERSION = "1"
 #: automatic redirect modes a domain can be enrolled with ("off": nothing automatic)

@@ -44,12 +44,10 @@ from libshare import config, domxml
 from libshare.domxml import devices as dev
 from libshare.domxml.metadata import Enrolment
 from libshare.errors import LibshareError
-from libshare.hook import state
+from libshare.hook import ops, state
 from libshare.util.digest import cached_sha256, load_entries, save_entries, stat_key
 from libshare.virt.process import qemu_pid
 
-STRICT_OPS = ("prepare", "migrate", "restore")
-HOOK_MARKER = "libshare-hook"
 #: where the ivshmem model's shared memory objects live
 SHM_DIR = Path("/dev/shm")
 #: seconds kept back from the budget for writing the log after a timeout
@@ -252,7 +250,7 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
     """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``); return
     a short result for the log."""
     state_dir = Path(enr.state_dir) if enr.state_dir else cfg.state_dir
-    if op in STRICT_OPS:
+    if op in ops.STRICT:
         enr.checked_size()  # a corrupt record is refused, not read as 0 bytes
     if op == "prepare" and sub == "begin":
         if dev.find_region_device(root.find("devices"), enr.model, enr.region,
@@ -299,7 +297,7 @@ def run(argv: list[str], data: bytes, out: Any = None, started: float | None = N
     name = argv[0] if argv else "?"
     op = argv[1] if len(argv) > 1 else "?"
     sub = argv[2] if len(argv) > 2 else "-"
-    strict = op in STRICT_OPS and sub == "begin"
+    strict = ops.is_strict(op, sub)
     if started is None:
         started = time.monotonic()
     result, status = "error", 1 if strict else 0

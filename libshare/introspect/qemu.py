@@ -1,6 +1,7 @@
 """Finding a running libvirt domain's guest RAM inside its QEMU process.
 
-Owns the libvirt/QEMU side of introspection: looking up a running domain, its QEMU pid
+Owns the QEMU side of introspection (libvirt itself is reached through
+:mod:`libshare.virt.api`): a running domain's QEMU pid
 (``/run/libvirt/qemu/<name>.pid``, checked against the process's command line), the
 guest RAM blocks and their host virtual addresses (HMP ``info mtree -f`` plus
 ``gpa2hva`` through ``virDomainQemuMonitorCommand``; without HMP, the process's
@@ -39,7 +40,7 @@ from libshare.introspect.memory import (
     RamBlock,
     pc_ram_layout,
 )
-from libshare.virt import process
+from libshare.virt import api, process
 
 log = logging.getLogger(__name__)
 PID_DIR = process.QEMU_RUN_DIR
@@ -59,30 +60,6 @@ def libvirt_module() -> Any:
     return libvirt
 
 
-def connect(uri: str) -> Any:
-    """Return a libvirt connection to ``uri``."""
-    libvirt = libvirt_module()
-    try:
-        return libvirt.open(uri)
-    except libvirt.libvirtError as exc:
-        raise LibshareError(f"cannot connect to {uri}: {exc.get_error_message()}") from exc
-
-
-def running_domain(conn: Any, name: str) -> Any:
-    """Return the running domain ``name`` (name or UUID); raise if unknown or not running."""
-    libvirt = libvirt_module()
-    try:
-        dom = conn.lookupByName(name)
-    except libvirt.libvirtError:
-        try:
-            dom = conn.lookupByUUIDString(name)
-        except libvirt.libvirtError:
-            raise LibshareError(f"no domain {name!r}") from None
-    if not dom.isActive():
-        raise LibshareError(f"domain {dom.name()} is not running")
-    return dom
-
-
 def qemu_pid(dom: Any, pid_dir: Path = PID_DIR) -> int:
     """Return the pid of the QEMU process running ``dom``."""
     pid = process.qemu_pid(dom.name(), pid_dir)
@@ -90,18 +67,6 @@ def qemu_pid(dom: Any, pid_dir: Path = PID_DIR) -> int:
         raise LibshareError(f"cannot find the QEMU process of {dom.name()} "
                             f"(no live QEMU named in {pid_dir}/{dom.name()}.pid)")
     return pid
-
-
-def hmp(dom: Any, command: str) -> str:
-    """Return the output of HMP ``command`` on ``dom``'s monitor (through libvirt)."""
-    libvirt = libvirt_module()
-    try:
-        import libvirt_qemu
-        out: str = libvirt_qemu.qemuMonitorCommand(
-            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
-        return out
-    except (ImportError, libvirt.libvirtError) as exc:
-        raise LibshareError(f"HMP {command!r} on {dom.name()} failed: {exc}") from exc
 
 
 def parse_mtree(text: str) -> list[tuple[int, int, str, int]]:
@@ -131,14 +96,14 @@ def parse_mtree(text: str) -> list[tuple[int, int, str, int]]:
 
 def ram_blocks_hmp(dom: Any) -> list[RamBlock]:
     """Return the guest RAM blocks of ``dom`` with host virtual addresses, from HMP."""
-    ranges = [r for r in parse_mtree(hmp(dom, "info mtree -f")) if _RAM_NAME.match(r[2])]
+    ranges = [r for r in parse_mtree(api.monitor_command(dom, "info mtree -f")) if _RAM_NAME.match(r[2])]
     if not ranges:
         raise LibshareError(f"{dom.name()}: no guest RAM in 'info mtree -f'")
     bases: dict[str, int] = {}
     blocks: list[RamBlock] = []
     for start, end, region, offset in ranges:
         if region not in bases:
-            m = _GPA2HVA.search(hmp(dom, f"gpa2hva {start:#x}"))
+            m = _GPA2HVA.search(api.monitor_command(dom, f"gpa2hva {start:#x}"))
             if not m:
                 raise LibshareError(f"{dom.name()}: gpa2hva {start:#x} gave no address")
             bases[region] = int(m.group(3), 16) - offset

@@ -412,9 +412,10 @@ def survey_domain(conn: Any, name: str, pause: bool = False, backend: str = "pro
                   pause_timeout: float = 60.0) -> DomainSurvey:
     """Return the survey of running domain ``name`` on libvirt connection ``conn``."""
     from libshare.introspect import qemu
+    from libshare.virt import api
 
     t0, c0 = time.perf_counter(), time.process_time()
-    dom = qemu.running_domain(conn, name)
+    dom = api.running_domain(conn, name)
     name = dom.name()
     mem = qemu.open_memory(dom, backend)
     try:

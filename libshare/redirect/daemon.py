@@ -1,11 +1,10 @@
 """``libshare daemon``: automatic runtime redirect of guests enrolled with
-``redirect="runtime"``, and its systemd unit.
+``redirect="runtime"`` (its systemd unit: :mod:`libshare.redirect.unit`).
 
 Owns the serving of the requests the hook leaves at ``started`` in
 ``STATE/requests/NAME.json`` (the hook never waits for a guest; this long-running
 process does), what is recorded about each one in ``STATE/redirects/NAME.json`` and
-``STATE/log/daemon.log``, what ``libshare status`` reports of it (:func:`auto_state`),
-and the unit file ``libshare-daemon.service`` (:func:`install_unit`).
+``STATE/log/daemon.log`` and what ``libshare status`` reports of it (:func:`auto_state`).
 
 Per request (:meth:`Daemon.handle`), in a thread of its own (at most ``jobs`` at once,
 so one slow guest does not hold up the others):
@@ -26,8 +25,6 @@ A served or failed request leaves its outcome (time, ok or error, the reports) i
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -41,19 +38,14 @@ from typing import Any, TextIO
 import libvirt
 
 from libshare import domxml
-from libshare.data import host_text
 from libshare.errors import LibshareError
 from libshare.hook import state
 from libshare.redirect import actions
 from libshare.redirect.agent import AgentError, GuestAgent
-from libshare.util.files import write_owned
 from libshare.virt import api
 
 DEFAULT_POLL = 5.0
 DEFAULT_JOBS = 4
-UNIT_NAME = "libshare-daemon.service"
-DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
-UNIT_MARKER = "libshare-daemon"
 
 #: what a handled request came to
 DROPPED, WAITING, OK, FAILED = "dropped", "waiting", "ok", "failed"
@@ -64,18 +56,6 @@ AgentFactory = Callable[[Any], GuestAgent]
 
 class _ConnectionLost(Exception):
     """The libvirt connection broke while looking a domain up."""
-
-
-def open_libvirt(uri: str) -> Callable[[], Any]:
-    """Return a function that opens a libvirt connection to ``uri`` (LibshareError with
-    libvirt's reason when it cannot)."""
-    def factory() -> Any:
-        try:
-            return libvirt.open(uri)
-        except libvirt.libvirtError as exc:
-            raise LibshareError(f"cannot connect to libvirt at {uri}: "
-                                f"{exc.get_error_message()}") from exc
-    return factory
 
 
 @dataclass
@@ -390,110 +370,3 @@ def auto_state(state_dir: Path, name: str) -> dict[str, Any] | None:
     if req is not None:
         return {"state": "pending", "time": req.get("requested_at"), "last": last}
     return last
-
-
-# ---------------------------------------------------------------------------- unit
-
-def unit_template() -> str:
-    """Return the unit file's Jinja2 template shipped with the package (its one
-    variable, ``exec_start``, is the ExecStart command line)."""
-    return host_text(UNIT_NAME)
-
-
-def render_unit(python: str | None = None, extra_args: list[str] | None = None) -> str:
-    """Return the unit file with ExecStart running ``python -m libshare`` (default: this
-    interpreter's absolute path) with global options ``extra_args`` and ``daemon``."""
-    import jinja2  # only 'daemon install' renders a unit: keep it off the serving path
-
-    argv = [os.path.abspath(python or sys.executable), "-m", "libshare",
-            *(extra_args or []), "daemon"]
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
-                             keep_trailing_newline=True)
-    return env.from_string(unit_template()).render(
-        exec_start=" ".join(_quote(a) for a in argv))
-
-
-def _quote(arg: str) -> str:
-    """Return ``arg`` quoted for a systemd command line when it needs it."""
-    if arg and all(c.isalnum() or c in "/._-=:+,@" for c in arg):
-        return arg
-    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def systemd_running() -> bool:
-    """Return True when systemd is this machine's init (``/run/systemd/system``)."""
-    return Path("/run/systemd/system").is_dir()
-
-
-@dataclass
-class UnitResult:
-    """What :func:`install_unit`/:func:`uninstall_unit` did: the unit ``path``,
-    ``action`` (installed/updated/unchanged/removed/absent) and ``systemd`` (what was
-    asked of systemd, or why nothing was)."""
-
-    path: Path
-    action: str
-    systemd: str
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the result as a JSON-ready dict."""
-        return {"path": str(self.path), "action": self.action, "systemd": self.systemd}
-
-
-Runner = Callable[[list[str]], int]
-
-
-def _run(argv: list[str]) -> int:
-    """Run ``argv`` (bounded to 60 s); return its exit status (127 if it cannot run)."""
-    try:
-        return subprocess.run(argv, check=False, timeout=60,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
-    except (OSError, subprocess.TimeoutExpired):
-        return 127
-
-
-def _reload(runner: Runner, systemd: bool | None) -> str:
-    """Run ``systemctl daemon-reload`` when systemd runs; return what happened."""
-    if not (systemd_running() if systemd is None else systemd):
-        return "systemd is not running here: nothing reloaded"
-    rc = runner(["systemctl", "daemon-reload"])
-    return "daemon-reload done" if rc == 0 else f"systemctl daemon-reload failed (exit {rc})"
-
-
-def install_unit(unit_dir: Path = DEFAULT_UNIT_DIR, python: str | None = None,
-                 extra_args: list[str] | None = None, runner: Runner = _run,
-                 systemd: bool | None = None) -> UnitResult:
-    """Write ``UNIT_DIR/libshare-daemon.service`` for this interpreter and reload
-    systemd when it runs (``systemd`` None: detect); return what was done. Refuses to
-    overwrite a unit that libshare did not write."""
-    path = unit_dir / UNIT_NAME
-    action = write_owned(path, render_unit(python, extra_args).encode(), 0o644, _unit_is_ours,
-                         "exists and was not written by libshare")
-    if action == "unchanged":
-        return UnitResult(path, action, "nothing to reload")
-    return UnitResult(path, action, _reload(runner, systemd))
-
-
-def _unit_is_ours(path: Path) -> bool:
-    """Return True when the unit file ``path`` was written by libshare."""
-    return UNIT_MARKER in path.read_text(errors="replace")
-
-
-def uninstall_unit(unit_dir: Path = DEFAULT_UNIT_DIR, runner: Runner = _run,
-                   systemd: bool | None = None) -> UnitResult:
-    """Stop and disable the service when systemd runs, remove the unit libshare wrote
-    and reload systemd; return what was done."""
-    path = unit_dir / UNIT_NAME
-    if not path.exists():
-        return UnitResult(path, "absent", "nothing to do")
-    if not _unit_is_ours(path):
-        raise LibshareError(f"{path} was not written by libshare; not touching it")
-    running = systemd_running() if systemd is None else systemd
-    if running:
-        runner(["systemctl", "disable", "--now", UNIT_NAME])
-    try:
-        path.unlink()
-    except OSError as exc:
-        raise LibshareError(f"cannot remove {path}: {exc.strerror}") from exc
-    return UnitResult(path, "removed", ("stopped and disabled; " if running else "")
-                      + _reload(runner, running))

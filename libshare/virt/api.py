@@ -1,12 +1,14 @@
-"""Thin helpers over libvirt-python: connecting, finding domains, reading definitions.
+"""The only door to the libvirt API: connecting, finding domains, reading and writing
+definitions, the regions domains refer to, and QEMU monitor commands.
 
 Every libvirt error is turned into a LibshareError with libvirt's own message, so the
-command line prints one line and exits 1.
+command line prints one line and exits 1. (The hook never comes here: it must not call
+the libvirt API.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 
 import libvirt
@@ -26,14 +28,26 @@ def _quiet_handler(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_quiet_handler, None)
 
 
-@contextmanager
-def connect(uri: str) -> Iterator[libvirt.virConnect]:
-    """Yield an open libvirt connection to ``uri``, closed afterwards."""
+def open_connection(uri: str) -> libvirt.virConnect:
+    """Return a new libvirt connection to ``uri``; raise LibshareError with libvirt's
+    reason when it cannot be opened."""
     try:
-        conn = libvirt.open(uri)
+        return libvirt.open(uri)
     except libvirt.libvirtError as exc:
         raise LibshareError(f"cannot connect to libvirt at {uri}: {exc.get_error_message()}") \
             from exc
+
+
+def opener(uri: str) -> Callable[[], libvirt.virConnect]:
+    """Return a function that opens a new connection to ``uri`` each time it is called
+    (for long-running services that reconnect when libvirtd restarts)."""
+    return lambda: open_connection(uri)
+
+
+@contextmanager
+def connect(uri: str) -> Iterator[libvirt.virConnect]:
+    """Yield an open libvirt connection to ``uri``, closed afterwards."""
+    conn = open_connection(uri)
     try:
         yield conn
     finally:
@@ -51,6 +65,28 @@ def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
         return conn.lookupByUUIDString(name)
     except libvirt.libvirtError:
         raise LibshareError(f"domain {name!r} not found") from None
+
+
+def running_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    """Return the running domain called ``name`` (or with that UUID); raise if there is
+    none or it is not running."""
+    dom = lookup(conn, name)
+    if not dom.isActive():
+        raise LibshareError(f"domain {dom.name()} is not running")
+    return dom
+
+
+def monitor_command(dom: libvirt.virDomain, command: str) -> str:
+    """Return the output of HMP ``command`` on ``dom``'s QEMU monitor (through libvirt;
+    libvirt marks the domain tainted "custom-monitor")."""
+    try:
+        import libvirt_qemu
+
+        out: str = libvirt_qemu.qemuMonitorCommand(
+            dom, command, libvirt_qemu.VIR_DOMAIN_QEMU_MONITOR_COMMAND_HMP)
+        return out
+    except (ImportError, libvirt.libvirtError) as exc:
+        raise LibshareError(f"HMP {command!r} on {dom.name()} failed: {exc}") from exc
 
 
 def inactive_xml(dom: libvirt.virDomain) -> str:

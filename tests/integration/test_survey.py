@@ -23,6 +23,7 @@ import pytest
 from libshare.demo.tiny.domain import DEFAULT_CMDLINE
 from libshare.demo.tiny.kernel import KernelPackage
 from libshare.demo.tiny.runner import GuestOptions, running_guest
+from libshare.virt import api
 
 pytestmark = pytest.mark.integration
 
@@ -278,7 +279,7 @@ def test_libvmi_crosscheck(
                            customize=[_shared_memfd])
     with running_guest(libvirt_conn, name, GUEST_SCRIPT, options) as guest:
         guest.wait_ready(timeout=120)
-        dom = qemu.running_domain(libvirt_conn, name)
+        dom = api.running_domain(libvirt_conn, name)
         path, blocks = qemu.ram_file(dom)
         # 256 MiB: one block, file offset = guest-physical (LibVMI's walk relies on it)
         assert [(b.start, b.backing_offset) for b in blocks] == [(0, 0)]
@@ -355,7 +356,7 @@ def test_file_backend_and_running_guest(
         try:
             by_file = run_survey(name, "--backend", "file")["domains"][0]
             by_proc = run_survey(name, "--backend", "proc")["domains"][0]
-            mem = qemu.open_memory(qemu.running_domain(libvirt_conn, name))
+            mem = qemu.open_memory(api.running_domain(libvirt_conn, name))
             try:
                 layout = find_kernel(mem).layout
             finally:

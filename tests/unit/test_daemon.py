@@ -19,9 +19,10 @@ import pytest
 from libshare import domxml
 from libshare.errors import LibshareError, RefusedError
 from libshare.hook import handler, state
-from libshare.redirect import actions, daemon
+from libshare.redirect import actions, daemon, unit
 from libshare.redirect.agent import AgentError
 from libshare.util.digest import sha256_file
+from libshare.virt import api
 
 MiB = 1 << 20
 UUID = "0d4c2cf5-1b5e-4b53-9d7f-1f9b3c7b9a11"
@@ -408,7 +409,7 @@ def test_sigterm_stops_the_cli_daemon(tmp_path: Path, monkeypatch: pytest.Monkey
 
     guests = Guests(monkeypatch)
     conn = FakeConn(FakeDom("a"))
-    monkeypatch.setattr(daemon, "open_libvirt", lambda uri: lambda: conn)
+    monkeypatch.setattr(api, "opener", lambda uri: lambda: conn)
     monkeypatch.setattr(daemon.GuestAgent, "for_domain", guests.agent)
     monkeypatch.setenv("LIBSHARE_CONFIG", "")
     request(tmp_path, "a")
@@ -461,38 +462,38 @@ def test_unit_install_update_uninstall(tmp_path: Path) -> None:
         ran.append(argv)
         return 0
 
-    res = daemon.install_unit(tmp_path, python="/opt/py/bin/python3",
+    res = unit.install_unit(tmp_path, python="/opt/py/bin/python3",
                               extra_args=["--config", "/etc/x y.toml"], runner=runner,
                               systemd=True)
-    unit = (tmp_path / daemon.UNIT_NAME).read_text()
+    text = (tmp_path / unit.UNIT_NAME).read_text()
     assert res.action == "installed" and res.systemd == "daemon-reload done"
     assert ('ExecStart=/opt/py/bin/python3 -m libshare --config "/etc/x y.toml" daemon\n'
-            in unit)
-    assert "After=libvirtd.service" in unit and "Restart=on-failure" in unit
-    assert "WantedBy=multi-user.target" in unit and "@" not in unit.split("ExecStart")[1][:3]
+            in text)
+    assert "After=libvirtd.service" in text and "Restart=on-failure" in text
+    assert "WantedBy=multi-user.target" in text and "@" not in text.split("ExecStart")[1][:3]
     assert ran == [["systemctl", "daemon-reload"]]
-    assert daemon.install_unit(tmp_path, python="/opt/py/bin/python3",
+    assert unit.install_unit(tmp_path, python="/opt/py/bin/python3",
                                extra_args=["--config", "/etc/x y.toml"], runner=runner,
                                systemd=True).action == "unchanged"
-    res = daemon.install_unit(tmp_path, runner=runner, systemd=False)
+    res = unit.install_unit(tmp_path, runner=runner, systemd=False)
     assert res.action == "updated" and "not running" in res.systemd
     assert f"ExecStart={os.path.abspath(__import__('sys').executable)} -m libshare daemon" \
-        in (tmp_path / daemon.UNIT_NAME).read_text()
+        in (tmp_path / unit.UNIT_NAME).read_text()
     ran.clear()
-    res = daemon.uninstall_unit(tmp_path, runner=runner, systemd=True)
-    assert res.action == "removed" and not (tmp_path / daemon.UNIT_NAME).exists()
-    assert ran == [["systemctl", "disable", "--now", daemon.UNIT_NAME],
+    res = unit.uninstall_unit(tmp_path, runner=runner, systemd=True)
+    assert res.action == "removed" and not (tmp_path / unit.UNIT_NAME).exists()
+    assert ran == [["systemctl", "disable", "--now", unit.UNIT_NAME],
                    ["systemctl", "daemon-reload"]]
-    assert daemon.uninstall_unit(tmp_path, runner=runner, systemd=True).action == "absent"
+    assert unit.uninstall_unit(tmp_path, runner=runner, systemd=True).action == "absent"
 
 
 def test_unit_not_ours_is_left_alone(tmp_path: Path) -> None:
-    (tmp_path / daemon.UNIT_NAME).write_text("[Service]\nExecStart=/bin/true\n")
+    (tmp_path / unit.UNIT_NAME).write_text("[Service]\nExecStart=/bin/true\n")
     with pytest.raises(LibshareError, match="not written by libshare"):
-        daemon.install_unit(tmp_path, systemd=False)
+        unit.install_unit(tmp_path, systemd=False)
     with pytest.raises(LibshareError, match="not written by libshare"):
-        daemon.uninstall_unit(tmp_path, systemd=False)
-    assert (tmp_path / daemon.UNIT_NAME).read_text().startswith("[Service]")
+        unit.uninstall_unit(tmp_path, systemd=False)
+    assert (tmp_path / unit.UNIT_NAME).read_text().startswith("[Service]")
 
 
 def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -500,13 +501,13 @@ def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     from libshare import cli
 
     monkeypatch.setenv("LIBSHARE_CONFIG", "")
-    monkeypatch.setattr(daemon, "systemd_running", lambda: False)
+    monkeypatch.setattr(unit, "systemd_running", lambda: False)
     units = tmp_path / "units"
     assert cli.main(["--state-dir", str(tmp_path / "s"), "daemon", "install",
                      "--unit-dir", str(units)]) == 0
     out = capsys.readouterr().out
     assert "installed; systemd is not running here" in out
-    assert f"--state-dir {tmp_path / 's'} daemon" in (units / daemon.UNIT_NAME).read_text()
+    assert f"--state-dir {tmp_path / 's'} daemon" in (units / unit.UNIT_NAME).read_text()
     assert cli.main(["daemon", "uninstall", "--unit-dir", str(units), "--json"]) == 0
     assert '"action": "removed"' in capsys.readouterr().out
 
@@ -514,7 +515,7 @@ def test_unit_cli_with_unit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 def test_unit_template_is_package_data() -> None:
     from libshare.data import host_text
 
-    assert "{{ exec_start }}" in host_text(daemon.UNIT_NAME)
+    assert "{{ exec_start }}" in host_text(unit.UNIT_NAME)
 
 
 def test_unit_renders_with_jinja2_as_before() -> None:
@@ -534,15 +535,15 @@ def test_unit_renders_with_jinja2_as_before() -> None:
         "TimeoutStopSec=300\n\n"
         "[Install]\n"
         "WantedBy=multi-user.target\n")
-    assert daemon.render_unit("/opt/py bin/python3", ["--state-dir", '/s "q"']) == expected
+    assert unit.render_unit("/opt/py bin/python3", ["--state-dir", '/s "q"']) == expected
     # no HTML escaping, nothing left over
-    text = daemon.render_unit("/usr/bin/python3", ["--config", "/a&b<c>.toml"])
+    text = unit.render_unit("/usr/bin/python3", ["--config", "/a&b<c>.toml"])
     assert '"/a&b<c>.toml"' in text and "{{" not in text
 
 
 def test_unit_template_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     import jinja2
 
-    monkeypatch.setattr(daemon, "unit_template", lambda: "ExecStart={{ exec_strat }}\n")
+    monkeypatch.setattr(unit, "unit_template", lambda: "ExecStart={{ exec_strat }}\n")
     with pytest.raises(jinja2.UndefinedError):
-        daemon.render_unit()
+        unit.render_unit()

@@ -12,9 +12,8 @@ from lxml import etree
 from libshare.demo.apt import host_mirror, parse_deb822_sources, parse_sources_list, pick_mirror
 from libshare.demo.debian.domain import debian_domain_tree, debian_domain_xml
 from libshare.demo.debian.guest import console_boots
-from libshare.demo.debian.image import BASE_PACKAGES, packages_key
+from libshare.demo.debian.image import BASE_PACKAGES, BOOTED_MARKER, packages_key
 from libshare.demo.domain import add_numa_nvdimm_support, nvdimm_device_xml
-from libshare.demo.debian.image import BOOTED_MARKER
 
 SCHEMA = Path("/usr/share/libvirt/schemas/domain.rng")
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from libshare.introspect import qemu
 from libshare.introspect.memory import RamBlock, pc_ram_layout
+from libshare.virt import api
 
 # Captured from QEMU 7.2 (libvirt 9.0) running a 4 GiB pc guest, plus an nvdimm and VGA.
 MTREE = """FlatView #0
@@ -63,7 +64,7 @@ def test_ram_blocks_from_hmp(monkeypatch: Any) -> None:
         gpa = int(command.split()[1], 16)
         return f"Host virtual address for {gpa:#x} (pc.ram) is {HVA + gpa:#x}\n"
 
-    monkeypatch.setattr(qemu, "hmp", fake_hmp)
+    monkeypatch.setattr(api, "monitor_command", fake_hmp)
     blocks = qemu.ram_blocks_hmp(FakeDomain())
     # Device RAM (VGA, NVDIMM) and the BIOS ROM are left out; pc.ram is merged.
     assert blocks == [RamBlock(0, 0xC000_0000, HVA),

@@ -16,6 +16,7 @@ from libshare.introspect.survey import (
     summarize,
     to_json,
 )
+from libshare.virt import api
 
 
 def _dom(name: str, libs: list[Library]) -> DomainSurvey:
@@ -91,7 +92,7 @@ def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None
         yield state
         state.expired = expire[0]
 
-    monkeypatch.setattr(qemu, "running_domain", lambda conn, name: Dom())
+    monkeypatch.setattr(api, "running_domain", lambda conn, name: Dom())
     monkeypatch.setattr(qemu, "open_memory", lambda dom, backend: BytesMemory(bytes(4096)))
     monkeypatch.setattr(qemu, "qemu_pid", lambda dom: 1)
     monkeypatch.setattr(qemu, "paused", fake_paused)
@@ -110,7 +111,6 @@ def test_cli_table_shows_each_domains_libraries(monkeypatch: Any, capsys: Any) -
     resident pages; a partial survey is marked and exits 1."""
     from libshare.cli.commands import survey as cmd
     from libshare.config import Config
-    from libshare.introspect import qemu
     from libshare.introspect import survey as sv
 
     doms = {"a": _dom("a", [Library("/lib/libc.so.6", "aabbccddeeff00112233", 300, 280, 4, 2),
@@ -118,7 +118,7 @@ def test_cli_table_shows_each_domains_libraries(monkeypatch: Any, capsys: Any) -
             "b": _dom("b", [Library("/lib/libc.so.6", "aabbccddeeff00112233", 250, 240)])}
     doms["b"].partial = True
     doms["b"].errors = ["3 page-table entries point outside RAM"]
-    monkeypatch.setattr(qemu, "connect", lambda uri: None)
+    monkeypatch.setattr(api, "open_connection", lambda uri: None)
     monkeypatch.setattr(sv, "survey_domain", lambda conn, name, **kw: doms[name])
     args = build_parser().parse_args(["survey", "a", "b"])
     rc = cmd.run(args, Config())

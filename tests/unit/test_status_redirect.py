@@ -11,8 +11,7 @@ from typing import Any
 
 import pytest
 
-from libshare import cli, domxml
-from libshare.cli.commands import enrol as enrol_cmd
+from libshare import cli, domxml, status
 from libshare.config import Config
 from libshare.hook import state
 from libshare.redirect import actions
@@ -67,7 +66,7 @@ class FakeAgent:
 
 def test_guest_view_fields() -> None:
     agent = FakeAgent()
-    view = enrol_cmd.guest_view(object(), agent_factory=lambda _d: agent, timeout=7.0)
+    view = status.guest_view(object(), agent_factory=lambda _d: agent, timeout=7.0)
     assert view == {"available": True, "installed": True, "mode": "runtime",
                     "boot_mode": False, "boot_hook": True, "region_mounted": True,
                     "dax": True, "region_device": "/dev/pmem0",
@@ -81,30 +80,30 @@ def test_guest_view_fields() -> None:
 def test_guest_view_unavailable_never_raises(exc: Exception) -> None:
     def factory(_dom: Any) -> Any:
         raise exc
-    view = enrol_cmd.guest_view(object(), agent_factory=factory)
+    view = status.guest_view(object(), agent_factory=factory)
     assert view["available"] is False and str(exc) in view["error"]
-    silent = enrol_cmd.guest_view(object(), agent_factory=lambda _d: FakeAgent(False))
+    silent = status.guest_view(object(), agent_factory=lambda _d: FakeAgent(False))
     assert silent == {"available": False, "error": "guest agent of g is not responding"}
 
 
 def test_domain_status_redirect_fields(tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[str] = []
-    monkeypatch.setattr(enrol_cmd, "guest_view",
+    monkeypatch.setattr(status, "guest_view",
                         lambda dom, timeout=0.0: asked.append(dom.name()) or {"available": True})
     cfg = Config(state_dir=tmp_path / "elsewhere")
     state.write_outcome(tmp_path, {"domain": "a", "ok": True, "time": 9.0, "error": None,
                                    "report": {"bound": 3, "binds_total": 5}})
-    info = enrol_cmd.domain_status(FakeDom("a", tmp_path), cfg, {}, agent=True)
+    info = status.domain_status(FakeDom("a", tmp_path), cfg, {}, agent=True)
     assert info["redirect"] == "runtime"
     assert info["auto_redirect"] == {"state": "ok", "time": 9.0, "error": None, "bound": 3,
                                      "binds_total": 5}
     assert info["guest"] == {"available": True} and asked == ["a"]
     # not asked: with agent=False, when shut off, when not enrolled
-    assert enrol_cmd.domain_status(FakeDom("a", tmp_path), cfg, {})["guest"] is None
-    off = enrol_cmd.domain_status(FakeDom("a", tmp_path, active=False), cfg, {}, agent=True)
+    assert status.domain_status(FakeDom("a", tmp_path), cfg, {})["guest"] is None
+    off = status.domain_status(FakeDom("a", tmp_path, active=False), cfg, {}, agent=True)
     assert off["guest"] is None and off["auto_redirect"]["state"] == "ok"
-    plain = enrol_cmd.domain_status(FakeDom("p", None), cfg, {}, agent=True)
+    plain = status.domain_status(FakeDom("p", None), cfg, {}, agent=True)
     assert plain["guest"] is None and plain["redirect"] is None
     assert plain["auto_redirect"] is None and asked == ["a"]
 

@@ -8,10 +8,12 @@ import signal
 from pathlib import Path
 from types import FrameType
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.errors import UsageError
-from libshare.redirect import daemon
+from libshare.redirect import daemon, unit
+from libshare.virt import api
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
@@ -21,7 +23,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
         raise UsageError("--jobs must be at least 1")
     if args.once and args.until_idle:
         raise UsageError("--once and --until-idle do not go together")
-    d = daemon.Daemon(cfg.state_dir, daemon.open_libvirt(args.connect or cfg.libvirt_uri),
+    d = daemon.Daemon(cfg.state_dir, api.opener(libvirt_uri(args, cfg)),
                       wait=cfg.redirect_wait, jobs=args.jobs)
 
     def on_signal(_signum: int, _frame: FrameType | None) -> None:
@@ -50,18 +52,18 @@ def _global_args(args: argparse.Namespace) -> list[str]:
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    res = daemon.install_unit(Path(args.unit_dir), extra_args=_global_args(args))
+    res = unit.install_unit(Path(args.unit_dir), extra_args=_global_args(args))
     if args.json:
         print_json(res.as_dict())
     else:
         print(f"{res.path}: {res.action}; {res.systemd}")
         if res.action != "unchanged":
-            print(f"start it with: systemctl enable --now {daemon.UNIT_NAME}")
+            print(f"start it with: systemctl enable --now {unit.UNIT_NAME}")
     return 0
 
 
 def _uninstall(args: argparse.Namespace, cfg: Config) -> int:
-    res = daemon.uninstall_unit(Path(args.unit_dir))
+    res = unit.uninstall_unit(Path(args.unit_dir))
     if args.json:
         print_json(res.as_dict())
     else:
@@ -90,21 +92,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seconds between passes (default %(default)s)")
     p.add_argument("--jobs", type=int, default=daemon.DEFAULT_JOBS, metavar="N",
                    help="domains handled at once (default %(default)s)")
-    p.add_argument("-c", "--connect", metavar="URI",
-                   help="libvirt connection URI (default from config)")
-    p.add_argument("--json", action="store_true",
-                   help="on exit, print what was handled as JSON")
+    add_json(p, "on exit, print what was handled as JSON")
     p.set_defaults(func=_serve)
     ds = p.add_subparsers(dest="daemon_command", metavar="[install|uninstall]")
     for name, func, text in (
-        ("install", _install, f"write the systemd unit {daemon.UNIT_NAME} running this "
+        ("install", _install, f"write the systemd unit {unit.UNIT_NAME} running this "
          "interpreter's 'python -m libshare daemon' (with this command's --config and "
          "--state-dir), then 'systemctl daemon-reload' if systemd runs"),
-        ("uninstall", _uninstall, f"stop, disable and remove {daemon.UNIT_NAME} (only "
+        ("uninstall", _uninstall, f"stop, disable and remove {unit.UNIT_NAME} (only "
          "a unit libshare wrote)"),
     ):
         u = ds.add_parser(name, help=text, description=text)
-        u.add_argument("--unit-dir", default=str(daemon.DEFAULT_UNIT_DIR), metavar="DIR",
+        u.add_argument("--unit-dir", default=str(unit.DEFAULT_UNIT_DIR), metavar="DIR",
                        help="systemd unit directory (default %(default)s)")
-        u.add_argument("--json", action="store_true", help="print JSON")
+        add_json(u)
         u.set_defaults(func=func)

@@ -9,6 +9,7 @@ import sys
 from types import FrameType
 from typing import Any
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.demo import story
@@ -23,7 +24,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        report = story.run_demo(cfg, args.connect or cfg.libvirt_uri, args.guests, say,
+        report = story.run_demo(cfg, libvirt_uri(args, cfg), args.guests, say,
                                tiny=args.tiny, mode=args.mode)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -111,6 +112,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=("boot", "runtime"), default="boot",
                    help="redirect mode of the Debian guests (default: boot, i.e. guest "
                    "install + reboot)")
-    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json(p)
     p.set_defaults(func=_run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.redirect import actions
@@ -17,7 +18,7 @@ from libshare.virt import api
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+    with api.connect(libvirt_uri(args, cfg)) as conn:
         dom = api.lookup(conn, args.domain)
         rep = actions.install(dom, update_initramfs=not args.no_initramfs)
     if args.json:
@@ -35,7 +36,7 @@ def _install(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _status(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+    with api.connect(libvirt_uri(args, cfg)) as conn:
         dom = api.lookup(conn, args.domain)
         info = actions.guest_status(dom)
     if args.json:
@@ -68,8 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "stdin: works without install).")
     s.add_argument("domain", metavar="DOMAIN")
     for p in (i, s):
-        p.add_argument("-c", "--connect", metavar="URI",
-                       help="libvirt connection URI (default from config)")
-        p.add_argument("--json", action="store_true", help="print JSON")
+        add_json(p)
     i.set_defaults(func=_install)
     s.set_defaults(func=_status)

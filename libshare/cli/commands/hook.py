@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from libshare.cli.options import add_json
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.hook import install, state
@@ -57,10 +58,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                        metavar="DIR", help="libvirt hooks directory (default %(default)s)")
         h.add_argument("--no-reload", action="store_true",
                        help="do not send SIGHUP to libvirtd")
-        h.add_argument("--json", action="store_true", help="print JSON")
+        add_json(h)
         h.set_defaults(func=func)
     lg = hs.add_parser("log", help="show the hook's recent invocations",
                        description="Show the last invocations recorded in STATE/log/hook.log.")
     lg.add_argument("--last", type=int, default=20, metavar="N")
-    lg.add_argument("--json", action="store_true", help="print JSON")
+    add_json(lg)
     lg.set_defaults(func=_log)

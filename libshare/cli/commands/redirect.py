@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.redirect import actions
@@ -33,14 +34,14 @@ def _print(rep: actions.RedirectReport) -> None:
 
 
 def _redirect(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+    with api.connect(libvirt_uri(args, cfg)) as conn:
         rep = actions.redirect(api.lookup(conn, args.domain), restart=not args.no_restart)
     print_json(rep.as_dict()) if args.json else _print(rep)
     return 0
 
 
 def _unredirect(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+    with api.connect(libvirt_uri(args, cfg)) as conn:
         rep = actions.unredirect(api.lookup(conn, args.domain),
                                   restart=not args.no_restart)
     print_json(rep.as_dict()) if args.json else _print(rep)
@@ -64,8 +65,6 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("domain", metavar="DOMAIN")
         p.add_argument("--no-restart", action="store_true",
                        help="do not re-execute systemd nor restart services")
-        p.add_argument("-c", "--connect", metavar="URI",
-                       help="libvirt connection URI (default from config)")
-        p.add_argument("--json", action="store_true", help="print JSON")
+        add_json(p)
     r.set_defaults(func=_redirect)
     u.set_defaults(func=_unredirect)

@@ -13,6 +13,7 @@ import argparse
 import os
 from typing import Any
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
@@ -34,21 +35,20 @@ def register(subparsers: Any) -> None:
                    help="'all' (whole store) or a file of guest paths / sha256s, one a line")
     b.add_argument("--size", type=parse_size, metavar="SIZE",
                    help="total image size (rounded up to 2 MiB; refused if too small)")
-    b.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(b)
     b.set_defaults(func=cmd_build)
     v = sub.add_parser("verify", help="check an image; exit 1 with the first problem")
     v.add_argument("path", metavar="PATH")
     v.add_argument("--fsck", action="store_true",
                    help="also run fsck.erofs --extract on a copy of the filesystem")
-    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(v)
     v.set_defaults(func=cmd_verify)
     ls = sub.add_parser("ls", help="list images and the groups using them")
-    ls.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(ls)
     ls.set_defaults(func=cmd_ls)
     g = sub.add_parser("gc", help="remove images no libvirt domain references")
     g.add_argument("--dry-run", action="store_true", help="only say what would be removed")
-    g.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default: config)")
-    g.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(g)
     g.set_defaults(func=cmd_gc)
 
 
@@ -104,7 +104,7 @@ def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_gc(args: argparse.Namespace, cfg: Config) -> int:
     """Remove unreferenced images; return the exit status (0)."""
-    with api.connect(args.connect or cfg.libvirt_uri) as conn:
+    with api.connect(libvirt_uri(args, cfg)) as conn:
         refs = api.referenced_region_paths(conn)
     result = gc.gc(cfg, refs, dry_run=args.dry_run)
     if args.json:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from libshare.cli.options import add_json
 from libshare.cli.output import print_json, print_table
 from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
@@ -26,10 +27,10 @@ def register(subparsers: Any) -> None:
                          description="Import every x86-64 ELF shared object or executable "
                          "found under DIR (symlinks become extra guest paths). Idempotent.")
     imp.add_argument("dirs", nargs="+", metavar="DIR", help="root of a tree to import")
-    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(imp)
     imp.set_defaults(func=cmd_import)
     ls = sub.add_parser("ls", help="list the objects of the store")
-    ls.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_json(ls)
     ls.set_defaults(func=cmd_ls)
 
 

@@ -11,6 +11,7 @@ import argparse
 import sys
 from typing import Any
 
+from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError
@@ -26,8 +27,7 @@ def register(subparsers: Any) -> None:
         "across domains, each library's copies and the memory one shared copy would save.")
     p.add_argument("domains", nargs="*", metavar="DOMAIN",
                    help="domain names or UUIDs (default: every running domain)")
-    p.add_argument("-c", "--connect", metavar="URI", help="libvirt URI (default from config)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_json(p)
     p.add_argument("--pause", action="store_true",
                    help="pause each guest during its walk (always resumed) for an exact "
                    "snapshot")
@@ -72,10 +72,10 @@ def print_domain_libraries(d: Any) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Survey the requested running domains; print a table or JSON; return the status."""
-    from libshare.introspect import qemu
     from libshare.introspect.survey import DomainSurvey, summarize, survey_domain, to_json
+    from libshare.virt import api
 
-    conn = qemu.connect(args.connect or cfg.libvirt_uri)
+    conn = api.open_connection(libvirt_uri(args, cfg))
     names = list(args.domains)
     if not names:
         names = sorted(d.name() for d in conn.listAllDomains() if d.isActive())

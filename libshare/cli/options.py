@@ -1,0 +1,48 @@
+"""Options that many ``libshare`` commands share, declared once so that they mean the
+same everywhere (in the way of virt-manager's ``virtinst/cli.py``).
+
+The global options (``--config``, ``--state-dir``, ``-c/--connect``, ``-v``) are added by
+:mod:`libshare.cli.app` to the top parser and to every sub-command parser, so they may
+stand before or after the sub-command; ``--json`` is added per command that reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from libshare import config
+
+#: the environment variable virsh honours for the default connection
+LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
+
+
+def add_global_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """Add the global options to ``parser``; ``default`` is their value when absent
+    (``argparse.SUPPRESS`` on sub-command parsers: a value given after the sub-command
+    then overrides one given before it, absence keeps it)."""
+    parser.add_argument("--config", metavar="PATH", default=default,
+                        help="configuration file (default $LIBSHARE_CONFIG or "
+                        f"{config.SYSTEM_CONFIG})")
+    parser.add_argument("--state-dir", metavar="DIR", default=default,
+                        help="state directory (default $LIBSHARE_STATE_DIR, the config's "
+                        f"state_dir, or {config.DEFAULT_STATE_DIR})")
+    parser.add_argument("-c", "--connect", metavar="URI", default=default,
+                        help=f"libvirt connection URI (default ${LIBVIRT_URI_ENV}, else the "
+                        "config's libvirt_uri, qemu:///system)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        default=False if default is None else default,
+                        help="log debug messages")
+
+
+def add_json(parser: argparse.ArgumentParser, text: str = "print the result as JSON") -> None:
+    """Add ``--json`` (``args.json``) to ``parser``."""
+    parser.add_argument("--json", action="store_true", help=text)
+
+
+def libvirt_uri(args: argparse.Namespace, cfg: config.Config,
+                environ: dict[str, str] | None = None) -> str:
+    """Return the libvirt URI to connect to: ``-c/--connect``, else
+    ``$LIBVIRT_DEFAULT_URI``, else the config's ``libvirt_uri``."""
+    env = os.environ if environ is None else environ
+    return getattr(args, "connect", None) or env.get(LIBVIRT_URI_ENV) or cfg.libvirt_uri

@@ -1,0 +1,132 @@
+"""The systemd unit of ``libshare daemon``: rendering ``libshare-daemon.service`` from
+its template (``libshare/data/host``) for this interpreter, installing it (never over a
+unit libshare did not write) and removing it, with ``systemctl daemon-reload`` when
+systemd runs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from libshare.data import host_text
+from libshare.errors import LibshareError
+from libshare.util.files import write_owned
+
+UNIT_NAME = "libshare-daemon.service"
+
+
+DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
+
+
+UNIT_MARKER = "libshare-daemon"
+
+
+def unit_template() -> str:
+    """Return the unit file's Jinja2 template shipped with the package (its one
+    variable, ``exec_start``, is the ExecStart command line)."""
+    return host_text(UNIT_NAME)
+
+
+def render_unit(python: str | None = None, extra_args: list[str] | None = None) -> str:
+    """Return the unit file with ExecStart running ``python -m libshare`` (default: this
+    interpreter's absolute path) with global options ``extra_args`` and ``daemon``."""
+    import jinja2  # only 'daemon install' renders a unit: keep it off the serving path
+
+    argv = [os.path.abspath(python or sys.executable), "-m", "libshare",
+            *(extra_args or []), "daemon"]
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
+                             keep_trailing_newline=True)
+    return env.from_string(unit_template()).render(
+        exec_start=" ".join(_quote(a) for a in argv))
+
+
+def _quote(arg: str) -> str:
+    """Return ``arg`` quoted for a systemd command line when it needs it."""
+    if arg and all(c.isalnum() or c in "/._-=:+,@" for c in arg):
+        return arg
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def systemd_running() -> bool:
+    """Return True when systemd is this machine's init (``/run/systemd/system``)."""
+    return Path("/run/systemd/system").is_dir()
+
+
+@dataclass
+class UnitResult:
+    """What :func:`install_unit`/:func:`uninstall_unit` did: the unit ``path``,
+    ``action`` (installed/updated/unchanged/removed/absent) and ``systemd`` (what was
+    asked of systemd, or why nothing was)."""
+
+    path: Path
+    action: str
+    systemd: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return {"path": str(self.path), "action": self.action, "systemd": self.systemd}
+
+
+Runner = Callable[[list[str]], int]
+
+
+def _run(argv: list[str]) -> int:
+    """Run ``argv`` (bounded to 60 s); return its exit status (127 if it cannot run)."""
+    try:
+        return subprocess.run(argv, check=False, timeout=60,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+    except (OSError, subprocess.TimeoutExpired):
+        return 127
+
+
+def _reload(runner: Runner, systemd: bool | None) -> str:
+    """Run ``systemctl daemon-reload`` when systemd runs; return what happened."""
+    if not (systemd_running() if systemd is None else systemd):
+        return "systemd is not running here: nothing reloaded"
+    rc = runner(["systemctl", "daemon-reload"])
+    return "daemon-reload done" if rc == 0 else f"systemctl daemon-reload failed (exit {rc})"
+
+
+def install_unit(unit_dir: Path = DEFAULT_UNIT_DIR, python: str | None = None,
+                 extra_args: list[str] | None = None, runner: Runner = _run,
+                 systemd: bool | None = None) -> UnitResult:
+    """Write ``UNIT_DIR/libshare-daemon.service`` for this interpreter and reload
+    systemd when it runs (``systemd`` None: detect); return what was done. Refuses to
+    overwrite a unit that libshare did not write."""
+    path = unit_dir / UNIT_NAME
+    action = write_owned(path, render_unit(python, extra_args).encode(), 0o644, _unit_is_ours,
+                         "exists and was not written by libshare")
+    if action == "unchanged":
+        return UnitResult(path, action, "nothing to reload")
+    return UnitResult(path, action, _reload(runner, systemd))
+
+
+def _unit_is_ours(path: Path) -> bool:
+    """Return True when the unit file ``path`` was written by libshare."""
+    return UNIT_MARKER in path.read_text(errors="replace")
+
+
+def uninstall_unit(unit_dir: Path = DEFAULT_UNIT_DIR, runner: Runner = _run,
+                   systemd: bool | None = None) -> UnitResult:
+    """Stop and disable the service when systemd runs, remove the unit libshare wrote
+    and reload systemd; return what was done."""
+    path = unit_dir / UNIT_NAME
+    if not path.exists():
+        return UnitResult(path, "absent", "nothing to do")
+    if not _unit_is_ours(path):
+        raise LibshareError(f"{path} was not written by libshare; not touching it")
+    running = systemd_running() if systemd is None else systemd
+    if running:
+        runner(["systemctl", "disable", "--now", UNIT_NAME])
+    try:
+        path.unlink()
+    except OSError as exc:
+        raise LibshareError(f"cannot remove {path}: {exc.strerror}") from exc
+    return UnitResult(path, "removed", ("stopped and disabled; " if running else "")
+                      + _reload(runner, running))
