@@ -267,10 +267,10 @@ def test_libvmi_crosscheck(
     header page of every process."""
     pytest.importorskip("libvmi")
     from libshare.introspect import qemu
+    from libshare.introspect.discover import find_kernel
     from libshare.introspect.helpers.mm import for_each_vma, mm_pgd, read_user
     from libshare.introspect.helpers.tasks import for_each_task, task_info
     from libshare.introspect.kernel import Kernel as GuestKernel
-    from libshare.introspect.kernel import find_kernel
     from libshare.introspect.survey import domain_json, walk_kernel
     from libshare.introspect.vmi import VmiMemory, vmi_read_va
 
@@ -337,7 +337,7 @@ def test_file_backend_and_running_guest(
     import libvirt
 
     from libshare.introspect import qemu
-    from libshare.introspect.kernel import find_kernel
+    from libshare.introspect.discover import find_kernel
 
     name = domain_name()
     script = GUEST_SCRIPT.replace("read -t 3 -u 3 x\n", (

@@ -175,7 +175,7 @@ def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
     (another boot or guest of that kernel build, another process through the
     btf-v<format>-<digest>.json file) give the same layout without parsing; other bytes
     do not."""
-    from libshare.introspect import kernel, survey
+    from libshare.introspect import cache, discover
     from libshare.introspect.memory import BytesMemory
 
     try:
@@ -183,20 +183,20 @@ def test_layout_store_spares_parsing_a_known_blob(tmp_path: Path,
     except OSError:
         pytest.skip("no readable /sys/kernel/btf/vmlinux")
     mem = BytesMemory(bytes(4096) + blob)
-    monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})
-    store = survey.BtfLayouts(tmp_path)
-    addr, first = kernel.load_layout(mem, [4096], store)
+    monkeypatch.setattr(cache, "_BTF_LAYOUTS", {})
+    store = cache.BtfLayouts(tmp_path)
+    addr, first = discover.load_layout(mem, [4096], store)
     assert addr == 4096 and first.offsets == layout_from_btf(Btf(blob)).offsets
-    assert store.path(kernel.btf_digest(blob)).exists()
+    assert store.path(discover.btf_digest(blob)).exists()
     parsed: list[int] = []
-    monkeypatch.setattr(kernel, "Btf", lambda data: parsed.append(1) or Btf(data))
-    assert kernel.load_layout(mem, [4096], store)[1] is first  # in-process
-    monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})  # a new process: from the file
-    again = kernel.load_layout(mem, [4096], survey.BtfLayouts(tmp_path))[1]
+    monkeypatch.setattr(discover, "Btf", lambda data: parsed.append(1) or Btf(data))
+    assert discover.load_layout(mem, [4096], store)[1] is first  # in-process
+    monkeypatch.setattr(cache, "_BTF_LAYOUTS", {})  # a new process: from the file
+    again = discover.load_layout(mem, [4096], cache.BtfLayouts(tmp_path))[1]
     assert again.offsets == first.offsets and again.sizes == first.sizes and not parsed
     changed = bytearray(blob)
     changed[-2] ^= 0xFF  # another blob (a string byte): parsed and validated afresh
-    kernel.load_layout(BytesMemory(bytes(4096) + changed), [4096], store)
+    discover.load_layout(BytesMemory(bytes(4096) + changed), [4096], store)
     assert parsed == [1]
 
 
@@ -204,7 +204,7 @@ def test_a_bad_layout_cache_file_only_costs_a_parse(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache file that is not a valid layout (a key missing, garbage) is ignored: the
     blob is parsed again and the file rewritten."""
-    from libshare.introspect import kernel, survey
+    from libshare.introspect import cache, discover
     from libshare.introspect.memory import BytesMemory
 
     try:
@@ -212,11 +212,11 @@ def test_a_bad_layout_cache_file_only_costs_a_parse(tmp_path: Path,
     except OSError:
         pytest.skip("no readable /sys/kernel/btf/vmlinux")
     mem = BytesMemory(bytes(4096) + blob)
-    store = survey.BtfLayouts(tmp_path)
-    path = store.path(kernel.btf_digest(blob))
+    store = cache.BtfLayouts(tmp_path)
+    path = store.path(discover.btf_digest(blob))
     for bad in ('{"task_struct.comm": 1}', "not json", "[1, 2]"):
-        monkeypatch.setattr(survey, "_BTF_LAYOUTS", {})
+        monkeypatch.setattr(cache, "_BTF_LAYOUTS", {})
         path.write_text(bad)
-        _addr, layout = kernel.load_layout(mem, [4096], store)
+        _addr, layout = discover.load_layout(mem, [4096], store)
         assert layout.offsets == layout_from_btf(Btf(blob)).offsets
         assert path.read_text() != bad

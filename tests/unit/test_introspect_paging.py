@@ -207,7 +207,7 @@ def test_scan_order_tries_the_kernel_image_first() -> None:
     """The kernel scan reads first from 2 MiB-aligned pages that open with the banner
     (x86-64 .rodata), up to IMAGE_SPAN, then all of RAM: nothing a full scan would see
     is skipped, and a banner elsewhere is still found by the full pass."""
-    from libshare.introspect.kernel import (
+    from libshare.introspect.discover import (
         BANNER_PREFIX,
         IMAGE_CHUNK,
         rodata_candidates,
@@ -231,7 +231,7 @@ def test_scan_order_tries_the_kernel_image_first() -> None:
 def test_scan_order_is_bounded_when_every_page_claims_the_banner() -> None:
     """A guest that opens every 2 MiB page with the banner costs at most
     MAX_IMAGE_CANDIDATES non-overlapping IMAGE_SPAN reads before the full pass."""
-    from libshare.introspect.kernel import (
+    from libshare.introspect.discover import (
         BANNER_PREFIX,
         IMAGE_CHUNK,
         IMAGE_SPAN,

@@ -8,14 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from libshare.cli.app import build_parser
-from libshare.introspect.survey import (
-    CACHE_MAX_AGE,
-    DomainSurvey,
-    Library,
-    prune_cache,
-    summarize,
-    to_json,
-)
+from libshare.introspect.cache import CACHE_MAX_AGE, prune_cache
+from libshare.introspect.survey import DomainSurvey, Library, summarize, to_json
 from libshare.virt import api
 
 
