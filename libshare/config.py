@@ -23,13 +23,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from libshare.domxml.devices import MODELS
 from libshare.domxml.metadata import REDIRECT_MODES
 from libshare.errors import LibshareError
 from libshare.hook.ops import MAX_SECONDS
 
 SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/libshare")
-MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: libvirt waits for the hook synchronously: it must give up within this many seconds
 MAX_HOOK_TIMEOUT = MAX_SECONDS

@@ -15,9 +15,10 @@ from typing import Any
 
 from libshare import domxml
 from libshare.config import Config
+from libshare.domxml.memory import guest_ram_sizes
 from libshare.errors import LibshareError
 from libshare.redirect import actions, daemon
-from libshare.redirect.agent import GuestAgent
+from libshare.redirect.agent import AgentFactory, GuestAgent
 from libshare.sharing import accounting
 from libshare.util.digest import cached_sha256
 from libshare.virt import api
@@ -50,7 +51,7 @@ STATUS_AGENT_TIMEOUT = 20.0
 STATUS_AGENT_COMMAND_TIMEOUT = 5
 
 
-def guest_view(dom: Any, agent_factory: actions.AgentFactory | None = None,
+def guest_view(dom: Any, agent_factory: AgentFactory | None = None,
                timeout: float = STATUS_AGENT_TIMEOUT) -> dict[str, Any]:
     """Return the running guest's own redirect state from its agent, bounded in time:
     ``{"available": True, "installed", "mode" (how this boot's binds were made: "boot"
@@ -109,7 +110,7 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
         live_enr = domxml.enrolment(live)
         region = live_enr.region if live_enr and live_enr.model != "ivshmem" else None
         with contextlib.suppress(OSError):
-            info["memory"] = accounting.domain_memory(pid, live, region)
+            info["memory"] = accounting.domain_memory(pid, guest_ram_sizes(live), region)
     info["mappings"] = None
     if introspect and info["running"] and info["enrolled"]:
         try:

@@ -9,9 +9,7 @@ readable by QEMU running as ``libvirt-qemu``, so directories are made mode 0755.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_CACHE = Path("/var/cache/libshare/guests")
@@ -34,15 +32,3 @@ def cache_subdir(name: str, override: Path | str | None = None) -> Path:
     with contextlib.suppress(PermissionError):
         path.chmod(0o755)
     return path
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` body; yields nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -37,9 +37,8 @@ from libshare.domxml.tree import (
     text_before,
 )
 from libshare.errors import RefusedError
+from libshare.util.units import GiB, MiB
 
-MiB = 1024 * 1024
-GiB = 1024 * MiB
 MAX_REGION = 1024 * GiB
 SLOT_MODELS = ("dimm", "nvdimm")
 VIRTIO_BALLOONS = ("virtio", "virtio-transitional", "virtio-non-transitional")

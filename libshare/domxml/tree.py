@@ -10,29 +10,19 @@ from __future__ import annotations
 from lxml import etree
 
 from libshare.errors import RefusedError
+from libshare.util.units import scaled
 
 Element = etree._Element
 
-# libvirt's scaled-integer units (docs: formatdomain.html#memory-allocation)
-_UNIT_BYTES = {
-    "b": 1, "bytes": 1,
-    "kb": 10**3, "k": 2**10, "kib": 2**10,
-    "mb": 10**6, "m": 2**20, "mib": 2**20,
-    "gb": 10**9, "g": 2**30, "gib": 2**30,
-    "tb": 10**12, "t": 2**40, "tib": 2**40,
-    "pb": 10**15, "p": 2**50, "pib": 2**50,
-    "eb": 10**18, "e": 2**60, "eib": 2**60,
-}
-
-
 def to_bytes(value: str | None, unit: str | None, default_unit: str = "KiB",
              what: str = "size") -> int:
-    """Return the byte count of libvirt scaled integer ``value`` in ``unit``."""
-    text = (value or "").strip()
-    key = (unit or default_unit).lower()
-    if not text.isdigit() or key not in _UNIT_BYTES:
-        raise RefusedError(f"cannot read {what} {text!r} {unit or default_unit!r}")
-    return int(text) * _UNIT_BYTES[key]
+    """Return the byte count of libvirt scaled integer ``value`` in ``unit``; raise
+    RefusedError naming ``what`` when it is not one."""
+    try:
+        return scaled(value or "", unit or default_unit)
+    except ValueError:
+        raise RefusedError(f"cannot read {what} {(value or '').strip()!r} "
+                           f"{unit or default_unit!r}") from None
 
 
 def scaled_bytes(elem: Element, default_unit: str = "KiB") -> int:

@@ -41,10 +41,10 @@ from libshare.introspect.helpers.mm import (
 from libshare.introspect.helpers.tasks import for_each_task, for_each_thread, task_info
 from libshare.introspect.kernel import Kernel, WalkError
 from libshare.introspect.layout import Layout
+from libshare.introspect.memory import PAGE_SIZE
 from libshare.introspect.paging import WalkStats
 
 log = logging.getLogger(__name__)
-PAGE_SIZE = 4096
 RETRIES = 3
 
 

@@ -2,7 +2,8 @@
 
 Owns the host side of redirection, done entirely through qemu-guest-agent
 (:mod:`libshare.redirect.agent`): which guest-side files libshare installs and where
-(:data:`GUEST_FILES`, shipped as package data in ``libshare/guest/``), the checks every
+(:data:`GUEST_FILES`, read from the guest script's own table; the files are shipped in
+``libshare/data/guest/``), the checks every
 operation makes before touching a guest (:func:`check_domain`: running, region device
 attached, agent answering, DAX active in the guest), and the three operations:
 
@@ -21,14 +22,13 @@ means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from libshare import domxml
 from libshare.data import guest_bytes
 from libshare.errors import LibshareError, RefusedError
-from libshare.redirect.agent import AgentError, ExecResult, GuestAgent
+from libshare.redirect.agent import AgentError, AgentFactory, ExecResult, GuestAgent
 from libshare.virt import api
 
 #: the guest script's installed path
@@ -43,9 +43,9 @@ APPLY_TIMEOUT = 600.0
 
 @dataclass(frozen=True)
 class GuestFile:
-    """One file libshare installs in a guest: package resource ``source`` (under
-    ``libshare/guest/``, None for a symlink), guest ``path``, ``mode``, and ``link``
-    (the symlink target when ``source`` is None)."""
+    """One file libshare installs in a guest: ``source``, its name among the guest files
+    shipped in ``libshare/data/guest/`` (None for a symbolic link), the guest ``path``,
+    its ``mode`` and, for a link, its target ``link``."""
 
     source: str | None
     path: str
@@ -53,26 +53,39 @@ class GuestFile:
     link: str | None = None
 
 
-GUEST_FILES: tuple[GuestFile, ...] = (
-    GuestFile("libshare-redirect", SCRIPT, 0o755),
-    GuestFile("initramfs-hook", "/etc/initramfs-tools/hooks/libshare", 0o755),
-    GuestFile("init-bottom", "/etc/initramfs-tools/scripts/init-bottom/libshare", 0o755),
-    GuestFile("apt.conf", "/etc/apt/apt.conf.d/80libshare"),
-    GuestFile("dpkg.cfg", "/etc/dpkg/dpkg.cfg.d/libshare"),
-    GuestFile(UNIT, f"/etc/systemd/system/{UNIT}"),
-    GuestFile(None, f"/etc/systemd/system/multi-user.target.wants/{UNIT}",
-              link=f"/etc/systemd/system/{UNIT}"),
-)
+def parse_guest_files(script: str) -> tuple[GuestFile, ...]:
+    """Return the guest files listed in the ``GUEST_FILES`` table of the guest script
+    text ``script`` (the one list of them: the script's ``uninstall`` removes exactly
+    these). Raises LibshareError if the table is missing or malformed."""
+    try:
+        table = script.split('\nGUEST_FILES="', 1)[1].split('"', 1)[0]
+    except IndexError:
+        raise LibshareError("the guest script has no GUEST_FILES table") from None
+    files = []
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) not in (3, 4) or not fields[1].isdigit():
+            raise LibshareError(f"malformed GUEST_FILES line in the guest script: {line!r}")
+        source = None if fields[0] == "-" else fields[0]
+        if (source is None) != (len(fields) == 4):
+            raise LibshareError(f"malformed GUEST_FILES line in the guest script: {line!r}")
+        files.append(GuestFile(source, fields[2], int(fields[1], 8),
+                               fields[3] if len(fields) == 4 else None))
+    return tuple(files)
 
 
 def guest_file_bytes(name: str) -> bytes:
-    """Return the contents of guest-side package file ``name`` (``libshare/guest/NAME``)."""
+    """Return the contents of guest-side package file ``name`` (``libshare/data/guest/``)."""
     return guest_bytes(name)
 
 
 def script_bytes() -> bytes:
     """Return the ``libshare-redirect`` script as shipped in the package."""
     return guest_file_bytes("libshare-redirect")
+
+
+#: every file ``install`` puts in a guest, as the guest script lists them
+GUEST_FILES: tuple[GuestFile, ...] = parse_guest_files(script_bytes().decode())
 
 
 def parse_kv(text: str) -> dict[str, Any]:
@@ -116,7 +129,6 @@ class Target:
     region_device: str | None = None
 
 
-AgentFactory = Callable[[Any], GuestAgent]
 
 
 def check_domain(dom: Any, need_dax: bool = True,

@@ -329,3 +329,7 @@ class GuestAgent:
         except AgentError as exc:
             if "refused" in str(exc):
                 raise
+
+
+#: builds the agent client of a domain (tests pass fakes)
+AgentFactory = Callable[[Any], GuestAgent]

@@ -41,7 +41,7 @@ from libshare import domxml
 from libshare.errors import LibshareError
 from libshare.hook import state
 from libshare.redirect import actions
-from libshare.redirect.agent import AgentError, GuestAgent
+from libshare.redirect.agent import AgentError, AgentFactory, GuestAgent
 from libshare.virt import api
 
 DEFAULT_POLL = 5.0
@@ -51,7 +51,6 @@ DEFAULT_JOBS = 4
 DROPPED, WAITING, OK, FAILED = "dropped", "waiting", "ok", "failed"
 
 ConnFactory = Callable[[], Any]
-AgentFactory = Callable[[Any], GuestAgent]
 
 
 class _ConnectionLost(Exception):

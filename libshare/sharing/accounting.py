@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from libshare.domxml.tree import scaled_bytes, to_bytes
-
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
@@ -113,25 +111,11 @@ def page_cache_bytes(path: str | os.PathLike[str]) -> int:
         os.close(fd)
 
 
-def ram_sizes_from_xml(root: Any) -> list[int]:
-    """Return the guest RAM block sizes (bytes) of a live domain XML tree: one per NUMA
-    cell, else ``<memory>`` less the memory devices."""
-    cells = root.findall("cpu/numa/cell")
-    if cells:
-        return [to_bytes(c.get("memory"), c.get("unit"), what="NUMA cell memory")
-                for c in cells]
-    memory = root.find("memory")
-    total = scaled_bytes(memory) if memory is not None else 0
-    for dev in root.findall("devices/memory/target/size"):
-        total -= scaled_bytes(dev)
-    return [total]
-
-
-def domain_memory(pid: int, root: Any, region: str | None) -> dict[str, Any]:
-    """Return the host memory of one running domain: its guest-RAM mappings and (when
-    ``region`` is given) its region mappings, as kB counters."""
-    out: dict[str, Any] = {"qemu_pid": pid,
-                           "guest_ram": guest_ram_usage(pid, ram_sizes_from_xml(root))}
+def domain_memory(pid: int, ram_sizes: list[int], region: str | None) -> dict[str, Any]:
+    """Return the host memory of one running domain whose guest RAM blocks have
+    ``ram_sizes`` bytes: its guest-RAM mappings and (when ``region`` is given) its region
+    mappings, as kB counters."""
+    out: dict[str, Any] = {"qemu_pid": pid, "guest_ram": guest_ram_usage(pid, ram_sizes)}
     if region:
         out["region_path"] = os.path.realpath(region)
         out["region"] = region_usage(pid, region)

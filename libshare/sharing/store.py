@@ -30,11 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import stat
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -43,8 +41,9 @@ from typing import Any, Protocol
 
 from libshare.errors import LibshareError
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
+from libshare.util import files
 from libshare.util.digest import copy_sha256, sha256_file
-from libshare.util.files import atomic_write, fsync_dir
+from libshare.util.files import atomic_write
 
 INDEX_VERSION = 1
 NOT_ELF = "not an ELF file"
@@ -193,16 +192,9 @@ def save_index(store_dir: Path, index: StoreIndex) -> None:
     atomic_write(index_path(store_dir), index.to_json().encode())
 
 
-@contextlib.contextmanager
-def locked(store_dir: Path) -> Iterator[None]:
-    """Hold the store's exclusive lock (waits for another import to finish)."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def locked(store_dir: Path) -> contextlib.AbstractContextManager[None]:
+    """Return the store's exclusive lock (waits for another import to finish)."""
+    return files.locked(store_dir / ".lock")
 
 
 def resolve_in_root(root: str, rel: str, max_links: int = 40) -> str | None:
@@ -262,24 +254,17 @@ def _copy_object(store_dir: Path, src: str, ident: ElfIdentity) -> str | None:
     final = object_path(store_dir, ident.sha256)
     tmpdir = store_dir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmpdir, prefix=ident.sha256[:16] + ".")
     try:
-        with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
-            copied = copy_sha256(s, d)
-            d.flush()
-            os.fchmod(d.fileno(), OBJECT_MODE)
-            os.fsync(d.fileno())
-        if copied != ident.sha256:
-            os.unlink(tmp)
-            return "file changed while being imported"
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(final.parent)
+        with open(src, "rb") as s, files.atomic_file(final, OBJECT_MODE, tmp_dir=tmpdir) as d:
+            if copy_sha256(s, d) != ident.sha256:
+                raise _Changed
+    except _Changed:
+        return "file changed while being imported"
     return None
+
+
+class _Changed(Exception):
+    """The file being imported changed since it was identified."""
 
 
 def _object_state(store_dir: Path, ident: ElfIdentity) -> str | None:

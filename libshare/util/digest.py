@@ -13,9 +13,10 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO
+
+from libshare.util.files import atomic_write
 
 CHUNK = 4 * 1024 * 1024
 
@@ -60,16 +61,7 @@ def save_entries(cache: Path, entries: dict[str, str]) -> None:
     """Replace the JSON cache file ``cache`` with ``entries`` atomically; errors are
     ignored (a lost cache only costs a recomputation)."""
     with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=".digests.")
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(entries, fh)
-            os.replace(tmp, cache)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        atomic_write(cache, json.dumps(entries).encode(), durable=False)
 
 
 def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:

@@ -1,4 +1,7 @@
-"""Parsing and printing of sizes ("64M", "2GiB", "1048576") as byte counts."""
+"""Sizes as byte counts: the units libvirt's scaled integers use (also those of the
+command line's ``64M``, ``2GiB``), parsing them with ASCII digits only, rounding and
+printing.
+"""
 
 import re
 
@@ -8,24 +11,40 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 REGION_ALIGN = 2 * MiB
 
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kb": 1000, "kib": 1024,
-    "m": MiB, "mb": 1000**2, "mib": MiB,
-    "g": GiB, "gb": 1000**3, "gib": GiB,
-    "t": 1024 * GiB, "tb": 1000**4, "tib": 1024 * GiB,
+#: libvirt's scaled-integer units (formatdomain.html#memory-allocation): k/KiB are 1024,
+#: KB is 1000, and so on up to exbibytes; case-insensitive
+UNIT_BYTES = {
+    "b": 1, "bytes": 1,
+    "kb": 10**3, "k": 2**10, "kib": 2**10,
+    "mb": 10**6, "m": 2**20, "mib": 2**20,
+    "gb": 10**9, "g": 2**30, "gib": 2**30,
+    "tb": 10**12, "t": 2**40, "tib": 2**40,
+    "pb": 10**15, "p": 2**50, "pib": 2**50,
+    "eb": 10**18, "e": 2**60, "eib": 2**60,
 }
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take any Unicode digit
+
+
+def scaled(value: str, unit: str) -> int:
+    """Return the byte count of the decimal ``value`` in ``unit`` (a key of UNIT_BYTES,
+    any case); raise ValueError for anything else."""
+    text = value.strip()
+    key = unit.strip().lower()
+    if not _DIGITS.fullmatch(text) or key not in UNIT_BYTES:
+        raise ValueError(f"not a size: {value!r} {unit!r}")
+    return int(text) * UNIT_BYTES[key]
 
 
 def parse_size(text: str) -> int:
-    """Return the byte count written in ``text`` ("64M", "2 GiB", "4096").
-
-    Raises UsageError for anything that is not a non-negative size.
-    """
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UsageError(f"invalid size {text!r} (examples: 64M, 2GiB, 1048576)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+    """Return the byte count written in ``text`` ("64M", "2 GiB", "4096": bytes without a
+    unit). Raises UsageError for anything that is not a non-negative size."""
+    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text)
+    try:
+        if not m:
+            raise ValueError(text)
+        return scaled(m.group(1), m.group(2) or "b")
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (examples: 64M, 2GiB, 1048576)") from None
 
 
 def round_up(value: int, align: int) -> int:

@@ -20,6 +20,7 @@ import pytest
 
 from libshare.config import Config
 from libshare.data import guest_path
+from libshare.errors import LibshareError
 from libshare.redirect import actions
 from libshare.sharing.region import build, layout
 from libshare.sharing.store import import_tree
@@ -44,14 +45,21 @@ def test_shell_syntax(name: str) -> None:
         assert proc.returncode == 0, proc.stdout
 
 
-def test_guest_file_list_matches_script() -> None:
-    """The script's uninstall list is exactly what the host installs."""
-    text = SCRIPT.read_text()
-    block = text.split('GUEST_FILES="', 1)[1].split('"', 1)[0]
-    assert block.split() == [f.path for f in actions.GUEST_FILES]
+def test_guest_file_table_is_read_from_the_script() -> None:
+    """The host installs what the script's GUEST_FILES table lists (the list the
+    script's uninstall removes): the script itself, its boot-time hooks, the unit and
+    its enabling link; every listed file is shipped; a malformed table is refused."""
+    paths = {f.path: f for f in actions.GUEST_FILES}
+    assert paths["/usr/sbin/libshare-redirect"].mode == 0o755
+    assert paths["/usr/sbin/libshare-redirect"].source == "libshare-redirect"
+    link = paths["/etc/systemd/system/multi-user.target.wants/libshare-redirect.service"]
+    assert link.source is None and link.link == "/etc/systemd/system/libshare-redirect.service"
     for f in actions.GUEST_FILES:
         if f.source:
             assert actions.guest_file_bytes(f.source)
+    for bad in ("x=1\n", 'GUEST_FILES="a b"\n', 'GUEST_FILES="- 644 /a"\n'):
+        with pytest.raises(LibshareError):
+            actions.parse_guest_files("#!/bin/sh\n" + bad)
 
 
 @dataclass
@@ -301,3 +309,23 @@ def test_usage_errors() -> None:
         proc = subprocess.run(["sh", str(SCRIPT), *args], capture_output=True, text=True,
                               check=False)
         assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_script_can_be_sourced_without_running(tmp_path: Path) -> None:
+    """With LIBSHARE_REDIRECT_MAIN=noop the script only defines its functions: a test
+    can call one step alone (here the option parser, the path setup and has_dax)."""
+    out = subprocess.run(
+        ["sh", "-c", f'. "{SCRIPT}"; parse_args status --root /r/; set_paths; '
+         'echo "cmd=$CMD root=$ROOT binds=$BINDS"; '
+         'has_dax ro,relatime,dax=always && echo dax; has_dax ro,relatime || echo nodax'],
+        env={"LIBSHARE_REDIRECT_MAIN": "noop", "PATH": "/usr/bin:/bin",
+             "LIBSHARE_RUN": str(tmp_path / "run")},
+        capture_output=True, text=True, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [f"cmd=status root=/r binds={tmp_path}/run/binds",
+                                       "dax", "nodax"]
+    # sourcing defines, it does not run: no usage error, nothing printed
+    quiet = subprocess.run(["sh", "-c", f'. "{SCRIPT}"; echo sourced'],
+                           env={"LIBSHARE_REDIRECT_MAIN": "noop", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, timeout=30, check=False)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "sourced\n", "")

@@ -11,8 +11,9 @@ from libshare import domxml
 from libshare.cli.commands.xml import MODEL_HELP, REDIRECT_HELP
 from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
-from libshare.config import MODELS, REDIRECT_MODES, Config
-from libshare.domxml.metadata import Enrolment
+from libshare.config import Config
+from libshare.domxml.devices import MODELS
+from libshare.domxml.metadata import REDIRECT_MODES, Enrolment
 from libshare.errors import LibshareError
 from libshare.virt import api, capabilities, enrol
 

@@ -12,7 +12,9 @@ from dataclasses import replace
 
 from libshare import domxml
 from libshare.cli.output import print_json
-from libshare.config import MODELS, REDIRECT_MODES, Config
+from libshare.config import Config
+from libshare.domxml.devices import MODELS
+from libshare.domxml.metadata import REDIRECT_MODES
 from libshare.errors import LibshareError
 from libshare.util.units import parse_size
 from libshare.virt import enrol

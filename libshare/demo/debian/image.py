@@ -40,10 +40,11 @@ from pathlib import Path
 from typing import Any
 
 from libshare.demo.apt import apt_options, apt_proxy_env, host_mirror, host_suite, run
-from libshare.demo.cache import cache_subdir, locked
+from libshare.demo.cache import cache_subdir
 from libshare.demo.lifecycle import (
     GuestError,
 )
+from libshare.util.files import locked
 
 DEFAULT_SUITE = "bookworm"
 

@@ -21,9 +21,10 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from libshare.demo.cache import cache_subdir, locked
+from libshare.demo.cache import cache_subdir
 from libshare.demo.tiny.kernel import DEFAULT_MODULES, KernelPackage, kernel_modules_order
 from libshare.util import cpio
+from libshare.util.files import locked
 
 BUSYBOX = Path("/bin/busybox")
 BEGIN_MARKER = "LIBSHARE-TEST-BEGIN"

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libshare.demo.apt import apt_options, host_suite, run
-from libshare.demo.cache import cache_subdir, locked
+from libshare.demo.cache import cache_subdir
 from libshare.demo.lifecycle import GuestError
+from libshare.util.files import locked
 
 #: Modules a test guest loads by default: NVDIMM (ACPI NFIT, pmem, btt, devdax),
 #: EROFS and ext4, virtio PCI transport, console and balloon.

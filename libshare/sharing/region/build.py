@@ -46,11 +46,11 @@ from libshare.sharing.store import (
     StoreIndex,
     check_object,
     corrupt_object_problem,
-    fsync_dir,
     load_index,
     object_path,
 )
 from libshare.util.digest import cached_sha256, copy_sha256, sha256_file
+from libshare.util.files import fsync_dir
 from libshare.util.units import REGION_ALIGN, human, round_up
 
 MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",

@@ -20,10 +20,8 @@ from libshare.sharing.formats.erofs import (
 )
 from libshare.sharing.region.layout import DATAOFF, DIGEST_NAME, locked
 from libshare.sharing.region.manifest import read_manifest
-from libshare.sharing.store import (
-    fsync_dir,
-)
 from libshare.util.digest import forget
+from libshare.util.files import fsync_dir
 
 
 @dataclass

@@ -43,11 +43,8 @@ so two trust groups never share one image file (nor its host page cache).
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import os
 import re
 import uuid as uuidlib
-from collections.abc import Iterator
 from pathlib import Path
 
 from libshare.config import Config
@@ -62,6 +59,7 @@ from libshare.sharing.formats.erofs import (
 from libshare.sharing.store import (
     StoreEntry,
 )
+from libshare.util import files
 from libshare.util.units import REGION_ALIGN
 
 DATAOFF = REGION_ALIGN
@@ -136,13 +134,6 @@ def check_group(group: str) -> None:
         raise UsageError(f"invalid group name {group!r} (letters, digits, '_', '.', '-')")
 
 
-@contextlib.contextmanager
-def locked(cfg: Config) -> Iterator[None]:
-    """Hold the regions lock (builds and gc exclude each other)."""
-    cfg.regions_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.regions_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def locked(cfg: Config) -> contextlib.AbstractContextManager[None]:
+    """Return the regions lock (builds and gc exclude each other)."""
+    return files.locked(cfg.regions_dir / ".lock")
