@@ -7,9 +7,9 @@ import random
 from pathlib import Path
 
 import pytest
-from test_introspect_paging import Tables  # tests/unit is on sys.path under pytest
 
 from libshare.introspect.paging import translate
+from tests.support.memory import Tables
 
 libvmi = pytest.importorskip("libvmi")
 

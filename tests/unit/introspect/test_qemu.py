@@ -11,6 +11,8 @@ from typing import Any
 from libshare.introspect import qemu
 from libshare.introspect.memory import RamBlock, pc_ram_layout
 from libshare.virt import api
+from tests.support.fakes import FakeDomain
+from tests.support.paths import PROJECT_ROOT
 
 # Captured from QEMU 7.2 (libvirt 9.0) running a 4 GiB pc guest, plus an nvdimm and VGA.
 MTREE = """FlatView #0
@@ -42,11 +44,6 @@ FlatView #2
 HVA = 0x7FF5_0000_0000
 
 
-class FakeDomain:
-    def name(self) -> str:
-        return "fake"
-
-
 def test_parse_mtree_takes_the_memory_view() -> None:
     ranges = qemu.parse_mtree(MTREE)
     assert ranges[0] == (0, 0xC3000, "pc.ram", 0)
@@ -65,7 +62,7 @@ def test_ram_blocks_from_hmp(monkeypatch: Any) -> None:
         return f"Host virtual address for {gpa:#x} (pc.ram) is {HVA + gpa:#x}\n"
 
     monkeypatch.setattr(api, "monitor_command", fake_hmp)
-    blocks = qemu.ram_blocks_hmp(FakeDomain())
+    blocks = qemu.ram_blocks_hmp(FakeDomain("fake"))
     # Device RAM (VGA, NVDIMM) and the BIOS ROM are left out; pc.ram is merged.
     assert blocks == [RamBlock(0, 0xC000_0000, HVA),
                       RamBlock(0x1_0000_0000, 0x4000_0000, HVA + 0xC000_0000)]
@@ -82,37 +79,15 @@ def test_pc_and_q35_splits() -> None:
         RamBlock(0, 0x8000_0000, 0x1000), RamBlock(1 << 32, 1 << 30, 0x8000_1000)]
 
 
-class PausableDomain:
-    """A fake domain recording suspend/resume calls."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def name(self) -> str:
-        return "fake"
-
-    def state(self) -> list[int]:
-        import libvirt
-
-        paused = self.calls[-1:] == ["suspend"]
-        return [libvirt.VIR_DOMAIN_PAUSED if paused else libvirt.VIR_DOMAIN_RUNNING, 0]
-
-    def suspend(self) -> None:
-        self.calls.append("suspend")
-
-    def resume(self) -> None:
-        self.calls.append("resume")
-
-
 def run_with_fake_domain(body: str) -> subprocess.CompletedProcess[str]:
     """Run, in a new Python process, ``body`` after a prelude that imports os, signal,
-    sys, time and libshare's qemu module and starts ``class D(PausableDomain):`` (body
+    sys, time and libshare's qemu module and starts ``class D(FakeDomain):`` (body
     goes on with its methods, then the code using it); return the finished process."""
     prelude = ("import os, signal, sys, time\n"
                "from libshare.introspect import qemu\n"
-               f"sys.path.insert(0, {os.path.dirname(__file__)!r})\n"
-               "from test_introspect_qemu import PausableDomain\n"
-               "class D(PausableDomain):\n")
+               f"sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
+               "from tests.support.fakes import FakeDomain\n"
+               "class D(FakeDomain):\n")
     return subprocess.run([sys.executable, "-c", prelude + body], capture_output=True,
                           text=True, timeout=60)
 
@@ -122,7 +97,7 @@ def test_paused_resumes_on_exception_and_restores_handlers() -> None:
 
     import pytest
 
-    dom = PausableDomain()
+    dom = FakeDomain("fake")
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RuntimeError), qemu.paused(dom, timeout=30) as state:
         assert dom.calls == ["suspend"]
@@ -135,7 +110,7 @@ def test_paused_resumes_on_exception_and_restores_handlers() -> None:
 def test_paused_watchdog_resumes_and_says_so() -> None:
     import time
 
-    dom = PausableDomain()
+    dom = FakeDomain("fake")
     with qemu.paused(dom, timeout=0.05) as state:
         deadline = time.monotonic() + 5
         while not state.expired and time.monotonic() < deadline:
@@ -147,10 +122,9 @@ def test_paused_watchdog_resumes_and_says_so() -> None:
 def test_paused_resumes_before_sigterm_takes_effect() -> None:
     """A Python SIGTERM handler still runs, after the resume; with the default action
     the process dies of SIGTERM, after the resume."""
-    import os
     import signal
 
-    dom = PausableDomain()
+    dom = FakeDomain("fake")
     seen: list[list[str]] = []
 
     class Stop(Exception):
@@ -205,12 +179,11 @@ def test_paused_signal_during_resume_does_not_hang() -> None:
 
 def test_paused_signal_during_suspend_still_resumes() -> None:
     """A Ctrl-C that lands while suspend() runs still resumes the guest."""
-    import os
     import signal
 
     import pytest
 
-    class D(PausableDomain):
+    class D(FakeDomain):
         def suspend(self) -> None:
             self.calls.append("suspend")
             os.kill(os.getpid(), signal.SIGINT)

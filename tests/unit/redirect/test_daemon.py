@@ -13,21 +13,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 
-from libshare import domxml
 from libshare.errors import LibshareError, RefusedError
 from libshare.hook import handler, state
 from libshare.redirect import actions, daemon, unit
-from libshare.redirect.agent import AgentError
 from libshare.util.digest import sha256_file
 from libshare.virt import api
+from tests.support.domains import UUID, enrolled, plain
+from tests.support.fakes import FakeAgent, FakeConnection, FakeDomain
 
 MiB = 1 << 20
-UUID = "0d4c2cf5-1b5e-4b53-9d7f-1f9b3c7b9a11"
-PLAIN = f"""<domain type='qemu'><name>h</name><uuid>{UUID}</uuid>
-<memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>"""
 
 
 # ---------------------------------------------------------------------------- hook
@@ -43,9 +39,8 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
 
 
 def hook_xml(image: Path, state_dir: Path, mode: str) -> bytes:
-    spec = domxml.RegionSpec(str(image), image.stat().st_size, "g", digest=sha256_file(image),
-                             state_dir=str(state_dir), redirect=mode)
-    return domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
+    return enrolled("h", region=str(image), size=image.stat().st_size,
+                    digest=sha256_file(image), state_dir=str(state_dir), redirect=mode).encode()
 
 
 def test_started_leaves_a_request_and_stopped_removes_it(env: dict[str, Path]) -> None:
@@ -91,60 +86,11 @@ def test_started_never_fails_when_the_request_cannot_be_written(
 
 # ---------------------------------------------------------------------------- fakes
 
-def enrolled(name: str, mode: str = "runtime") -> str:
-    spec = domxml.RegionSpec("/r/a.img", 8 * MiB, "g", digest="ab" * 32,
-                             state_dir="/var/lib/libshare", redirect=mode)
-    root = domxml.parse(PLAIN.replace("<name>h<", f"<name>{name}<"))
-    return domxml.serialize(domxml.enable(root, spec))
-
-
-class FakeDom:
-    def __init__(self, name: str, active: bool = True, mode: str = "runtime",
-                 uuid: str = UUID) -> None:
-        self._name, self.active, self.uuid = name, active, uuid
-        self.xml = enrolled(name, mode)
-
-    def name(self) -> str:
-        return self._name
-
-    def UUIDString(self) -> str:
-        return self.uuid
-
-    def isActive(self) -> int:
-        return int(self.active)
-
-    def XMLDesc(self, flags: int = 0) -> str:
-        return self.xml
-
-
-class FakeConn:
-    def __init__(self, *doms: FakeDom, alive: bool = True) -> None:
-        self.doms = {d.name(): d for d in doms}
-        self.alive = alive
-        self.closed = False
-
-    def lookupByName(self, name: str) -> FakeDom:
-        if not self.alive or name not in self.doms:
-            raise libvirt.libvirtError(f"Domain not found: {name}")
-        return self.doms[name]
-
-    def isAlive(self) -> int:
-        return int(self.alive)
-
-    def close(self) -> int:
-        self.closed = True
-        return 0
-
-
-class FakeAgent:
-    def __init__(self, answers: bool = True) -> None:
-        self.answers = answers
-        self.pings = 0
-
-    def ping(self) -> None:
-        self.pings += 1
-        if not self.answers:
-            raise AgentError("guest agent is not connected")
+def enrolled_domain(name: str, active: bool = True, mode: str = "runtime",
+                    uuid: str = UUID) -> FakeDomain:
+    """Return a fake domain ``name`` enrolled with automatic redirect ``mode``."""
+    return FakeDomain(name, enrolled(name, base=plain(name, uuid=uuid), redirect=mode),
+                      active, uuid)
 
 
 class Guests:
@@ -196,7 +142,7 @@ def request(state_dir: Path, name: str, at: float | None = None) -> dict[str, An
     return req
 
 
-def make(tmp_path: Path, conn: FakeConn, guests: Guests, **kw: Any) -> daemon.Daemon:
+def make(tmp_path: Path, conn: FakeConnection, guests: Guests, **kw: Any) -> daemon.Daemon:
     return daemon.Daemon(tmp_path, lambda: conn, agent_factory=guests.agent,
                          err=io.StringIO(), **kw)
 
@@ -206,7 +152,7 @@ def make(tmp_path: Path, conn: FakeConn, guests: Guests, **kw: Any) -> daemon.Da
 def test_serves_a_request_installing_first(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch, installed=False)
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests)
     request(tmp_path, "a")
     assert d.serve(once=True) == 0
     assert guests.calls == [("a", "install", False), ("a", "redirect", True)]
@@ -225,7 +171,7 @@ def test_serves_a_request_installing_first(tmp_path: Path,
 def test_installed_guest_is_only_redirected(tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch, installed=True)
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests)
     request(tmp_path, "a")
     assert d.serve(once=True) == 0
     assert guests.calls == [("a", "redirect", True)]
@@ -241,9 +187,9 @@ def test_installed_guest_is_only_redirected(tmp_path: Path,
 def test_drops_requests_it_cannot_serve(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         case: str, why: str) -> None:
     guests = Guests(monkeypatch)
-    doms = {"gone": [], "other-uuid": [FakeDom("a", uuid="other")],
-            "stopped": [FakeDom("a", active=False)], "mode-off": [FakeDom("a", mode="off")]}
-    d = make(tmp_path, FakeConn(*doms[case]), guests)
+    doms = {"gone": [], "other-uuid": [enrolled_domain("a", uuid="other")],
+            "stopped": [enrolled_domain("a", active=False)], "mode-off": [enrolled_domain("a", mode="off")]}
+    d = make(tmp_path, FakeConnection(*doms[case]), guests)
     request(tmp_path, "a")
     assert d.serve(once=True) == 0
     assert state.read_requests(tmp_path) == [] and state.read_outcome(tmp_path, "a") is None
@@ -255,18 +201,18 @@ def test_drops_requests_it_cannot_serve(tmp_path: Path, monkeypatch: pytest.Monk
 def test_keeps_a_request_while_the_agent_is_silent_then_gives_up(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
-    guests.agents["a"] = FakeAgent(answers=False)
+    guests.agents["a"] = FakeAgent(alive=False)
     now = [1000.0]
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests, wait=900.0, clock=lambda: now[0])
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests, wait=900.0, clock=lambda: now[0])
     request(tmp_path, "a", at=1000.0)
     for t in (1000.0, 1300.0, 1899.0):   # a new daemon each time: "waiting" logged
         now[0] = t
         assert d.serve(once=True) == 0
         assert d.results[-1].action == "waiting"
-        d = make(tmp_path, FakeConn(FakeDom("a")), guests, wait=900.0,
+        d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests, wait=900.0,
                  clock=lambda: now[0])
         assert state.read_request(tmp_path, "a") is not None
-    assert guests.agents["a"].pings == 3
+    assert sum(c[0] == "ping" for c in guests.agents["a"].calls) == 3
     now[0] = 1900.0
     assert d.serve(once=True) == 1
     assert state.read_request(tmp_path, "a") is None
@@ -281,14 +227,14 @@ def test_keeps_a_request_while_the_agent_is_silent_then_gives_up(
 def test_waiting_is_logged_once_per_daemon(tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
-    guests.agents["a"] = FakeAgent(answers=False)
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    guests.agents["a"] = FakeAgent(alive=False)
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests)
     request(tmp_path, "a")
     d.run_pass()[0].result()
     d.run_pass()[0].result()
     assert [e["event"] for e in state.read_log(state.daemon_log_path(tmp_path))] == \
         ["waiting"]
-    guests.agents["a"].answers = True
+    guests.agents["a"].alive = True
     assert d.serve(once=True) == 0
     assert state.read_outcome(tmp_path, "a")["ok"] is True  # type: ignore[index]
 
@@ -300,7 +246,7 @@ def test_a_failed_redirect_is_recorded(tmp_path: Path, monkeypatch: pytest.Monke
                                        exc: Exception) -> None:
     guests = Guests(monkeypatch)
     guests.fail["a"] = exc
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests)
     request(tmp_path, "a")
     assert d.serve(once=True) == 1
     out = state.read_outcome(tmp_path, "a")
@@ -313,7 +259,7 @@ def test_a_newer_request_written_meanwhile_is_kept(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
     guests.gate["a"] = threading.Event()
-    d = make(tmp_path, FakeConn(FakeDom("a")), guests)
+    d = make(tmp_path, FakeConnection(enrolled_domain("a")), guests)
     request(tmp_path, "a", at=1.0)
     fut = d.run_pass()[0]
     while not guests.calls:
@@ -329,7 +275,7 @@ def test_one_slow_guest_does_not_hold_up_others(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
     guests.gate["slow"] = threading.Event()
-    d = make(tmp_path, FakeConn(FakeDom("slow"), FakeDom("fast")), guests, jobs=2)
+    d = make(tmp_path, FakeConnection(enrolled_domain("slow"), enrolled_domain("fast")), guests, jobs=2)
     request(tmp_path, "slow")
     request(tmp_path, "fast")
     futures = d.run_pass()
@@ -347,11 +293,11 @@ def test_one_slow_guest_does_not_hold_up_others(tmp_path: Path,
 def test_until_idle_serves_late_answers_and_exits(tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
-    guests.agents["late"] = FakeAgent(answers=False)
-    d = make(tmp_path, FakeConn(FakeDom("late"), FakeDom("a")), guests)
+    guests.agents["late"] = FakeAgent(alive=False)
+    d = make(tmp_path, FakeConnection(enrolled_domain("late"), enrolled_domain("a")), guests)
     request(tmp_path, "late")
     request(tmp_path, "a")
-    threading.Timer(0.3, lambda: setattr(guests.agents["late"], "answers", True)).start()
+    threading.Timer(0.3, lambda: setattr(guests.agents["late"], "alive", True)).start()
     assert d.serve(until_idle=True, poll=0.05) == 0
     assert sorted(r.domain for r in d.results if r.action == "ok") == ["a", "late"]
     assert state.read_requests(tmp_path) == []
@@ -360,7 +306,7 @@ def test_until_idle_serves_late_answers_and_exits(tmp_path: Path,
 def test_unreadable_request_is_removed(tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
-    d = make(tmp_path, FakeConn(), guests)
+    d = make(tmp_path, FakeConnection(), guests)
     state.requests_dir(tmp_path).mkdir(parents=True)
     (state.requests_dir(tmp_path) / "x.json").write_text("{not json")
     assert d.serve(until_idle=True, poll=0.01) == 0
@@ -370,10 +316,10 @@ def test_unreadable_request_is_removed(tmp_path: Path,
 def test_lost_connection_keeps_the_request_and_reconnects(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     guests = Guests(monkeypatch)
-    conns = [FakeConn(FakeDom("a"), alive=False), FakeConn(FakeDom("a"))]
-    opened: list[FakeConn] = []
+    conns = [FakeConnection(enrolled_domain("a"), alive=False), FakeConnection(enrolled_domain("a"))]
+    opened: list[FakeConnection] = []
 
-    def connect() -> FakeConn:
+    def connect() -> FakeConnection:
         opened.append(conns[len(opened)])
         return opened[-1]
 
@@ -408,7 +354,7 @@ def test_sigterm_stops_the_cli_daemon(tmp_path: Path, monkeypatch: pytest.Monkey
     from libshare import cli
 
     guests = Guests(monkeypatch)
-    conn = FakeConn(FakeDom("a"))
+    conn = FakeConnection(enrolled_domain("a"))
     monkeypatch.setattr(api, "opener", lambda uri: lambda: conn)
     monkeypatch.setattr(daemon.GuestAgent, "for_domain", guests.agent)
     monkeypatch.setenv("LIBSHARE_CONFIG", "")

@@ -10,8 +10,8 @@ from lxml import etree
 from libshare import domxml
 from libshare.domxml import schema
 from libshare.errors import RefusedError
+from tests.support.paths import CORPUS
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "virt-manager"
 DOCS = sorted(CORPUS.glob("*.xml"))
 MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
 

@@ -8,8 +8,9 @@ import pytest
 
 from libshare.errors import LibshareError
 from libshare.hook import install
+from tests.support.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = PROJECT_ROOT
 
 
 def test_packaged_hook_is_the_repository_hook() -> None:

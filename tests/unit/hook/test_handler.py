@@ -18,8 +18,9 @@ from lxml import etree
 from libshare import domxml
 from libshare.hook import handler, state
 from libshare.util.digest import sha256_file
+from tests.support.paths import PROJECT_ROOT
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = PROJECT_ROOT
 MiB = 1 << 20
 PLAIN = """<domain type='qemu'><name>h</name><uuid>0d4c2cf5-1b5e-4b53-9d7f-1f9b3c7b9a11</uuid>
 <memory unit='MiB'>256</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>"""

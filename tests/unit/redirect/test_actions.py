@@ -8,74 +8,22 @@ from typing import Any
 
 import pytest
 
-from libshare import domxml
 from libshare.errors import LibshareError, RefusedError
 from libshare.redirect import actions
 from libshare.redirect.agent import AgentError, ExecResult
+from tests.support.domains import enrolled
+from tests.support.fakes import FakeAgent, FakeDomain
 
 BASE = """<domain type='qemu'><name>g1</name><memory unit='MiB'>512</memory>
 <os><type arch='x86_64' machine='pc'>hvm</type></os><devices/></domain>"""
 
 
 def enrolled_xml() -> str:
-    spec = domxml.RegionSpec(path="/var/lib/libshare/regions/groups/web.img",
-                             size=8 * 1024 * 1024, group="web", digest="ab" * 32,
-                             state_dir="/var/lib/libshare")
-    return domxml.serialize(domxml.enable(domxml.parse(BASE), spec))
-
-
-class FakeDomain:
-    def __init__(self, xml: str, active: bool = True) -> None:
-        self.xml, self.active = xml, active
-
-    def name(self) -> str:
-        return "g1"
-
-    def isActive(self) -> int:
-        return int(self.active)
-
-    def XMLDesc(self, flags: int = 0) -> str:
-        return self.xml
+    return enrolled(base=BASE, region="/var/lib/libshare/regions/groups/web.img",
+                    group="web")
 
 
 Handler = Callable[[list[str], bytes | None], ExecResult]
-
-
-class FakeAgent:
-    """Records every call; ``handler`` answers exec()."""
-
-    def __init__(self, handler: Handler, alive: bool = True) -> None:
-        self.handler, self.alive = handler, alive
-        self.calls: list[tuple[str, Any]] = []
-
-    def ping(self) -> None:
-        self.calls.append(("ping", None))
-        if not self.alive:
-            raise AgentError("guest agent of g1 is not responding")
-
-    def wait(self, timeout: float = 90.0, interval: float = 1.0) -> float:
-        self.calls.append(("wait", timeout))
-        return 0.0
-
-    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0,
-             check: bool = False) -> ExecResult:
-        self.calls.append(("exec", list(argv)))
-        return self.handler(list(argv), stdin)
-
-    def write_file(self, path: str, data: bytes, mode: int | None = None) -> int:
-        self.calls.append(("write", path))
-        return len(data)
-
-    def changes(self) -> list[tuple[str, Any]]:
-        """Return the calls that could change the guest (writes, non-probe execs)."""
-        out = []
-        for kind, arg in self.calls:
-            harmless = kind == "exec" and (
-                arg[:3] == ["/bin/sh", "-s", "--"]
-                or (arg[0] == "/bin/sh" and arg[2].startswith("test -x")))
-            if kind in ("write", "exec") and not harmless:
-                out.append((kind, arg))
-        return out
 
 
 def ok(out: str = "", rc: int = 0) -> ExecResult:
@@ -126,7 +74,7 @@ def test_parse_kv() -> None:
 ])
 def test_refusals_change_nothing(case: str, match: str) -> None:
     xml = BASE if case == "not enrolled" else enrolled_xml()
-    dom = FakeDomain(xml, active=case != "shut off")
+    dom = FakeDomain("g1", xml, active=case != "shut off")
     probe = {"no dax": "region_device=/dev/pmem0\ndax=0\nrefused=DAX is not active on "
                        "/dev/pmem0 (sharing would cost memory)\n",
              "no device in guest": "refused=no region device (no /dev/pmem* with "
@@ -142,7 +90,7 @@ def test_refusals_change_nothing(case: str, match: str) -> None:
 
 def test_install_writes_every_file_and_rebuilds_the_initramfs() -> None:
     agent = FakeAgent(guest())
-    rep = actions.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.install(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert rep.region_device == "/dev/pmem0"
     assert rep.files == [f.path for f in actions.GUEST_FILES]
     assert rep.initramfs == "updated" and rep.initramfs_entries == 7
@@ -172,7 +120,7 @@ def test_install_rolls_back_a_partial_write() -> None:
 
     agent.write_file = failing  # type: ignore[method-assign]
     with pytest.raises(LibshareError, match="nothing left behind"):
-        actions.install(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.install(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     rm = [a for k, a in agent.calls if k == "exec" and a[:2] == ["rm", "-f"]]
     assert rm and rm[-1][2:] == [f.path for f in actions.GUEST_FILES[:2]]
 
@@ -184,7 +132,7 @@ def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> N
            "restarted=cron.service systemd-journald.service\nkept=\n"
            "agent_restart=deferred\n")
     agent = FakeAgent(guest(apply_out=out))
-    rep = actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.redirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert rep.bound == 29 and rep.binds_total == 29 and rep.hashed == 30
     assert rep.differs == ["/usr/lib/x86_64-linux-gnu/libz.so.1"]
     assert rep.restarted == ["cron.service", "systemd-journald.service"]
@@ -193,7 +141,7 @@ def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> N
     queued = [a for k, a in agent.calls if k == "exec" and a[0] == "systemd-run"]
     assert queued and queued[0][-2:] == ["restart", "qemu-guest-agent.service"]
     agent = FakeAgent(guest(apply_out="bound=1\n"))
-    rep = actions.redirect(FakeDomain(enrolled_xml()), restart=False,
+    rep = actions.redirect(FakeDomain("g1", enrolled_xml()), restart=False,
                             agent_factory=factory(agent))
     assert ("exec", [actions.SCRIPT, "apply", "--defer-agent", "--no-restart"]) in agent.calls
     assert not rep.agent_restarted
@@ -202,25 +150,25 @@ def test_redirect_report_and_agent_restart(monkeypatch: pytest.MonkeyPatch) -> N
 def test_redirect_needs_install_and_reports_guest_refusal() -> None:
     agent = FakeAgent(guest(installed=False))
     with pytest.raises(RefusedError, match="guest install g1"):
-        actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.redirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert agent.changes() == []
     agent = FakeAgent(guest(apply_out="refused=DAX is not active on /dev/pmem0\n"))
     with pytest.raises(RefusedError, match="DAX"):
-        actions.redirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.redirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
 
 
 def test_unredirect() -> None:
     out = "removed=29\nlazy=3\ndeleted=/usr/sbin/libshare-redirect\ninitramfs=updated\n"
     agent = FakeAgent(guest(uninstall_out=out))
-    rep = actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+    rep = actions.unredirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert rep.removed == 29 and rep.deleted == ["/usr/sbin/libshare-redirect"]
     assert rep.initramfs == "updated"
     agent = FakeAgent(guest(installed=False))
     with pytest.raises(RefusedError, match="nothing to undo"):
-        actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.unredirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     agent = FakeAgent(guest(), alive=False)
     with pytest.raises(RefusedError, match="no responding guest agent"):
-        actions.unredirect(FakeDomain(enrolled_xml()), agent_factory=factory(agent))
+        actions.unredirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert agent.changes() == []
 
 
@@ -236,12 +184,12 @@ def test_cli_refusal_is_one_line(monkeypatch: pytest.MonkeyPatch,
         yield object()
 
     monkeypatch.setattr(api, "connect", fake_connect)
-    monkeypatch.setattr(api, "lookup", lambda conn, name: FakeDomain(BASE))
+    monkeypatch.setattr(api, "lookup", lambda conn, name: FakeDomain("g1", BASE))
     for argv in (["redirect", "g1", "--json"], ["unredirect", "g1"],
                  ["guest", "install", "g1"]):
         dom_active = argv[0] != "unredirect"
         monkeypatch.setattr(api, "lookup",
-                            lambda conn, name, a=dom_active: FakeDomain(BASE, active=a))
+                            lambda conn, name, a=dom_active: FakeDomain("g1", BASE, active=a))
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("libshare: "), err

@@ -17,6 +17,7 @@ from lxml import etree
 from libshare import config, domxml
 from libshare.errors import LibshareError, RefusedError
 from libshare.virt import enrol
+from tests.support.fakes import FakeConnection, FakeDomain
 
 MiB = 1 << 20
 DOMAIN = """<domain type='kvm'>
@@ -131,40 +132,14 @@ def test_xml_enable_redirect_and_show(tmp_path: Path) -> None:
     assert bad.returncode == 2
 
 
-class FakeDom:
-    def __init__(self, xml: str) -> None:
-        self.xml = xml
-
-    def name(self) -> str:
-        return "r"
-
-    def XMLDesc(self, flags: int = 0) -> str:
-        return self.xml
-
-    def isActive(self) -> int:
-        return 1
-
-    def isPersistent(self) -> int:
-        return 1
-
-
-class FakeConn:
-    def __init__(self, xml: str) -> None:
-        self.dom = FakeDom(xml)
-        self.defined: list[str] = []
-
-    def lookupByName(self, name: str) -> Any:
-        return self.dom
-
-    def defineXMLFlags(self, xml: str, flags: int) -> Any:
-        self.defined.append(xml)
-        self.dom.xml = xml
-        return self.dom
+def connection(xml: str) -> FakeConnection:
+    """Return a connection holding domain ``r`` defined by ``xml``."""
+    return FakeConnection(FakeDomain("r", xml))
 
 
 def test_enable_domain_changes_only_the_mode() -> None:
     enrolled = domxml.serialize(domxml.enable(domxml.parse(DOMAIN), spec()))
-    conn = FakeConn(enrolled)
+    conn = connection(enrolled)
     out = enrol.enable_domain(conn, "r", spec("runtime"))
     assert out.action == "enabled" and out.message == "automatic redirect set to runtime"
     assert out.info is not None and out.info["redirect"] == "runtime"
@@ -173,7 +148,7 @@ def test_enable_domain_changes_only_the_mode() -> None:
     assert again.action == "unchanged" and len(conn.defined) == 1
     kept = enrol.enable_domain(conn, "r", spec(None), default_redirect="off")
     assert kept.action == "unchanged"
-    fresh = FakeConn(DOMAIN)
+    fresh = connection(DOMAIN)
     new = enrol.enable_domain(fresh, "r", spec(None), default_redirect="runtime")
     assert new.action == "enabled" and "automatic redirect runtime" in new.message
 
@@ -187,7 +162,7 @@ def test_enable_cli_sets_and_changes_the_mode(tmp_path: Path, monkeypatch: pytes
 
     region = tmp_path / "region.img"
     region.write_bytes(b"\0" * (4 * MiB))
-    conn = FakeConn(DOMAIN)
+    conn = connection(DOMAIN)
 
     @contextmanager
     def connect(uri: str) -> Any:

@@ -14,8 +14,10 @@ from libshare.errors import LibshareError
 from libshare.redirect.agent import CHUNK, AgentError, AgentTimeout, ExecResult, GuestAgent
 
 
-class FakeAgent:
-    """A qemu-guest-agent double: records commands, keeps files and processes."""
+class GuestSideAgent:
+    """The qemu-guest-agent inside a guest, as the JSON protocol reaches it (what the
+    client under test talks to; not a double of the client): records commands, keeps
+    files and processes."""
 
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
@@ -120,23 +122,23 @@ class Clock:
 
 
 @pytest.fixture
-def fake() -> FakeAgent:
-    return FakeAgent()
+def fake() -> GuestSideAgent:
+    return GuestSideAgent()
 
 
 @pytest.fixture
-def agent(fake: FakeAgent) -> GuestAgent:
+def agent(fake: GuestSideAgent) -> GuestAgent:
     clock = Clock()
     return GuestAgent(fake, "web1", clock=clock, sleep=clock.sleep)
 
 
-def test_ping_sends_guest_ping(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_ping_sends_guest_ping(agent: GuestAgent, fake: GuestSideAgent) -> None:
     assert agent.ping() is None
     assert fake.sent == [{"execute": "guest-ping"}]
     assert fake.timeouts == [5]
 
 
-def test_exec_sends_argv_and_decodes_binary_output(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_exec_sends_argv_and_decodes_binary_output(agent: GuestAgent, fake: GuestSideAgent) -> None:
     res = agent.exec(["/usr/bin/uname", "-r"])
     assert res == ExecResult(rc=0, stdout=b"\xff\x00bin/usr/bin/uname -r", stderr=b"")
     first = fake.sent[0]
@@ -148,7 +150,7 @@ def test_exec_sends_argv_and_decodes_binary_output(agent: GuestAgent, fake: Fake
     assert res.ok and res.out.endswith("uname -r")
 
 
-def test_exec_stdin_is_base64(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_exec_stdin_is_base64(agent: GuestAgent, fake: GuestSideAgent) -> None:
     data = bytes(range(256)) * 3
     res = agent.exec(["sh", "-c", "cat"], stdin=data)
     assert fake.sent[0]["arguments"]["input-data"] == base64.b64encode(data).decode()
@@ -166,7 +168,7 @@ def test_exec_nonzero_and_check(agent: GuestAgent) -> None:
     assert "false x failed in web1 with status 3" in msg and "it failed badly" in msg
 
 
-def test_exec_timeout_kills_and_raises(fake: FakeAgent) -> None:
+def test_exec_timeout_kills_and_raises(fake: GuestSideAgent) -> None:
     clock = Clock()
     agent = GuestAgent(fake, "web1", clock=clock, sleep=clock.sleep)
     with pytest.raises(AgentTimeout) as exc:
@@ -179,20 +181,20 @@ def test_exec_timeout_kills_and_raises(fake: FakeAgent) -> None:
     assert 3 <= clock.now < 5  # bounded: polls stop soon after the deadline
 
 
-def test_exec_signal_gives_no_rc(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_exec_signal_gives_no_rc(agent: GuestAgent, fake: GuestSideAgent) -> None:
     fake.procs[7] = {"killed": True, "polls": 0}
     res = agent._exec_result(["x"], fake.do_guest_exec_status(7), False)
     assert res.rc is None and res.signal == 9 and not res.ok
 
 
-def test_empty_argv_refused(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_empty_argv_refused(agent: GuestAgent, fake: GuestSideAgent) -> None:
     with pytest.raises(AgentError):
         agent.exec([])
     assert fake.sent == []
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, 2 * CHUNK + 17])
-def test_write_then_read_round_trip_in_chunks(agent: GuestAgent, fake: FakeAgent,
+def test_write_then_read_round_trip_in_chunks(agent: GuestAgent, fake: GuestSideAgent,
                                               size: int) -> None:
     data = bytes((i * 7 + 3) % 256 for i in range(size))
     assert agent.write_file("/etc/x", data) == size
@@ -205,14 +207,14 @@ def test_write_then_read_round_trip_in_chunks(agent: GuestAgent, fake: FakeAgent
     assert fake.handles == {}
 
 
-def test_write_file_mode_runs_chmod(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_write_file_mode_runs_chmod(agent: GuestAgent, fake: GuestSideAgent) -> None:
     agent.write_file("/usr/bin/tool", "#!/bin/sh\n", mode=0o755)
     execs = [m["arguments"] for m in fake.sent if m["execute"] == "guest-exec"]
     assert execs == [{"path": "chmod", "arg": ["755", "/usr/bin/tool"], "capture-output": True}]
     assert fake.files["/usr/bin/tool"] == b"#!/bin/sh\n"
 
 
-def test_short_write_is_an_error_and_closes(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_short_write_is_an_error_and_closes(agent: GuestAgent, fake: GuestSideAgent) -> None:
     fake.do_guest_file_write = lambda handle, **kw: {"count": 1, "eof": False}  # type: ignore[method-assign]
     with pytest.raises(AgentError, match="wrote 1 of 5 bytes to /x"):
         agent.write_file("/x", b"hello")
@@ -228,14 +230,14 @@ def test_read_missing_file_is_one_line(agent: GuestAgent) -> None:
     assert "No such file or directory" in msg
 
 
-def test_read_file_size_limit(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_read_file_size_limit(agent: GuestAgent, fake: GuestSideAgent) -> None:
     fake.files["/big"] = b"x" * (CHUNK + 1)
     with pytest.raises(AgentError, match="larger than 1000 bytes"):
         agent.read_file("/big", max_bytes=1000)
     assert fake.handles == {}
 
 
-def test_bad_base64_in_read(agent: GuestAgent, fake: FakeAgent) -> None:
+def test_bad_base64_in_read(agent: GuestAgent, fake: GuestSideAgent) -> None:
     fake.files["/f"] = b"abc"
     fake.do_guest_file_read = lambda handle, count: {  # type: ignore[method-assign]
         "count": 3, "buf-b64": "%%%", "eof": True}
@@ -249,7 +251,7 @@ def test_bad_base64_in_exec_output(agent: GuestAgent) -> None:
 
 
 @pytest.mark.parametrize("reply", ["not json", "[1, 2]", '{"id": 1}'])
-def test_malformed_replies(agent: GuestAgent, fake: FakeAgent, reply: str) -> None:
+def test_malformed_replies(agent: GuestAgent, fake: GuestSideAgent, reply: str) -> None:
     fake.reply_override = reply
     with pytest.raises(AgentError) as exc:
         agent.ping()
@@ -266,7 +268,7 @@ def test_agent_error_is_a_libshare_error() -> None:
     assert issubclass(AgentTimeout, AgentError)
 
 
-def test_transport_failure_propagates_and_wait_gives_up(fake: FakeAgent) -> None:
+def test_transport_failure_propagates_and_wait_gives_up(fake: GuestSideAgent) -> None:
     clock = Clock()
 
     def dead(_text: str, _timeout: int) -> str:
@@ -281,7 +283,7 @@ def test_transport_failure_propagates_and_wait_gives_up(fake: FakeAgent) -> None
     assert 10 <= clock.now <= 12
 
 
-def test_wait_returns_when_agent_comes_up(fake: FakeAgent) -> None:
+def test_wait_returns_when_agent_comes_up(fake: GuestSideAgent) -> None:
     clock = Clock()
     calls = {"n": 0}
 
@@ -295,7 +297,7 @@ def test_wait_returns_when_agent_comes_up(fake: FakeAgent) -> None:
     assert agent.wait(60) == pytest.approx(3.0)
 
 
-def test_shutdown_tolerates_missing_reply(fake: FakeAgent) -> None:
+def test_shutdown_tolerates_missing_reply(fake: GuestSideAgent) -> None:
     def silent(text: str, timeout: int) -> str:
         raise AgentError("guest agent of web1 is not responding")
 

@@ -11,61 +11,43 @@ from typing import Any
 
 import pytest
 
-from libshare import cli, domxml, status
+from libshare import cli, status
 from libshare.config import Config
 from libshare.hook import state
 from libshare.redirect import actions
 from libshare.redirect.agent import AgentError, ExecResult, GuestAgent
 from libshare.virt import api
+from tests.support.domains import enrolled, plain
+from tests.support.fakes import FakeAgent, FakeDomain
 
-MiB = 1 << 20
-BASE = """<domain type='qemu'><name>{name}</name><memory unit='MiB'>256</memory>
-<os><type arch='x86_64'>hvm</type></os><devices/></domain>"""
 STATUS_OUT = ("region_mounted=1\ndax=1\nregion_device=/dev/pmem0\nbinds=412\n"
               "mode=runtime\nboot_mode=0\nboot_hook=1\n"
               "maps_region=950\nmaps_disk=12\nmaps_stale=0\n")
 
 
-class FakeDom:
-    def __init__(self, name: str, state_dir: Path | None, active: bool = True,
-                 mode: str = "runtime") -> None:
-        self._name, self.active = name, active
-        root = domxml.parse(BASE.format(name=name))
-        if state_dir is not None:
-            root = domxml.enable(root, domxml.RegionSpec(
-                str(state_dir / "missing.img"), 8 * MiB, "g", digest="ab" * 32,
-                state_dir=str(state_dir), redirect=mode))
-        self.xml = domxml.serialize(root)
-
-    def name(self) -> str:
-        return self._name
-
-    def isActive(self) -> int:
-        return int(self.active)
-
-    def XMLDesc(self, flags: int = 0) -> str:
-        return self.xml
+def domain(name: str, state_dir: Path | None, active: bool = True,
+           mode: str = "runtime") -> FakeDomain:
+    """Return fake domain ``name``, enrolled with redirect ``mode`` and ``state_dir``
+    (its image missing), or not enrolled when ``state_dir`` is None."""
+    xml = plain(name) if state_dir is None else enrolled(
+        name, region=str(state_dir / "missing.img"), state_dir=str(state_dir), redirect=mode)
+    return FakeDomain(name, xml, active)
 
 
-class FakeAgent:
-    def __init__(self, answers: bool = True, installed: bool = True) -> None:
-        self.answers, self.is_installed = answers, installed
-        self.timeouts: list[float] = []
-
-    def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0,
-             check: bool = False) -> ExecResult:
-        self.timeouts.append(timeout)
-        if not self.answers:
-            raise AgentError("guest agent of g is not responding")
+def guest(alive: bool = True, installed: bool = True) -> FakeAgent:
+    """Return the agent of a guest whose libshare-redirect answers ``status`` with
+    STATUS_OUT (``installed``: the script is there)."""
+    def handler(argv: list[str], stdin: bytes | None) -> ExecResult:
         if argv[:4] == ["/bin/sh", "-s", "--", "status"]:
             return ExecResult(0, STATUS_OUT.encode(), b"")
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
-            return ExecResult(0 if self.is_installed else 1, b"", b"")
+            return ExecResult(0 if installed else 1, b"", b"")
         raise AssertionError(f"unexpected {argv}")
+    return FakeAgent(handler, alive=alive, name="g")
 
 
 def test_guest_view_fields() -> None:
-    agent = FakeAgent()
+    agent = guest()
     view = status.guest_view(object(), agent_factory=lambda _d: agent, timeout=7.0)
     assert view == {"available": True, "installed": True, "mode": "runtime",
                     "boot_mode": False, "boot_hook": True, "region_mounted": True,
@@ -82,7 +64,7 @@ def test_guest_view_unavailable_never_raises(exc: Exception) -> None:
         raise exc
     view = status.guest_view(object(), agent_factory=factory)
     assert view["available"] is False and str(exc) in view["error"]
-    silent = status.guest_view(object(), agent_factory=lambda _d: FakeAgent(False))
+    silent = status.guest_view(object(), agent_factory=lambda _d: guest(False))
     assert silent == {"available": False, "error": "guest agent of g is not responding"}
 
 
@@ -94,25 +76,25 @@ def test_domain_status_redirect_fields(tmp_path: Path,
     cfg = Config(state_dir=tmp_path / "elsewhere")
     state.write_outcome(tmp_path, {"domain": "a", "ok": True, "time": 9.0, "error": None,
                                    "report": {"bound": 3, "binds_total": 5}})
-    info = status.domain_status(FakeDom("a", tmp_path), cfg, {}, agent=True)
+    info = status.domain_status(domain("a", tmp_path), cfg, {}, agent=True)
     assert info["redirect"] == "runtime"
     assert info["auto_redirect"] == {"state": "ok", "time": 9.0, "error": None, "bound": 3,
                                      "binds_total": 5}
     assert info["guest"] == {"available": True} and asked == ["a"]
     # not asked: with agent=False, when shut off, when not enrolled
-    assert status.domain_status(FakeDom("a", tmp_path), cfg, {})["guest"] is None
-    off = status.domain_status(FakeDom("a", tmp_path, active=False), cfg, {}, agent=True)
+    assert status.domain_status(domain("a", tmp_path), cfg, {})["guest"] is None
+    off = status.domain_status(domain("a", tmp_path, active=False), cfg, {}, agent=True)
     assert off["guest"] is None and off["auto_redirect"]["state"] == "ok"
-    plain = status.domain_status(FakeDom("p", None), cfg, {}, agent=True)
-    assert plain["guest"] is None and plain["redirect"] is None
-    assert plain["auto_redirect"] is None and asked == ["a"]
+    bare = status.domain_status(domain("p", None), cfg, {}, agent=True)
+    assert bare["guest"] is None and bare["redirect"] is None
+    assert bare["auto_redirect"] is None and asked == ["a"]
 
 
 @pytest.fixture
 def fake_libvirt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, FakeAgent]:
-    doms = [FakeDom("a", tmp_path), FakeDom("b", tmp_path, mode="off"),
-            FakeDom("c", tmp_path), FakeDom("p", None, active=False)]
-    agents = {"a": FakeAgent(), "b": FakeAgent(answers=False), "c": FakeAgent()}
+    doms = [domain("a", tmp_path), domain("b", tmp_path, mode="off"),
+            domain("c", tmp_path), domain("p", None, active=False)]
+    agents = {"a": guest(), "b": guest(alive=False), "c": guest()}
 
     @contextmanager
     def connect(uri: str) -> Iterator[object]:
@@ -169,6 +151,6 @@ def test_status_table_and_no_agent(tmp_path: Path, fake_libvirt: dict[str, FakeA
 
 
 def test_guest_status_passes_its_timeout() -> None:
-    agent = FakeAgent()
+    agent = guest()
     actions.guest_status(object(), agent_factory=lambda _d: agent, timeout=3.0)
     assert agent.timeouts == [3.0, 3.0]

@@ -1,0 +1,3 @@
+"""What the tests share, one of each: where things are (:mod:`tests.support.paths`),
+doubles of libvirt domains, connections and guest agents (:mod:`tests.support.fakes`)
+and domain XML documents (:mod:`tests.support.domains`)."""

@@ -1,0 +1,236 @@
+"""Region build: the image layout, determinism across hosts, selection and size, the
+text manifest and label, and builds that must publish nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from libshare.config import Config
+from libshare.errors import LibshareError
+from libshare.sharing.formats import pfn
+from libshare.sharing.formats.erofs import EROFS_MAGIC, Erofs
+from libshare.sharing.region import build, layout, manifest, verify
+from libshare.sharing.store import import_tree, load_index, object_path
+from tests.support.images import (
+    LIBDIR,
+    LIBS,
+    MiB,
+    make_cfg,
+    needs_mkfs,
+)
+
+pytestmark = needs_mkfs
+
+
+def test_layout(built: tuple[Config, build.BuildResult]) -> None:
+    cfg, res = built
+    data = Path(res.path).read_bytes()
+    assert res.size == len(data) and len(data) % (2 * MiB) == 0
+    assert res.digest == hashlib.sha256(data).hexdigest()
+    assert Path(res.path) == cfg.region_image(res.digest)
+    assert os.path.realpath(cfg.group_region_link("web")) == res.path
+    assert data[:4096] == bytes(4096)
+    block = data[4096:8192]
+    info = pfn.unpack(block)
+    assert pfn.validate(info, len(data), block) is None
+    assert info.dataoff == 2 * MiB and info.npfns == (len(data) - 2 * MiB) // 4096
+    assert int.from_bytes(data[2 * MiB + 1024:2 * MiB + 1028], "little") == EROFS_MAGIC
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)
+        doc = manifest.read_manifest(fs)
+        assert doc["group"] == "web" and len(doc["files"]) == len(LIBS) == res.files
+        for item in doc["files"]:
+            sha = item["sha256"]
+            assert item["path"] == f"/lib/{sha[:2]}/{sha}/{item['soname']}"
+            ino = fs.lookup(item["path"])
+            assert hashlib.sha256(fs.read_inode(ino)).hexdigest() == sha
+            assert ino.layout == 0  # flat-plain: block aligned, DAX-mappable
+            assert item["guest_paths"]
+    assert verify.verify(res.path) is None
+
+
+def test_deterministic_across_hosts(tmp_path: Path) -> None:
+    a = make_cfg(tmp_path / "a", mtime=1_000_000)
+    b = make_cfg(tmp_path / "b", mtime=1_700_000_000, reverse=True)
+    ra = build.build_region(a, "web")
+    rb = build.build_region(b, "web")
+    assert ra.digest == rb.digest
+    assert Path(ra.path).read_bytes() == Path(rb.path).read_bytes()
+    again = build.build_region(a, "web")
+    assert again.digest == ra.digest and not again.new
+    other = build.build_region(a, "db")   # another trust group never shares the file
+    assert other.digest != ra.digest
+
+
+def test_selection_file_and_size(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    idx = load_index(cfg.store_dir)
+    sel = tmp_path / "sel"
+    libz = next(e for e in idx.entries.values() if e.soname == "libz.so.1")
+    sel.write_text("# libraries for the web tier\n"
+                   "/usr/lib/x86_64-linux-gnu/libacl.so.1\n"
+                   f"{libz.sha256}   # by hash\n\n")
+    res = build.build_region(cfg, "web", str(sel), size=20 * MiB)
+    assert res.files == 2 and res.size == 20 * MiB
+    assert verify.verify(res.path) is None
+    res2 = build.build_region(cfg, "web", str(sel), size=19 * MiB)  # rounded up
+    assert res2.size == 20 * MiB
+    with pytest.raises(LibshareError, match="too small"):
+        build.build_region(cfg, "web", str(sel), size=2 * MiB)
+    sel.write_text("/usr/lib/nothing.so\n")
+    with pytest.raises(LibshareError, match="not in the store"):
+        build.build_region(cfg, "web", str(sel))
+
+
+def test_empty_store_and_bad_group(tmp_path: Path) -> None:
+    cfg = Config(state_dir=tmp_path / "s")
+    with pytest.raises(LibshareError, match="empty"):
+        build.build_region(cfg, "web")
+    with pytest.raises(LibshareError, match="invalid group"):
+        build.build_region(cfg, "../etc")
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+
+def test_interrupted_build_leaves_nothing(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = make_cfg(tmp_path)
+    first = build.build_region(cfg, "web")
+    real = build._write_image
+
+    def interrupted(tmp: Path, *args: object, **kw: object) -> str:
+        tmp.write_bytes(b"half an image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build, "_write_image", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build.build_region(cfg, "web", size=40 * MiB)
+    monkeypatch.setattr(build, "_write_image", real)
+    names = sorted(p.name for p in (cfg.regions_dir / "images").iterdir())
+    assert names == [first.digest + ".img"]
+    assert not list(cfg.regions_dir.glob(".build-*"))
+    assert os.path.realpath(cfg.group_region_link("web")) == first.path
+
+
+
+
+
+
+
+
+
+
+def test_rebuild_repairs_a_damaged_image_and_primes_digest_cache(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    first = build.build_region(cfg, "web")
+    assert first.path in cfg.digest_cache.read_text()   # the hook's check will be a stat
+    os.chmod(first.path, 0o644)
+    with open(first.path, "r+b") as fh:                  # bit rot under the digest name
+        fh.seek(first.size - 1)
+        fh.write(b"\x01")
+    again = build.build_region(cfg, "web")
+    assert again.digest == first.digest and again.new
+    assert verify.verify(again.path) is None
+
+
+def test_text_manifest_and_label(built: tuple[Config, build.BuildResult],
+                                 tmp_path: Path) -> None:
+    """Guests' POSIX sh reads manifest.tsv and finds the filesystem by its label."""
+    _cfg, res = built
+    with open(res.path, "rb") as fh:
+        fs = Erofs(fh, offset=2 * MiB)       # the superblock crc still checks
+        assert layout.fs_label(fs) == layout.FS_LABEL == "libshare"
+        doc = manifest.read_manifest(fs)
+        tsv = fs.read_inode(fs.lookup(manifest.TSV_MANIFEST_PATH)).decode()
+    want = sorted(f"{f['sha256']}\t{f['size']}\t{f['path']}\t{g}"
+                  for f in doc["files"] for g in f["guest_paths"])
+    assert tsv.splitlines() == want and tsv.endswith("\n")
+    assert len(want) >= len(LIBS)
+    # blkid (what guests use) sees the label on the filesystem part of the image
+    blkid = shutil.which("blkid")
+    if blkid:
+        fs_only = tmp_path / "fs.img"
+        with open(res.path, "rb") as src, open(fs_only, "wb") as dst:
+            src.seek(2 * MiB)
+            shutil.copyfileobj(src, dst)
+        out = subprocess.run([blkid, "-p", "-o", "export", str(fs_only)],
+                             capture_output=True, text=True, check=False).stdout
+        assert "TYPE=erofs" in out and "LABEL=libshare" in out, out
+
+
+
+
+def test_set_fs_label_rejects_bad_input(tmp_path: Path) -> None:
+    junk = tmp_path / "junk"
+    junk.write_bytes(bytes(8192))
+    with pytest.raises(LibshareError, match="not an EROFS"):
+        layout.set_fs_label(junk)
+    with pytest.raises(LibshareError, match="1 to 16 bytes"):
+        layout.set_fs_label(junk, "x" * 17)
+
+
+def test_build_refuses_a_store_object_damaged_in_place(tmp_path: Path) -> None:
+    """Same size, one byte changed: nothing is published and the group link stays."""
+    cfg = make_cfg(tmp_path)
+    first = build.build_region(cfg, "web")
+    idx = load_index(cfg.store_dir)
+    libz = next(e for e in idx.entries.values() if e.soname == "libz.so.1")
+    obj = object_path(cfg.store_dir, libz.sha256)
+    os.chmod(obj, 0o644)
+    with open(obj, "r+b") as fh:
+        fh.seek(200)
+        byte = fh.read(1)
+        fh.seek(200)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    before = sorted(p.name for p in (cfg.regions_dir / "images").iterdir())
+    for mode in (0o644, 0o555):            # copied (not linkable) and hard-linked objects
+        os.chmod(obj, mode)
+        with pytest.raises(LibshareError, match=f"store object {libz.sha256} .*corrupt"):
+            build.build_region(cfg, "web", size=16 * MiB)
+        assert sorted(p.name for p in (cfg.regions_dir / "images").iterdir()) == before
+        assert os.path.realpath(cfg.group_region_link("web")) == first.path
+        assert not list(cfg.regions_dir.glob(".build-*"))
+    import_tree(cfg.store_dir, [tmp_path / "root"])          # re-import repairs it
+    again = build.build_region(cfg, "web", size=16 * MiB)
+    assert verify.verify(again.path) is None
+
+
+def test_select_by_guest_path_takes_every_object_seen_there(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    other = tmp_path / "other/usr/lib/x86_64-linux-gnu"
+    other.mkdir(parents=True)
+    data = bytearray((LIBDIR / "libz.so.1").read_bytes())
+    data[-1] ^= 0x55
+    (other / "libz.so.1").write_bytes(bytes(data))
+    import_tree(cfg.store_dir, [tmp_path / "other"])
+    res = build.build_region(cfg, "web", ["/usr/lib/x86_64-linux-gnu/libz.so.1"])
+    assert res.files == 2
+    with open(res.path, "rb") as fh:
+        files = manifest.read_manifest(Erofs(fh, offset=2 * MiB))["files"]
+    assert len({f["path"] for f in files}) == 2
+    assert all("/usr/lib/x86_64-linux-gnu/libz.so.1" in f["guest_paths"] for f in files)
+    assert verify.verify(res.path) is None
