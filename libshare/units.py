@@ -22,7 +22,8 @@ def parse_size(text: str) -> int:
 
     Raises UsageError for anything that is not a non-negative size.
     """
-    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    # ASCII only: Python's \d and int() also accept Arabic-Indic and other digits
+    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text, re.ASCII)
     if not m or m.group(2).lower() not in _UNITS:
         raise UsageError(f"invalid size {text!r} (examples: 64M, 2GiB, 1048576)")
     return int(m.group(1)) * _UNITS[m.group(2).lower()]

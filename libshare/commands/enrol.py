@@ -15,8 +15,8 @@ from libshare.agent import GuestAgent
 from libshare.commands.xml import MODEL_HELP, REDIRECT_HELP
 from libshare.config import MODELS, REDIRECT_MODES, Config
 from libshare.digest import cached_sha256
-from libshare.domxml.metadata import Enrolment
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import Enrolment, check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.output import print_json, print_table
 from libshare.runtime import qemu_pid
 from libshare.sharing import accounting
@@ -53,12 +53,16 @@ def _recorded(conn: Any, name: str) -> Enrolment | None:
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
     outcomes, failures = [], []
     specs: dict[tuple[str, str], domxml.RegionSpec] = {}
+    if args.group is not None:  # "" is refused, not the default
+        check_group(args.group, "--group", UsageError)
     with virt.connect(args.connect or cfg.libvirt_uri) as conn:
         for name in args.domains:
             try:
                 # an enrolled domain keeps its group and model unless told otherwise
-                old = _recorded(conn, name) if not (args.group and args.model) else None
-                group = args.group or (old.group if old else cfg.default_group)
+                old = _recorded(conn, name) \
+                    if not (args.group is not None and args.model) else None
+                group = args.group if args.group is not None else \
+                    (old.group if old else cfg.default_group)
                 model = args.model or (old.model if old else cfg.default_model)
                 if (group, model) not in specs:
                     specs[(group, model)] = _spec(conn, cfg, args, group, model)

@@ -14,7 +14,8 @@ import os
 from typing import Any
 
 from libshare.config import Config
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.output import print_json, print_table
 from libshare.sharing import region
 from libshare.sharing.progress import ProgressPrinter
@@ -53,7 +54,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     """Build the region image; return the exit status (0)."""
-    group = args.group or cfg.default_group
+    group = cfg.default_group if args.group is None else \
+        check_group(args.group, "--group", UsageError)  # "" is refused, not the default
     progress = ProgressPrinter(f"region build {group}")
     try:
         result = region.build_region(cfg, group, args.select, args.size, progress=progress)

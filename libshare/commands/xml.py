@@ -12,7 +12,8 @@ from dataclasses import replace
 
 from libshare import domxml, enrol
 from libshare.config import MODELS, REDIRECT_MODES, Config
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.output import print_json
 from libshare.units import parse_size
 
@@ -42,7 +43,9 @@ def _read(source: str) -> bytes:
 
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
     root = domxml.parse(_read(args.file))
-    spec = enrol.resolve_region(cfg, args.group or cfg.default_group,
+    group = cfg.default_group if args.group is None else \
+        check_group(args.group, "--group", UsageError)  # "" is refused, not the default
+    spec = enrol.resolve_region(cfg, group,
                                 args.model or cfg.default_model, args.region,
                                 parse_size(args.size) if args.size else None)
     spec = replace(spec, redirect=args.redirect)

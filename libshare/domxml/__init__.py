@@ -10,10 +10,11 @@ from libshare.domxml.enrol import (
     disable,
     enable,
     enrolment,
+    is_enrolled,
     parse,
     serialize,
 )
 from libshare.domxml.metadata import NS
 
-__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "parse",
-           "serialize"]
+__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "is_enrolled",
+           "parse", "serialize"]

@@ -7,6 +7,8 @@ and in C14N). Also libvirt's size units.
 
 from __future__ import annotations
 
+import re
+
 from lxml import etree
 
 from libshare.errors import RefusedError
@@ -25,14 +27,29 @@ _UNIT_BYTES = {
 }
 
 
+#: a non-negative integer in ASCII digits, the only form libvirt's parsers accept
+#: (``str.isdigit`` and ``int`` also take Arabic-Indic and other Unicode digits)
+_ASCII_INT = re.compile(r"[0-9]+", re.ASCII)
+_XML_SPACE = " \t\r\n"
+
+
+def ascii_int(value: str | None) -> int | None:
+    """Return ``value`` (surrounding XML whitespace allowed) as a non-negative integer
+    when it is written in ASCII digits only, else None."""
+    text = (value or "").strip(_XML_SPACE)
+    return int(text) if _ASCII_INT.fullmatch(text) else None
+
+
 def to_bytes(value: str | None, unit: str | None, default_unit: str = "KiB",
              what: str = "size") -> int:
-    """Return the byte count of libvirt scaled integer ``value`` in ``unit``."""
-    text = (value or "").strip()
+    """Return the byte count of libvirt scaled integer ``value`` in ``unit``; raise
+    RefusedError unless the value is ASCII digits and the unit one libvirt knows."""
+    number = ascii_int(value)
     key = (unit or default_unit).lower()
-    if not text.isdigit() or key not in _UNIT_BYTES:
-        raise RefusedError(f"cannot read {what} {text!r} {unit or default_unit!r}")
-    return int(text) * _UNIT_BYTES[key]
+    if number is None or key not in _UNIT_BYTES:
+        raise RefusedError(f"cannot read {what} {(value or '').strip()!r} "
+                           f"{unit or default_unit!r}")
+    return number * _UNIT_BYTES[key]
 
 
 def scaled_bytes(elem: Element, default_unit: str = "KiB") -> int:

@@ -62,6 +62,7 @@ from typing import Any
 
 from libshare.config import Config
 from libshare.digest import cached_sha256, copy_sha256, forget, sha256_file
+from libshare.domxml import metadata
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing import pfn
 from libshare.sharing.erofs import (
@@ -93,7 +94,6 @@ TSV_MANIFEST_PATH = "/.libshare/manifest.tsv"
 FS_LABEL = "libshare"
 MANIFEST_VERSION = 1
 DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
-GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
                           re.MULTILINE)
 #: seconds between progress ticks while mkfs.erofs runs
@@ -436,9 +436,9 @@ def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
 
 
 def check_group(group: str) -> None:
-    """Raise UsageError unless ``group`` is a valid trust-group name."""
-    if not GROUP_NAME.match(group):
-        raise UsageError(f"invalid group name {group!r} (letters, digits, '_', '.', '-')")
+    """Raise UsageError unless ``group`` is a valid trust-group name (the one rule of
+    :func:`libshare.domxml.metadata.check_group`)."""
+    metadata.check_group(group, error=UsageError)
 
 
 def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
