@@ -19,6 +19,7 @@ from typing import Any
 from lxml import etree
 
 from libshare.domxml import devices as dev
+from libshare.domxml import pci
 from libshare.domxml.metadata import (
     REDIRECT_MODES,
     Change,
@@ -385,11 +386,28 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
     if devices is None:
         devices = _insert(dom, make("devices"))
         changes.append(Change("added", "devices"))
-    _insert(devices, dev.region_device(spec.model, spec.path, spec.size, spec.group,
-                                       node if spec.model == "nvdimm" else None))
+    region = dev.region_device(spec.model, spec.path, spec.size, spec.group,
+                               node if spec.model == "nvdimm" else None)
+    add_channel = dev.find_agent_channel(devices) is None
+    add_serial = add_channel and devices.find("controller[@type='virtio-serial']") is None
+    # PCI devices enrolment adds; explicit addresses only where libvirt cannot place them
+    new_pci = ([f"the {spec.model} region device"] if spec.model != "nvdimm" else []) + \
+        (["the virtio-serial controller of the guest-agent channel"] if add_serial else [])
+    try:
+        addresses = pci.addresses_for(root, len(new_pci), " and ".join(new_pci))
+    except RefusedError as exc:
+        raise RefusedError(f"{root.findtext('name') or 'domain'}: {exc}") from None
+    if addresses and spec.model != "nvdimm":
+        region.append(make("address", addresses.pop(0)))
+    _insert(devices, region)
     changes.append(Change("added", "region-device"))
-    if dev.find_agent_channel(devices) is None:
-        if devices.find("controller[@type='virtio-serial']") is None:
+    if add_channel:
+        if add_serial and addresses:
+            _insert(devices, make("controller", {"type": "virtio-serial", "index": "0"},
+                                  children=[make("address", addresses.pop(0))]),
+                    index_after(devices, ("emulator", "disk", "controller")))
+            changes.append(Change("added", "virtio-serial-controller"))
+        elif add_serial:
             changes.append(Change("implicit", "virtio-serial-controller"))
         _insert(devices, dev.agent_channel(), index_after(devices, (
             "emulator", "disk", "controller", "lease", "filesystem", "interface", "smartcard",
@@ -459,7 +477,8 @@ def disable(root: Element) -> Element:
             found = dev.find_agent_channel(devices)
             if found is not None:
                 remove_child(found)
-        elif key == ("implicit", "virtio-serial-controller"):
+        elif key in (("implicit", "virtio-serial-controller"),
+                     ("added", "virtio-serial-controller")):
             if devices is not None and dev.virtio_serial_users(devices) == 0:
                 for ctl in devices.findall("controller[@type='virtio-serial']"):
                     remove_child(ctl)
