@@ -162,7 +162,7 @@ def test_neither_memory_nor_cells_is_refused() -> None:
 def test_memory_devices_count_on_top_of_the_cells() -> None:
     dimm = """<memory model='dimm'><target><size unit='MiB'>256</size><node>0</node>
       </target></memory>"""
-    extra = "<maxMemory slots='1' unit='GiB'>1</maxMemory>\n  " + TWO_CELLS
+    extra = "<maxMemory slots='1' unit='MiB'>1792</maxMemory>\n  " + TWO_CELLS  # = cells + dimm
     out = enrol(domain(extra, devices=dimm))
     assert kib(out.find("maxMemory")) >= (512 + 1024 + 256 + 64) * 1024
     assert out.find("maxMemory").get("slots") == "2"  # type: ignore[union-attr]
