@@ -17,6 +17,7 @@ afterwards) and disabled again from what libvirt wrote back.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from collections.abc import Callable
 from pathlib import Path
@@ -285,3 +286,51 @@ def test_define_enrolled_then_disable(libvirt_conn: Any, domain_name: Callable[[
         assert again.find("devices/controller[@type='virtio-serial']") is None
     finally:
         dom.undefine()
+
+
+def _region_smaps(pid: int, path: str) -> dict[str, int]:
+    """Return the kB fields of QEMU ``pid``'s mapping of ``path`` (the region)."""
+    fields: dict[str, int] = {}
+    inside = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and "-" in head[0] and ":" not in head[0]:
+            inside = line.endswith(" " + path)
+            continue
+        if inside and len(head) == 3 and head[2] == "kB":
+            fields[head[0].rstrip(":")] = int(head[1])
+    return fields
+
+
+def test_immediate_allocation_copies_the_region_into_qemu(libvirt_conn: Any,
+                                                          domain_name: Callable[[], str],
+                                                          scratch_dir: Path) -> None:
+    """Ground truth for the refusal, from the kernel: a paused QEMU started from the
+    enrolment libshare would write for ``<allocation mode='immediate'/>`` holds the
+    whole region as anonymous (copied) pages; without it, none."""
+    import libvirt
+
+    image = scratch_dir / "region.img"
+    image.write_bytes(os.urandom(MiB) * 32)
+    image.chmod(0o644)
+    seen = {}
+    for label in ("immediate", "plain"):
+        name = domain_name()
+        root = domxml.enable(domxml.parse(domain(name, memory="<memory unit='MiB'>64"
+                                                 "</memory>")),
+                             domxml.RegionSpec(str(image), 32 * MiB, GROUP))
+        rec = root.find(f"metadata/{{{domxml.NS}}}enrolment")
+        assert rec is not None
+        rec.getparent().remove(rec)  # the installed hook then leaves the domain alone
+        if label == "immediate":
+            backing = domxml.parse(CASES["immediate"]("x")).find("memoryBacking")
+            assert backing is not None
+            root.insert(3, backing)
+        dom = libvirt_conn.createXML(domxml.serialize(root), libvirt.VIR_DOMAIN_START_PAUSED)
+        try:
+            pid = int(Path(f"/run/libvirt/qemu/{name}.pid").read_text())
+            seen[label] = _region_smaps(pid, str(image))
+        finally:
+            dom.destroy()
+    assert seen["immediate"]["Anonymous"] == 32 * 1024, seen
+    assert seen["plain"]["Anonymous"] == 0 and seen["plain"]["Private_Dirty"] == 0, seen
