@@ -81,3 +81,21 @@ def test_some_documents_are_enrolled_and_valid() -> None:
         except RefusedError:
             pass
     assert enrolled >= 30
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_document_round_trip_keeps_the_prolog(doc: Path) -> None:
+    """Comments and processing instructions around the root survive enable/disable."""
+    text = ("<!-- kept -->\n<?app before?>\n" + doc.read_text().strip() +
+            "\n<!-- after -->\n<?app after?>\n")
+    root = domxml.parse(text)
+    whole = etree.tostring(root.getroottree(), method="c14n", with_comments=True)
+    try:
+        enabled = domxml.enable(root, spec("nvdimm"))
+    except RefusedError:
+        return
+    out = domxml.serialize(enabled)
+    assert out.startswith("<!-- kept -->\n<?app before?>\n")
+    assert out.endswith("\n<!-- after -->\n<?app after?>\n")
+    back = domxml.disable(domxml.parse(out))
+    assert etree.tostring(back.getroottree(), method="c14n", with_comments=True) == whole
