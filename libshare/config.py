@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.domxml.devices import MODELS
-from libshare.domxml.metadata import REDIRECT_MODES
+from libshare.domxml.metadata import REDIRECT_MODES, check_group
 from libshare.errors import LibshareError
 from libshare.hook.ops import MAX_SECONDS
 
@@ -66,8 +66,9 @@ class Config:
         return self.state_dir / "running"
 
     def group_region_link(self, group: str) -> Path:
-        """Return the stable path (a symlink) that points at ``group``'s current image."""
-        return self.regions_dir / "groups" / f"{group}.img"
+        """Return the stable path (a symlink) that points at ``group``'s current image;
+        raise RefusedError when ``group`` is not a valid group name."""
+        return self.regions_dir / "groups" / f"{check_group(group)}.img"
 
     def region_image(self, digest: str) -> Path:
         """Return where the region image whose SHA-256 is ``digest`` lives on this host."""
@@ -105,6 +106,8 @@ def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
         out[key] = value
     if "state_dir" in out:
         out["state_dir"] = Path(out["state_dir"])
+    if "default_group" in out:
+        check_group(out["default_group"], f"default_group in {where}", LibshareError)
     if out.get("default_model", "nvdimm") not in MODELS:
         raise LibshareError(f"{where}: default_model must be one of {', '.join(MODELS)}")
     if out.get("log_level", "info") not in LOG_LEVELS:

@@ -11,9 +11,10 @@ from libshare.domxml.transform import (
     disable,
     enable,
     enrolment,
+    is_enrolled,
     parse,
     serialize,
 )
 
-__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "parse",
-           "serialize"]
+__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "is_enrolled",
+           "parse", "serialize"]

@@ -14,15 +14,18 @@ own size, from which the device size always follows.
 
 from __future__ import annotations
 
+from libshare.domxml.metadata import check_group
 from libshare.domxml.tree import Element, make
 
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
+SHMEM_PREFIX = "libshare-"
 
 
 def shmem_name(group: str) -> str:
-    """Return the ivshmem object name (and /dev/shm file name) for a trust group."""
-    return f"libshare-{group}"
+    """Return the ivshmem object name (and /dev/shm file name) for a trust group;
+    raise RefusedError when ``group`` is not a valid group name (it becomes a path)."""
+    return SHMEM_PREFIX + check_group(group)
 
 
 def shmem_size(size: int) -> int:
@@ -79,7 +82,8 @@ def find_region_device(devices: Element | None, model: str, path: str,
         return None
     for dev in devices:
         if model == "ivshmem":
-            if dev.tag == "shmem" and dev.get("name") == shmem_name(group):
+            # compared, not built: a record with a bad group can still be undone
+            if dev.tag == "shmem" and dev.get("name") == SHMEM_PREFIX + group:
                 return dev
         elif (dev.tag == "memory" and dev.get("model") == model
               and region_path_of(dev) == path):

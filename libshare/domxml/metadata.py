@@ -20,19 +20,45 @@ domains enrolled without it carry exactly the record they always did.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from lxml import etree
 
 from libshare import XMLNS
 from libshare.domxml.tree import Element
-from libshare.errors import RefusedError
+from libshare.errors import LibshareError, RefusedError
+from libshare.util.units import ascii_int
 
 NS = XMLNS
 PREFIX = "libshare"
 VERSION = "1"
 #: automatic redirect modes a domain can be enrolled with ("off": nothing automatic)
 REDIRECT_MODES = ("off", "runtime")
+
+
+#: the one rule for trust-group names, wherever they come from (config, ``--group``,
+#: enrolment metadata): they become file names (``groups/GROUP.img``, ``/dev/shm/
+#: libshare-GROUP``) and shell-quoted hints, so ASCII letters, digits, ``_ . -`` only,
+#: a letter or digit first, at most 64 characters, and no ``..``
+GROUP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", re.ASCII)
+GROUP_RULE = "1-64 of A-Z a-z 0-9 _ . -, starting with a letter or digit, no '..'"
+
+
+def valid_group(name: object) -> bool:
+    """Return True when ``name`` is an acceptable trust-group name (see GROUP_NAME)."""
+    return isinstance(name, str) and GROUP_NAME.fullmatch(name) is not None \
+        and ".." not in name
+
+
+def check_group(name: object, what: str = "group name",
+                error: type[LibshareError] = RefusedError) -> str:
+    """Return ``name`` when it is a valid trust-group name; raise ``error`` (one line,
+    naming ``what``) otherwise."""
+    if not valid_group(name):
+        raise error(f"invalid {what} {name!r} ({GROUP_RULE})")
+    assert isinstance(name, str)
+    return name
 
 
 def q(tag: str) -> str:
@@ -75,7 +101,7 @@ class Enrolment:
             return self.size
         raise RefusedError(f"libshare metadata of this domain has a bad region size "
                            f"size={self.size_text!r} (not a positive byte count); "
-                           "re-enrol it with 'libshare enable'")
+                           "re-enrol it with 'libshare enable --group NAME'")
 
     def has(self, kind: str, what: str) -> bool:
         """Return True when a change of this kind and target was recorded."""
@@ -95,11 +121,20 @@ def find_record(root: Element) -> Element | None:
 
 
 def _int_or_none(value: str | None) -> int | None:
-    return int(value) if value is not None and value.isdigit() else None
+    return ascii_int(value) if value is not None else None
 
 
-def parse_record(elem: Element) -> Enrolment:
-    """Return the Enrolment described by a ``<libshare:enrolment>`` element."""
+def parse_record(elem: Element, strict: bool = True) -> Enrolment:
+    """Return the Enrolment described by a ``<libshare:enrolment>`` element.
+
+    ``strict`` (the default) raises RefusedError when the recorded group is not a
+    valid group name (a domain definition is input like any other); ``disable`` reads
+    the record with ``strict=False`` so that such an enrolment can still be undone.
+    """
+    group = elem.get("group", "")
+    if strict and not valid_group(group):
+        raise RefusedError(f"libshare metadata of this domain has an invalid group name "
+                           f"{group!r} ({GROUP_RULE}); re-enrol it with 'libshare enable --group NAME'")
     changes = []
     for child in elem:
         if not isinstance(child.tag, str) or not child.tag.startswith(f"{{{NS}}}"):
@@ -108,7 +143,7 @@ def parse_record(elem: Element) -> Enrolment:
         saved = next((c for c in child if isinstance(c.tag, str)), None)
         changes.append(Change(kind, child.get("what", ""), child.get("previous"), saved))
     return Enrolment(
-        group=elem.get("group", ""),
+        group=group,
         model=elem.get("model", "nvdimm"),
         region=elem.get("region", ""),
         size=_int_or_none(elem.get("size")) or 0,

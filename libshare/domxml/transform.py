@@ -10,18 +10,22 @@ equals x in C14N, and elements libshare does not own keep their order.
 
 from __future__ import annotations
 
+import codecs
 import copy
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from lxml import etree
 
 from libshare.domxml import devices as dev
+from libshare.domxml import pci
 from libshare.domxml.metadata import (
     REDIRECT_MODES,
     Change,
     Enrolment,
     build_record,
+    check_group,
     find_record,
     parse_record,
     set_redirect,
@@ -35,9 +39,10 @@ from libshare.domxml.tree import (
     remove_child,
     scaled_bytes,
     text_before,
+    to_bytes,
 )
 from libshare.errors import RefusedError
-from libshare.util.units import GiB, MiB
+from libshare.util.units import GiB, MiB, ascii_int
 
 MAX_REGION = 1024 * GiB
 SLOT_MODELS = ("dimm", "nvdimm")
@@ -59,22 +64,81 @@ class RegionSpec:
     redirect: str | None = None
 
 
+#: byte-order marks of the encodings libvirt never reads (it takes UTF-8 only)
+_WIDE_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE, codecs.BOM_UTF16_LE,
+              codecs.BOM_UTF16_BE)
+_DECLARED_ENCODING = re.compile(rb"<\?xml\s[^>]*?\bencoding\s*=\s*[\"']([^\"']*)[\"']")
+_UTF8_NAMES = ("utf-8", "utf8", "us-ascii", "ascii")
+
+
 def parse(data: bytes | str) -> Element:
-    """Return the root element of domain XML ``data``; raise RefusedError if it is not XML."""
-    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True)
+    """Return the root element of domain XML ``data``; raise RefusedError (one line)
+    if it is not a well-formed libvirt domain document in UTF-8 without a DTD.
+
+    Refused rather than half-handled: UTF-16/32 and other declared encodings (libvirt
+    reads UTF-8 only, and a path read in another encoding is not the file libvirt
+    opens); any ``<!DOCTYPE>``: libvirt 9.0 expands an internal subset's entities
+    (measured: ``<source file='&p;'/>`` opened the entity's path) while libshare keeps
+    entity references unexpanded, so a path could mean one file to libshare and another
+    to libvirt; and libvirt ignores ATTLIST defaults (measured: a defaulted
+    ``type`` is "missing domain type attribute"), so a defaulted ``state-dir`` would
+    exist for libshare only. Comments and processing instructions around the root
+    element are kept: ``serialize`` writes them back.
+    """
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if raw.startswith(_WIDE_BOMS) or b"\0" in raw:
+        raise RefusedError("domain XML is not UTF-8 (UTF-16 or UTF-32); libvirt reads UTF-8 "
+                           "only: convert it, e.g. with iconv -t UTF-8")
+    declared = _DECLARED_ENCODING.match(raw.removeprefix(codecs.BOM_UTF8))
+    if declared and declared.group(1).decode("ascii", "replace").lower() not in _UTF8_NAMES:
+        raise RefusedError(f"domain XML declares encoding "
+                           f"{declared.group(1).decode('ascii', 'replace')!r}; libvirt reads "
+                           "UTF-8 only: convert it, e.g. with iconv -t UTF-8")
     try:
-        raw = data.encode() if isinstance(data, str) else data
+        raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RefusedError(f"domain XML is not valid UTF-8 (byte {exc.start})") from exc
+    parser = etree.XMLParser(remove_blank_text=False, resolve_entities=False, no_network=True,
+                             load_dtd=False, dtd_validation=False, attribute_defaults=False,
+                             huge_tree=False)
+    try:
         root = etree.fromstring(raw, parser)
     except etree.XMLSyntaxError as exc:
-        raise RefusedError(f"not well-formed XML: {exc}") from exc
+        # libxml2's messages can hold newlines; the reason stays one line
+        raise RefusedError(f"not well-formed XML: {' '.join(str(exc).split())}") from exc
+    info = root.getroottree().docinfo
+    if getattr(info, "doctype", "") or info.internalDTD is not None \
+            or info.externalDTD is not None \
+            or next(root.iter(etree.Entity), None) is not None:
+        raise RefusedError("domain XML has a <!DOCTYPE> (entity or attribute declarations "
+                           "that libshare and libvirt read differently); remove it")
     if root.tag != "domain":
         raise RefusedError(f"not a libvirt domain document (root element <{root.tag}>)")
     return root
 
 
 def serialize(root: Element) -> str:
-    """Return ``root`` as XML text ending in a newline (no XML declaration)."""
-    return etree.tostring(root, encoding="unicode") + "\n"
+    """Return the document of ``root`` as XML text ending in a newline: the comments and
+    processing instructions before and after the root element, one per line, then the
+    root element (no XML declaration)."""
+    def text(node: Element) -> str:
+        return etree.tostring(node, encoding="unicode", with_tail=False)
+
+    before = [text(n) for n in reversed(list(root.itersiblings(preceding=True)))]
+    after = [text(n) for n in root.itersiblings()]
+    return "\n".join([*before, text(root), *after]) + "\n"
+
+
+def copy_document(root: Element) -> Element:
+    """Return a deep copy of ``root`` with its document: the copy keeps the comments
+    and processing instructions around the root element, in order (``copy.deepcopy``
+    of the element drops them; lxml 4.9's deepcopy of the tree reverses those after it)."""
+    new = copy.deepcopy(root)
+    for node in reversed(list(root.itersiblings(preceding=True))):  # farthest first
+        new.addprevious(copy.copy(node))
+    for node in reversed(list(root.itersiblings())):
+        new.addnext(copy.copy(node))
+    return new
 
 
 def _insert(parent: Element, elem: Element, index: int | None = None) -> Element:
@@ -109,8 +173,13 @@ def _check_host(root: Element, spec: RegionSpec) -> None:
                            "of 2 MiB")
     if spec.size > MAX_REGION:
         raise RefusedError(f"{name}: region size {spec.size} exceeds 1 TiB")
-    if root.find("memory") is None:
-        raise RefusedError(f"{name}: domain has no <memory> element")
+    check_group(spec.group)
+    if root.find("memory") is None and _numa_kib(root) is None:
+        raise RefusedError(f"{name}: domain has neither <memory> nor NUMA cells with "
+                           "memory (libvirt needs one of them)")
+    reason = _preallocation(root, spec.model)
+    if reason:
+        raise RefusedError(f"{name}: {reason}")
     devices = root.find("devices")
     if devices is not None:
         for d in devices:
@@ -122,6 +191,60 @@ def _check_host(root: Element, spec: RegionSpec) -> None:
             if path is not None and path == target:
                 raise RefusedError(f"{name}: a <{d.tag}> device not added by libshare "
                                    f"already uses {target}")
+
+
+def _preallocation(root: Element, model: str) -> str | None:
+    """Return why libvirt 9.0 would make each guest hold a full copy of a ``model``
+    region in this domain, or None when it would not.
+
+    The paths by which libvirt 9.0 (src/qemu/qemu_command.c) fills the region's memory
+    backend at start, for a region libshare defines (``<source><path>`` and, for
+    nvdimm, ``<pmem/>``; the memory device list is never hugepage- or memfd-backed):
+    ``qemuBuildMemoryGetPagesize`` sets ``prealloc`` for every backend when
+    ``<memoryBacking><allocation mode='immediate'/>``, for an nvdimm without
+    ``<pmem/>``, and for hugepage-backed devices without a path; ``-mem-prealloc``
+    (every backend) is only written for domains without NUMA cells, which enrolment
+    always gives them; ``<memoryBacking><locked/>`` becomes ``-overcommit mem-lock=on``,
+    QEMU's mlockall(), which faults in every page of the private (copy-on-write) nvdimm
+    mapping for writing: a private copy each. ivshmem's backend is built apart
+    (qemuBuildShmemBackendMemProps: never preallocated) and shared, as virtio-pmem's
+    is, so locking them copies nothing.
+    """
+    backing = root.find("memoryBacking")
+    if backing is None or model == "ivshmem":
+        return None
+    alloc = backing.find("allocation")
+    if alloc is not None and alloc.get("mode") == "immediate":
+        return ("<memoryBacking><allocation mode='immediate'/> makes libvirt preallocate "
+                "every memory backend, the region's too (every page written: a private copy "
+                "per guest); remove it or use --model ivshmem")
+    if model == "nvdimm" and backing.find("locked") is not None:
+        return ("<memoryBacking><locked/> makes QEMU lock all its memory, which copies "
+                "every page of the copy-on-write region into each guest; remove it or use "
+                "--model ivshmem")
+    return None
+
+
+def _numa_kib(root: Element) -> int | None:
+    """Return the guest RAM in KiB that the domain's NUMA cells hold (libvirt 9.0 takes
+    the domain's memory from them, not from ``<memory>``), None without cells."""
+    cells = root.findall("cpu/numa/cell")
+    if not cells:
+        return None
+    return sum(to_bytes(c.get("memory"), c.get("unit"), "KiB", "NUMA cell memory") // 1024
+               for c in cells)
+
+
+def _ram_kib(root: Element) -> int:
+    """Return the domain's initial memory in KiB (RAM outside memory devices) as
+    libvirt 9.0 computes it: the NUMA cells' sum, else ``<memory>`` minus the memory
+    devices (``virDomainDefPostParseMemory``)."""
+    cells = _numa_kib(root)
+    if cells is not None:
+        return cells
+    memory = root.find("memory")
+    assert memory is not None  # _check_host: <memory> or cells
+    return scaled_bytes(memory) // 1024 - _memory_devices_kib(root.find("devices"))
 
 
 def _memory_devices_kib(devices: Element | None) -> int:
@@ -138,8 +261,8 @@ def _memory_devices_kib(devices: Element | None) -> int:
 
 def _vcpus(root: Element) -> int:
     """Return the maximum vCPU count of the domain (1 when unspecified)."""
-    text = (root.findtext("vcpu") or "1").strip()
-    return int(text) if text.isdigit() and int(text) > 0 else 1
+    count = ascii_int(root.findtext("vcpu"))
+    return count if count else 1
 
 
 def _ensure_metadata(root: Element, changes: list[Change]) -> Element:
@@ -171,11 +294,8 @@ def _ensure_numa(root: Element, changes: list[Change]) -> int:
     """Make sure the domain has a NUMA cell; return the node id for the region device."""
     cells = root.findall("cpu/numa/cell")
     if cells:
-        first = cells[0].get("id", "0")
-        return int(first) if first.isdigit() else 0
-    memory = root.find("memory")
-    assert memory is not None
-    cell_kib = scaled_bytes(memory) // 1024 - _memory_devices_kib(root.find("devices"))
+        return ascii_int(cells[0].get("id", "0")) or 0
+    cell_kib = _ram_kib(root)
     if cell_kib <= 0:
         raise RefusedError("domain memory is smaller than its memory devices")
     n = _vcpus(root)
@@ -198,21 +318,22 @@ def _ensure_numa(root: Element, changes: list[Change]) -> int:
 def _ensure_max_memory(root: Element, size: int, changes: list[Change]) -> None:
     devices = root.find("devices")
     memory = root.find("memory")
-    assert memory is not None
     used_slots = 0 if devices is None else sum(
         1 for d in devices.findall("memory") if d.get("model") in SLOT_MODELS)
     need_slots = used_slots + 1
-    need_kib = scaled_bytes(memory) // 1024 + _memory_devices_kib(devices) + size // 1024
+    # libvirt's total once enrolled: RAM (cells, else <memory> less devices) + devices
+    need_kib = _ram_kib(root) + _memory_devices_kib(devices) + size // 1024
     need_kib = -(-need_kib // (1024 * 1024)) * 1024 * 1024  # whole GiB
     mm = root.find("maxMemory")
     if mm is None:
+        where = list(root).index(memory) if memory is not None else index_after(
+            root, ("name", "uuid", "genid", "title", "description", "metadata"))
         _insert(root, make("maxMemory", {"slots": str(need_slots), "unit": "KiB"},
-                           str(need_kib)), list(root).index(memory))
+                           str(need_kib)), where)
         changes.append(Change("added", "maxMemory"))
         return
     cur_kib = scaled_bytes(mm) // 1024
-    slots_text = mm.get("slots", "0")
-    cur_slots = int(slots_text) if slots_text.isdigit() else 0
+    cur_slots = ascii_int(mm.get("slots", "0")) or 0
     if cur_kib >= need_kib and cur_slots >= need_slots:
         return
     saved = copy.deepcopy(mm)
@@ -232,7 +353,8 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
     set). Raises RefusedError (input untouched) when the domain cannot host the region.
     """
     rec = find_record(root)
-    old = None if rec is None else parse_record(rec)
+    # read leniently: a record with a bad group is replaced, not kept
+    old = None if rec is None else parse_record(rec, strict=False)
     mode = spec.redirect or (old.redirect if old is not None else default_redirect)
     if mode not in REDIRECT_MODES:
         raise RefusedError(f"unknown redirect mode {mode!r} "
@@ -242,7 +364,7 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
             (spec.group, spec.model, spec.path, spec.size, spec.digest, spec.state_dir)
         if same and dev.find_region_device(root.find("devices"), old.model, old.region,
                                            old.group) is not None:
-            dom = copy.deepcopy(root)
+            dom = copy_document(root)
             if mode != old.redirect:
                 new_rec = find_record(dom)
                 assert new_rec is not None
@@ -250,7 +372,7 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
             return dom
         root = disable(root)
     _check_host(root, spec)
-    dom = copy.deepcopy(root)
+    dom = copy_document(root)
     changes: list[Change] = []
     meta = _ensure_metadata(dom, changes)
     node = None
@@ -262,11 +384,28 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
     if devices is None:
         devices = _insert(dom, make("devices"))
         changes.append(Change("added", "devices"))
-    _insert(devices, dev.region_device(spec.model, spec.path, spec.size, spec.group,
-                                       node if spec.model == "nvdimm" else None))
+    region = dev.region_device(spec.model, spec.path, spec.size, spec.group,
+                               node if spec.model == "nvdimm" else None)
+    add_channel = dev.find_agent_channel(devices) is None
+    add_serial = add_channel and devices.find("controller[@type='virtio-serial']") is None
+    # PCI devices enrolment adds; explicit addresses only where libvirt cannot place them
+    new_pci = ([f"the {spec.model} region device"] if spec.model != "nvdimm" else []) + \
+        (["the virtio-serial controller of the guest-agent channel"] if add_serial else [])
+    try:
+        addresses = pci.addresses_for(root, len(new_pci), " and ".join(new_pci))
+    except RefusedError as exc:
+        raise RefusedError(f"{root.findtext('name') or 'domain'}: {exc}") from None
+    if addresses and spec.model != "nvdimm":
+        region.append(make("address", addresses.pop(0)))
+    _insert(devices, region)
     changes.append(Change("added", "region-device"))
-    if dev.find_agent_channel(devices) is None:
-        if devices.find("controller[@type='virtio-serial']") is None:
+    if add_channel:
+        if add_serial and addresses:
+            _insert(devices, make("controller", {"type": "virtio-serial", "index": "0"},
+                                  children=[make("address", addresses.pop(0))]),
+                    index_after(devices, ("emulator", "disk", "controller")))
+            changes.append(Change("added", "virtio-serial-controller"))
+        elif add_serial:
             changes.append(Change("implicit", "virtio-serial-controller"))
         _insert(devices, dev.agent_channel(), index_after(devices, (
             "emulator", "disk", "controller", "lease", "filesystem", "interface", "smartcard",
@@ -280,10 +419,9 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
         balloon.set("freePageReporting", "on")
     memory = dom.find("memory")
     current = dom.find("currentMemory")
-    assert memory is not None
     enr = Enrolment(group=spec.group, model=spec.model, region=spec.path, size=spec.size,
                     digest=spec.digest, state_dir=spec.state_dir,
-                    memory_kib=scaled_bytes(memory) // 1024,
+                    memory_kib=None if memory is None else scaled_bytes(memory) // 1024,
                     current_memory_kib=None if current is None
                     else scaled_bytes(current) // 1024,
                     redirect=mode, changes=changes)
@@ -321,11 +459,11 @@ def disable(root: Element) -> Element:
 
     A domain that is not enrolled comes back unchanged.
     """
-    dom = copy.deepcopy(root)
+    dom = copy_document(root)
     rec = find_record(dom)
     if rec is None:
         return dom
-    enr = parse_record(rec)
+    enr = parse_record(rec, strict=False)  # an enrolment with a bad group can be undone
     devices = dom.find("devices")
     for ch in reversed(enr.changes):
         key = (ch.kind, ch.what)
@@ -337,7 +475,8 @@ def disable(root: Element) -> Element:
             found = dev.find_agent_channel(devices)
             if found is not None:
                 remove_child(found)
-        elif key == ("implicit", "virtio-serial-controller"):
+        elif key in (("implicit", "virtio-serial-controller"),
+                     ("added", "virtio-serial-controller")):
             if devices is not None and dev.virtio_serial_users(devices) == 0:
                 for ctl in devices.findall("controller[@type='virtio-serial']"):
                     remove_child(ctl)
@@ -383,8 +522,15 @@ def disable(root: Element) -> Element:
     return dom
 
 
+def is_enrolled(root: Element) -> bool:
+    """Return True when ``root`` carries a libshare enrolment record (valid or not:
+    ``disable`` undoes either)."""
+    return find_record(root) is not None
+
+
 def enrolment(root: Element) -> Enrolment | None:
-    """Return the parsed enrolment record of ``root``, or None if it is not enrolled."""
+    """Return the parsed enrolment record of ``root``, or None if it is not enrolled;
+    raise RefusedError when the record names an invalid group."""
     rec = find_record(root)
     return None if rec is None else parse_record(rec)
 

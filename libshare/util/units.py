@@ -22,23 +22,33 @@ UNIT_BYTES = {
     "pb": 10**15, "p": 2**50, "pib": 2**50,
     "eb": 10**18, "e": 2**60, "eib": 2**60,
 }
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take any Unicode digit
+#: a non-negative integer in ASCII digits, the only form libvirt's parsers accept
+#: (``str.isdigit`` and ``int`` also take Arabic-Indic and other Unicode digits)
+_ASCII_INT = re.compile(r"[0-9]+", re.ASCII)
+_XML_SPACE = " \t\r\n"
+
+
+def ascii_int(value: str | None) -> int | None:
+    """Return ``value`` (surrounding XML whitespace allowed) as a non-negative integer
+    when it is written in ASCII digits only, else None."""
+    text = (value or "").strip(_XML_SPACE)
+    return int(text) if _ASCII_INT.fullmatch(text) else None
 
 
 def scaled(value: str, unit: str) -> int:
-    """Return the byte count of the decimal ``value`` in ``unit`` (a key of UNIT_BYTES,
-    any case); raise ValueError for anything else."""
-    text = value.strip()
+    """Return the byte count of the decimal ``value`` (ASCII digits) in ``unit`` (a key
+    of UNIT_BYTES, any case); raise ValueError for anything else."""
+    number = ascii_int(value)
     key = unit.strip().lower()
-    if not _DIGITS.fullmatch(text) or key not in UNIT_BYTES:
+    if number is None or key not in UNIT_BYTES:
         raise ValueError(f"not a size: {value!r} {unit!r}")
-    return int(text) * UNIT_BYTES[key]
+    return number * UNIT_BYTES[key]
 
 
 def parse_size(text: str) -> int:
     """Return the byte count written in ``text`` ("64M", "2 GiB", "4096": bytes without a
     unit). Raises UsageError for anything that is not a non-negative size."""
-    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text)
+    m = re.fullmatch(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", text, re.ASCII)
     try:
         if not m:
             raise ValueError(text)

@@ -120,7 +120,7 @@ def disable_domain(conn: libvirt.virConnect, name: str) -> Outcome:
     dom = api.lookup(conn, name)
     before = domxml.parse(api.inactive_xml(dom))
     running = api.is_active(dom)
-    if domxml.enrolment(before) is None:
+    if not domxml.is_enrolled(before):  # a record with a bad group is undone too
         return Outcome(dom.name(), "unchanged", "not enrolled", running, domxml.describe(before))
     after = domxml.disable(before)
     _redefine(conn, dom, domxml.serialize(after))

@@ -13,8 +13,8 @@ from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.domxml.devices import MODELS
-from libshare.domxml.metadata import REDIRECT_MODES, Enrolment
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import REDIRECT_MODES, Enrolment, check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.virt import api, capabilities, enrol
 
 
@@ -42,12 +42,16 @@ def _recorded(conn: Any, name: str) -> Enrolment | None:
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
     outcomes, failures = [], []
     specs: dict[tuple[str, str], domxml.RegionSpec] = {}
+    if args.group is not None:  # "" is refused, not the default
+        check_group(args.group, "--group", UsageError)
     with api.connect(libvirt_uri(args, cfg)) as conn:
         for name in args.domains:
             try:
                 # an enrolled domain keeps its group and model unless told otherwise
-                old = _recorded(conn, name) if not (args.group and args.model) else None
-                group = args.group or (old.group if old else cfg.default_group)
+                old = _recorded(conn, name) \
+                    if not (args.group is not None and args.model) else None
+                group = args.group if args.group is not None else \
+                    (old.group if old else cfg.default_group)
                 model = args.model or (old.model if old else cfg.default_model)
                 if (group, model) not in specs:
                     specs[(group, model)] = _spec(conn, cfg, args, group, model)

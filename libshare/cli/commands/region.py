@@ -17,7 +17,8 @@ from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.sharing.region import build, gc, verify
 from libshare.util.units import human, parse_size
 from libshare.virt import api
@@ -54,7 +55,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     """Build the region image; return the exit status (0)."""
-    group = args.group or cfg.default_group
+    group = cfg.default_group if args.group is None else \
+        check_group(args.group, "--group", UsageError)  # "" is refused, not the default
     progress = ProgressPrinter(f"region build {group}")
     try:
         result = build.build_region(cfg, group, args.select, args.size, progress=progress)

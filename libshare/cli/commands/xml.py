@@ -14,8 +14,8 @@ from libshare import domxml
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.domxml.devices import MODELS
-from libshare.domxml.metadata import REDIRECT_MODES
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import REDIRECT_MODES, check_group
+from libshare.errors import LibshareError, UsageError
 from libshare.util.units import parse_size
 from libshare.virt import enrol
 
@@ -45,7 +45,9 @@ def _read(source: str) -> bytes:
 
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
     root = domxml.parse(_read(args.file))
-    spec = enrol.resolve_region(cfg, args.group or cfg.default_group,
+    group = cfg.default_group if args.group is None else \
+        check_group(args.group, "--group", UsageError)  # "" is refused, not the default
+    spec = enrol.resolve_region(cfg, group,
                                 args.model or cfg.default_model, args.region,
                                 parse_size(args.size) if args.size else None)
     spec = replace(spec, redirect=args.redirect)

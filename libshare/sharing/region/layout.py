@@ -48,6 +48,7 @@ import uuid as uuidlib
 from pathlib import Path
 
 from libshare.config import Config
+from libshare.domxml import metadata
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
@@ -72,7 +73,6 @@ FS_LABEL = "libshare"
 DIGEST_NAME = re.compile(r"^([0-9a-f]{64})\.img$")
 
 
-GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 CHUNK = 4 * 1024 * 1024
@@ -129,9 +129,9 @@ def pfn_uuid(seed: bytes) -> uuidlib.UUID:
 
 
 def check_group(group: str) -> None:
-    """Raise UsageError unless ``group`` is a valid trust-group name."""
-    if not GROUP_NAME.match(group):
-        raise UsageError(f"invalid group name {group!r} (letters, digits, '_', '.', '-')")
+    """Raise UsageError unless ``group`` is a valid trust-group name (the one rule of
+    :func:`libshare.domxml.metadata.check_group`)."""
+    metadata.check_group(group, error=UsageError)
 
 
 def locked(cfg: Config) -> contextlib.AbstractContextManager[None]:
