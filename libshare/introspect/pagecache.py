@@ -12,6 +12,13 @@ How ``super_blocks`` is found, without symbols: ``init_task.fs->root.mnt->mnt_sb
 superblock; its ``s_list`` ring holds every superblock (slab objects, in the direct map)
 and one node that is not in the direct map, the list head in the kernel image's data.
 
+A file's path comes from its inode's first dentry alias, up to the superblock's root,
+under the highest directory that is the root of one of the superblock's mounts - a
+mount of init's namespace first, then of another namespace (a service's private one),
+else a kernel-internal mount (memfd, shm: the path is then from the filesystem's root
+and ``mounted`` is False); a file reached only as a mount's root (bind-mounted alone)
+gets its bind's path.
+
 Cached bytes are ``inode->i_mapping->nrpages`` pages of :data:`PAGE_SIZE`, what
 ``fincore`` counts - except on a DAX mount (the library region mounted ``-o dax``),
 where ``nrpages`` counts the DAX entries of mmap faults, pages of the host's copy that
@@ -113,14 +120,19 @@ class Inode:
     dentry: int
 
 
+#: how a mount is reached: from init's mount namespace, from another one (a service's
+#: private namespace, devtmpfsd's), or not at all (kernel-internal or detached)
+MAIN_NS, OTHER_NS, NO_NS = 2, 1, 0
+
+
 @dataclass(frozen=True)
 class Mount:
-    """One ``struct mount`` of a superblock: its root dentry and whether it is in a
-    mount namespace (not a kernel-internal or detached mount)."""
+    """One ``struct mount`` of a superblock: its root dentry and ``reach``, one of
+    :data:`MAIN_NS`, :data:`OTHER_NS`, :data:`NO_NS`."""
 
     addr: int
     root: int
-    in_namespace: bool
+    reach: int
 
 
 @dataclass
@@ -142,9 +154,10 @@ class CachedFile:
 
 @dataclass
 class FilesystemCache:
-    """Per superblock: where it is mounted (None if nowhere in a namespace), how many
-    inodes were read, how many regular files have cached pages and their bytes, and the
-    bytes of non-regular inodes' own mappings (``other_cached_bytes``)."""
+    """Per superblock: where its root is mounted (init's namespace first; None if in no
+    namespace), how many inodes were read, how many regular files have cached pages and
+    their bytes, and the bytes of non-regular inodes' own mappings
+    (``other_cached_bytes``)."""
 
     dev: str
     fstype: str
@@ -247,15 +260,28 @@ def super_block_info(k: Kernel, sb: int) -> SuperBlock:
                       k.field(sb, "super_block.s_root"))
 
 
-def mount_info(k: Kernel, mount: int) -> Mount:
-    """Return the :class:`Mount` of the ``struct mount`` at ``mount``."""
+def main_namespace(k: Kernel) -> int:
+    """Return the ``mnt_namespace`` address of init's mount namespace (that of
+    ``init_task``'s root mount), or 0 if the layout cannot tell."""
+    if not k.layout.has("mount.mnt_ns"):
+        return 0
+    lay = k.layout
+    fs = k.field(k.info.init_task, "task_struct.fs")
+    vfsmount = k.u64(fs + lay.off("fs_struct.root") + lay.off("path.mnt"))
+    return k.field(vfsmount - lay.off("mount.mnt"), "mount.mnt_ns")
+
+
+def mount_info(k: Kernel, mount: int, main_ns: int = 0) -> Mount:
+    """Return the :class:`Mount` of the ``struct mount`` at ``mount``; ``main_ns`` is
+    init's namespace (:func:`main_namespace`)."""
     lay = k.layout
     root = k.u64(mount + lay.off("mount.mnt") + lay.off("vfsmount.mnt_root"))
-    in_ns = True
-    if lay.has("mount.mnt_ns"):
-        ns = k.field(mount, "mount.mnt_ns")
-        in_ns = ns != 0 and ns < _ERR_PTR_MIN and k.valid(ns)
-    return Mount(mount, root, in_ns)
+    if not lay.has("mount.mnt_ns"):
+        return Mount(mount, root, OTHER_NS)
+    ns = k.field(mount, "mount.mnt_ns")
+    if ns == 0 or ns >= _ERR_PTR_MIN or not k.valid(ns):
+        return Mount(mount, root, NO_NS)
+    return Mount(mount, root, MAIN_NS if ns == main_ns else OTHER_NS)
 
 
 def for_each_mount(k: Kernel, sb: int, limit: int = MAX_MOUNTS_PER_SB) -> Iterator[int]:
@@ -348,16 +374,17 @@ def mapping_nrpages(k: Kernel, mapping: int) -> int:
 
 class _Paths:
     """Paths of one superblock's dentries: the dentry chain up to the superblock's root,
-    anchored at the highest dentry that is the root of a mount in a namespace (else of
-    any mount), directories remembered."""
+    anchored at the highest dentry that is the root of a mount of init's namespace,
+    else of another namespace, else of any mount; directories remembered."""
 
     def __init__(self, k: Kernel, mounts: list[Mount]) -> None:
         self.k = k
         self.parent_off = k.layout.off("dentry.d_parent")
-        self.in_ns = {m.root: m for m in reversed(mounts) if m.in_namespace}
-        self.any = {m.root: m for m in reversed(mounts)}
-        self.memo: dict[int, tuple[Mount | None, str]] = {}
-        self.memo_any: dict[int, tuple[Mount | None, str]] = {}
+        # per reach, the mounts at least that reachable by root dentry (the first wins)
+        self.anchors = {reach: {m.root: m for m in reversed(mounts) if m.reach >= reach}
+                        for reach in (MAIN_NS, OTHER_NS, NO_NS)}
+        self.memo: dict[int, dict[int, tuple[Mount | None, str]]] = {
+            reach: {} for reach in self.anchors}
         self.mount_paths: dict[int, str] = {}
 
     def mount_path(self, mount: Mount) -> str:
@@ -367,12 +394,10 @@ class _Paths:
             self.mount_paths[mount.addr] = d_path(self.k, vfsmount, mount.root)
         return self.mount_paths[mount.addr]
 
-    def _anchor(self, dentry: int, ns_only: bool) -> Mount | None:
-        return (self.in_ns if ns_only else self.any).get(dentry)
-
-    def _dir(self, dentry: int, ns_only: bool) -> tuple[Mount | None, str]:
-        """Return (anchoring mount or None, path below it) of directory ``dentry``."""
-        memo = self.memo if ns_only else self.memo_any
+    def _dir(self, dentry: int, reach: int) -> tuple[Mount | None, str]:
+        """Return (anchoring mount of at least ``reach`` or None, path below it) of
+        directory ``dentry``."""
+        memo, anchors = self.memo[reach], self.anchors[reach]
         chain: list[int] = []
         d = dentry
         for _ in range(MAX_DEPTH + 1):
@@ -381,7 +406,7 @@ class _Paths:
                 break
             parent = self.k.u64(d + self.parent_off)
             if parent == d:  # the superblock's root (or a detached subtree's)
-                mount, rel = self._anchor(d, ns_only), ""
+                mount, rel = anchors.get(d), ""
                 memo[d] = (mount, rel)
                 break
             chain.append(d)
@@ -389,7 +414,7 @@ class _Paths:
         else:
             raise WalkError(f"path of dentry {dentry:#x} deeper than {MAX_DEPTH} components")
         for d in reversed(chain):
-            anchor = self._anchor(d, ns_only) if mount is None else None
+            anchor = anchors.get(d) if mount is None else None
             if anchor is not None:
                 mount, rel = anchor, ""
             else:
@@ -403,22 +428,25 @@ class _Paths:
         """Return the path of file ``dentry`` and whether a mount in a namespace
         reaches it (if not, the path is from its filesystem's root). A file reached
         through a directory that is a mount's root gets the path under the highest such
-        mount; a file that is itself a mount's root only (bind-mounted alone), its bind
-        mount's path."""
+        mount (of init's namespace first); a file that is itself a mount's root only
+        (bind-mounted alone), its bind mount's path."""
         k = self.k
         parent = k.u64(dentry + self.parent_off)
         if parent == dentry:
             raise WalkError(f"file dentry {dentry:#x} is its own parent")
         name = dentry_name(k, dentry).decode("utf-8", "surrogateescape")
-        mount, rel = self._dir(parent, True)
-        if mount is not None:
-            path = self.mount_path(mount).rstrip("/") + f"{rel}/{name}"
-            mounted = True
-        elif dentry in self.in_ns:
-            path, mounted = self.mount_path(self.in_ns[dentry]), True
+        path, mounted = "", False
+        for reach in (MAIN_NS, OTHER_NS):
+            mount, rel = self._dir(parent, reach)
+            if mount is not None:
+                path, mounted = self.mount_path(mount).rstrip("/") + f"{rel}/{name}", True
+                break
+            if dentry in self.anchors[reach]:
+                path, mounted = self.mount_path(self.anchors[reach][dentry]), True
+                break
         else:
-            _mount, rel = self._dir(parent, False)
-            path, mounted = f"{rel}/{name}", False
+            _mount, rel = self._dir(parent, NO_NS)
+            path = f"{rel}/{name}"
         if d_unlinked(k, dentry):
             path += " (deleted)"
         return path, mounted
@@ -435,27 +463,28 @@ class _SbWalk:
     mappings: set[int] = field(default_factory=set)  # other inodes' mappings counted
 
 
-def _mounts_of(k: Kernel, sb: SuperBlock, errors: list[str]) -> list[Mount]:
+def _mounts_of(k: Kernel, sb: SuperBlock, main_ns: int, errors: list[str]) -> list[Mount]:
     """Return the mounts of ``sb`` (those read before a break, which goes to ``errors``)."""
     mounts: list[Mount] = []
     try:
         for m in for_each_mount(k, sb.addr):
-            mounts.append(mount_info(k, m))
+            mounts.append(mount_info(k, m, main_ns))
     except WalkError as exc:
         errors.append(f"{sb.fstype} {sb.devname}: mounts: {exc}")
     return mounts
 
 
 def _walk_sb(k: Kernel, sb: SuperBlock, budget: list[int], ram_pages: int,
-             counted: set[int]) -> _SbWalk:
+             counted: set[int], main_ns: int) -> _SbWalk:
     """Return one attempt at the cached files of ``sb``; at most ``budget[0]`` inodes are
     read (it is decremented). A regular file whose ``i_mapping`` is not its own is
     counted once per mapping (``counted`` holds those already counted elsewhere)."""
     errors: list[str] = []
-    mounts = _mounts_of(k, sb, errors)
+    mounts = _mounts_of(k, sb, main_ns, errors)
     paths = _Paths(k, mounts)
     mount_point = None
-    where = [m for m in mounts if m.in_namespace and m.root == sb.root]
+    where = sorted((m for m in mounts if m.reach > NO_NS and m.root == sb.root),
+                   key=lambda m: -m.reach)
     if where:
         try:
             mount_point = paths.mount_path(where[0])
@@ -520,6 +549,11 @@ def survey_page_cache(k: Kernel, name: str = "", retries: int = RETRIES,
             sbs.append(addr)  # those before a break are walked
     except WalkError as exc:
         out.error(f"superblock list: {exc}")
+    try:
+        main_ns = main_namespace(k)
+    except WalkError as exc:
+        main_ns = 0
+        out.error(f"init's mount namespace: {exc}")
     counted: set[int] = set()
     for addr in sbs:
         walk: _SbWalk | None = None
@@ -532,7 +566,7 @@ def survey_page_cache(k: Kernel, name: str = "", retries: int = RETRIES,
             except WalkError as exc:
                 error = f"superblock {addr:#x}: {exc}"
                 continue
-            walk = _walk_sb(k, info, budget, ram_pages, counted)
+            walk = _walk_sb(k, info, budget, ram_pages, counted, main_ns)
             if not walk.broken or budget[0] <= 0:
                 break
         if walk is None:

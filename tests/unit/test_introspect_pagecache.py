@@ -198,8 +198,10 @@ def small_guest() -> tuple[Guest, int, dict[str, int]]:
     g.mount(bdev, b_root, ns=MNT_NS_INTERNAL)
     disk = g.inode(bdev, 99, stat.S_IFBLK | 0o600, 1 << 30, 10)
     devtmpfs, d_root = g.superblock("devtmpfs", "devtmpfs", 5)
-    g.mount(devtmpfs, d_root, ns=MNT_NS_INTERNAL)  # the kernel's own mount, then /dev
-    g.mount(devtmpfs, d_root, top, g.dentry(b"dev", r_root))
+    g.mount(devtmpfs, d_root, ns=MNT_NS_INTERNAL)  # the kernel's own mount,
+    g.mount(devtmpfs, d_root, ns=g.obj())  # devtmpfsd's, root of its private namespace,
+    g.mount(devtmpfs, d_root, top, g.dentry(b"dev", r_root))  # then /dev in init's
+    g.file(devtmpfs, 8, d_root, b"note", 10, 1)
     node = g.inode(devtmpfs, 7, stat.S_IFBLK | 0o600, 0, 0,
                    mapping=disk + OFFS["inode.i_data"])  # /dev/vda: the bdev's mapping
     g.dentry(b"vda", d_root, node)
@@ -221,10 +223,11 @@ def test_files_paths_and_totals() -> None:
         ("/run/region/lib/libc.so.6", "erofs", "259:0", 40, 1 << 20, 409600, True, True),
         ("/memfd:buf (deleted)", "tmpfs", "0:6", 3, 65536, 65536, False, False),
         ("/mnt/data/old.log (deleted)", "ext4", "254:0", 14, 8192, 8192, False, True),
+        ("/dev/note", "devtmpfs", "0:5", 8, 10, 4096, False, True),
         ("/etc/hostname", "rootfs", "0:1", 2, 100, 4096, False, True),
         (None, "ext4", "254:0", 15, 4096, 4096, False, False),  # no dentry: last
     ]
-    assert out.cached_bytes() == (2 << 20) + 65536 + 8192 + 4096 + 4096
+    assert out.cached_bytes() == (2 << 20) + 65536 + 8192 + 3 * 4096
     assert out.region_bytes() == 409600
     assert out.other_cached_bytes() == 10 * 4096  # the disk's buffer cache, counted once
     by_type = {fs.fstype: fs for fs in out.filesystems}
@@ -237,7 +240,7 @@ def test_files_paths_and_totals() -> None:
     assert by_type["ext4"].inodes == 4 and by_type["ext4"].files == 3
     assert by_type["bdev"].other_cached_bytes == 40960
     assert by_type["devtmpfs"].other_cached_bytes == 0
-    assert out.inodes == 2 + 4 + 1 + 1 + 1 + 1
+    assert out.inodes == 2 + 4 + 1 + 1 + 2 + 1
     doc = to_json(out)
     assert doc["cached_bytes"] == out.cached_bytes() and doc["region_bytes"] == 409600
     assert doc["files"][0] == {"dev": "254:0", "fstype": "ext4", "ino": 12,
@@ -253,9 +256,10 @@ def test_head_is_the_node_outside_the_direct_map() -> None:
     assert super_blocks_head(k) == g.head
 
 
-def test_bind_mounted_file_and_newer_mount_chain() -> None:
-    """A file bind-mounted alone (libshare's per-file binds) gets its bind's path; on a
-    kernel whose superblock mounts are a mnt_next_for_sb chain the same paths come out."""
+def test_bind_mounted_file_other_namespace_and_newer_mount_chain() -> None:
+    """A file bind-mounted alone (libshare's per-file binds) gets its bind's path; a
+    filesystem mounted only in another namespace (a service's private /tmp) its path
+    there; on a kernel whose superblock mounts are a mnt_next_for_sb chain."""
     offs = {k: v for k, v in OFFS.items() if k != "mount.mnt_instance"}
     offs["mount.mnt_next_for_sb"] = 0x58
     g = Guest(offs)
@@ -266,17 +270,22 @@ def test_bind_mounted_file_and_newer_mount_chain() -> None:
     erofs, f_root = g.superblock("erofs", "pmem0", 259 << 20)
     _inode, libc = g.file(erofs, 40, f_root, b"libc.so.6", 4096, 1)
     bind = g.mount(erofs, libc, top, target)  # the region's file alone, over /usr/libc.so.6
+    private = g.obj()  # a service's namespace: a copy of the root, its own /tmp
+    ns_root = g.mount(rootfs, r_root, ns=private)
+    tmpfs, t_root = g.superblock("tmpfs", "tmpfs", 9)
+    tmp = g.mount(tmpfs, t_root, ns_root, g.dentry(b"tmp", r_root), ns=private)
+    g.file(tmpfs, 2, t_root, b"socket.lock", 10, 1)
     k = g.kernel(top)
-    g.put(rootfs, OFFS["super_block.s_mounts"], top)  # chains, not lists
-    g.put(top, 0x58, 0)
-    g.put(erofs, OFFS["super_block.s_mounts"], bind)
-    g.put(bind, 0x58, 0)
+    for sb, chain in ((rootfs, [top, ns_root]), (erofs, [bind]), (tmpfs, [tmp])):
+        g.put(sb, OFFS["super_block.s_mounts"], chain[0])  # chains, not lists
+        for m, nxt in zip(chain, [*chain[1:], 0], strict=True):
+            g.put(m, 0x58, nxt)
     k.invalidate()
     out = survey_page_cache(k)
     assert not out.partial, out.errors
     assert [(f.path, f.served_by_region, f.mounted) for f in out.files] == [
-        ("/usr/libc.so.6", True, True)]
-    assert [fs.mount_point for fs in out.filesystems] == ["/", None]
+        ("/tmp/socket.lock", False, True), ("/usr/libc.so.6", True, True)]
+    assert [fs.mount_point for fs in out.filesystems] == ["/", None, "/tmp"]
 
 
 def test_layout_without_the_members_is_refused() -> None:
