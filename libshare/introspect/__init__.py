@@ -15,5 +15,7 @@ Owns nothing itself; its modules, lowest layer first:
 - :mod:`~libshare.introspect.helpers.tasks`, :mod:`~libshare.introspect.helpers.mm`,
   :mod:`~libshare.introspect.helpers.maple`, :mod:`~libshare.introspect.helpers.fs`: drgn-style walkers
   (tasks, VMAs, maple tree, d_path, resident pages, build-ids);
-- :mod:`~libshare.introspect.survey`: the library survey behind ``libshare survey``.
+- :mod:`~libshare.introspect.survey`: the library survey behind ``libshare survey``;
+- :mod:`~libshare.introspect.pagecache`: the files in a guest's page cache
+  (superblocks, inodes, nrpages), for ``libshare survey --page-cache``.
 """

@@ -69,7 +69,7 @@ CACHE_MAX_AGE = 7 * 86400.0
 
 
 #: bumped whenever KernelInfo or the layout keys change, so old caches are not trusted
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: the page-cache survey's layout members
 
 
 CACHE_MAX_FILES = 256

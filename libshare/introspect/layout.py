@@ -58,6 +58,15 @@ OPTIONAL: tuple[str, ...] = (
     # which filesystem (and block device) a mapped file lives on: region or not
     "file.f_inode", "inode.i_sb", "super_block.s_type", "super_block.s_id",
     "file_system_type.name",
+    # --- the page-cache survey (pagecache.py): superblocks, their inodes and mounts ---
+    "super_block.s_list", "super_block.s_inodes", "super_block.s_dev", "super_block.s_root",
+    "super_block.s_mounts", "inode.i_sb_list", "inode.i_mode", "inode.i_ino",
+    "inode.i_size", "inode.i_mapping", "inode.i_data", "inode.i_dentry",
+    "address_space.nrpages", "dentry.d_u.d_alias", "dentry.d_inode",
+    "mount.mnt_instance",     # a superblock's mounts: a list_head (Linux 5.10, 6.1) ...
+    "mount.mnt_next_for_sb",  # ... or a pointer chain (Linux 6.18)
+    "mount.mnt_ns", "vfsmount.mnt_sb", "task_struct.fs", "fs_struct.root",
+    # --- end of the page-cache survey's members ---
 )
 SIZES: tuple[str, ...] = ("task_struct", "mm_struct", "vm_area_struct", "dentry")
 
