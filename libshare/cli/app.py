@@ -21,7 +21,7 @@ from libshare import __version__, config
 from libshare.cli.options import add_global_options
 from libshare.errors import EXIT_FAILED, LibshareError
 
-# Sub-command modules under libshare/commands/, in --help order.
+# Sub-command modules under libshare/cli/commands/, in --help order.
 COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
                    "daemon", "demo"]
 

@@ -3,7 +3,7 @@ region, through the product's own redirect.
 
 The default demo runs the whole story on this host with two full Debian 12 guests under
 TCG: build (or reuse) the cached Debian image, read the image's libraries on the host
-read-only (:func:`libshare.demo.debian.guest.image_root`), import them into the store, build
+read-only (:func:`libshare.demo.debian.image.image_root`), import them into the store, build
 the ``demo`` group's region from them, define the guests ``lsdemo-1``/``lsdemo-2`` and
 enrol them through the libvirt API, boot them, ``actions.install`` + restart (boot-time
 mode: the initramfs binds the region's identical copies over the guest's files before

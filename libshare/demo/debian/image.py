@@ -264,7 +264,7 @@ def _configure_root(rootfs: Path, root_uuid: str) -> str:
         if f.suffix in (".mod", ".lst"):
             shutil.copy2(f, grub / "i386-pc" / f.name)
     (grub / "grub.cfg").write_text(
-        "# written by libshare/guests/debian.py (no update-grub in this image)\n"
+        "# written by libshare/demo/debian/image.py (no update-grub in this image)\n"
         "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n"
         "set timeout=0\nset default=0\ninsmod part_msdos\ninsmod ext2\n"
         "menuentry 'Debian GNU/Linux' {\n"

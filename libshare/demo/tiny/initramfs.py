@@ -34,7 +34,7 @@ BOOTED_MARKER = "LIBSHARE-BOOTED"
 INIT_VERSION = "4"  # bump when INIT_SCRIPT / HELPERS / layout change (cache key)
 
 INIT_SCRIPT = f"""#!/bin/sh
-# libshare test guest init (generated; see libshare/guests/initramfs.py)
+# libshare test guest init (generated; see libshare/demo/tiny/initramfs.py)
 export PATH=/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys

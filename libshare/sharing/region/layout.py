@@ -23,7 +23,7 @@ and stable across rebuilds and hosts (adding a library never moves another one),
 the real basename keeps guest ``/proc/PID/maps`` readable ("/.../libc.so.6").
 ``/.libshare/manifest.json`` lists, per file: path, sha256, build_id, soname, size and
 the guest paths it serves, plus the group name. ``/.libshare/manifest.tsv`` says the same
-for POSIX sh in guests (libshare/guest/libshare-redirect): one line per guest path,
+for POSIX sh in guests (libshare/data/guest/libshare-redirect): one line per guest path,
 ``sha256 TAB size TAB path-in-image TAB guest-path``, sorted; guest paths holding a tab,
 newline or backslash are left out of it (no shell can read them back safely).
 
