@@ -13,7 +13,6 @@ from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 
-
 DESCRIPTION = """\
 Run the whole story on this host: guests of one trust group share one library region.
 By default two Debian 12 guests (lsdemo-1, lsdemo-2) under TCG: build or reuse the cached
