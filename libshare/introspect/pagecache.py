@@ -37,7 +37,6 @@ result ``partial`` with the reason. It never hangs or allocates without bound.
 
 from __future__ import annotations
 
-import contextlib
 import stat
 import struct
 import time
@@ -47,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import LibshareError
-from libshare.introspect.discover import KernelError
 from libshare.introspect.helpers.fs import (
     MAX_DEPTH,
     d_path,
@@ -55,7 +53,7 @@ from libshare.introspect.helpers.fs import (
     dentry_name,
     is_region_fs,
 )
-from libshare.introspect.helpers.tasks import list_for_each
+from libshare.introspect.helpers.lists import list_for_each
 from libshare.introspect.kernel import START_KERNEL_MAP, Kernel, WalkError
 from libshare.introspect.layout import Layout
 from libshare.introspect.memory import PAGE_SIZE
@@ -349,22 +347,19 @@ def for_each_inode(k: Kernel, sb: int, limit: int = MAX_INODES) -> Iterator[Inod
     ``limit`` inodes."""
     rd = _InodeReader(k.layout)
     head = sb + k.layout.off("super_block.s_inodes")
-    seen: set[int] = set()
-    prev, node = head, k.u64(head)
-    while node != head:
-        if node in seen:
-            raise WalkError(f"superblock {sb:#x}: inode list loops at {node:#x}")
-        if len(seen) >= limit:
-            raise WalkError(f"superblock {sb:#x}: more than {limit} inodes")
-        addr = node - rd.sb_list
+    parsed: dict[int, tuple[Inode, int]] = {}
+
+    def links(node: int) -> tuple[int, int]:
+        addr = node - rd.sb_list  # one read per inode: its fields and its list links
         inode, i_sb, nxt, back = rd.parse(addr, k.read(addr, rd.span))
-        if back != prev:
-            raise WalkError(f"superblock {sb:#x}: inode {addr:#x} does not link back")
+        parsed[node] = (inode, i_sb)
+        return nxt, back
+
+    for node in list_for_each(k, head, limit, links, f"superblock {sb:#x}: inode list"):
+        inode, i_sb = parsed.pop(node)
         if i_sb != sb:
-            raise WalkError(f"superblock {sb:#x}: inode {addr:#x} belongs to {i_sb:#x}")
-        seen.add(node)
+            raise WalkError(f"superblock {sb:#x}: inode {inode.addr:#x} belongs to {i_sb:#x}")
         yield inode
-        prev, node = node, nxt
 
 
 def mapping_nrpages(k: Kernel, mapping: int) -> int:
@@ -620,35 +615,13 @@ def survey_domain_page_cache(conn: Any, name: str, pause: bool = False,
                              cache_dir: Path | None = None,
                              pause_timeout: float = 60.0) -> PageCacheSurvey:
     """Return the page-cache survey of running domain ``name`` on libvirt connection
-    ``conn`` (the kernel understood as :func:`~libshare.introspect.survey.survey_domain`
-    does, from the per-boot cache in ``cache_dir`` when valid); ``pause`` stops the guest
-    for the walk (at most ``pause_timeout`` seconds, then the result is partial).
-    ``cpu_seconds``/``wall_seconds`` cover the whole call."""
-    from libshare.introspect import qemu
-    from libshare.introspect.cache import boot_key, understand
-    from libshare.virt import api
+    ``conn`` (see :func:`libshare.introspect.session.look` for the other arguments; a
+    paused walk is not retried). ``cpu_seconds``/``wall_seconds`` cover the whole call."""
+    from libshare.introspect.session import look
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    dom = api.running_domain(conn, name)
-    name = dom.name()
-    mem = qemu.open_memory(dom, backend)
-    try:
-        key = boot_key(qemu.qemu_pid(dom))
-        cache_file = cache_dir / f"{dom.UUIDString()}.json" if cache_dir else None
-        ctx: contextlib.AbstractContextManager[qemu.PauseState | None] = (
-            qemu.paused(dom, pause_timeout) if pause else contextlib.nullcontext())
-        with ctx as pause_state:
-            mem.invalidate()
-            try:
-                info, _scanned = understand(mem, layout, cache_file, key)
-            except KernelError as exc:
-                raise LibshareError(f"{name}: cannot understand the guest kernel: {exc}") from exc
-            out = survey_page_cache(Kernel(mem, info), name, retries=0 if pause else RETRIES)
-        if pause_state is not None and pause_state.expired:
-            out.error(f"the guest was resumed after {pause_timeout:.0f} s paused, "
-                      "before the walk ended: not an exact snapshot")
-    finally:
-        mem.close()
-    out.wall_seconds = time.perf_counter() - t0
-    out.cpu_seconds = time.process_time() - c0
+    with look(conn, name, pause, backend, layout, cache_dir, pause_timeout) as seen:
+        out = survey_page_cache(seen.kernel, seen.name, retries=0 if pause else RETRIES)
+    if seen.expired:
+        out.error(seen.expiry_message())
+    out.wall_seconds, out.cpu_seconds = seen.wall_seconds, seen.cpu_seconds
     return out

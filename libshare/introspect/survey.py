@@ -18,17 +18,12 @@ pages a shared copy can replace).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from libshare.errors import LibshareError
-from libshare.introspect.cache import boot_key, understand
-from libshare.introspect.discover import KernelError
 from libshare.introspect.helpers.fs import file_fs, file_path, is_region_fs
 from libshare.introspect.helpers.mm import (
     VM_WRITE,
@@ -277,36 +272,17 @@ def walk_with_retries(k: Kernel, name: str, retries: int = RETRIES) -> DomainSur
 def survey_domain(conn: Any, name: str, pause: bool = False, backend: str = "proc",
                   layout: Layout | None = None, cache_dir: Path | None = None,
                   pause_timeout: float = 60.0) -> DomainSurvey:
-    """Return the survey of running domain ``name`` on libvirt connection ``conn``."""
-    from libshare.introspect import qemu
-    from libshare.virt import api
+    """Return the library survey of running domain ``name`` on libvirt connection
+    ``conn`` (see :func:`libshare.introspect.session.look` for the other arguments)."""
+    from libshare.introspect.session import look
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    dom = api.running_domain(conn, name)
-    name = dom.name()
-    mem = qemu.open_memory(dom, backend)
-    try:
-        key = boot_key(qemu.qemu_pid(dom))
-        cache_file = cache_dir / f"{dom.UUIDString()}.json" if cache_dir else None
-        ctx: contextlib.AbstractContextManager[qemu.PauseState | None] = (
-            qemu.paused(dom, pause_timeout) if pause else contextlib.nullcontext())
-        with ctx as pause_state:
-            mem.invalidate()
-            try:
-                info, scanned = understand(mem, layout, cache_file, key)
-            except KernelError as exc:
-                raise LibshareError(f"{name}: cannot understand the guest kernel: {exc}") from exc
-            k = Kernel(mem, info)
-            out = walk_with_retries(k, name, retries=1 if pause else RETRIES)
-            out.scanned = scanned
-        if pause_state is not None and pause_state.expired:
-            out.partial = True
-            out.errors.append(f"the guest was resumed after {pause_timeout:.0f} s paused, "
-                              "before the walk ended: not an exact snapshot")
-    finally:
-        mem.close()
-    out.wall_seconds = time.perf_counter() - t0
-    out.cpu_seconds = time.process_time() - c0
+    with look(conn, name, pause, backend, layout, cache_dir, pause_timeout) as seen:
+        out = walk_with_retries(seen.kernel, seen.name, retries=1 if pause else RETRIES)
+        out.scanned = seen.scanned
+    if seen.expired:
+        out.partial = True
+        out.errors.append(seen.expiry_message())
+    out.wall_seconds, out.cpu_seconds = seen.wall_seconds, seen.cpu_seconds
     return out
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from libshare.introspect.helpers.lists import list_for_each
 from libshare.introspect.kernel import Kernel, WalkError
 
 MAX_TASKS = 1 << 20
@@ -36,29 +37,11 @@ class Task:
     name: str = ""
 
 
-def list_for_each(k: Kernel, head: int, limit: int = MAX_TASKS) -> Iterator[int]:
-    """Yield the addresses of the ``list_head`` nodes of the circular list at ``head``
-    (``head`` itself excluded). Raise WalkError on a broken back link, a loop that does
-    not return to ``head``, or more than ``limit`` nodes."""
-    seen: set[int] = set()
-    prev, node = head, k.u64(head)
-    while node != head:
-        if node in seen:
-            raise WalkError(f"list at {head:#x} loops at {node:#x}")
-        if len(seen) >= limit:
-            raise WalkError(f"list at {head:#x} longer than {limit}")
-        if k.u64(node + 8) != prev:
-            raise WalkError(f"list at {head:#x}: node {node:#x} does not link back")
-        seen.add(node)
-        yield node
-        prev, node = node, k.u64(node)
-
-
 def for_each_task(k: Kernel) -> Iterator[int]:
     """Yield the ``task_struct`` address of every thread-group leader (every process
     and kernel thread ``/proc`` lists; the idle task pid 0 is not included)."""
     off = k.layout.off("task_struct.tasks")
-    for node in list_for_each(k, k.info.init_task + off):
+    for node in list_for_each(k, k.info.init_task + off, MAX_TASKS):
         yield node - off
 
 
@@ -70,13 +53,13 @@ def for_each_thread(k: Kernel, task: int) -> Iterator[int]:
         off = lay.off("task_struct.thread_group")
         leader = k.field(task, "task_struct.group_leader")
         yield leader
-        for node in list_for_each(k, leader + off):
+        for node in list_for_each(k, leader + off, MAX_TASKS):
             yield node - off
         return
     if lay.has("signal_struct.thread_head") and lay.has("task_struct.thread_node"):
         off = lay.off("task_struct.thread_node")
         signal = k.field(task, "task_struct.signal")
-        for node in list_for_each(k, signal + lay.off("signal_struct.thread_head")):
+        for node in list_for_each(k, signal + lay.off("signal_struct.thread_head"), MAX_TASKS):
             yield node - off
         return
     yield task

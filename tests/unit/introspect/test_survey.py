@@ -67,7 +67,7 @@ def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None
     import contextlib
     from collections.abc import Iterator
 
-    from libshare.introspect import qemu
+    from libshare.introspect import qemu, session
     from libshare.introspect import survey as sv
     from libshare.introspect.memory import BytesMemory
 
@@ -90,8 +90,8 @@ def test_survey_domain_marks_a_watchdog_resume_partial(monkeypatch: Any) -> None
     monkeypatch.setattr(qemu, "open_memory", lambda dom, backend: BytesMemory(bytes(4096)))
     monkeypatch.setattr(qemu, "qemu_pid", lambda dom: 1)
     monkeypatch.setattr(qemu, "paused", fake_paused)
-    monkeypatch.setattr(sv, "understand", lambda *a: (None, False))
-    monkeypatch.setattr(sv, "Kernel", lambda mem, info: None)
+    monkeypatch.setattr(session, "understand", lambda *a: (None, False))
+    monkeypatch.setattr(session, "Kernel", lambda mem, info: None)
     monkeypatch.setattr(sv, "walk_with_retries", lambda k, name, retries: DomainSurvey(name))
     out = sv.survey_domain(None, "g", pause=True, pause_timeout=7)
     assert out.partial and "resumed after 7 s" in out.errors[0]
