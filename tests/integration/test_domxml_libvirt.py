@@ -27,6 +27,7 @@ import pytest
 
 from libshare import domxml
 from libshare.errors import RefusedError
+from tests.support.domains import composed, full_pc_devices
 
 MiB = 1 << 20
 REGION = "/var/lib/libshare/regions/images/" + "ab" * 32 + ".img"
@@ -57,20 +58,8 @@ def spec(model: str) -> domxml.RegionSpec:
 def domain(name: str = "lsxml", extra: str = "",
            memory: str = "<memory unit='MiB'>512</memory>", devices: str = "",
            machine: str = "pc") -> str:
-    return f"""<domain type='qemu'>
-  <name>{name}</name>
-  {memory}
-  <vcpu>2</vcpu>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-  </os>
-  {extra}
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    {devices}
-  </devices>
-</domain>
-"""
+    """Return :func:`tests.support.domains.composed` named ``name`` (default lsxml)."""
+    return composed(name, extra, memory, devices, machine)
 
 
 TWO_CELLS = """<cpu><numa>
@@ -82,31 +71,7 @@ TWO_CELLS = """<cpu><numa>
 def full_pc(name: str = "lsxml", bridges: int = 1, usb_set: bool = True) -> str:
     """A pc domain whose PCI slots are all taken by explicit addresses (virt-manager's
     USB controller set in slot 0x1e when ``usb_set``)."""
-    parts = ["<controller type='pci' index='0' model='pci-root'/>"]
-    for i in range(1, bridges + 1):
-        parts.append(f"<controller type='pci' index='{i}' model='pci-bridge'><address "
-                     f"type='pci' domain='0x0000' bus='0x{i - 1:02x}' slot='0x1f' "
-                     "function='0x0'/></controller>")
-    taken = {(b, 0x1f) for b in range(bridges)} | {(0, 2), (0, 0x1e)}
-    if usb_set:
-        for func, model in ((7, "ich9-ehci1"), (0, "ich9-uhci1"), (1, "ich9-uhci2"),
-                            (2, "ich9-uhci3")):
-            multi = " multifunction='on'" if func == 0 else ""
-            parts.append(f"<controller type='usb' index='0' model='{model}'><address "
-                         f"type='pci' domain='0x0000' bus='0x00' slot='0x1e' "
-                         f"function='0x{func}'{multi}/></controller>")
-    parts.append("<video><model type='cirrus'/><address type='pci' domain='0x0000' "
-                 "bus='0x00' slot='0x02' function='0x0'/></video>")
-    index = 0  # fillers: virtio-scsi controllers (libvirt takes ~40 ms per NIC here)
-    for bus in range(bridges + 1):
-        for slot in range(1 if bus else 3, 32):
-            if (bus, slot) not in taken:
-                parts.append(f"<controller type='scsi' index='{index}' model='virtio-scsi'>"
-                             f"<address type='pci' domain='0x0000' bus='0x{bus:02x}' "
-                             f"slot='0x{slot:02x}' function='0x0'/></controller>")
-                index += 1
-    parts.append("<memballoon model='none'/>")
-    return domain(name, devices="\n    ".join(parts))
+    return domain(name, devices=full_pc_devices(bridges, usb_set))
 
 
 #: own cases: (id, document builder taking a name); libvirt runs every one of them

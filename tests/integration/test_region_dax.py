@@ -31,6 +31,7 @@ from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest, verify
 from libshare.sharing.store import import_tree
 from libshare.util.digest import sha256_file
+from tests.support.images import corrupt_copy
 
 pytestmark = pytest.mark.integration
 
@@ -313,20 +314,6 @@ park
     assert sha256_file(reg.path) == reg.digest     # the host file never changed
 
 
-def _corrupt(src: Path, dst: Path, offset: int | None = None, size: int | None = None) -> Path:
-    shutil.copyfile(src, dst)
-    dst.chmod(0o644)
-    if offset is not None:
-        with open(dst, "r+b") as fh:
-            fh.seek(offset)
-            b = fh.read(1)
-            fh.seek(offset)
-            fh.write(bytes([b[0] ^ 0xFF]))
-    if size is not None:
-        os.truncate(dst, size)
-    return dst
-
-
 @pytest.mark.parametrize("damage", ["checksum", "truncated", "library"])
 def test_corrupt_image_refused(libvirt_conn: Any, domain_name: Callable[[], str],
                                guest_kernel: KernelPackage, built_region: Region, damage: str) -> None:
@@ -334,13 +321,13 @@ def test_corrupt_image_refused(libvirt_conn: Any, domain_name: Callable[[], str]
     bad = reg.path.parent / f"bad-{damage}-{secrets.token_hex(3)}.img"
     try:
         if damage == "checksum":
-            _corrupt(reg.path, bad, offset=4096 + 2000)
+            corrupt_copy(reg.path, bad, offset=4096 + 2000)
             want = "checksum"
         elif damage == "truncated":
-            _corrupt(reg.path, bad, size=reg.size - 2 * 1024 * 1024)
+            corrupt_copy(reg.path, bad, size=reg.size - 2 * 1024 * 1024)
             want = "npfns"
         else:
-            _corrupt(reg.path, bad, offset=layout.DATAOFF + reg.big_blk * PAGE + 4242)
+            corrupt_copy(reg.path, bad, offset=layout.DATAOFF + reg.big_blk * PAGE + 4242)
             want = "SHA-256"
         # libshare region verify exits 1 with the first problem
         proc = subprocess.run([*LIBSHARE, "region", "verify", str(bad)],

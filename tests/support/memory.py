@@ -55,3 +55,54 @@ class Tables:
 
     def mem(self) -> BytesMemory:
         return BytesMemory(self.buf)
+
+
+#: where the direct map of guest RAM starts in the fake kernels (x86-64's default)
+POB = 0xFFFF_8880_0000_0000
+#: the kernel image's virtual base (mapped onto guest-physical 0 where a test maps it)
+IMAGE = 0xFFFF_FFFF_8000_0000
+
+
+class KernelObjects:
+    """Guest RAM of ``ram`` bytes holding hand-built kernel objects: a bump allocator of
+    objects in the direct map (from ``first``), writers of integers and bytes (at direct
+    map or kernel image addresses), circular lists and dentries laid out at the member
+    offsets ``offs``."""
+
+    def __init__(self, offs: dict[str, int], ram: int, first: int = 0x1000) -> None:
+        self.offs = offs
+        self.buf = bytearray(ram)
+        self.next = first
+
+    def obj(self, size: int = 0x200) -> int:
+        """Return the direct-map address of a new zeroed object of ``size`` bytes."""
+        va = POB + self.next
+        self.next += size
+        return va
+
+    def put(self, va: int, off: int, value: int, size: int = 8) -> None:
+        """Write the little-endian ``value`` of ``size`` bytes at ``va + off``."""
+        pa = va - POB if va < IMAGE else va - IMAGE
+        self.buf[pa + off: pa + off + size] = value.to_bytes(size, "little")
+
+    def put_bytes(self, va: int, data: bytes) -> None:
+        """Write ``data`` at direct-map address ``va``."""
+        self.buf[va - POB: va - POB + len(data)] = data
+
+    def ring(self, nodes: list[int]) -> None:
+        """Link the ``list_head`` nodes ``nodes`` into one circular list, in order."""
+        for i, n in enumerate(nodes):
+            self.put(n, 0, nodes[(i + 1) % len(nodes)])
+            self.put(n, 8, nodes[i - 1])
+
+    def dentry(self, name: bytes, parent: int | None, length: int | None = None) -> int:
+        """Return a new hashed dentry called ``name`` under ``parent`` (itself when None:
+        a root); ``length`` overrides the name length written."""
+        d = self.obj()
+        s = self.obj(0x100)
+        self.put_bytes(s, name)
+        self.put(d, self.offs["dentry.d_parent"], parent if parent is not None else d)
+        self.put(d, self.offs["dentry.d_name.len"], len(name) if length is None else length, 4)
+        self.put(d, self.offs["dentry.d_name.name"], s)
+        self.put(d, self.offs["dentry.d_hash.pprev"], 0x1234)  # hashed (not deleted)
+        return d

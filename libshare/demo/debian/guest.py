@@ -1,48 +1,20 @@
-"""Full Debian test guests: a cached, bootable Debian disk image (debootstrap minbase,
-Debian's kernel, its own GRUB and initramfs) and the runner that boots qcow2 overlays
-of it in the system libvirtd with a qemu-guest-agent channel.
+"""The life cycle of a Debian test guest (the image: :mod:`libshare.demo.debian.image`):
+define it on a fresh qcow2 overlay of the cached image, start it, wait until its console
+says multi-user was reached and its qemu-guest-agent answers, reboot or power-cycle it,
+run programs in it through the agent, and ALWAYS destroy and undefine it and remove the
+overlay when the block ends.
 
-Owns the image cache ``<cache>/debian/<suite>-<packages hash>/<linux-image-amd64
-version>/`` (``disk.qcow2``, ``info.json``, ``.complete``) with its build (atomic: temp
-dir + rename, under a ``flock``; ``.deb`` files reused from ``<cache>/debian/debs``), the
-shape of the guest's domain XML, and the guest life cycle (define, start, wait for
-boot, reboot, ALWAYS destroy + undefine + remove the overlay).
+The image has no D-Bus, hence no logind: reboot with ``systemctl reboot`` run through
+the agent (what :meth:`DebianGuest.reboot` does), not the agent's ``guest-shutdown`` nor
+ACPI. Tests and the demo power-cycle (:meth:`DebianGuest.restart`) rather than reboot.
 
-The image: an MBR disk with one ext4 partition (label ``lsroot``, root by UUID), GRUB
-(i386-pc, ``core.img`` embedded after the MBR, ``/boot/grub/grub.cfg`` booting the
-``/vmlinuz`` and ``/initrd.img`` symlinks that Debian's kernel scripts maintain, so an
-``update-initramfs -u`` inside the guest takes effect at the next boot), kernel command
-line :data:`DEBIAN_CMDLINE` (serial console on ttyS0), hostname ``lsguest``, no network,
-no getty but the serial one, timers and other idle units masked, and a oneshot unit that
-prints ``LIBSHARE-DEBIAN-BOOTED boot_id=... uptime=... release=...`` on the console once
-``multi-user.target`` is reached. The initramfs is initramfs-tools' with ``MODULES=list``
-(:data:`INITRAMFS_MODULES` in ``/etc/initramfs-tools/modules``) and zstd, set in
-``/etc/initramfs-tools/conf.d/libshare-guest.conf``: ``update-initramfs -u`` takes ~40 s
-inside a TCG guest; hooks that need more modules add them (``manual_add_modules``). There
-is no D-Bus, hence no logind: reboot with ``systemctl reboot`` (what :meth:`DebianGuest.reboot`
-does), not the agent's ``guest-shutdown`` nor ACPI. No loop device and no mount are used
-on the host: ``mke2fs -d`` writes the file system straight into the image at its
-partition offset and GRUB's ``boot.img``/``core.img`` are written into the raw disk.
-
-API:
-
-- ``debian_image(suite=None, extra_packages=(), cache=None, mirror=None) -> DebianImage``
-  (build once, then cached; ``DebianImage.path`` is the base qcow2)
-- ``create_overlay(image, path) -> Path`` (qcow2 overlay backed by the image)
-- ``debian_domain_xml(name, disk, console_log, memory_mib=512, vcpus=1,
-  domain_type='qemu', devices=(), customize=None) -> str`` (``debian_domain_tree``: element)
-- ``defined_debian_guest(conn, name, options=None)`` -> context manager yielding a
-  ``DefinedDebianGuest`` (``.domain`` can be redefined, e.g. enrolled, before ``.start()``)
-- ``running_debian_guest(conn, name, options=None)`` -> context manager yielding a
-  booted ``DebianGuest``: ``.agent`` (a :class:`libshare.redirect.agent.GuestAgent`),
-  ``.exec(argv, stdin=None, timeout=60, check=False) -> ExecResult``,
-  ``.sh(script, timeout=60, check=True) -> str`` (stdout), ``.console() -> str``,
-  ``.boots()``, ``.wait_booted(timeout, count=1) -> Boot``, ``.reboot(timeout) -> Boot``,
-  ``.last_boot``, ``.qemu_pid()``, ``.overlay``, ``.image``, ``.domain``.
-- ``image_root(image, workdir=None)`` -> context manager yielding the image's root file
-  system mounted read-only on the host (raw copy + read-only loop device; always
-  unmounted, detached and removed); ``copy_image_libraries(image, dest)`` copies its
-  ``/usr/lib/x86_64-linux-gnu`` out for ``store.import_tree``.
+API: ``defined_debian_guest(conn, name, options=None)`` (a context manager yielding a
+``DefinedDebianGuest``: ``.domain`` can be redefined, e.g. enrolled, before ``.start()``)
+and ``running_debian_guest(conn, name, options=None)`` (yielding a booted
+``DebianGuest``: ``.agent``, ``.exec(argv, stdin=None, timeout=60, check=False)``,
+``.sh(script, timeout=60, check=True)``, ``.console()``, ``.boots()``,
+``.wait_booted(timeout, count=1)``, ``.reboot(timeout)``, ``.restart(timeout)``,
+``.last_boot``, ``.qemu_pid()``, ``.overlay``, ``.image``, ``.domain``).
 """
 
 from __future__ import annotations
@@ -175,12 +147,11 @@ class DebianGuest(Guest):
     the :func:`defined_debian_guest`/:func:`running_debian_guest` block ends. Console,
     liveness and QEMU pid come from :class:`~libshare.demo.lifecycle.Guest`."""
 
-    def __init__(self, conn: Any, name: str, domain: Any, console_log: Path, overlay: Path,
-                 image: DebianImage, boot_timeout: float) -> None:
-        super().__init__(conn, name, domain, console_log)
-        self.overlay = overlay
-        self.image = image
-        self.boot_timeout = boot_timeout
+    def __init__(self, defined: DefinedDebianGuest, domain: Any) -> None:
+        super().__init__(defined.conn, defined.name, domain, defined.console_log)
+        self.overlay = defined.overlay
+        self.image = defined.image
+        self.boot_timeout = defined.boot_timeout
         self.agent = GuestAgent.for_domain(domain)
         self.last_boot: Boot | None = None
 
@@ -284,8 +255,7 @@ class DefinedDebianGuest(DefinedGuest):
     def start(self, wait: bool = True) -> DebianGuest:
         """Start the domain as now defined; return the :class:`DebianGuest`, booted
         (multi-user reached, agent answering) unless ``wait`` is False."""
-        guest = DebianGuest(self.conn, self.name, self.create(), self.console_log,
-                            self.overlay, self.image, self.boot_timeout)
+        guest = DebianGuest(self, self.create())
         if wait:
             guest.wait_booted()
         return guest

@@ -19,6 +19,7 @@ from libshare import domxml
 from libshare.domxml import pci, schema
 from libshare.domxml.tree import scaled_bytes
 from libshare.errors import RefusedError
+from tests.support.domains import composed, full_pc_devices
 
 MiB = 1 << 20
 KiB_PER_GiB = 1 << 20
@@ -27,20 +28,8 @@ MODELS = ("nvdimm", "virtio-pmem", "ivshmem")
 
 def domain(extra: str = "", memory: str = "<memory unit='MiB'>512</memory>",
            devices: str = "", machine: str = "pc") -> str:
-    return f"""<domain type='qemu'>
-  <name>r</name>
-  {memory}
-  <vcpu>2</vcpu>
-  <os>
-    <type arch='x86_64' machine='{machine}'>hvm</type>
-  </os>
-  {extra}
-  <devices>
-    <emulator>/usr/bin/qemu-system-x86_64</emulator>
-    {devices}
-  </devices>
-</domain>
-"""
+    """Return :func:`tests.support.domains.composed` named r."""
+    return composed("r", extra, memory, devices, machine)
 
 
 def spec(model: str = "nvdimm", size: int = 64 * MiB) -> domxml.RegionSpec:
@@ -172,36 +161,8 @@ def test_memory_devices_count_on_top_of_the_cells() -> None:
 
 def _full_pc(bridges: int = 1, usb_set: bool = False, free: tuple[int, int] | None = None,
              video: bool = True) -> str:
-    """A pc domain whose conventional PCI slots are all taken by explicit addresses
-    (but ``free``, a (bus, slot) left empty)."""
-    parts = ["<controller type='pci' index='0' model='pci-root'/>"]
-    for i in range(1, bridges + 1):
-        parts.append(f"<controller type='pci' index='{i}' model='pci-bridge'><model "
-                     f"name='pci-bridge'/><target chassisNr='{i}'/><address type='pci' "
-                     f"domain='0x0000' bus='0x{i - 1:02x}' slot='0x1f' function='0x0'/>"
-                     "</controller>")
-    taken = {(b, 0x1f) for b in range(bridges)}
-    if usb_set:
-        for func, model in ((7, "ich9-ehci1"), (0, "ich9-uhci1"), (1, "ich9-uhci2"),
-                            (2, "ich9-uhci3")):
-            multi = " multifunction='on'" if func == 0 else ""
-            parts.append(f"<controller type='usb' index='0' model='{model}'><address "
-                         f"type='pci' domain='0x0000' bus='0x00' slot='0x1e' "
-                         f"function='0x{func}'{multi}/></controller>")
-        taken.add((0, 0x1e))
-    if video:
-        parts.append("<video><model type='cirrus'/><address type='pci' domain='0x0000' "
-                     "bus='0x00' slot='0x02' function='0x0'/></video>")
-        taken.add((0, 2))
-    for bus in range(bridges + 1):
-        for slot in range(1 if bus else 3, 32):
-            if (bus, slot) in taken or (bus, slot) == free:
-                continue
-            parts.append(f"<interface type='user'><model type='e1000'/><address type='pci' "
-                         f"domain='0x0000' bus='0x{bus:02x}' slot='0x{slot:02x}' "
-                         "function='0x0'/></interface>")
-    parts.append("<memballoon model='none'/>")
-    return domain(devices="\n    ".join(parts))
+    """A pc domain whose conventional PCI slots are all taken (but ``free``)."""
+    return domain(devices=full_pc_devices(bridges, usb_set, free, video))
 
 
 @pytest.mark.parametrize("bridges", [0, 1, 3])

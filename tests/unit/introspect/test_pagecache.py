@@ -19,9 +19,8 @@ from libshare.introspect.pagecache import (
     survey_page_cache,
     to_json,
 )
+from tests.support.memory import IMAGE, POB, KernelObjects
 
-POB = 0xFFFF_8880_0000_0000
-IMAGE = 0xFFFF_FFFF_8000_0000  # mapped by a 1 GiB leaf onto guest-physical 0
 RAM = 8 << 20
 MNT_NS_INTERNAL = (1 << 64) - 22
 
@@ -44,13 +43,11 @@ OFFS.update({
 })
 
 
-class Guest:
+class Guest(KernelObjects):
     """Kernel memory with superblocks, mounts, dentries and inodes to plant."""
 
     def __init__(self, offsets: dict[str, int] | None = None) -> None:
-        self.offs = dict(OFFS if offsets is None else offsets)
-        self.buf = bytearray(RAM)
-        self.next = 0x10000
+        super().__init__(dict(OFFS if offsets is None else offsets), RAM, first=0x10000)
         # page tables: PGD[511] -> PUD, PUD[510] = 1 GiB leaf at physical 0
         self.pgd, pud = 0x1000, 0x2000
         self.put(POB + self.pgd, 511 * 8, pud | 0x3)
@@ -62,34 +59,13 @@ class Guest:
         self.init = self.obj()
         self.ns = self.obj()  # a mount namespace
 
-    def obj(self, size: int = 0x200) -> int:
-        va = POB + self.next
-        self.next += size
-        return va
-
-    def put(self, va: int, off: int, value: int, size: int = 8) -> None:
-        pa = va - POB if va < IMAGE else va - IMAGE
-        self.buf[pa + off: pa + off + size] = value.to_bytes(size, "little")
-
-    def put_bytes(self, va: int, data: bytes) -> None:
-        self.buf[va - POB: va - POB + len(data)] = data
-
     def link(self, head: int, nodes: list[int]) -> None:
         """Make the circular list ``head`` -> ``nodes``."""
-        ring = [head, *nodes]
-        for i, n in enumerate(ring):
-            self.put(n, 0, ring[(i + 1) % len(ring)])
-            self.put(n, 8, ring[i - 1])
+        self.ring([head, *nodes])
 
-    def dentry(self, name: bytes, parent: int | None, inode: int = 0,
+    def dentry(self, name: bytes, parent: int | None, inode: int = 0,  # type: ignore[override]
                length: int | None = None) -> int:
-        d = self.obj()
-        s = self.obj(0x100)
-        self.put_bytes(s, name)
-        self.put(d, OFFS["dentry.d_parent"], parent if parent is not None else d)
-        self.put(d, OFFS["dentry.d_name.len"], len(name) if length is None else length, 4)
-        self.put(d, OFFS["dentry.d_name.name"], s)
-        self.put(d, OFFS["dentry.d_hash.pprev"], 0x1234)
+        d = super().dentry(name, parent, length)
         if inode:
             self.put(d, OFFS["dentry.d_inode"], inode)
             self.put(inode, OFFS["inode.i_dentry"], d + OFFS["dentry.d_u.d_alias"])

@@ -14,8 +14,8 @@ from libshare.introspect.kernel import Kernel, KernelInfo, WalkError
 from libshare.introspect.layout import REQUIRED, Layout
 from libshare.introspect.memory import BytesMemory
 from libshare.introspect.survey import walk_kernel
+from tests.support.memory import POB, KernelObjects
 
-POB = 0xFFFF_8880_0000_0000
 RAM = 1 << 20
 
 # A compact, made-up layout (offsets within 0x200-byte objects).
@@ -36,23 +36,11 @@ OFFS.update({"task_struct.tasks": 0x00, "task_struct.pid": 0x10, "task_struct.tg
              "vfsmount.mnt_root": 0x00})
 
 
-class Fake:
-    """Guest RAM with a bump allocator of 0x200-byte kernel objects in the direct map."""
+class Fake(KernelObjects):
+    """A fake kernel's memory with tasks to plant (see :class:`KernelObjects`)."""
 
     def __init__(self) -> None:
-        self.buf = bytearray(RAM)
-        self.next = 0x1000
-
-    def obj(self, size: int = 0x200) -> int:
-        va = POB + self.next
-        self.next += size
-        return va
-
-    def put(self, va: int, off: int, value: int, size: int = 8) -> None:
-        self.buf[va - POB + off: va - POB + off + size] = value.to_bytes(size, "little")
-
-    def put_bytes(self, va: int, data: bytes) -> None:
-        self.buf[va - POB: va - POB + len(data)] = data
+        super().__init__(OFFS, RAM)
 
     def kernel(self, init_task: int) -> Kernel:
         layout = Layout(OFFS, {}, "test")
@@ -73,10 +61,8 @@ class Fake:
         return t
 
     def link(self, tasks: list[int]) -> None:
-        nodes = [t + OFFS["task_struct.tasks"] for t in tasks]
-        for i, n in enumerate(nodes):
-            self.put(n, 0, nodes[(i + 1) % len(nodes)])
-            self.put(n, 8, nodes[i - 1])
+        """Make ``tasks`` the task list, in order."""
+        self.ring([t + OFFS["task_struct.tasks"] for t in tasks])
 
 
 def test_task_list_and_threads() -> None:
@@ -105,27 +91,16 @@ def test_task_list_loop_and_wild_pointer() -> None:
         list(for_each_task(f.kernel(init)))
 
 
-def _dentry(f: Fake, name: bytes, parent: int | None, length: int | None = None) -> int:
-    d = f.obj()
-    s = f.obj(0x100)
-    f.put_bytes(s, name)
-    f.put(d, OFFS["dentry.d_parent"], parent if parent is not None else d)
-    f.put(d, OFFS["dentry.d_name.len"], len(name) if length is None else length, 4)
-    f.put(d, OFFS["dentry.d_name.name"], s)
-    f.put(d, OFFS["dentry.d_hash.pprev"], 0x1234)  # hashed (not deleted)
-    return d
-
-
 def test_d_path_across_a_mount() -> None:
     f = Fake()
-    root = _dentry(f, b"/", None)
-    usr = _dentry(f, b"usr", root)
+    root = f.dentry(b"/", None)
+    usr = f.dentry(b"usr", root)
     top = f.obj()  # rootfs mount, its own parent
     f.put(top, OFFS["mount.mnt_parent"], top)
     f.put(top, OFFS["mount.mnt"], root)
-    sub_root = _dentry(f, b"/", None)
-    lib = _dentry(f, b"lib", sub_root)
-    so = _dentry(f, b"libc.so.6", lib)
+    sub_root = f.dentry(b"/", None)
+    lib = f.dentry(b"lib", sub_root)
+    so = f.dentry(b"libc.so.6", lib)
     sub = f.obj()  # a filesystem mounted on /usr
     f.put(sub, OFFS["mount.mnt_parent"], top)
     f.put(sub, OFFS["mount.mnt_mountpoint"], usr)
@@ -145,16 +120,16 @@ def test_d_path_across_a_mount() -> None:
 
 def test_d_path_hostile() -> None:
     f = Fake()
-    root = _dentry(f, b"/", None)
+    root = f.dentry(b"/", None)
     top = f.obj()
     f.put(top, OFFS["mount.mnt_parent"], top)
     f.put(top, OFFS["mount.mnt"], root)
     k = f.kernel(f.task(0, "swapper/0"))
-    long = _dentry(f, b"x", root, length=1 << 30)  # absurd name length
+    long = f.dentry(b"x", root, length=1 << 30)  # absurd name length
     with pytest.raises(WalkError, match="name length"):
         d_path(k, top + OFFS["mount.mnt"], long)
-    a = _dentry(f, b"a", None)
-    b = _dentry(f, b"b", a)
+    a = f.dentry(b"a", None)
+    b = f.dentry(b"b", a)
     f.put(a, OFFS["dentry.d_parent"], b)  # a <-> b, never reaching the root
     with pytest.raises(WalkError):
         d_path(k, top + OFFS["mount.mnt"], b)
@@ -235,13 +210,13 @@ def _library_guest(fs_dev: str, leaves: list[int]) -> Kernel:
     offs = dict(OFFS, **{"file.f_inode": 0x30, "inode.i_sb": 0x00, "super_block.s_type": 0x00,
                          "super_block.s_id": 0x10, "file_system_type.name": 0x00})
     init = f.task(0, "swapper/0")
-    root = _dentry(f, b"/", None)
+    root = f.dentry(b"/", None)
     top = f.obj()
     f.put(top, OFFS["mount.mnt_parent"], top)
     f.put(top, OFFS["mount.mnt"], root)
     file, inode, sb, fstype, name = f.obj(), f.obj(), f.obj(), f.obj(), f.obj()
     f.put(file, OFFS["file.f_path"] + OFFS["path.mnt"], top + OFFS["mount.mnt"])
-    f.put(file, OFFS["file.f_path"] + OFFS["path.dentry"], _dentry(f, b"libx.so", root))
+    f.put(file, OFFS["file.f_path"] + OFFS["path.dentry"], f.dentry(b"libx.so", root))
     f.put(file, 0x30, inode)
     f.put(inode, 0, sb)
     f.put(sb, 0, fstype)
