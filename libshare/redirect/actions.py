@@ -8,12 +8,18 @@ operation makes before touching a guest (:func:`check_domain`: running, region d
 attached, agent answering, DAX active in the guest), and the three operations:
 
 - :func:`install` puts the guest-side files into the guest (the ``libshare-redirect``
-  script, an initramfs-tools hook and init-bottom script for boot-time mode, the apt and
-  dpkg hooks, a systemd unit) and runs ``update-initramfs -u``;
+  script, the boot-time hook of the guest's initramfs tool: an initramfs-tools hook and
+  init-bottom script, or a dracut module; the apt and dpkg hooks where those exist, a
+  systemd unit) and rebuilds its initramfs with its own tool
+  (``libshare-redirect initramfs``: ``update-initramfs`` or ``dracut``);
 - :func:`redirect` runs ``libshare-redirect apply`` now (runtime mode: binds, then
   ``systemctl daemon-reexec`` and service restarts unless ``restart=False``);
 - :func:`unredirect` runs ``libshare-redirect uninstall``: removes exactly the binds it
   recorded, deletes every guest-side file and rebuilds the initramfs.
+
+Which of :data:`GUEST_FILES` a guest needs follows from what the script's ``detect``
+prints (:func:`needed_files`, by :data:`FILE_OWNERS`): also what ``libshare image
+prepare`` installs into a disk image.
 
 The guest script prints ``key=value`` lines (:func:`parse_kv`); a ``refused=`` line
 means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`.
@@ -86,6 +92,29 @@ def script_bytes() -> bytes:
 
 #: every file ``install`` puts in a guest, as the guest script lists them
 GUEST_FILES: tuple[GuestFile, ...] = parse_guest_files(script_bytes().decode())
+
+#: guest folders whose files only a guest with that tool gets (the initramfs tool, or a
+#: package manager among ``detect``'s ``package_tools``); every other file goes to all
+FILE_OWNERS: tuple[tuple[str, str], ...] = (
+    ("/etc/initramfs-tools/", "initramfs-tools"),
+    ("/usr/lib/dracut/", "dracut"),
+    ("/etc/apt/", "apt"),
+    ("/etc/dpkg/", "dpkg"),
+)
+
+
+def needed_files(detected: dict[str, Any]) -> tuple[GuestFile, ...]:
+    """Return the :data:`GUEST_FILES` a guest needs, given what its ``libshare-redirect
+    detect`` printed (``initramfs_tool``, ``package_tools``): the files of its own
+    initramfs tool and package managers, and all others."""
+    have = {str(detected.get("initramfs_tool", ""))}
+    have.update(str(detected.get("package_tools", "")).split())
+    out = []
+    for f in GUEST_FILES:
+        owner = next((tool for prefix, tool in FILE_OWNERS if f.path.startswith(prefix)), None)
+        if owner is None or owner in have:
+            out.append(f)
+    return tuple(out)
 
 
 def parse_kv(text: str) -> dict[str, Any]:
@@ -196,6 +225,18 @@ def installed(agent: GuestAgent, timeout: float = 30.0) -> bool:
     return _run(agent, ["/bin/sh", "-c", f"test -x {SCRIPT}"], timeout=timeout).ok
 
 
+def detect(agent: GuestAgent, name: str) -> dict[str, Any]:
+    """Return what the packaged script's ``detect`` prints in the guest (run from stdin:
+    nothing installed): its ``initramfs_tool`` (initramfs-tools, dracut or none) and
+    ``package_tools``. Raises LibshareError if it cannot run."""
+    res = _run(agent, ["/bin/sh", "-s", "--", "detect"], stdin=script_bytes(), timeout=60)
+    kv = parse_kv(res.out)
+    if not res.ok or "initramfs_tool" not in kv:
+        raise LibshareError(f"{name}: cannot tell the guest's initramfs tool (exit {res.rc}): "
+                            f"{_tail(res)}")
+    return kv
+
+
 # ---------------------------------------------------------------------------- install
 
 @dataclass
@@ -207,6 +248,7 @@ class InstallReport:
     files: list[str] = field(default_factory=list)
     identical: int = 0                  # guest files identical to the region's (primed)
     differs: list[str] = field(default_factory=list)
+    initramfs_tool: str = "none"        # initramfs-tools, dracut or none
     initramfs: str = "not run"          # "updated", "failed: ..."
     initramfs_entries: int = 0          # libshare files found in the new initramfs
     seconds: float = 0.0
@@ -218,8 +260,9 @@ class InstallReport:
 
 def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             update_initramfs: bool = True) -> InstallReport:
-    """Install the guest-side files into running domain ``dom`` and rebuild its
-    initramfs; return an :class:`InstallReport`.
+    """Install the guest-side files its initramfs tool and package managers need
+    (:func:`needed_files`) into running domain ``dom`` and rebuild its initramfs with
+    its own tool; return an :class:`InstallReport`.
 
     Refuses (RefusedError, nothing changed) as :func:`check_domain` does. If writing a
     file fails, the files written so far are removed again before the error is raised.
@@ -227,11 +270,14 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     t0 = time.monotonic()
     target = check_domain(dom, agent_factory=agent_factory)
     agent = target.agent
-    report = InstallReport(domain=target.name, region_device=target.region_device)
-    dirs = sorted({f.path.rsplit("/", 1)[0] for f in GUEST_FILES})
+    detected = detect(agent, target.name)
+    files = needed_files(detected)
+    report = InstallReport(domain=target.name, region_device=target.region_device,
+                           initramfs_tool=str(detected["initramfs_tool"]))
+    dirs = sorted({f.path.rsplit("/", 1)[0] for f in files})
     try:
         _run(agent, ["mkdir", "-p", *dirs], timeout=30)
-        for f in GUEST_FILES:
+        for f in files:
             if f.source is None:
                 assert f.link is not None
                 res = _run(agent, ["ln", "-sfn", f.link, f.path], timeout=30)
@@ -255,25 +301,15 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     kv = parse_kv(res.out)
     report.identical, report.differs = _int(kv, "identical"), list(kv.get("differs", []))
     if update_initramfs:
-        res = _run(agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
-                   timeout=INITRAMFS_TIMEOUT)
-        report.initramfs = "updated" if res.ok else f"failed: {_tail(res)}"
-        if res.ok:
-            report.initramfs_entries = initramfs_entries(agent)
+        res = _run(agent, [SCRIPT, "initramfs"], timeout=INITRAMFS_TIMEOUT)
+        kv = parse_kv(res.out)
+        if kv.get("initramfs") == "updated":
+            report.initramfs = "updated"
+            report.initramfs_entries = _int(kv, "initramfs_entries")
+        else:
+            report.initramfs = f"failed: {kv.get('refused') or _tail(res)}"
     report.seconds = round(time.monotonic() - t0, 1)
     return report
-
-
-def initramfs_entries(agent: GuestAgent) -> int:
-    """Return how many libshare files the guest's current initramfs holds (lsinitramfs
-    of /boot/initrd.img-$(uname -r)); 0 if it cannot be listed."""
-    res = _run(agent, ["/bin/sh", "-c",
-                       'lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c libshare'],
-               timeout=300)
-    try:
-        return int(res.out.strip() or 0)
-    except ValueError:
-        return 0
 
 
 # ---------------------------------------------------------------------------- redirect

@@ -1,8 +1,9 @@
 """``libshare guest install|status DOMAIN``: the guest-side files of redirection.
 
-``install`` puts ``libshare-redirect``, its initramfs-tools hook and init-bottom script
-(boot-time mode), the apt/dpkg hooks and a systemd unit into a running guest through
-qemu-guest-agent, then rebuilds the guest's initramfs (libshare.redirect.actions.install).
+``install`` puts ``libshare-redirect``, the boot-time hook of the guest's initramfs tool
+(initramfs-tools hook and init-bottom script, or dracut module), the apt/dpkg hooks and
+a systemd unit into a running guest through qemu-guest-agent, then rebuilds the guest's
+initramfs with its own tool (libshare.redirect.actions.install).
 ``status`` prints the guest's own view of its redirection.
 """
 
@@ -27,7 +28,7 @@ def _install(args: argparse.Namespace, cfg: Config) -> int:
         print(f"{rep.domain}: region {rep.region_device} mounts with DAX")
         for f in rep.files:
             print(f"{rep.domain}: installed {f}")
-        print(f"{rep.domain}: initramfs {rep.initramfs}"
+        print(f"{rep.domain}: initramfs ({rep.initramfs_tool}) {rep.initramfs}"
               + (f" ({rep.initramfs_entries} libshare files in it)"
                  if rep.initramfs == "updated" else ""))
         print(f"{rep.domain}: boot-time redirect from the next boot; "
@@ -55,10 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     gsub = g.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
     i = gsub.add_parser("install", help="put libshare-redirect and its boot/dpkg hooks "
                         "into a running guest",
-                        description="Install libshare-redirect, its initramfs-tools hook "
-                        "and init-bottom script (boot-time redirect), apt/dpkg hooks and "
-                        "a systemd unit into a running enrolled guest, then run "
-                        "update-initramfs -u in it. Refused, with nothing changed, when "
+                        description="Install libshare-redirect, the boot-time hook of the "
+                        "guest's initramfs tool (an initramfs-tools hook and init-bottom "
+                        "script, or a dracut module), apt/dpkg hooks and a systemd unit "
+                        "into a running enrolled guest, then rebuild its initramfs "
+                        "(update-initramfs or dracut). Refused, with nothing changed, when "
                         "the guest has no responding agent, no region device or no DAX.")
     i.add_argument("domain", metavar="DOMAIN")
     i.add_argument("--no-initramfs", action="store_true",
