@@ -22,8 +22,8 @@ from libshare.cli.options import add_global_options
 from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/cli/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
-                   "daemon", "demo"]
+COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest",
+                   "image", "redirect", "daemon", "demo"]
 
 
 def _sub_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:

@@ -27,6 +27,7 @@ means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -90,8 +91,20 @@ def script_bytes() -> bytes:
     return guest_file_bytes("libshare-redirect")
 
 
+def parse_state_dir(script: str) -> str:
+    """Return the guest script's state folder (its ``STATE``, relative to the guest
+    root: verdicts live there, and its ``uninstall`` removes it) as the script text
+    ``script`` sets it. Raises LibshareError if the script does not say."""
+    m = re.search(r'^\s*STATE=\$\{LIBSHARE_STATE:-\$ROOT(/[^}"]+)\}', script, re.M)
+    if not m:
+        raise LibshareError("the guest script does not set its state folder (STATE)")
+    return m.group(1)
+
+
 #: every file ``install`` puts in a guest, as the guest script lists them
 GUEST_FILES: tuple[GuestFile, ...] = parse_guest_files(script_bytes().decode())
+#: the guest script's state folder in the guest, as the script sets it
+GUEST_STATE_DIR: str = parse_state_dir(script_bytes().decode())
 
 #: guest folders whose files only a guest with that tool gets (the initramfs tool, or a
 #: package manager among ``detect``'s ``package_tools``); every other file goes to all
