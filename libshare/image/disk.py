@@ -26,6 +26,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -76,6 +77,11 @@ def run(argv: Sequence[str], *, error: str, timeout: float = 600.0,
     if proc.returncode != 0:
         raise LibshareError(f"{error}: {last_line(proc.stderr or proc.stdout)}")
     return proc
+
+
+def _lock_failure(stderr: bytes) -> bool:
+    """Return True if QEMU's ``stderr`` says it could not take an image's lock."""
+    return re.search(rb'Failed to get (shared )?"[a-z ]+" lock', stderr) is not None
 
 
 def last_line(data: bytes) -> str:
@@ -173,7 +179,7 @@ def probe_write_lock(info: ImageInfo) -> None:
                           capture_output=True, check=False, timeout=60)
     if proc.returncode != 0:
         why = last_line(proc.stderr or proc.stdout)
-        if "lock" in why:
+        if _lock_failure(proc.stderr):
             raise RefusedError(f"{info.path} is in use: QEMU cannot lock it for writing "
                                "(a running domain, or a running clone backed by it, "
                                "holds it)")
@@ -297,9 +303,11 @@ def exported(path: Path, fmt: str, writable: bool, export: Path) -> Iterator[Pat
         deadline = time.monotonic() + EXPORT_TIMEOUT
         while not _is_mountpoint(export):
             if proc.poll() is not None:
-                why = last_line(proc.stderr.read() if proc.stderr else b"")
-                if "lock" in why:
-                    raise RefusedError(f"{path} is in use: QEMU cannot lock it ({why})")
+                err = proc.stderr.read() if proc.stderr else b""
+                why = last_line(err)
+                if _lock_failure(err):
+                    raise RefusedError(f"{path} is in use: QEMU cannot lock it (another "
+                                       "process, a running domain perhaps, holds it)")
                 raise LibshareError(f"qemu-storage-daemon cannot export {path}: {why}")
             if time.monotonic() > deadline:
                 raise LibshareError(f"qemu-storage-daemon did not export {path} within "
@@ -465,7 +473,7 @@ def commit(overlay: Path, info: ImageInfo) -> float:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
     if proc.returncode != 0:
         why = last_line(proc.stderr)
-        if "lock" in why:  # refused before anything was written
+        if _lock_failure(proc.stderr):  # refused before anything was written
             raise RefusedError(f"{info.path} came into use meanwhile: QEMU cannot lock it "
                                "for writing (nothing was changed)")
         raise LibshareError(f"committing into {info.path} failed ({why}); it may be partly "
