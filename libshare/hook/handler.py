@@ -19,8 +19,10 @@ Per operation, for enrolled domains only:
 - ``stopped end`` / ``release end``: drop the record and any pending request; always
   exit 0.
 - ``migrate begin`` / ``restore begin``: print the XML with the region path mapped to
-  this host's image of the same digest (nothing when unchanged); exit 1 when this host
-  has no such image. Devices are never added or removed.
+  this host's image of the same digest (nothing when unchanged; mapped to this host's
+  state directory's image, the enrolment's state directory becomes this host's too, so
+  the records of the guest's run here are kept here); exit 1 when this host has no such
+  image. Devices are never added or removed.
 Anything else exits 0. Unexpected errors: 0 for operations that cannot harm the guest,
 1 with a one-line message for prepare/migrate/restore.
 """
@@ -242,6 +244,8 @@ def _map_region(root: Any, enr: Enrolment, cfg: config.Config) -> str | None:
     assert path_elem is not None
     path_elem.text = str(image)
     rec.set("region", str(image))
+    if enr.digest and image == cfg.region_image(enr.digest):
+        rec.set("state-dir", str(cfg.state_dir))  # this host's image: its records here too
     return domxml.serialize(root)
 
 
