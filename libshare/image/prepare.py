@@ -18,7 +18,8 @@ QEMU process, named by a libvirt domain's disk chain: a stopped clone's overlay 
 be corrupted by a changed backing file), of an unknown distribution or initramfs tool,
 full, or laid out in a way that is not handled; all work happens on an overlay that is
 committed only at the very end (:mod:`libshare.image.disk`). An image that already holds
-this libshare's files for the same group is left alone (``unchanged``) unless forced.
+this libshare's guest side, complete, for the same group is left alone (``unchanged``)
+unless forced.
 """
 
 from __future__ import annotations
@@ -376,8 +377,8 @@ def prepare(path: str | os.PathLike[str], cfg: Config, uri: str, group: str | No
     check_unused(info, uri)
     if not force:
         seen = status(info.path, cfg, progress=progress)
-        if seen.prepared and seen.current and seen.group == group and (
-                region is None or seen.region_digest == region[1]):
+        # (verdicts are the files' own hashes: a group's newer region needs no new ones)
+        if seen.prepared and seen.current and seen.group == group:
             seen.action = "unchanged"
             return seen
     report = ImageReport(str(info.path), info.format, "prepared", group=group,

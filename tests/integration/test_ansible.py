@@ -1,15 +1,17 @@
 """The Ansible role (``ansible/roles/libshare``) against this host and the real libvirtd.
 
 The role is run with ``ansible-playbook`` over a local connection, with every path it
-writes moved under test folders (virtualenv, configuration, state, hooks directory) and
-one persistent test domain that is never started. Ground truth is what the host holds
-afterwards: libvirt's own persistent definition of the domain, the files on disk, and
-the virtualenv's ``libshare`` command; idempotence and check mode are read from
-Ansible's recap.
+writes moved under test folders (virtualenv, configuration, state, hooks directory),
+one persistent test domain that is never started and one template (a qcow2 overlay of
+the cached Debian image) prepared offline. Ground truth is what the host holds
+afterwards: libvirt's own persistent definition of the domain, the files on disk (the
+template's bytes), and the virtualenv's ``libshare`` command; idempotence and check mode
+are read from Ansible's recap. The fleet view's play runs against the same host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,6 +46,13 @@ PLAY = """- hosts: localhost
   roles:
     - role: libshare
 """
+FLEET_PLAY = """- hosts: localhost
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: libshare
+        tasks_from: fleet
+"""
 
 
 @pytest.fixture
@@ -53,11 +62,11 @@ def work(scratch_dir: Path) -> Path:
 
 
 def playbook(work: Path, variables: dict[str, Any], *extra: str,
-             fails: bool = False) -> tuple[dict[str, int], str]:
-    """Run the role with ``variables``; return the recap counts and the whole output
-    (the run must succeed, or with ``fails`` fail)."""
+             fails: bool = False, play: str = PLAY) -> tuple[dict[str, int], str]:
+    """Run the role with ``variables`` (or ``play``); return the recap counts and the
+    whole output (the run must succeed, or with ``fails`` fail)."""
     (work / "vars.json").write_text(json.dumps(variables))
-    (work / "play.yml").write_text(PLAY)
+    (work / "play.yml").write_text(play)
     (work / "inventory").write_text(
         "localhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n")
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ROOT / "ansible" / "roles"),
@@ -103,6 +112,10 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     state_dir = work / "state"
     venv = work / "prefix" / "venv"
     hooks = work / "hooks"
+    from libshare.demo.debian.image import create_overlay, debian_image
+
+    template = create_overlay(debian_image(), work / "template.qcow2")
+    template_bytes = hashlib.sha256(template.read_bytes()).hexdigest()
     variables: dict[str, Any] = {
         "libshare_source": str(source),
         "libshare_prefix": str(work / "prefix"),
@@ -111,6 +124,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
         "libshare_hooks_dir": str(hooks),
         "libshare_groups": [{"name": "lstest", "import": [str(work / "golden")]}],
         "libshare_domains": [{"name": name, "group": "lstest"}],
+        "libshare_templates": [{"image": str(template), "group": "lstest"}],
         "libshare_daemon": True,
         "libshare_unit_dir": str(work / "units"),
     }
@@ -121,6 +135,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     assert not venv.exists() and not (work / "etc").exists(), out[-4000:]
     assert not (hooks / "qemu").exists() and not state_dir.exists()
     assert dom.XMLDesc(INACTIVE) == original
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
 
     # first run: everything is done
     counts, out = playbook(work, variables)
@@ -143,10 +158,29 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     unit = (work / "units" / "libshare-daemon.service").read_text()
     assert f"ExecStart={venv}/bin/python" in unit and str(work / "etc") in unit, unit
 
+    libshare_cmd = [str(venv / "bin" / "libshare"), "--config",
+                    str(work / "etc" / "libshare.toml")]
+    tpl = json.loads(subprocess.run([*libshare_cmd, "image", "status", "--json", str(template)],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert tpl["prepared"] and tpl["current"] and tpl["group"] == "lstest", tpl
+    template_bytes = hashlib.sha256(template.read_bytes()).hexdigest()
+
     # second run: nothing changes
     counts, out = playbook(work, variables)
     assert counts["changed"] == 0, out[-4000:]
     assert dom.XMLDesc(INACTIVE) == enrolled
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
+
+    # the fleet view: this host's status as one table, and as JSON on the controller
+    report = work / "fleet.json"
+    fleet_vars = dict(variables, libshare_fleet_domains=[name], libshare_fleet_agent=False,
+                      libshare_fleet_report=str(report))
+    counts, out = playbook(work, fleet_vars, play=FLEET_PLAY)
+    assert counts["changed"] == 0 and counts["failed"] == 0, out[-4000:]
+    rows = json.loads(report.read_text())
+    assert [(r["host"], r["group"], r["enrolled"], r["running"], r["redirected"])
+            for r in rows] == [("localhost", "lstest", 1, 0, 0)], rows
+    assert re.search(r"HOST\s+GROUP\s+ENROLLED\s+RUNNING\s+REDIRECTED\s+SAVED kB", out), out
 
     # a new library in the group's tree: a new region, and the domain moves to it
     shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libacl.so.1"), libs / "libacl.so.1")
@@ -166,16 +200,21 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
 
     # check mode on an undo: nothing is changed
     undo = dict(variables, libshare_hook="absent",
-                libshare_domains=[{"name": name, "state": "disabled"}])
+                libshare_domains=[{"name": name, "state": "disabled"}],
+                libshare_templates=[{"image": str(template), "state": "absent"}])
     counts, out = playbook(work, undo, "--check")
     assert dom.XMLDesc(INACTIVE) == enrolled
     assert (hooks / "qemu").is_file()
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
 
     # the undo itself: the definition is the original again, the hook is gone
     counts, out = playbook(work, undo)
     assert counts["changed"] >= 2, out[-4000:]
     assert c14n(dom.XMLDesc(INACTIVE)) == c14n(original)
     assert not (hooks / "qemu").exists()
+    tpl = json.loads(subprocess.run([*libshare_cmd, "image", "status", "--json", str(template)],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert tpl["prepared"] is False, tpl
     counts, out = playbook(work, undo)
     assert counts["changed"] == 0, out[-4000:]
 

@@ -91,12 +91,13 @@ def virsh(*args: str, uri: str = "qemu:///system", timeout: float = 300
                           check=False, timeout=timeout)
 
 
-def tick(g: RunningGuest, after: int = 0, timeout: float = 120.0) -> dict[str, Any]:
-    """Wait for a TICK line numbered above ``after`` on ``g``'s console; return its
-    fields."""
+def tick(g: RunningGuest, after: int = 0, timeout: float = 120.0, since: int = 0
+         ) -> dict[str, Any]:
+    """Wait for a TICK line numbered above ``after`` on ``g``'s console (from character
+    ``since`` on: a new boot counts from 1 again); return its fields."""
     deadline = time.monotonic() + timeout
     while True:
-        ticks = [m for m in _TICK.finditer(g.console()) if int(m.group(1)) > after]
+        ticks = [m for m in _TICK.finditer(g.console(), since) if int(m.group(1)) > after]
         if ticks:
             m = ticks[-1]
             return {"i": int(m.group(1)), "binds": int(m.group(2)),
@@ -123,10 +124,19 @@ def nonzero_kb(path: Path) -> int:
     return sum(4 for i in range(0, len(data), 4096) if data[i:i + 4096] != zero)
 
 
-def check_guest(g: RunningGuest, after: int, want_sum: str, binds: int) -> int:
+def dst_status(dst: SecondHost, name: str) -> dict[str, Any]:
+    """Return the ``libshare status --json`` row of ``name`` on the second host."""
+    proc = dst.libshare("status", name, "--json", "--no-agent", "--no-introspect")
+    assert proc.returncode == 0, proc.stderr
+    row: dict[str, Any] = json.loads(proc.stdout)["domains"][0]
+    return row
+
+
+def check_guest(g: RunningGuest, after: int, want_sum: str, binds: int, since: int = 0
+                ) -> int:
     """Check the guest's next TICK: its binds, its libraries mapped from the region
     only, the bound library's bytes; return the TICK's number."""
-    t = tick(g, after)
+    t = tick(g, after, since=since)
     assert t["binds"] == binds and t["maps_region"] > 0 and t["maps_disk"] == 0, t
     assert t["sum"] == want_sum, t
     return int(t["i"])
@@ -196,8 +206,8 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
         proc = virsh(*migrate)
         took = time.monotonic() - t0
         assert proc.returncode == 0, proc.stderr
-        job = virsh("domjobinfo", name, "--completed").stdout
-        downtime = re.search(r"Total downtime:\s+(\d+ \w+)", job)
+        job = virsh("domjobinfo", name, "--completed", uri=dst.uri).stdout
+        downtime = re.search(r"Total downtime:\s+(\d+\s+\w+)", job)
         print(f"migrated in {took:.1f} s, downtime {downtime.group(1) if downtime else '?'}")
         assert not g.is_active()
         dconn = dst.connect()
@@ -210,18 +220,25 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
         assert dst_pid and dst_pid != src_pid
         after = region_mapping(dst_pid, dst_image)
         print(f"destination QEMU {dst_pid} after migration: {after} "
-              f"(non-zero part of the region: {nonzero_kb(built.path)} kB)")
+              f"(non-zero part of the region: {nonzero_kb(Path(built.path))} kB)")
         # the limitation: QEMU copies the region's RAM through the stream into private
         # pages (share=off); status shows them as the region mapping's Private_Dirty
         assert after["Anonymous"] > 0 and after["Anonymous"] <= region_kb
         record = json.loads((dst.state / "running" / f"{name}.json").read_text())
         assert record["region"] == dst_image and record["pid"] == dst_pid
-        st = dst.libshare("status", name, "--json", "--no-agent", "--no-introspect")
-        assert st.returncode == 0, st.stderr
-        row = json.loads(st.stdout)["domains"][0]
-        assert row["region_ok"] and row["memory"]["region_path"] == dst_image
+        # libvirt defines the source's persistent definition on the destination as it
+        # was (the hook sees only the live XML): status shows its region MISSING, and
+        # 'libshare enable' on the destination moves it to this host's image
+        row = dst_status(dst, name)
+        assert row["region"] == spec.path and row["region_ok"] is False, row
+        assert row["memory"]["region_path"] == dst_image
         assert row["memory"]["region"]["Private_Dirty"] > 0, row["memory"]
         print("destination status:", row["memory"]["region"])
+        proc = dst.libshare("enable", name, "--group", GROUP, "--json")
+        assert proc.returncode == 0, proc.stderr
+        row = dst_status(dst, name)
+        assert row["region_ok"] is True and row["region"] != spec.path, row
+        assert row["state_dir"] == STATE_IN_NS, row
 
         # save and restore on the destination; a restore without the image is refused
         saved = work / "saved.img"
@@ -250,6 +267,15 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
         last = check_guest(g, last, want_sum, len(binds))
         managed = region_mapping(dst.qemu_pid(name) or 0, dst_image)
         print(f"after managedsave and start: {managed}")
+        # a power cycle (a new QEMU process, from the persistent definition) shares again
+        ddom = dconn.lookupByName(name)
+        ddom.destroy()
+        since = len(g.console())
+        ddom.create()
+        last = check_guest(g, 0, want_sum, len(binds), since=since)
+        fresh = region_mapping(dst.qemu_pid(name) or 0, row["region"])
+        print(f"after a power cycle: {fresh}")
+        assert fresh["Anonymous"] == 0 and fresh["Private_Dirty"] == 0, fresh
         hooks = [json.loads(line) for line in
                  (dst.state / "log" / "hook.log").read_text().splitlines()]
         print("destination hook:", [(h["op"], h["sub"], h["result"]) for h in hooks])
