@@ -207,8 +207,9 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
         took = time.monotonic() - t0
         assert proc.returncode == 0, proc.stderr
         job = virsh("domjobinfo", name, "--completed", uri=dst.uri).stdout
-        downtime = re.search(r"Total downtime:\s+(\d+\s+\w+)", job)
-        print(f"migrated in {took:.1f} s, downtime {downtime.group(1) if downtime else '?'}")
+        downtime = re.search(r"Total downtime:\s+(\d+)\s+(\w+)", job)
+        print(f"migrated in {took:.1f} s, downtime "
+              + (" ".join(downtime.groups()) if downtime else "?"))
         assert not g.is_active()
         dconn = dst.connect()
         ddom = dconn.lookupByName(name)
