@@ -222,3 +222,44 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     missing = dict(variables, libshare_domains=[{"name": f"{name}-nosuch", "group": "lstest"}])
     counts, out = playbook(work, missing, fails=True)
     assert f"{name}-nosuch" in out and "libshare:" in out, out[-4000:]
+
+
+def test_fleet_rows_from_every_host() -> None:
+    """The fleet view's filter: a row per host and group with the domains enrolled,
+    running and redirected, the memory saved (Rss - Pss) and the private copies; a host
+    whose status could not be read gets one row saying why."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "libshare_fleet", ROOT / "ansible/roles/libshare/filter_plugins/libshare_fleet.py")
+    assert spec and spec.loader
+    fleet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fleet)
+
+    def dom(name: str, group: str | None, running: bool, redirected: int = 0,
+            rss: int = 0, pss: int = 0, anon: int = 0) -> dict[str, Any]:
+        return {"name": name, "enrolled": group is not None, "group": group,
+                "running": running,
+                "guest": {"available": True, "files_redirected": redirected},
+                "memory": {"region": {"Rss": rss, "Pss": pss, "Private_Dirty": anon,
+                                      "Anonymous": anon}} if running else None}
+
+    status = {"domains": [dom("a", "web", True, 400, 30000, 15000),
+                          dom("b", "web", True, 0, 30000, 15000, anon=2900),
+                          dom("c", "db", False), dom("x", None, True)]}
+    hostvars = {"kvm1": {"libshare_fleet_status": {"rc": 0, "stdout": json.dumps(status)}},
+                "kvm2": {"libshare_fleet_status": {"rc": 1, "stderr": "libshare: no libvirt\n"}},
+                "kvm3": {"libshare_fleet_status": {"rc": 0, "stdout": '{"domains": []}'}}}
+    rows = fleet.fleet_rows(hostvars, ["kvm1", "kvm2", "kvm3", "kvm4"])
+    got = [(r["host"], r["group"], r["enrolled"], r["running"], r["redirected"],
+            r["saved_kb"], r["private_kb"], r["error"]) for r in rows]
+    assert got == [("kvm1", "db", 1, 0, 0, 0, 0, None),
+                   ("kvm1", "web", 2, 2, 1, 30000, 2900, None),
+                   ("kvm2", None, 0, 0, 0, 0, 0, "libshare: no libvirt"),
+                   ("kvm3", None, 0, 0, 0, 0, 0, None),
+                   ("kvm4", None, 0, 0, 0, 0, 0, "no status (unreachable or not run)")]
+    table = fleet.fleet_table(rows).splitlines()
+    assert table[0].split() == ["HOST", "GROUP", "ENROLLED", "RUNNING", "REDIRECTED",
+                                "SAVED", "kB", "PRIVATE", "kB"]
+    assert table[-1].split() == ["4", "hosts", "total", "3", "2", "1", "30000", "2900"]
+    assert "(error: libshare: no libvirt)" in table[3]

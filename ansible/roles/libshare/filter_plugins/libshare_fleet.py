@@ -5,8 +5,9 @@
 domains enrolled in it, running, and redirected (their guest agent reports redirected
 files), and, over its running domains, the region mappings' Rss and Pss sums from
 smaps (kB): ``saved_kb`` = Rss - Pss is what one shared copy saves against a copy per
-guest, ``private_kb`` the region pages that are private copies (Private_Dirty: after a
-migration or restore, until the guest's next power cycle). A host whose status could
+guest, ``private_kb`` the region pages that are private copies (``Anonymous`` where the
+status reports it, else ``Private_Dirty``: after a migration or restore, until the
+guest's next power cycle). A host whose status could
 not be read gets one row with its ``error``. ``libshare_fleet_table(rows)`` prints them
 with a total line. Standard library only: the controller needs nothing more.
 """
@@ -66,7 +67,7 @@ def fleet_rows(hostvars: Any, hosts: list[str]) -> list[dict[str, Any]]:
             region = (d.get("memory") or {}).get("region") or {}
             row["region_rss_kb"] += region.get("Rss", 0)
             row["region_pss_kb"] += region.get("Pss", 0)
-            row["private_kb"] += region.get("Private_Dirty", 0)
+            row["private_kb"] += region.get("Anonymous", region.get("Private_Dirty", 0))
         for row in groups.values():
             row["saved_kb"] = row["region_rss_kb"] - row["region_pss_kb"]
         rows.extend(groups[g] for g in sorted(groups))
