@@ -154,11 +154,11 @@ def second_host(base: Path, hide: Sequence[Path] = (), timeout: float = 120.0
     unix socket path) that cannot see the paths ``hide``; yield its
     :class:`SecondHost`; always torn down afterwards."""
     base.mkdir(parents=True)
-    made = []
-    for mp in ("/etc/libshare", STATE_IN_NS):  # mount points on this host (empty folders)
-        if not Path(mp).exists():
-            Path(mp).mkdir(parents=True)
-            made.append(Path(mp))
+    made: list[Path] = []
+    for point in ("/etc/libshare", STATE_IN_NS):  # mount points on this host (empty folders)
+        if not Path(point).exists():
+            Path(point).mkdir(parents=True)
+            made.append(Path(point))
     host = SecondHost(base, f"qemu+unix:///system?socket={base}/run/libvirt/libvirt-sock",
                       base / "state", 0)
     try:
