@@ -19,10 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from tests.integration.second_host import STATE_IN_NS, SecondHost, free_port, se
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 GROUP = "demo"
 
 SCRIPT = r""". /etc/libshare.sh
@@ -142,22 +140,10 @@ def check_guest(g: RunningGuest, after: int, want_sum: str, binds: int, since: i
     return int(t["i"])
 
 
-@pytest.fixture
-def work() -> Iterator[Path]:
-    """Yield a short folder QEMU can traverse (the second host's socket lives in it)."""
-    TEST_ROOT.mkdir(parents=True, exist_ok=True)
-    TEST_ROOT.chmod(0o755)
-    path = TEST_ROOT / f"mig-{__import__('os').getpid()}"
-    shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callable[[], str],
-                                          guest_kernel: KernelPackage, work: Path) -> None:
+                                          guest_kernel: KernelPackage,
+                                          scratch_dir: Path) -> None:
+    work = scratch_dir  # short enough for the second host's socket path
     src = Config(state_dir=work / "src-state")
     built, binds = build_tiny_region(src, print)
     for d in (src.state_dir, src.regions_dir, src.regions_dir / "images",
