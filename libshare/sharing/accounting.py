@@ -3,10 +3,16 @@ region files' page cache counted once.
 
 Figures come from ``/proc/<qemu pid>/smaps`` per mapping, never from process totals:
 under TCG, QEMU's translation buffer (a large anonymous rwx mapping) dominates the
-process RSS and has nothing to do with the guest's memory. A region mapping must never
-show Private_Dirty for an untrusted group (that would be a private copy of region
-pages). Page-cache residency uses mincore(2) on a fresh read-only mapping, which
-touches no page.
+process RSS and has nothing to do with the guest's memory.
+
+Copies: the region is mapped ``MAP_PRIVATE``, so a page a guest writes becomes a
+copy-on-write copy, an *anonymous* page of that QEMU; smaps counts those as the
+mapping's ``Anonymous`` (:data:`COPIED`, :func:`copied_kb`). ``Private_Dirty`` is not a
+copy count: a page-cache page that is still dirty (an image just built or copied, not
+yet written back) and mapped by one process only shows there too (measured: 30,780 kB
+Private_Dirty with no copy at all, 0 twelve seconds later once written back), so it is
+reported as what it is, never as copies. Page-cache residency uses mincore(2) on a
+fresh read-only mapping, which touches no page.
 """
 
 from __future__ import annotations
@@ -21,7 +27,10 @@ from typing import Any
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
-FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty")
+FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty",
+          "Anonymous")
+#: the smaps field of a file mapping that counts its copy-on-write copies (kB)
+COPIED = "Anonymous"
 
 
 @dataclass
@@ -60,6 +69,12 @@ def _sum(mappings: list[Mapping]) -> dict[str, int]:
     total = {k: sum(m.counters.get(k, 0) for m in mappings) for k in FIELDS}
     total["mappings"] = len(mappings)
     return total
+
+
+def copied_kb(usage: dict[str, int]) -> int:
+    """Return the kB of copy-on-write copies in the smaps counters ``usage`` of a file
+    mapping (its anonymous pages; see the module docstring for why not Private_Dirty)."""
+    return usage.get(COPIED, 0)
 
 
 def region_usage(pid: int, region: str | os.PathLike[str]) -> dict[str, int]:
