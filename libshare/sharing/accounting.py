@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from libshare.util.files import open_regular
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 _HEAD = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S+) ([0-9a-f]+) (\S+) (\d+)\s*(.*)$")
 FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Private_Dirty",
@@ -105,25 +107,28 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 
 
 def page_cache_bytes(path: str | os.PathLike[str]) -> int:
-    """Return how many bytes of file ``path`` are in the host page cache (mincore)."""
-    fd = os.open(path, os.O_RDONLY)
+    """Return how many bytes of the regular file ``path`` are in the host page cache
+    (mincore); OSError if it cannot be opened or is a FIFO or device (never waited on)."""
+    with open_regular(path) as fh:
+        return _resident_bytes(fh.fileno(), path)
+
+
+def _resident_bytes(fd: int, path: str | os.PathLike[str]) -> int:
+    """Return how many bytes of the open file ``fd`` (``path``) are in the page cache."""
+    size = os.fstat(fd).st_size
+    if size == 0:
+        return 0
+    addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        raise OSError(ctypes.get_errno(), f"mmap {path}")
     try:
-        size = os.fstat(fd).st_size
-        if size == 0:
-            return 0
-        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap {path}")
-        try:
-            pages = (size + PAGE - 1) // PAGE
-            vec = (ctypes.c_ubyte * pages)()
-            if _libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore {path}")
-            return sum(b & 1 for b in vec) * PAGE
-        finally:
-            _libc.munmap(addr, size)
+        pages = (size + PAGE - 1) // PAGE
+        vec = (ctypes.c_ubyte * pages)()
+        if _libc.mincore(addr, size, vec) != 0:
+            raise OSError(ctypes.get_errno(), f"mincore {path}")
+        return sum(b & 1 for b in vec) * PAGE
     finally:
-        os.close(fd)
+        _libc.munmap(addr, size)
 
 
 def domain_memory(pid: int, ram_sizes: list[int], region: str | None) -> dict[str, Any]:
