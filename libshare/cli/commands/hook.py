@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from libshare.cli.options import add_json
-from libshare.cli.output import print_json, print_table
+from libshare.cli.output import iso_time, print_json, print_table
 from libshare.config import Config
+from libshare.errors import UsageError
 from libshare.hook import install, state
 
 
@@ -33,13 +34,18 @@ def _show(res: install.InstallResult, as_json: bool) -> int:
 
 
 def _log(args: argparse.Namespace, cfg: Config) -> int:
+    if args.last < 1:
+        raise UsageError("--last must be at least 1")
     entries = state.read_hook_log(cfg.state_dir)[-args.last:]
+    for e in entries:  # ISO 8601 local time beside the epoch seconds
+        e["local_time"] = iso_time(e.get("time"))
     if args.json:
         print_json({"entries": entries})
     else:
         print_table(["TIME", "DOMAIN", "OP", "SUB", "STATUS", "SECONDS", "RESULT"],
-                    [[e.get("time"), e.get("domain"), e.get("op"), e.get("sub"),
-                      e.get("status"), e.get("seconds"), e.get("result")] for e in entries])
+                    [[e["local_time"] or e.get("time"), e.get("domain"), e.get("op"),
+                      e.get("sub"), e.get("status"), e.get("seconds"), e.get("result")]
+                     for e in entries])
     return 0
 
 
