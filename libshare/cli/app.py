@@ -86,7 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(stream, io.TextIOWrapper):
             stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage error (2, one line), or --help/--version (0)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         cfg = config.load(args.config, args.state_dir)
         level = logging.DEBUG if args.verbose else getattr(logging, cfg.log_level.upper())

@@ -47,13 +47,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from libshare.errors import LibshareError
 from libshare.sharing.elf import ElfIdentity, Skipped, identify
 from libshare.util import files
 from libshare.util.digest import copy_sha256, sha256_file
 from libshare.util.files import atomic_write
+from libshare.util.progress import Progress
 
 INDEX_VERSION = 1
 #: bytes of index.json read at most (about 500 bytes per object)
@@ -92,14 +93,6 @@ def name_problem(name: str) -> str | None:
     if len(name.encode()) > NAME_MAX:
         return f"longer than {NAME_MAX} bytes"
     return None
-
-
-class Progress(Protocol):
-    """Progress callback (libshare.cli.progress.ProgressPrinter shows it)."""
-
-    def __call__(self, phase: str, done: int, total: int, unit: str = "") -> None:
-        """Report ``done`` of ``total`` ``unit`` ("bytes", "files", "" for steps) in
-        ``phase``; total 0 when the end is unknown (then ``done`` is seconds)."""
 
 
 @dataclass

@@ -154,10 +154,15 @@ def write_owned(path: Path, data: bytes, mode: int, ours: Callable[[Path], bool]
     which ``ours(path)`` is false is never touched: LibshareError "PATH FOREIGN; not
     touching it" (``foreign`` says what it is), as is a failed write."""
     action = "installed"
-    with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISREG(os.lstat(path).st_mode):
-            raise LibshareError(f"{path} is {_kind(os.lstat(path).st_mode)}; not touching it")
-    if path.exists():
+    try:
+        existing: int | None = os.lstat(path).st_mode
+    except FileNotFoundError:
+        existing = None
+    except OSError as exc:  # a parent is not a folder, no permission...
+        raise LibshareError(f"cannot write {path}: {os_error(exc, path=False)}") from exc
+    if existing is not None and not stat.S_ISREG(existing):
+        raise LibshareError(f"{path} is {_kind(existing)}; not touching it")
+    if existing is not None:
         if not ours(path):
             raise LibshareError(f"{path} {foreign}; not touching it")
         try:

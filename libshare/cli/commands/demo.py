@@ -9,7 +9,7 @@ import sys
 from types import FrameType
 from typing import Any
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, int_between, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.sharing.accounting import copied_kb
@@ -130,8 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the built-in demo: guests share one region",
                        description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--guests", type=int, default=2, metavar="N",
-                   help="how many demo guests (default 2)")
+    p.add_argument("--guests", type=int_between(1, 8), default=2, metavar="N",
+                   help="how many demo guests (default 2; at most 4 Debian or 8 tiny ones)")
     p.add_argument("--tiny", action="store_true",
                    help="fast variant: busybox guests bind the region themselves")
     p.add_argument("--mode", choices=("boot", "runtime"), default="boot",

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from libshare import status
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, libvirt_uri, positive_seconds
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.hook import state
@@ -148,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="list library mappings from the region per process")
     s.add_argument("--no-agent", action="store_true",
                    help="do not ask running guests' agents for their own redirect state")
-    s.add_argument("--agent-timeout", type=float, default=status.STATUS_AGENT_TIMEOUT,
+    s.add_argument("--agent-timeout", type=positive_seconds,
+                   default=status.STATUS_AGENT_TIMEOUT,
                    metavar="SECONDS",
                    help="at most this long per program run through a guest agent "
                    f"(default {status.STATUS_AGENT_TIMEOUT:.0f}; slow TCG guests may need more)")

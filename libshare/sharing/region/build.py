@@ -42,7 +42,6 @@ from libshare.sharing.region.layout import (
 from libshare.sharing.region.manifest import manifest_bytes, tsv_manifest_bytes
 from libshare.sharing.store import (
     OBJECT_MODE,
-    Progress,
     StoreEntry,
     StoreIndex,
     check_object,
@@ -53,6 +52,7 @@ from libshare.sharing.store import (
 from libshare.sharing.store import locked as store_locked
 from libshare.util.digest import cached_sha256, copy_sha256, sha256_file
 from libshare.util.files import fsync_dir, open_regular, os_error, read_regular
+from libshare.util.progress import Progress
 from libshare.util.units import REGION_ALIGN, human, round_up
 
 MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
