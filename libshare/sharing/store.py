@@ -114,9 +114,8 @@ class StoreEntry:
         index written before names were checked still builds)."""
         if self.soname and name_problem(self.soname) is None:
             return self.soname
-        names = sorted({p.rsplit("/", 1)[-1] for p in self.paths}
-                       - {"", ".", ".."})
-        names = [n for n in names if name_problem(n) is None]
+        names = sorted(n for n in {p.rsplit("/", 1)[-1] for p in self.paths}
+                       if name_problem(n) is None)
         return names[0] if names else self.sha256
 
     def as_dict(self) -> dict[str, Any]:
@@ -221,7 +220,8 @@ def load_index(store_dir: Path) -> StoreIndex:
     except FileNotFoundError:
         return StoreIndex()
     except OSError as exc:
-        raise LibshareError(f"cannot read store index {path}: {files.os_error(exc, path=False)}") from exc
+        raise LibshareError(f"cannot read store index {path}: "
+                            f"{files.os_error(exc, path=False)}") from exc
     except ValueError as exc:
         raise LibshareError(f"cannot read store index {path}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:

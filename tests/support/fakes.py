@@ -102,9 +102,9 @@ def _no_exec(argv: list[str], stdin: bytes | None) -> ExecResult:
 
 class FakeAgent:
     """A guest agent client of domain ``name``: ``handler(argv, stdin)`` answers
-    ``exec`` (``on_poll`` is called once, as while a program runs); a silent agent (``alive`` False) raises AgentError like a real one that
-    does not respond. Every call is recorded in ``calls``, exec timeouts in
-    ``timeouts``."""
+    ``exec`` (``on_poll`` is called once, as while a program runs); a silent agent
+    (``alive`` False) raises AgentError like a real one that does not respond. Every
+    call is recorded in ``calls``, exec timeouts in ``timeouts``."""
 
     def __init__(self, handler: Handler = _no_exec, alive: bool = True,
                  name: str = "g1") -> None:

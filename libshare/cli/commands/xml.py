@@ -82,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "and what it needs added (ACPI, a NUMA cell, memory slots, a "
                       "guest-agent channel, free page reporting), every change recorded "
                       "in libshare's <metadata> so that 'xml disable' undoes it exactly.")
-    e.add_argument("file", metavar="FILE|-", help="domain XML file (a regular file), or - for stdin")
+    e.add_argument("file", metavar="FILE|-",
+                   help="domain XML file (a regular file), or - for stdin")
     e.add_argument("--region", metavar="PATH",
                    help="region image (default: the group's current image)")
     e.add_argument("--size", metavar="SIZE",

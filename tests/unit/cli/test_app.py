@@ -270,3 +270,19 @@ def test_bad_input_through_the_real_entry_point(tmp_path: Path) -> None:
                                  stdin=fh, capture_output=True, env=env, timeout=60)
         assert res.returncode in (1, 2), (argv, res.stderr)
         assert res.stderr.count(b"\n") == 1 and b"Traceback" not in res.stderr, res.stderr
+
+
+def test_a_fifo_where_a_hook_or_unit_would_be_is_never_read(
+        bad_files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare.cli.app import main
+    os.mkfifo(bad_files / "folder" / "qemu")
+    os.mkfifo(bad_files / "folder" / "libshare-daemon.service")
+    with within(20):
+        assert main(["hook", "uninstall", "--no-reload", "--hooks-dir", "folder"]) == 0
+        assert "absent" in capsys.readouterr().out          # not libshare's: left alone
+        assert main(["daemon", "uninstall", "--unit-dir", "folder"]) == 1
+        err = capsys.readouterr().err
+        assert "not written by libshare" in err and err.count("\n") == 1
+        assert main(["daemon", "install", "--unit-dir", "folder"]) == 1
+        assert "is a FIFO; not touching it" in capsys.readouterr().err
+    assert (bad_files / "folder" / "qemu").is_fifo()
