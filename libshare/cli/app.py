@@ -9,8 +9,8 @@ Errors: a LibshareError prints ``libshare: <reason>`` on stderr and exits 1 (2 f
 usage errors); every usage error, argparse's own and a LibshareError raised by an
 option's ``type=`` converter (``--size lots``), prints one line
 (``libshare region build: argument --size: invalid size 'lots' ...``) and exits 2.
-Output that cannot be encoded (names that are not UTF-8) is backslash-escaped, never a
-traceback.
+Output that cannot be encoded (names that are not UTF-8) is backslash-escaped, and an
+OSError no caller worded (an I/O error) is one line too: never a traceback.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 from libshare import __version__, config
 from libshare.cli.options import add_global_options
 from libshare.errors import EXIT_FAILED, EXIT_USAGE, LibshareError
+from libshare.util.files import os_error
 
 # Sub-command modules under libshare/cli/commands/, in --help order.
 COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
@@ -100,6 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"libshare: {exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
+        return EXIT_FAILED
+    except OSError as exc:  # the system failed (disk full, I/O error) where no caller
+        print(f"libshare: {os_error(exc)}", file=sys.stderr)  # words it: still one line
         return EXIT_FAILED
     except KeyboardInterrupt:
         print("libshare: interrupted", file=sys.stderr)

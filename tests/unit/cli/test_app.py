@@ -286,3 +286,19 @@ def test_a_fifo_where_a_hook_or_unit_would_be_is_never_read(
         assert main(["daemon", "install", "--unit-dir", "folder"]) == 1
         assert "is a FIFO; not touching it" in capsys.readouterr().err
     assert (bad_files / "folder" / "qemu").is_fifo()
+
+
+def test_an_os_error_no_one_worded_is_one_line(bad_files: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from libshare.cli.app import main
+    from libshare.cli.commands import store as store_cmd
+
+    def broken(_store_dir: Path) -> None:
+        raise OSError(errno.EIO, "Input/output error", "/var/lib/libshare/store/index.json")
+
+    monkeypatch.setattr(store_cmd, "load_index", broken)
+    assert main(["store", "ls"]) == 1
+    assert capsys.readouterr().err == ("libshare: Input/output error: "
+                                       "/var/lib/libshare/store/index.json\n")
