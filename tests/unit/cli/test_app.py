@@ -288,8 +288,9 @@ def test_a_fifo_where_a_hook_or_unit_would_be_is_never_read(
     assert (bad_files / "folder" / "qemu").is_fifo()
 
 
-def test_an_os_error_no_one_worded_is_one_line(bad_files: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_os_error_no_one_worded_is_one_line(
+        bad_files: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
     import errno
 
     from libshare.cli.app import main
