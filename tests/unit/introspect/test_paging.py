@@ -179,8 +179,9 @@ def test_scan_order_tries_the_kernel_image_first() -> None:
 
     size = 8 << 20
     data = bytearray(size)
-    data[(4 << 20) + 0x1A0:(4 << 20) + 0x1A0 + 14] = BANNER_PREFIX  # .rodata at 4 MiB
-    data[(2 << 20) + 8192:(2 << 20) + 8192 + 14] = BANNER_PREFIX  # not in a page head
+    banner = BANNER_PREFIX + b"9.9.9"
+    data[(4 << 20) + 0x1A0:(4 << 20) + 0x1A0 + 19] = banner  # .rodata at 4 MiB
+    data[(2 << 20) + 8192:(2 << 20) + 8192 + 19] = banner  # not in a page head
     mem = BytesMemory(data)
     assert rodata_candidates(mem) == [4 << 20]
     pieces = [(addr, len(chunk)) for addr, chunk in scan_order(mem, chunk_size=1 << 20)]
