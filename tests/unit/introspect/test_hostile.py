@@ -17,7 +17,6 @@ import pytest
 from libshare.introspect import discover
 from libshare.introspect.btf import (
     KIND_ARRAY,
-    KIND_INT,
     KIND_STRUCT,
     KIND_TYPEDEF,
     REQUIRED_STRUCTS,
@@ -28,7 +27,6 @@ from libshare.introspect.btf import (
 from libshare.introspect.discover import (
     KernelError,
     find_kernel,
-    image_banners,
     load_layout,
     pick_banner,
     scan_memory,
@@ -41,8 +39,9 @@ from libshare.introspect.layout import REQUIRED, Layout, LayoutError, layout_fro
 from libshare.introspect.memory import BytesMemory
 from libshare.introspect.paging import WalkStats, iter_mappings
 from libshare.introspect.survey import walk_with_retries
-from tests.support.memory import RW
-from tests.unit.introspect.helpers.test_walk import OFFS, POB, Fake, _dentry
+from tests.support.btf import Blob, self_referencing_blob
+from tests.support.memory import POB, RW
+from tests.unit.introspect.helpers.test_walk import OFFS, Fake
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -57,60 +56,6 @@ def within(seconds: float) -> Iterator[None]:
 
 
 # --- BTF blobs -------------------------------------------------------------------------
-
-class Blob:
-    """A BTF blob under construction: types (ids from 1) and a string section."""
-
-    def __init__(self) -> None:
-        self.types = b""
-        self.strings = b"\0"
-        self.count = 0
-
-    def name(self, text: str) -> int:
-        raw = text.encode() + b"\0"
-        pos = self.strings.find(b"\0" + raw)
-        if pos >= 0:
-            return pos + 1
-        self.strings += raw
-        return len(self.strings) - len(raw)
-
-    def add(self, record: bytes) -> int:
-        self.types += record
-        self.count += 1
-        return self.count
-
-    def int_(self) -> int:
-        return self.add(struct.pack("<III", self.name("int"), KIND_INT << 24, 4)
-                        + struct.pack("<I", 32))
-
-    def struct(self, name: str, members: list[tuple[str, int, int]], size: int = 8,
-               type_id: int | None = None) -> int:
-        """Add a struct of ``members`` (name, type id, bit offset); ``type_id`` says which
-        id it will get (to refer to itself), checked."""
-        rec = struct.pack("<III", self.name(name) if name else 0,
-                          (KIND_STRUCT << 24) | len(members), size)
-        for mname, mtype, off in members:
-            rec += struct.pack("<III", self.name(mname) if mname else 0, mtype, off)
-        got = self.add(rec)
-        assert type_id is None or got == type_id
-        return got
-
-    def bytes(self) -> bytes:
-        hdr = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(self.types),
-                          len(self.types), len(self.strings))
-        return hdr + self.types + self.strings
-
-
-def self_referencing_blob(k: int) -> bytes:
-    """Return the issue's blob: every structure libshare needs, each with ``k``
-    anonymous members whose type is the structure itself (694 bytes at k=6)."""
-    b = Blob()
-    b.int_()
-    for s in REQUIRED_STRUCTS:
-        me = b.count + 1
-        b.struct(s, [("", me, 0)] * k, type_id=me)
-    return b.bytes()
-
 
 def test_btf_anonymous_self_reference_is_refused_at_once() -> None:
     blob = self_referencing_blob(6)
@@ -291,7 +236,7 @@ def test_planted_banners_neither_crowd_out_nor_stand_for_the_kernels() -> None:
     with within(2):
         scan = scan_memory(mem)
         assert scan.banners == [4 << 20, 60 << 20, rodata] and not scan.truncated
-        heads = image_banners(mem, init_task)
+        heads = discover.image_banners(mem, init_task)
     assert rodata in heads and (4 << 20) not in heads  # nearest first, 64 MiB at most
     assert heads == sorted(heads, reverse=True) and init_task - heads[-1] < 64 << 20
     assert pick_banner(mem, heads + scan.banners) == (real[:-2].decode(), rodata)
@@ -375,13 +320,13 @@ def test_task_list_longer_than_ram_can_hold() -> None:
 
 def test_dentry_and_mount_loops() -> None:
     f = Fake()
-    root = _dentry(f, b"/", None)
+    root = f.dentry(b"/", None)
     top = f.obj()
     f.put(top, OFFS["mount.mnt_parent"], top)
     f.put(top, OFFS["mount.mnt"], root)
     k = f.kernel(f.task(0, "swapper/0"))
-    a = _dentry(f, b"a", None)
-    b = _dentry(f, b"b", a)
+    a = f.dentry(b"a", None)
+    b = f.dentry(b"b", a)
     f.put(a, OFFS["dentry.d_parent"], b)
     with within(2), pytest.raises(WalkError, match="dentry chain loops"):
         d_path(k, top + OFFS["mount.mnt"], b)
