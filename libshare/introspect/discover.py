@@ -34,6 +34,7 @@ head of the kernel image's .rodata (:func:`image_banners`) before any found else
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -49,6 +50,8 @@ SWAPPER_COMM = b"swapper/0\0"
 
 
 BANNER_PREFIX = b"Linux version "
+#: a banner: the prefix and the first character of a release
+_BANNER_RE = re.compile(re.escape(BANNER_PREFIX) + rb"[\x21-\x7e]")
 
 
 class KernelError(LibshareError):
@@ -156,14 +159,14 @@ MAX_IMAGE_CANDIDATES = 4
 
 def rodata_candidates(mem: PhysicalMemory) -> list[int]:
     """Return the 2 MiB-aligned guest-physical addresses whose first
-    :data:`BANNER_HEAD` bytes hold ``Linux version`` (where the kernel image's .rodata
-    may start), reading only those heads."""
+    :data:`BANNER_HEAD` bytes hold ``Linux version`` and a release (where the kernel
+    image's .rodata may start), reading only those heads."""
     out = []
     for lo, hi in mem.ram_ranges():
         addr = (lo + HPAGE - 1) & ~(HPAGE - 1)
         while addr + BANNER_HEAD <= hi:
             try:
-                if BANNER_PREFIX in mem.read_uncached(addr, BANNER_HEAD):
+                if _BANNER_RE.search(mem.read_uncached(addr, BANNER_HEAD)):
                     out.append(addr)
             except MemoryReadError:
                 pass
@@ -388,11 +391,11 @@ def image_banners(mem: PhysicalMemory, init_task_phys: int) -> list[int]:
     top = init_task_phys & ~(HPAGE - 1)
     for addr in range(top, max(-1, init_task_phys - IMAGE_SPAN), -HPAGE):
         try:
-            pos = mem.read_uncached(addr, BANNER_HEAD).find(BANNER_PREFIX)
+            m = _BANNER_RE.search(mem.read_uncached(addr, BANNER_HEAD))
         except MemoryReadError:
             continue
-        if pos >= 0:
-            out.append(addr + pos)
+        if m:
+            out.append(addr + m.start())
     return out
 
 

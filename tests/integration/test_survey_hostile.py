@@ -4,8 +4,8 @@ time.
 The busybox guest of :mod:`tests.integration.test_survey` (its programs, its snapshots of
 ``/proc`` on the serial console) also runs ``plant`` (``data/plant.c``, built static on
 the host): it fills most of the guest's free memory with pages that each open with
-``Linux version`` (so 2 MiB-aligned ones look like the head of a kernel's .rodata to the
-host's scan) and hold a BTF blob describing every structure libshare needs as made of
+``Linux version 9.9.9-planted`` (so 2 MiB-aligned ones look like the head of a kernel's
+.rodata to the host's scan) and hold a BTF blob describing every structure libshare needs as made of
 anonymous members of itself (what made kernel discovery take exponential time), locks
 them in RAM and sleeps. It reports where its pages landed: when some 2 MiB-aligned
 ones lie below the kernel's .rodata (``/proc/iomem``), the host's scan meets planted
@@ -13,7 +13,7 @@ blobs before the kernel's own BTF.
 
 The test surveys the guest once before it plants (paused, so the guest cannot plant
 meanwhile: the baseline cost) and once after, and requires the second survey to find
-the real kernel (the guest's own release), agree exactly with the guest's snapshot of
+the real kernel (the guest's own release and banner), agree exactly with the guest's snapshot of
 its tasks and libraries, and cost at most a small multiple of the first.
 """
 
@@ -138,6 +138,7 @@ def survey_planting_guest(libvirt_conn: Any, name: str, kernel: KernelPackage,
     print(f"baseline: {baseline['cpu_seconds']} s CPU, {baseline['wall_seconds']} s wall; "
           f"planted: {dom['cpu_seconds']} s CPU, {dom['wall_seconds']} s wall")
     assert baseline["kernel"] == dom["kernel"] == kernel.release == facts["release"]
+    assert dom["banner"] == baseline["banner"] and "planted" not in dom["banner"]
     assert not dom["partial"], dom["errors"]
     got_names = {(t["pid"], idle_sign(t["name"])) for t in dom["task_list"]}
     assert got_names == {(pid, idle_sign(n)) for pid, n in tasks}
@@ -145,9 +146,10 @@ def survey_planting_guest(libvirt_conn: Any, name: str, kernel: KernelPackage,
     assert got_comms == {(pid, proc_comm(n)) for pid, n in tasks}
     assert "plant" in {t["comm"] for t in dom["task_list"]}
     assert {lib["path"] for lib in dom["libraries"]} == libs and len(libs) >= 7
-    # normal time: a small multiple of the same guest's survey before it planted
-    assert dom["cpu_seconds"] <= 4 * baseline["cpu_seconds"] + 1.0
-    assert dom["wall_seconds"] <= 4 * baseline["wall_seconds"] + 2.0
+    # normal time: a small multiple of the same guest's survey before it planted (the
+    # margin is for a loaded host; the unbounded code took over 120 s)
+    assert dom["cpu_seconds"] <= 5 * baseline["cpu_seconds"] + 2.0
+    assert dom["wall_seconds"] <= 5 * baseline["wall_seconds"] + 5.0
     return True
 
 

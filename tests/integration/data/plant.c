@@ -3,10 +3,10 @@
  * usage: plant BLOB MIB|auto READY_FILE
  *
  * Maps MIB MiB of anonymous memory (auto: MemAvailable less 48 MiB), writes into every
- * 4 KiB page "Linux version " and a NUL at offset 0 (so 2 MiB-aligned pages look like
- * the head of a kernel's .rodata to a host scanning guest RAM) and the bytes of the file
- * BLOB at offset 64, locks it all in RAM, then reports on stdout where the pages are
- * (through /proc/self/pagemap and /proc/iomem, as root):
+ * 4 KiB page a banner-like "Linux version 9.9.9-planted" at offset 0 (so 2 MiB-aligned
+ * pages look like the head of a kernel's .rodata to a host scanning guest RAM) and the
+ * bytes of the file BLOB at offset 64, locks it all in RAM, then reports on stdout where
+ * the pages are (through /proc/self/pagemap and /proc/iomem, as root):
  *
  *   PLANTED pages=N aligned=A below=B rodata=0xADDR
  *
@@ -21,6 +21,9 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
+
+/* one line without its newline: like the kernel's banner, but not complete */
+#define PLANTED_BANNER "Linux version 9.9.9-planted (not the kernel)"
 
 static unsigned long meminfo(const char *key) {
     FILE *f = fopen("/proc/meminfo", "r");
@@ -74,7 +77,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     for (size_t off = 0; off < len; off += 4096) {
-        memcpy(buf + off, "Linux version ", 15);
+        memcpy(buf + off, PLANTED_BANNER, sizeof PLANTED_BANNER);
         memcpy(buf + off + 64, blob, (size_t)blen);
     }
     if (mlock(buf, len))

@@ -236,6 +236,7 @@ def test_planted_banners_neither_crowd_out_nor_stand_for_the_kernels() -> None:
     with within(2):
         scan = scan_memory(mem)
         assert scan.banners == [4 << 20, 60 << 20, rodata] and not scan.truncated
+        assert discover.rodata_candidates(mem) == scan.banners  # no span for junk heads
         heads = discover.image_banners(mem, init_task)
     assert rodata in heads and (4 << 20) not in heads  # nearest first, 64 MiB at most
     assert heads == sorted(heads, reverse=True) and init_task - heads[-1] < 64 << 20

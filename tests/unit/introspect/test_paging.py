@@ -205,7 +205,7 @@ def test_scan_order_is_bounded_when_every_page_claims_the_banner() -> None:
     size = 512 << 20
     data = bytearray(size)
     for addr in range(2 << 20, size, 2 << 20):  # every page but the first
-        data[addr:addr + len(BANNER_PREFIX)] = BANNER_PREFIX
+        data[addr:addr + len(BANNER_PREFIX) + 1] = BANNER_PREFIX + b"6"
     mem = BytesMemory(data)
     first = []
     for addr, chunk in scan_order(mem):
