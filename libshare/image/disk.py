@@ -6,8 +6,8 @@ FUSE file; its partitions are read from that file (``sfdisk --json``: the kernel
 not parse partition tables) and a filesystem is mounted through an auto-clearing loop
 device at its offset (``mount -o loop,offset=,sizelimit=``: unmounting frees the loop
 device). The export daemon is a child that dies with this process; the command line
-also gives the whole run a private mount namespace (:func:`private_mounts`), so no
-mount outlives it.
+runs the whole work in a child with a private mount namespace (:func:`run_private`),
+so no mount outlives it.
 
 What makes an image unsafe to change is found here: attached to a loop device
 (``losetup -j``) or held by a QEMU process (:func:`probe_write_lock`: the writable open
@@ -26,15 +26,16 @@ import contextlib
 import ctypes
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from libshare.errors import LibshareError, RefusedError
 from libshare.image import tree
@@ -47,6 +48,7 @@ REQUIRED_TOOLS: dict[str, str] = {
     "unshare": "util-linux", "chroot": "coreutils",
 }
 FUSE_DEVICE = Path("/dev/fuse")
+T = TypeVar("T")
 #: image formats handled (what ``qemu-img info`` calls them)
 FORMATS = ("qcow2", "raw")
 #: seconds the export daemon may take to show its FUSE file
@@ -114,6 +116,49 @@ def private_mounts() -> None:
         err = ctypes.get_errno()
         raise LibshareError(f"cannot make a private mount namespace: {os.strerror(err)}")
     run(["mount", "--make-rprivate", "/"], error="cannot make the mounts private")
+
+
+def _on_term(_signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signal.SIGTERM)
+
+
+def run_private(work: Callable[[], T]) -> T:
+    """Return ``work()`` run in a child process with a private mount namespace
+    (:func:`private_mounts`): no mount it makes outlives it, whatever happens to it, and
+    this process's mounts stay as they are. The child dies with this process and turns
+    SIGTERM into an exit that unwinds (mounts undone, the work folder removed). A
+    LibshareError it raises is raised here again, with its type and message."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 0
+        try:
+            os.close(read_end)
+            _die_with_parent()
+            signal.signal(signal.SIGTERM, _on_term)
+            private_mounts()
+            outcome: tuple[str, Any] = ("ok", work())
+        except LibshareError as exc:
+            outcome = ("error", exc)
+        except BaseException as exc:  # an unexpected error: one line, exit 1
+            outcome = ("error", LibshareError(f"{type(exc).__name__}: {exc}"))
+            code = 1
+        try:
+            with os.fdopen(write_end, "wb") as fh:
+                pickle.dump(outcome, fh)
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    if not data:
+        raise LibshareError(f"the image work stopped (wait status {status})")
+    kind, value = pickle.loads(data)
+    if kind == "error":
+        raise value
+    result: T = value
+    return result
 
 
 # ------------------------------------------------------------------ what the image is

@@ -54,19 +54,21 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     group = None if args.image_command != "prepare" or args.group is None else \
         check_group(args.group, "--group", UsageError)
     disk.check_requirements(f"image {args.image_command}")
-    disk.private_mounts()  # no mount outlives this command, even if it is killed
     printer, step = _progress(args)
     uri = libvirt_uri(args, cfg)
-    try:
-        if args.image_command == "prepare":
-            rep = prepare.prepare(args.disk, cfg, uri, group=group, force=args.force,
-                                  progress=step)
-        elif args.image_command == "unprepare":
-            rep = prepare.unprepare(args.disk, cfg, uri, progress=step)
-        else:
-            rep = prepare.status(args.disk, cfg, uri, progress=step)
-    finally:
-        printer.close()
+
+    def work() -> ImageReport:  # (in the child: its progress lines end there)
+        try:
+            if args.image_command == "prepare":
+                return prepare.prepare(args.disk, cfg, uri, group=group, force=args.force,
+                                       progress=step)
+            if args.image_command == "unprepare":
+                return prepare.unprepare(args.disk, cfg, uri, progress=step)
+            return prepare.status(args.disk, cfg, uri, progress=step)
+        finally:
+            printer.close()
+
+    rep = disk.run_private(work)  # no mount outlives the command, even if it is killed
     if args.json:
         print_json(rep.as_dict())
     else:
@@ -93,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "initramfs tool, or full. The image's own programs run as root here: prepare "
         "only images you trust.")
     p.add_argument("disk", metavar="DISK")
-    p.add_argument("--group", help="also hash the image's libraries against this group's "
+    p.add_argument("--group", metavar="NAME", help="also hash the image's libraries against this group's "
                    "region (its clones then bind them at first boot without hashing)")
     p.add_argument("--force", action="store_true",
                    help="prepare again even if the image already holds this libshare's "

@@ -89,3 +89,26 @@ def test_image_info_handles_qcow2_and_raw_only(tmp_path: Path) -> None:
     with pytest.raises(RefusedError, match="is a vmdk image"):
         disk.image_info(vmdk)
     assert disk.loop_devices(raw) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root (a mount namespace)")
+def test_work_runs_in_a_child_with_private_mounts(tmp_path: Path) -> None:
+    """What the child mounts is not seen here and ends with it; its result and its
+    LibshareError come back."""
+    target = tmp_path / "mnt"
+    target.mkdir()
+
+    def mount_and_look() -> bool:
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(target)], check=True)
+        return disk._is_mountpoint(target)
+
+    assert disk.run_private(mount_and_look) is True
+    assert not disk._is_mountpoint(target)
+
+    def refuse() -> None:
+        raise RefusedError("in the child")
+
+    with pytest.raises(RefusedError, match="in the child"):
+        disk.run_private(refuse)
+    with pytest.raises(LibshareError, match="ZeroDivisionError"):
+        disk.run_private(lambda: 1 // 0)
