@@ -22,7 +22,7 @@ from libshare.cli.options import add_global_options
 from libshare.errors import EXIT_FAILED, LibshareError
 
 # Sub-command modules under libshare/cli/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
+COMMAND_MODULES = ["xml", "enrol", "status", "report", "hook", "store", "region", "survey", "guest", "redirect",
                    "daemon", "demo"]
 
 
