@@ -29,6 +29,7 @@ from libshare.demo.tiny.kernel import KernelPackage
 from libshare.demo.tiny.runner import GuestOptions, running_guest
 from tests.integration.test_region_dax import (  # the region and its enrolment
     GROUP,
+    MAKE_PMEM_WRITABLE,
     PRELUDE,
     Region,
     built_region,
@@ -82,13 +83,7 @@ def writer(reg: Region) -> str:
 mount -t erofs -o ro,dax /dev/pmem0 /mnt/region || exit 4
 /usr/bin/cat /mnt/region{reg.big['path']} > /dev/null || exit 5
 umount /mnt/region
-echo 0 > /sys/bus/nd/devices/region0/read_only
-for p in /sys/bus/nd/drivers/nd_pmem/pfn*; do
-    n=$(basename $p); echo $n > /sys/bus/nd/drivers/nd_pmem/unbind
-    echo $n > /sys/bus/nd/drivers/nd_pmem/bind
-done
-wait_for_path /dev/pmem0 10
-dd if=/dev/urandom of=/dev/pmem0 bs=4096 seek=3 count=1 conv=fsync 2>/dev/null
+""" + MAKE_PMEM_WRITABLE + """dd if=/dev/urandom of=/dev/pmem0 bs=4096 seek=3 count=1 conv=fsync 2>/dev/null
 echo dd_rc=$?
 ready written
 park
