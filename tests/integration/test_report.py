@@ -4,8 +4,8 @@ region seen as a copy, the guests' own copies of region files found in their pag
 cache, the PNG and the Prometheus metrics checked by their own rules, and its CPU cost.
 
 Three tiny guests share the region of ``test_region_dax`` (the host's libc and a library
-of at least 16 MiB): two read the big library through DAX and run a program with the
-region's libc bound over their own (which stays in their RAM: the initramfs's copy);
+of at least 16 MiB): two read the big library through DAX, keep a copy of libc of their
+own at the region's guest path and run a program with the region's libc bound;
 the third reads too, then makes the device writable and overwrites one block, which
 gives its QEMU a private copy of that page.
 """
@@ -63,12 +63,15 @@ def smaps_of(pid: int, image: Path) -> dict[str, int]:
 
 
 def reader(reg: Region) -> str:
-    """Return the script of a guest that reads the big library through DAX and runs a
-    program with the region's libc bound over its own."""
+    """Return the script of a guest that reads the big library through DAX, keeps its
+    own copy of libc at the region's guest path (in RAM: the guest's root is its
+    initramfs) and runs a program with the region's libc bound over its own."""
     return PRELUDE + f"""
 mount -t erofs -o ro,dax /dev/pmem0 /mnt/region || exit 4
 /usr/bin/cat /mnt/region{reg.big['path']} > /dev/null || exit 5
-echo own_libc_size=$(stat -c %s {LIBC})
+mkdir -p {os.path.dirname(reg.libc['guest_paths'][0])}
+cp {LIBC} {reg.libc['guest_paths'][0]}
+echo own_libc_size=$(stat -c %s {reg.libc['guest_paths'][0]})
 mount --bind /mnt/region{reg.libc['path']} {LIBC} || exit 6
 /usr/bin/tail -f /dev/null &
 ready read
@@ -166,7 +169,7 @@ def test_report_against_running_guests(libvirt_conn: Any, domain_name: Callable[
     assert rows[names[0]]["region"]["copied_bytes"] == 0 == truth[names[0]]["Anonymous"]
     assert rows[names[1]]["region"]["copied_bytes"] == 0
     assert f"{names[2]}: " in err and "copied" in err
-    # the readers still hold their own libc (the initramfs's copy, in RAM): servable
+    # the readers hold their own copy of the region's libc (in RAM): servable
     dr = {r["name"]: r for r in deep["domains"]}
     for n in names[:2]:
         pc = dr[n]["page_cache"]
