@@ -367,7 +367,8 @@ def prepare_disk(conn: Any, image: Any, cfg: Config, spec: domxml.RegionSpec,
         # new unit is loaded when first started
         g.sh("systemctl --no-reload disable nginx 2>/dev/null; "
              "systemctl --no-reload enable systemd-networkd", timeout=600)
-        g.sh("systemctl start systemd-networkd nginx ls-bench-app", timeout=600)
+        g.sh("systemctl start systemd-networkd ls-bench-app; systemctl restart nginx",
+             timeout=600)
         body = fetch(port, "/app/check", timeout=30.0, tries=30)
         if b"hits" not in body:
             raise LibshareError(f"the prepared guest does not serve its app: {body[:200]!r}")
