@@ -307,6 +307,31 @@ def other_guests(conn: Any, mine: set[str]) -> int:
     return sum(1 for d in conn.listAllDomains() if d.isActive() and d.name() not in mine)
 
 
+def guest_sh(g: Any, script: str, timeout: float = 600.0, tries: int = 4) -> str:
+    """Run ``script`` in guest ``g`` through its agent; return its stdout. The script
+    must be idempotent: an agent that stops answering (a TCG guest on a busy host can
+    miss libvirt's agent deadline) is waited for and the script run again."""
+    from libshare.redirect.agent import AgentError, AgentTimeout
+
+    for attempt in range(tries):
+        try:
+            return str(g.sh(script, timeout=timeout))
+        except AgentTimeout:
+            raise
+        except AgentError as exc:
+            if attempt == tries - 1:
+                raise
+            say(f"{g.name}: {exc}; waiting for its agent")
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                try:
+                    g.agent.ping()
+                    break
+                except AgentError:
+                    time.sleep(5)
+    return ""
+
+
 # ------------------------------------------------------------------ preparation
 
 @dataclasses.dataclass
@@ -360,26 +385,26 @@ def prepare_disk(conn: Any, image: Any, cfg: Config, spec: domxml.RegionSpec,
     with defined_debian_guest(conn, name, opts) as defined:
         enrol.enable_domain(conn, name, spec)
         g = defined.start()
-        for path, data in workload_files().items():
-            g.sh(f"mkdir -p {os.path.dirname(path)}")
+        files = workload_files()
+        guest_sh(g, "mkdir -p " + " ".join(sorted({os.path.dirname(p) for p in files})))
+        for path, data in files.items():
             g.agent.write_file(path, data, mode=0o644)
         # --no-reload: a daemon-reload takes minutes in a TCG guest on a busy host; the
         # new unit is loaded when first started
-        g.sh("systemctl --no-reload disable nginx 2>/dev/null; "
-             "systemctl --no-reload enable systemd-networkd", timeout=600)
-        g.sh("systemctl start systemd-networkd ls-bench-app; systemctl restart nginx",
-             timeout=600)
+        guest_sh(g, "systemctl --no-reload disable nginx 2>/dev/null; "
+                 "systemctl --no-reload enable systemd-networkd")
+        guest_sh(g, "systemctl start systemd-networkd ls-bench-app; systemctl restart nginx")
         body = fetch(port, "/app/check", timeout=30.0, tries=30)
         if b"hits" not in body:
             raise LibshareError(f"the prepared guest does not serve its app: {body[:200]!r}")
         say("the prepared guest serves / and /app/ through its forwarded port")
-        g.sh("systemctl stop nginx ls-bench-app", timeout=600)
+        guest_sh(g, "systemctl stop nginx ls-bench-app")
         rep = actions.install(g.domain, update_initramfs=True)
         if rep.initramfs.startswith("failed"):
             raise LibshareError(f"guest install: initramfs {rep.initramfs}")
         say(f"guest install: {rep.identical} libraries identical to the region's, "
             f"initramfs {rep.initramfs} ({rep.seconds:.0f} s)")
-        g.sh("sync", timeout=600)
+        guest_sh(g, "sync")
         g.agent.command("guest-exec", {"path": "/bin/systemctl", "arg": ["poweroff"]})
         deadline = time.monotonic() + 300
         while g.is_active():
@@ -586,7 +611,7 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
             g.wait_booted()
             booted[g.name] = time.monotonic() - t0
             if workload == "service":
-                g.sh("systemctl start nginx ls-bench-app", timeout=600)
+                guest_sh(g, "systemctl start nginx ls-bench-app")
                 fetch(port, "/", timeout=10, tries=60)
                 loads[g.name] = LoadGenerator(port, t0 + duration, stop)
                 loads[g.name].start()

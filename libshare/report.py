@@ -148,7 +148,10 @@ def domain_row(conn: Any, dom: Any, cfg: Config, page_cache: bool = False,
     pid = qemu_pid(name) if api.is_active(dom) else None
     if pid is None:
         return None
-    live = domxml.parse(dom.XMLDesc(0))
+    try:
+        live = domxml.parse(dom.XMLDesc(0))
+    except Exception:  # the domain stopped since it was listed (libvirtError)
+        return None
     enr = domxml.enrolment(live)
     region = enr.region if enr and enr.model != "ivshmem" else None
     try:
