@@ -19,7 +19,8 @@ and ``service``: each guest runs nginx (Debian's package) serving a static site 
 proxying ``/app/`` to a python3 HTTP application (stdlib ``http.server`` with sqlite3,
 Debian's python3), started through the guest agent once the guest has booted; a load
 generator on the host fetches ``/`` and ``/app/`` from every guest once a second for the
-rest of the run. The guests have no network but one virtio-net NIC on QEMU's user-mode
+rest of the run. The guests (all with free page reporting on their balloon, as enrolment sets it) have no
+network but one virtio-net NIC on QEMU's user-mode
 stack (``-netdev user,restrict=on,hostfwd=tcp:127.0.0.1:PORT-:80``, through
 ``<qemu:commandline>``): the host reaches each guest's port 80 on a loopback port and the
 guest reaches nothing.
@@ -239,6 +240,13 @@ def user_nic(port: int, index: int) -> Callable[[etree._Element], None]:
                       f"mac=52:54:00:4c:53:{index:02x}"):
             etree.SubElement(cmd, f"{{{QEMU_NS}}}arg", value=value)
     return apply
+
+
+def free_page_reporting(dom: etree._Element) -> None:
+    """Turn on free page reporting on the guest's virtio balloon, as enrolment does: the
+    same hardware in every arm but the region device and its NUMA cell."""
+    for balloon in dom.findall("devices/memballoon"):
+        balloon.set("freePageReporting", "on")
 
 
 def hugepage_backing(mode: str) -> Callable[[etree._Element], None]:
@@ -568,7 +576,7 @@ def _start_guests(conn: Any, st: Setup, arm: str, n: int, domain_type: str,
     defined = []
     for i in range(n):
         port = free_port()
-        custom = [user_nic(port, i + 1)]
+        custom = [user_nic(port, i + 1), free_page_reporting]
         if spec["hugepages"]:
             custom.append(hugepage_backing(hp_mode[0]))
         opts = DebianGuestOptions(image=st.disk, memory_mib=MEMORY_MIB,
