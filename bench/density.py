@@ -498,18 +498,22 @@ class LoadGenerator(threading.Thread):
 
 
 def guest_meminfo(g: Any) -> dict[str, int] | None:
-    """Return the guest's Cached and MemAvailable (kB) from its agent, or None."""
+    """Return, from the guest's agent, its Cached, MemAvailable, MemFree, AnonPages,
+    Slab and SUnreclaim (kB, /proc/meminfo) and ``pid1_rss`` (systemd's VmRSS, kB), or
+    None."""
     from libshare.redirect.agent import AgentError
 
     try:
-        text = g.agent.exec(["cat", "/proc/meminfo"], timeout=10).out
+        text = g.agent.exec(["/bin/sh", "-c", "cat /proc/meminfo; grep VmRSS /proc/1/status"],
+                            timeout=10).out
     except (AgentError, OSError):
         return None
     out = {}
     for line in text.splitlines():
         key, _, rest = line.partition(":")
-        if key in ("Cached", "MemAvailable", "MemFree"):
-            out[key] = int(rest.split()[0])
+        if key in ("Cached", "MemAvailable", "MemFree", "AnonPages", "Slab", "SUnreclaim",
+                   "VmRSS") and rest.split():
+            out["pid1_rss" if key == "VmRSS" else key] = int(rest.split()[0])
     return out
 
 
