@@ -293,13 +293,16 @@ def hugepages_reserved(pages: int) -> Iterator[None]:
 @contextlib.contextmanager
 def hugetlbfs_on_ram_dir() -> Iterator[None]:
     """Mount a hugetlbfs (owned by libvirt-qemu) over libvirt's memory_backing_dir for the
-    block, unmounted afterwards. Refuses if something else uses the folder."""
+    block, unmounted afterwards. Refuses if a guest's RAM file is there (the folders
+    libvirt makes for other running guests are hidden meanwhile)."""
     import grp
     import pwd
     import subprocess
 
-    if RAM_DIR.is_dir() and any(RAM_DIR.iterdir()):
-        raise LibshareError(f"{RAM_DIR} is in use by other guests: not mounting over it")
+    # libvirt makes an (empty) folder there for every running domain; a file in one is
+    # the RAM of a guest backed by files, which a mount must not hide
+    if RAM_DIR.is_dir() and any(f.is_file() for f in RAM_DIR.rglob("*")):
+        raise LibshareError(f"{RAM_DIR} holds guest RAM files: not mounting over it")
     RAM_DIR.mkdir(parents=True, exist_ok=True)
     uid, gid = pwd.getpwnam("libvirt-qemu").pw_uid, grp.getgrnam("libvirt-qemu").gr_gid
     subprocess.run(["mount", "-t", "hugetlbfs", "-o", f"mode=0755,uid={uid},gid={gid}",
