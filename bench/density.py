@@ -783,10 +783,12 @@ def markdown(doc: dict[str, Any]) -> str:
     notes = [f"- {r['arm']}/{r['workload']}/N={r['n']}: {e}" for r in doc["runs"]
              for e in r["errors"]]
     others = {r["other_running_guests"] for r in doc["runs"]}
-    loads = [x for r in doc["runs"] for x in (r["loadavg_start"][0], r["loadavg_end"][0])]
+    loads = [x for r in doc["runs"] for x in (r["loadavg_start"][0], r["loadavg_end"][0])] or [0.0]
     lines += ["", f"Other guests running on the host during the runs: {sorted(others)} "
               "(KSM arms merge them too; their pages are not counted). 1-minute load "
               f"average at the runs' starts and ends: {min(loads):.1f} to {max(loads):.1f}."]
+    notes += [f"- {f['arm']}/{f['workload']}/N={f['n']} failed: {f['error']}"
+              for f in doc.get("failed", [])]
     if notes:
         lines += ["", "Errors:", *notes]
     return "\n".join(lines) + "\n"
@@ -881,34 +883,42 @@ def main(argv: list[str] | None = None) -> int:
           + ", ".join(f"{a}/{w}/N={n}" for a, w, n in plan))
     from libshare.virt import api
 
-    runs = []
+    runs: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
     hp_mode = ["libvirt"]
     with api.connect("qemu:///system") as conn:
         st = setup(conn, domain_type)
         for arm, w, n in plan:
             try:
-                runs.append(run_arm(conn, st, arm, w, n, duration, domain_type, hp_mode))
-            except _HugetlbfsUnseen:
-                say("libvirtd saw no hugetlbfs when it started: backing guest RAM by files "
-                    f"on a hugetlbfs mounted over {RAM_DIR} instead")
-                hp_mode[0] = "file"
-                runs.append(run_arm(conn, st, arm, w, n, duration, domain_type, hp_mode))
+                try:
+                    runs.append(run_arm(conn, st, arm, w, n, duration, domain_type, hp_mode))
+                except _HugetlbfsUnseen:
+                    say("libvirtd saw no hugetlbfs when it started: backing guest RAM by "
+                        f"files on a hugetlbfs mounted over {RAM_DIR} instead")
+                    hp_mode[0] = "file"
+                    runs.append(run_arm(conn, st, arm, w, n, duration, domain_type, hp_mode))
+            except Exception as exc:  # one failed run does not lose the others
+                say(f"{arm}/{w}/N={n} failed: {exc}")
+                failed.append({"arm": arm, "workload": w, "n": n, "error": str(exc)[:1000]})
     doc = {"plan": "quick" if args.quick else ("custom" if args.arms or args.n else "full"),
            "command": reproduce_command("bench.density"), "machine": machine(),
            "domain_type": domain_type, "duration_s": duration, "region": st.region,
-           "workloads": WORKLOAD_TEXT, "summary": summarise(runs), "runs": runs}
+           "workloads": WORKLOAD_TEXT, "summary": summarise(runs), "failed": failed,
+           "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "density.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "density.md").write_text(markdown(doc))
     try:
-        written = plots(doc, out)
+        written = plots(doc, out) if runs else []
     except ImportError:
         written = []
         print("bench.density: matplotlib is missing (pip install -e '.[bench]'): no plots",
               file=sys.stderr)
     print(markdown(doc))
+    if failed:
+        print(f"bench.density: {len(failed)} runs failed", file=sys.stderr)
     print(f"written: {', '.join(['density.json', 'density.md', *written])} in {out}")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
