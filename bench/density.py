@@ -41,7 +41,8 @@ mapper's Rss, and Pss divides it among them. Also KSM's pages_shared/pages_shari
 ksmd's CPU seconds (its /proc stat), each guest's Cached and MemAvailable (its agent)
 and, every third sample, the file pages each guest has served from the region versus held
 in its own page cache (introspection of guest memory, as ``libshare report
---page-cache``). KSM is host-global: the knobs are restored after each arm (on errors and
+--page-cache``; not on hugepages, where reading guest RAM through /proc/PID/mem
+allocates every huge page it reads). KSM is host-global: the knobs are restored after each arm (on errors and
 Ctrl-C too; KSM off again means ``run`` 2 first, which unmerges), and while a KSM arm runs
 other guests on the host are merged too (their number is recorded).
 
@@ -660,7 +661,9 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
             row["booted"] = g.name in booted
             if row["booted"]:
                 row["meminfo"] = guest_meminfo(g)
-                if k % SURVEY_EVERY == 0:
+                # never on hugepages: reading a private hugetlbfs mapping through
+                # /proc/PID/mem allocates every huge page it reads (seen: 182 -> 512 MiB)
+                if k % SURVEY_EVERY == 0 and not ARMS[arm]["hugepages"]:
                     row["page_cache"] = page_cache_sample(conn, g.name, st)
             sample["guests"][g.name] = row
         rows = sample["guests"].values()
