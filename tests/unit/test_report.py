@@ -126,3 +126,21 @@ def test_region_guest_files_of_an_unreadable_image(tmp_path: Path) -> None:
     (tmp_path / "junk.img").write_bytes(b"\0" * 8192)
     assert report.region_guest_files(str(tmp_path / "junk.img")) == {}
     assert report.region_guest_files(str(tmp_path / "missing.img")) == {}
+
+
+def test_hugepage_guests_are_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc, region = tmp_path / "proc", str(tmp_path / "web.img")
+    write_process(proc, 301, qemu_maps(RAM, region, {"Private_Hugetlb": 200 * 1024},
+                                       {"Rss": 100, "Pss": 50},
+                                       ram_path="/dev/hugepages/libvirt/qemu/1-h/ram-node0",
+                                       ram_page_kb=2048))
+    write_ksm(tmp_path / "ksm")
+    monkeypatch.setattr(report, "qemu_pid", lambda name: 301)
+    monkeypatch.setattr(report, "_survey_page_cache", lambda *a: pytest.fail("read"))
+    conn = FakeConnection(FakeDomain("h", enrolled("h", region=region, group="web")))
+    rep = report.gather(conn, Config(state_dir=tmp_path / "s"), page_cache=True, proc=proc,
+                        ksm_dir=tmp_path / "ksm")
+    [row] = rep["domains"]
+    assert row["guest_ram"]["hugetlb_bytes"] == 200 * MiB
+    assert row["guest_ram"]["resident_bytes"] == 200 * MiB
+    assert "hugepages" in row["page_cache"]["error"]
