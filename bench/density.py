@@ -629,7 +629,8 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
             if workload == "service":
                 guest_sh(g, "systemctl start nginx ls-bench-app")
                 fetch(port, "/", timeout=10, tries=60)
-                loads[g.name] = LoadGenerator(port, t0 + duration, stop)
+                # until the run ends (stop), which is never later than this bound
+                loads[g.name] = LoadGenerator(port, t0 + BOOT_TIMEOUT + duration + 60, stop)
                 loads[g.name].start()
         except Exception as exc:  # recorded; the run goes on with the others
             errors.append(f"{g.name}: {exc}"[:500])
