@@ -11,7 +11,9 @@ Per operation, for enrolled domains only:
 - ``prepare begin``: check the region file (exists, regular, readable, recorded size and
   digest); exit 1 with one line otherwise, so libvirt refuses to start the guest. For
   the ivshmem model, publish the image into ``/dev/shm``, zero-padded to the device's
-  power-of-two size.
+  power-of-two size. A domain the enrolment switched to libshare's initrd (direct
+  kernel boot) must boot it from the configured state directory, with its record; it
+  is rebuilt when the domain's own initrd changed (:func:`libshare.boot.store.check`).
 - ``started begin`` / ``reconnect begin``: record the running domain; ``reconnect``
   always exits 0 (a failure there makes libvirt kill the guest). At ``started`` only,
   for a domain enrolled with ``redirect="runtime"``, also leave an automatic redirect
@@ -245,6 +247,27 @@ def _map_region(root: Any, enr: Enrolment, cfg: config.Config) -> str | None:
     return domxml.serialize(root)
 
 
+def _check_boot_initrd(root: Any, enr: Enrolment, cfg: config.Config) -> str:
+    """For a domain the enrolment switched to libshare's initrd (direct kernel boot),
+    check it (:func:`libshare.boot.store.check`: under the configured state directory
+    only, rebuilt when the domain's own initrd changed); return '' or '; RESULT' for the
+    log. Raises LibshareError (refusing the start) when it cannot be verified."""
+    ch = enr.change("changed", "initrd")
+    if ch is None:
+        return ""
+    from libshare.boot import store as boot_store
+
+    result = boot_store.check(cfg.state_dir, root.findtext("uuid") or "",
+                              root.findtext("os/initrd"), ch.current, ch.previous,
+                              cfg.digest_cache)
+    if result == "initrd-not-libshare":
+        log.warning("%s: its <initrd> is no longer libshare's: no boot-time redirect "
+                    "(run 'libshare guest install' again)", root.findtext("name"))
+    elif result != "initrd-ok":
+        log.warning("%s: libshare's %s", root.findtext("name"), result)
+    return f"; {result}"
+
+
 def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: config.Config,
               out: Any) -> str:
     """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``); return
@@ -260,7 +283,7 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
         image = _check_region_file(enr, state_dir)
         if enr.model == "ivshmem":
             _publish_shm(image, enr, state_dir)
-        return "region-ok"
+        return "region-ok" + _check_boot_initrd(root, enr, cfg)
     if op in ("started", "reconnect") and sub == "begin":
         pid = qemu_pid(name)
         request = op == "started" and enr.redirect == "runtime"
