@@ -31,6 +31,8 @@ def _print(rep: actions.RedirectReport) -> None:
         print(f"{d}: not restarted (keep their old copies): {' '.join(rep.kept)}")
     if rep.agent_restarted:
         print(f"{d}: guest agent restarted")
+    if rep.boot:
+        print(f"{d}: {rep.boot}")
 
 
 def _redirect(args: argparse.Namespace, cfg: Config) -> int:
@@ -43,7 +45,7 @@ def _redirect(args: argparse.Namespace, cfg: Config) -> int:
 def _unredirect(args: argparse.Namespace, cfg: Config) -> int:
     with api.connect(libvirt_uri(args, cfg)) as conn:
         rep = actions.unredirect(api.lookup(conn, args.domain),
-                                  restart=not args.no_restart)
+                                  restart=not args.no_restart, state_dir=cfg.state_dir)
     print_json(rep.as_dict()) if args.json else _print(rep)
     return 0
 
@@ -59,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "no responding agent, no region device or no DAX.")
     u = sub.add_parser("unredirect", help="undo redirect and guest install in a guest",
                        description="Remove exactly the binds libshare made, delete its "
-                       "guest-side files and rebuild the initramfs; restart the services "
+                       "guest-side files and rebuild the initramfs (a domain with direct "
+                       "kernel boot boots its own initrd again); restart the services "
                        "mapping region copies. After a reboot the guest runs as before.")
     for p in (r, u):
         p.add_argument("domain", metavar="DOMAIN")

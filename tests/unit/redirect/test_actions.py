@@ -24,6 +24,8 @@ def enrolled_xml() -> str:
 
 
 Handler = Callable[[list[str], bytes | None], ExecResult]
+GRUB_FACTS = ("boot_image=/vmlinuz\ngrub=1\nrelease=6.1.0-50-amd64\nmodules=1\n"
+              "generator=initramfs-tools\n")
 
 
 def ok(out: str = "", rc: int = 0) -> ExecResult:
@@ -39,6 +41,8 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
             assert stdin == actions.script_bytes()
             return ok(probe_out)
+        if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:   # a GRUB guest (boot-files)
+            return ok(GRUB_FACTS)
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
             return ok(rc=0 if installed else 1)
         if argv[:2] == [actions.SCRIPT, "apply"]:
