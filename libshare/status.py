@@ -127,14 +127,14 @@ def this_boot(info: dict[str, Any]) -> dict[str, Any] | None:
         why = "region device missing in the guest (no /dev/pmem* with the region's label)"
     elif g.get("dax") is False:
         why = "no DAX: the region is mounted without it"
-    elif g.get("installed_after_boot"):
-        why = "installed after this boot: power-cycle"
     elif live.get("direct_kernel") and not live.get("libshare_initrd"):
         why = "direct kernel boot: the guest's initramfs is not booted"
         if nxt.get("libshare_initrd"):
             why += "; libshare's initrd is booted from the next start: power-cycle"
         else:
             why += f" (run 'libshare guest install {name}')"
+    elif g.get("installed_after_boot"):
+        why = "installed after this boot: power-cycle"
     elif g.get("boot_ran") is False:
         why = ("the initramfs this boot ran has no libshare hook "
                f"(run 'libshare guest install {name}' and power-cycle)")

@@ -183,7 +183,7 @@ def _info(guest: dict[str, Any] | None = None, live: dict[str, Any] | None = Non
      "boot-time apply refused: no region device"),
     (_info(live=DKB), False, None, "direct kernel boot: the guest's initramfs is not booted"
      " (run 'libshare guest install web1')"),
-    (_info(live=DKB, nxt=DKB_OURS), False, None, "direct kernel boot: the guest's initramfs"
+    (_info({"installed_after_boot": True}, live=DKB, nxt=DKB_OURS), False, None, "direct kernel boot: the guest's initramfs"
      " is not booted; libshare's initrd is booted from the next start: power-cycle"),
     (_info({"installed_after_boot": True}), False, None,
      "installed after this boot: power-cycle"),
