@@ -174,6 +174,8 @@ def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, 
         return _fallback(dom, rep, f"the domain's initrd {original} was not made by "
                          "initramfs-tools: libshare cannot extend it")
     release = str(facts.get("release") or "")
+    if not release:
+        return _fallback(dom, rep, "the guest did not say which kernel it runs")
     tools, modules = hook_lists()
     res = actions.run_in_guest(agent, ["/bin/sh", "-s", "--", "files", *tools, "--",
                                        *modules], stdin=guest_bytes("boot-files"),
@@ -204,8 +206,11 @@ def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, 
                     f"of kernel {release})")
     rep.done.append(f"the definition boots it from the next start (was {original}; "
                     f"'libshare disable {name}' restores it)")
-    if boot["kernel"] and not release:
-        rep.reason = "the guest did not say which kernel it runs"
+    running = domxml.boot_of(domxml.parse(str(dom.XMLDesc(0))))["kernel"]
+    if running != boot["kernel"]:
+        rep.reason = (f"the definition's kernel {boot['kernel']} is not the running one "
+                      f"({running}): libshare's modules are those of {release}; for "
+                      "another kernel the boot loads the guest root's own")
     return rep
 
 

@@ -3,6 +3,7 @@ it found and what it did, per domain, with a fallback named (never a silent no-o
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from libshare import cli, domxml
-from libshare.redirect.agent import ExecResult, GuestAgent
+from libshare.redirect import actions
+from libshare.redirect.agent import ExecResult
 from libshare.virt import api
 from tests.support.domains import direct_kernel, region_spec
 from tests.support.fakes import FakeAgent, FakeConnection, FakeDomain
@@ -40,7 +42,8 @@ def dracut_dkb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDomain:
         yield conn
 
     monkeypatch.setattr(api, "connect", connect)
-    monkeypatch.setattr(GuestAgent, "for_domain", lambda d, timeout=10: FakeAgent(_guest))
+    monkeypatch.setattr(actions, "install", functools.partial(
+        actions.install, agent_factory=lambda _d: FakeAgent(_guest)))
     monkeypatch.setenv("LIBSHARE_CONFIG", "")
     return dom
 
