@@ -1,7 +1,8 @@
 """SHA-256 of files, with a small on-disk cache keyed by device, inode, size, mtime, ctime.
 
 Region images are large and hashed on every guest start (by the hook's prepare check);
-the cache makes the second and later checks a ``stat``. A cache entry is only trusted
+the cache makes the second and later checks a ``stat``. Files are opened only when
+regular, without blocking (a FIFO in their place is an error, not a hang). A cache entry is only trusted
 while the file's (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns) are unchanged: a
 write in place that restores the mtime with ``utime`` still moves the ctime, which user
 space cannot set. :func:`forget` prunes entries of removed files (``region gc``).
@@ -16,9 +17,11 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from libshare.util.files import atomic_write
+from libshare.util.files import atomic_write, open_regular, read_regular
 
 CHUNK = 4 * 1024 * 1024
+#: a digest cache holds a line per image: larger than this, it is not read
+MAX_CACHE_BYTES = 16 << 20
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -51,7 +54,7 @@ def load_entries(cache: Path) -> dict[str, str]:
     """Return the entries of the JSON cache file ``cache`` (empty if it is missing or
     unreadable)."""
     with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(cache.read_text())
+        doc = json.loads(read_regular(cache, MAX_CACHE_BYTES))
         if isinstance(doc, dict):
             return doc
     return {}
@@ -70,15 +73,27 @@ def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:
     A cache that cannot be read or written is ignored (the digest is then computed).
     """
     real = os.path.realpath(path)
-    st = os.stat(real)
+    with os.fdopen(open_regular(real), "rb") as fh:
+        return cached_sha256_open(fh, real, cache)
+
+
+def cached_sha256_open(fh: BinaryIO, real: str, cache: Path | None) -> str:
+    """Return the hex SHA-256 of the open regular file ``fh`` whose real path is
+    ``real`` (the cache's key), using and updating the JSON cache file ``cache``; the
+    whole file is read from its start on a miss."""
+    st = os.fstat(fh.fileno())
     entries: dict[str, str] = {}
     if cache is not None:
         entries = load_entries(cache)
         hit = entries.get(real)
         if isinstance(hit, str) and hit.startswith(stat_key(st) + "="):
             return hit.split("=", 1)[1]
-    digest = sha256_file(real)
-    if cache is not None and stat_key(os.stat(real)) == stat_key(st):
+    h = hashlib.sha256()
+    fh.seek(0)
+    while chunk := fh.read(CHUNK):
+        h.update(chunk)
+    digest = h.hexdigest()
+    if cache is not None and stat_key(os.fstat(fh.fileno())) == stat_key(st):
         entries[real] = f"{stat_key(st)}={digest}"
         save_entries(cache, entries)
     return digest

@@ -75,7 +75,8 @@ def test_started_never_fails_when_the_request_cannot_be_written(
     (env["state"] / "requests").write_text("not a dir")
     assert handler.run(["h", "started", "begin", "-"], xml) == 0
     entry = state.read_hook_log(env["state"])[-1]
-    assert entry["status"] == 0 and entry["result"].startswith("error:")
+    assert entry["status"] == 0 and entry["result"].startswith("failed:")
+    assert "not a folder" in entry["result"]
     # a failed running record does not prevent the request
     (env["state"] / "requests").unlink()
     shutil.rmtree(env["state"] / "running")
