@@ -69,7 +69,7 @@ from libshare.virt.process import qemu_pid
 #: where the ivshmem model's shared memory objects live
 SHM_DIR = Path("/dev/shm")
 #: seconds of the config's budget kept back for writing the log after a timeout
-MARGIN = 0.3
+MARGIN = 0.5
 #: the syslog identifier of the hook and the daemon (``journalctl -t libshare``)
 SYSLOG_IDENT = "libshare"
 

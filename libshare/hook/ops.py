@@ -32,7 +32,7 @@ HANDLED = frozenset({
 #: seconds, counted from the hook process's start
 MAX_SECONDS = 5.0
 #: kept back from MAX_SECONDS for the interpreter's exit after the last write
-EXIT_MARGIN = 0.05
+EXIT_MARGIN = 0.25
 #: a domain definition is text of a few kB; more than this on stdin is not one
 MAX_XML_BYTES = 16 << 20
 

@@ -283,24 +283,24 @@ def read_hook_log(state_dir: Path, last: int | None = None) -> list[dict[str, An
 _TAIL_BLOCK = 64 * 1024
 
 
-def _tail_lines(path: Path, want: int | None) -> list[bytes]:
-    """Return the last ``want`` complete lines of the regular file ``path`` (all of
-    them for None), read backwards from the end; none when it cannot be read."""
+def _tail_lines(path: Path, want: int | None) -> tuple[list[bytes], bool]:
+    """Return the complete lines at the end of the regular file ``path``, at least the
+    last ``want`` (all of them for None), read backwards from the end, and whether that
+    was the whole file; none when it cannot be read."""
     try:
         fd = open_regular(path)
     except OSError:
-        return []
+        return [], True
     try:
-        end = os.fstat(fd).st_size
+        pos = os.fstat(fd).st_size
         chunks: list[bytes] = []
         count = 0
-        pos = end
         while pos > 0 and (want is None or count <= want):
             step = min(_TAIL_BLOCK, pos)
-            pos -= step
-            chunk = os.pread(fd, step, pos)
+            chunk = os.pread(fd, step, pos - step)
             if len(chunk) < step:
                 break  # the file shrank: take what we have
+            pos -= step
             chunks.append(chunk)
             count += chunk.count(b"\n")
     finally:
@@ -308,7 +308,18 @@ def _tail_lines(path: Path, want: int | None) -> list[bytes]:
     lines = b"".join(reversed(chunks)).splitlines()
     if pos > 0 and lines:
         lines = lines[1:]  # the first line read may be the end of a longer one
-    return lines if want is None else lines[-want:] if want > 0 else []
+    return lines, pos == 0
+
+
+def _entries(lines: list[bytes]) -> list[dict[str, Any]]:
+    """Return the JSON objects among ``lines`` (anything else skipped)."""
+    out = []
+    for raw in lines:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(raw)
+            if isinstance(entry, dict):
+                out.append(entry)
+    return out
 
 
 def read_log(path: Path, last: int | None = None) -> list[dict[str, Any]]:
@@ -316,16 +327,16 @@ def read_log(path: Path, last: int | None = None) -> list[dict[str, Any]]:
     ones only when given (read from the end, taking from the rotated ``path.1`` when
     ``path`` holds fewer), else all of both files. Unreadable lines are skipped; no file:
     empty."""
-    out: list[dict[str, Any]] = []
-    for raw in _tail_lines(path, last):
-        with contextlib.suppress(ValueError):
-            entry = json.loads(raw)
-            if isinstance(entry, dict):
-                out.append(entry)
+    if last is not None and last <= 0:
+        return []
+    want = last
+    while True:
+        lines, whole = _tail_lines(path, want)
+        out = _entries(lines)
+        if whole or last is None or want is None or len(out) >= last:
+            break
+        want *= 4  # garbage lines at the end: read further back
     if last is None or len(out) < last:
-        older = read_log(path.with_name(path.name + ".1"), None) \
-            if not path.name.endswith(".1") else []
-        out = older + out
-        if last is not None:
-            out = out[-last:] if last > 0 else []
-    return out
+        rotated = path.with_name(path.name + ".1")
+        out = _entries(_tail_lines(rotated, None)[0]) + out
+    return out if last is None else out[-last:]
