@@ -13,8 +13,8 @@ children, and trusts nothing it is given:
   ``state_dir``, one of its ``state_dirs`` or inside one of them
   (:meth:`libshare.config.Config.trusted_state_dir`); otherwise prepare, migrate and
   restore refuse, and the other operations only log, in the config's state directory;
-- a region image is served only from the ``regions/images`` folder of that state
-  directory or the config's (symbolic links resolved, none may lead out of it), only as
+- a region image is served only from the ``regions/images`` folder of a state
+  directory the config trusts (symbolic links resolved, none may lead out of it), only as
   a regular file opened without blocking, only when it passes the layout check
   (``quick_verify``) and has the recorded size and digest; refusals say nothing about
   any other file.
@@ -138,26 +138,22 @@ def _setup_logging(level: str = "info") -> None:
         log.addHandler(syslog)
 
 
-def _images_dirs(state_dir: Path, cfg: config.Config) -> list[Path]:
-    """Return the real paths of the folders a region image may live in: the
-    ``regions/images`` folder of the (trusted) state directory and of the config's."""
-    dirs = [Path(os.path.realpath(state_dir / "regions" / "images"))]
-    own = Path(os.path.realpath(cfg.regions_dir / "images"))
-    return dirs if own in dirs else [*dirs, own]
-
-
-def _open_image(path: str, dirs: list[Path]) -> tuple[BinaryIO, str]:
+def _open_image(path: str, cfg: config.Config) -> tuple[BinaryIO, str]:
     """Return the region image ``path`` open for reading and its real path, when its
-    real path lies directly in one of ``dirs`` and it is a regular file; raise
+    real path lies directly in the ``regions/images`` folder of a state directory the
+    config trusts (Config.trusted_state_dir) and it is a regular file; raise
     RefusedError otherwise, saying nothing about a file outside those folders."""
     if not path or not os.path.isabs(path):
         raise RefusedError(f"the enrolment names no absolute region image path "
                            f"({printable(path)}); re-enrol with 'libshare enable'")
     real = os.path.realpath(path)
-    if Path(real).parent not in dirs:
-        raise RefusedError(f"region image {printable(path)} is not in a libshare images "
-                           f"folder ({', '.join(map(str, dirs))}); libshare serves only "
-                           "images 'libshare region build' made there")
+    folder = Path(real).parent
+    if (folder.name, folder.parent.name) != ("images", "regions") \
+            or cfg.trusted_state_dir(folder.parent.parent) is None:
+        raise RefusedError(f"region image {printable(path)} is not in the regions/images "
+                           "folder of a state directory this host's configuration lists "
+                           "(state_dir, state_dirs); libshare serves only images "
+                           "'libshare region build' made there")
     try:
         fd = open_regular(real)
     except FileNotFoundError as exc:
@@ -173,12 +169,12 @@ def _open_image(path: str, dirs: list[Path]) -> tuple[BinaryIO, str]:
 def _check_region_file(enr: Enrolment, state_dir: Path, cfg: config.Config
                        ) -> tuple[BinaryIO, str]:
     """Return the region image open for reading, and its real path, after checking it
-    lives in an images folder (:func:`_images_dirs`), has the recorded size, a sound
+    lives in an images folder (:func:`_open_image`), has the recorded size, a sound
     region layout and the recorded digest; raise LibshareError with the reason
     otherwise."""
     from libshare.sharing.region.verify import quick_verify_open
 
-    fh, real = _open_image(enr.region, _images_dirs(state_dir, cfg))
+    fh, real = _open_image(enr.region, cfg)
     try:
         path = printable(enr.region)
         size = os.fstat(fh.fileno()).st_size
@@ -272,17 +268,17 @@ def _request_redirect(name: str, root: Any, enr: Enrolment, state_dir: Path,
 def local_image(enr: Enrolment, cfg: config.Config, state_dir: Path | None = None
                 ) -> Path | None:
     """Return this host's image with the enrolment's digest (or path), or None: only
-    regular files in an images folder of ``state_dir`` (a trusted state directory,
-    default the config's) or of the config's state directory count."""
+    regular files in the images folder of a trusted state directory count
+    (:func:`_open_image`); ``state_dir`` (default the config's) is searched besides the
+    recorded path and the config's images folder."""
     state_dir = state_dir or cfg.state_dir
     candidates = [enr.region]
     if enr.digest:
         candidates.append(str(cfg.region_image(enr.digest)))
         candidates.append(str(state_dir / "regions" / "images" / f"{enr.digest}.img"))
-    dirs = _images_dirs(state_dir, cfg)
     for cand in dict.fromkeys(candidates):
         try:
-            fh, real = _open_image(cand, dirs)
+            fh, real = _open_image(cand, cfg)
         except RefusedError:
             continue
         with fh:

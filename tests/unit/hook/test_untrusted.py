@@ -219,13 +219,13 @@ def test_prepare_refuses_a_link_to_a_file_outside_the_images(env: dict[str, Path
     res, _ = shim(["h", "prepare", "begin", "-"], xml_for(secret, env["state"],
                                                           region=str(link)), env["config"])
     assert res.returncode == 1  # today: 0, and the guest gets the file as its nvdimm
-    assert "not in a libshare images folder" in one_line(res.stderr)
+    assert "not in the regions/images" in one_line(res.stderr)
     # a link inside the images folder that leads out of it is no better
     inside = env["state"] / "regions" / "images" / "inside.img"
     inside.symlink_to(secret)
     res, _ = shim(["h", "prepare", "begin", "-"], xml_for(secret, env["state"],
                                                           region=str(inside)), env["config"])
-    assert res.returncode == 1 and "not in a libshare images folder" in one_line(res.stderr)
+    assert res.returncode == 1 and "not in the regions/images" in one_line(res.stderr)
 
 
 @pytest.mark.parametrize("size", [3 * MiB, 4 * MiB, 6 * MiB])
