@@ -19,8 +19,8 @@ children, and trusts nothing it is given:
   (``quick_verify``) and has the recorded size and digest; refusals say nothing about
   any other file.
 
-It logs to syslog (identifier ``libshare``, at the config's ``log_level``; refusals as
-errors), to stderr (warnings and errors, one line each: libvirt shows them) and to
+It logs to syslog (identifier ``libshare``, libshare.util.syslog, at the config's
+``log_level``; refusals as errors), to stderr (warnings and errors, one line each: libvirt shows them) and to
 ``STATE/log/hook.log`` (one JSON line per run, with the traceback of an unexpected
 error; bounded in size: libshare.hook.state).
 
@@ -64,29 +64,15 @@ from libshare.hook import ops, state
 from libshare.hook.state import printable
 from libshare.util.digest import cached_sha256_open, load_entries, save_entries, stat_key
 from libshare.util.files import NotRegularError, open_regular
+from libshare.util.syslog import SafeFormatter, syslog_handler
 from libshare.virt.process import qemu_pid
 
 #: where the ivshmem model's shared memory objects live
 SHM_DIR = Path("/dev/shm")
 #: seconds of the config's budget kept back for writing the log after a timeout
 MARGIN = 0.5
-#: the syslog identifier of the hook and the daemon (``journalctl -t libshare``)
-SYSLOG_IDENT = "libshare"
 
 log = logging.getLogger("libshare.hook.handler")
-
-
-class _SafeFormatter(logging.Formatter):
-    """A formatter whose text always encodes (undecodable bytes of a domain name become
-    escapes, never a logging traceback) and, with ``one_line``, has no line breaks."""
-
-    def __init__(self, fmt: str, one_line: bool = False) -> None:
-        super().__init__(fmt)
-        self.one_line = one_line
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record).encode("utf-8", "backslashreplace").decode("utf-8")
-        return text.replace("\r", "\\r").replace("\n", "\\n") if self.one_line else text
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ignore]
@@ -99,22 +85,6 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg,unused-ign
     @stream.setter
     def stream(self, _value: Any) -> None:
         pass
-
-
-def syslog_handler(level: int = logging.INFO) -> logging.Handler | None:
-    """Return a handler sending to the local syslog socket ``/dev/log`` as
-    SYSLOG_IDENT (``libshare[PID]: message``, one line, always encodable) at ``level``,
-    or None when there is none. Shared by the hook and ``libshare daemon``."""
-    if not os.path.exists("/dev/log"):
-        return None
-    try:
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
-    except OSError:
-        return None
-    handler.setFormatter(_SafeFormatter(f"{SYSLOG_IDENT}[%(process)d]: %(message)s",
-                                        one_line=True))
-    handler.setLevel(level)
-    return handler
 
 
 def _setup_logging(level: str = "info") -> None:
@@ -131,7 +101,7 @@ def _setup_logging(level: str = "info") -> None:
     log.propagate = False
     err = _StderrHandler()
     err.setLevel(logging.WARNING)
-    err.setFormatter(_SafeFormatter("libshare: %(message)s", one_line=True))
+    err.setFormatter(SafeFormatter("libshare: %(message)s"))
     log.addHandler(err)
     syslog = syslog_handler(syslog_level)
     if syslog is not None:

@@ -494,3 +494,32 @@ def test_unit_template_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(unit, "unit_template", lambda: "ExecStart={{ exec_strat }}\n")
     with pytest.raises(jinja2.UndefinedError):
         unit.render_unit()
+
+
+def test_daemon_lines_carry_journal_priorities(tmp_path: Path) -> None:
+    """Under its unit (SyslogIdentifier=libshare) the daemon's stderr is the journal:
+    each line then starts with its syslog priority, so a failure is an error there."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "requests" / "bad.json").write_text("garbage")
+    (tmp_path / "requests" / "gone.json").write_text(json.dumps(
+        {"domain": "gone", "requested_at": time.time()}))
+    errfile = tmp_path / "stderr"
+    with open(errfile, "wb") as fh:
+        st = os.fstat(fh.fileno())
+        res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(tmp_path),
+                              "-c", "test:///default", "daemon", "--once"], stderr=fh,
+                             stdout=subprocess.DEVNULL, timeout=60,
+                             env={**os.environ, "LIBSHARE_CONFIG": "",
+                                  "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = errfile.read_text().splitlines()
+    assert res.returncode == 0, lines
+    assert any(x.startswith("<4>libshare daemon: bad: unreadable request") for x in lines), lines
+    assert any(x.startswith("<6>libshare daemon: gone: request dropped") for x in lines), lines
+    # not the journal: plain lines
+    d = daemon.Daemon(tmp_path, lambda: None, err=io.StringIO())
+    d.log("x", daemon.FAILED, "redirect failed: boom")
+    assert d.err.getvalue() == "libshare daemon: x: redirect failed: boom\n"  # type: ignore[union-attr]
