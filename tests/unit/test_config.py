@@ -101,11 +101,23 @@ def test_cli_writes_an_absolute_state_dir_into_metadata(tmp_path: Path) -> None:
 
 def test_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) -> None:
     import os
+    import threading
 
     fifo = tmp_path / "fifo.toml"
     os.mkfifo(fifo)
-    with pytest.raises(LibshareError, match="not a regular file"):
-        config.load(str(fifo), environ={})
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            config.load(str(fifo), environ={})
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)  # it blocked for good before
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "config.load blocked on a FIFO"
+    assert isinstance(raised[0], LibshareError) and "not a regular file" in str(raised[0])
 
 
 def test_trusted_state_dirs(tmp_path: Path) -> None:

@@ -6,12 +6,24 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from libshare.errors import RefusedError
 from libshare.hook import state
+
+
+def returns_soon(call: Callable[[], object]) -> object:
+    """Return what ``call`` returns, failing if it does not within 10 s (a FIFO opened
+    for good blocks the thread, not the test)."""
+    out: list[object] = []
+    worker = threading.Thread(target=lambda: out.append(call()), daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "blocked"
+    return out[0]
 
 
 def test_log_is_rotated_at_its_size(tmp_path: Path) -> None:
@@ -78,8 +90,8 @@ def test_log_in_a_fifo_or_through_a_link_is_not_written(tmp_path: Path) -> None:
     (tmp_path / "log").mkdir()
     fifo = tmp_path / "log" / "hook.log"
     os.mkfifo(fifo)
-    state.append_hook_log(tmp_path, {"op": "x"})  # returns at once, writes nothing
-    assert state.read_hook_log(tmp_path) == []
+    returns_soon(lambda: state.append_hook_log(tmp_path, {"op": "x"}))  # blocked before
+    assert returns_soon(lambda: state.read_hook_log(tmp_path)) == []
     target = tmp_path / "elsewhere"
     target.mkdir()
     os.unlink(fifo)
@@ -100,4 +112,4 @@ def test_records_only_in_real_folders(tmp_path: Path) -> None:
     assert list(outside.iterdir()) == []
     (s / "requests").mkdir()
     os.mkfifo(s / "requests" / "h.json")
-    assert state.read_request(s, "h") is None  # a FIFO is not read (no hang)
+    assert returns_soon(lambda: state.read_request(s, "h")) is None  # a FIFO: not read
