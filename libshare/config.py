@@ -37,7 +37,10 @@ from libshare.domxml.devices import MODELS
 from libshare.domxml.metadata import REDIRECT_MODES, check_group
 from libshare.errors import LibshareError
 from libshare.hook.ops import MAX_SECONDS
-from libshare.util.files import read_regular
+from libshare.util import files
+
+#: bytes of a configuration file read at most
+MAX_CONFIG = 1024 * 1024
 
 SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/libshare")
@@ -45,8 +48,6 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 #: libvirt waits for the hook synchronously: it must give up within this many seconds
 MAX_HOOK_TIMEOUT = MAX_SECONDS
 MIN_HOOK_TIMEOUT = 0.5
-#: a configuration file is small: more than this is not one
-MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,11 @@ def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = Non
     values: dict[str, Any] = {}
     source: Path | None = None
     if cfg_path.exists():
-        try:
-            raw = tomllib.loads(read_regular(cfg_path, MAX_CONFIG_BYTES, follow=True)
-                                .decode())
+        try:  # a regular file only: a FIFO or device is refused, never waited on
+            raw = tomllib.loads(files.read_regular(cfg_path, MAX_CONFIG).decode())
         except OSError as exc:
             raise LibshareError(f"cannot read config {cfg_path}: "
-                                f"{exc.strerror or exc}") from exc
+                                f"{files.os_error(exc, path=False)}") from exc
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise LibshareError(f"cannot read config {cfg_path}: {exc}") from exc
         if not isinstance(raw.get("libshare", raw), dict):

@@ -63,7 +63,7 @@ from libshare.errors import LibshareError, RefusedError
 from libshare.hook import ops, state
 from libshare.hook.state import printable
 from libshare.util.digest import cached_sha256_open, load_entries, save_entries, stat_key
-from libshare.util.files import NotRegularError, open_regular
+from libshare.util.files import NotRegularFile, open_regular
 from libshare.util.syslog import SafeFormatter, syslog_handler
 from libshare.virt.process import qemu_pid
 
@@ -125,15 +125,15 @@ def _open_image(path: str, cfg: config.Config) -> tuple[BinaryIO, str]:
                            "(state_dir, state_dirs); libshare serves only images "
                            "'libshare region build' made there")
     try:
-        fd = open_regular(real)
+        fh = open_regular(real, follow=False)
     except FileNotFoundError as exc:
         raise RefusedError(f"region image {printable(path)} is missing") from exc
-    except NotRegularError as exc:
+    except NotRegularFile as exc:
         raise RefusedError(f"region image {printable(path)} is not a regular file") from exc
     except OSError as exc:
         raise RefusedError(f"region image {printable(path)} cannot be read: "
                            f"{exc.strerror or exc}") from exc
-    return os.fdopen(fd, "rb"), real
+    return fh, real
 
 
 def _check_region_file(enr: Enrolment, state_dir: Path, cfg: config.Config

@@ -14,7 +14,7 @@ The hook runs as root on input a domain definition controls, so every path here 
 built safely: a domain name becomes a file name only when :func:`check_name` accepts it
 (libvirt's own rules, plus what a file name needs), the folders under the state
 directory must be real folders (not symbolic links), and the logs are opened only as
-regular files, without blocking (:func:`libshare.util.files.open_regular`).
+regular files, without blocking (libshare.util.files: ``open_regular``, ``open_append``).
 
 The logs are bounded: a log that would grow past LOG_MAX_BYTES is renamed to
 ``NAME.1`` (replacing the previous one) and started anew, so each takes at most twice
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import RefusedError
-from libshare.util.files import atomic_write, open_regular
+from libshare.util.files import atomic_write, open_append, open_regular
 
 #: a log is rotated (renamed to NAME.1, one generation kept) before it passes this size
 LOG_MAX_BYTES = 1 << 20
@@ -159,7 +159,7 @@ def _read_object(path: Path) -> dict[str, Any] | None:
     """Return the JSON object stored in ``path``, or None (absent, unreadable, not a
     regular file, larger than MAX_OBJECT_BYTES, not an object)."""
     try:
-        with os.fdopen(open_regular(path), "rb") as fh:
+        with open_regular(path, follow=False) as fh:
             raw = fh.read(MAX_OBJECT_BYTES + 1)
         data = json.loads(raw) if len(raw) <= MAX_OBJECT_BYTES else None
     except (OSError, ValueError):
@@ -258,7 +258,7 @@ def append_log(path: Path, entry: dict[str, Any], max_bytes: int = LOG_MAX_BYTES
     with contextlib.suppress(OSError, RefusedError):
         _folder(path.parent)
         for _ in range(4):  # another writer may rotate the file under us: reopen
-            fd = open_regular(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = open_append(path, 0o640)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)
@@ -288,10 +288,11 @@ def _tail_lines(path: Path, want: int | None) -> tuple[list[bytes], bool]:
     last ``want`` (all of them for None), read backwards from the end, and whether that
     was the whole file; none when it cannot be read."""
     try:
-        fd = open_regular(path)
+        fh = open_regular(path, follow=False)
     except OSError:
         return [], True
-    try:
+    with fh:
+        fd = fh.fileno()
         pos = os.fstat(fd).st_size
         chunks: list[bytes] = []
         count = 0
@@ -303,8 +304,6 @@ def _tail_lines(path: Path, want: int | None) -> tuple[list[bytes], bool]:
             pos -= step
             chunks.append(chunk)
             count += chunk.count(b"\n")
-    finally:
-        os.close(fd)
     lines = b"".join(reversed(chunks)).splitlines()
     if pos > 0 and lines:
         lines = lines[1:]  # the first line read may be the end of a longer one

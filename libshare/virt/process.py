@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from libshare.errors import LibshareError
 from libshare.util.files import read_regular
 
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
@@ -21,7 +22,7 @@ def qemu_pid(name: str, run_dir: Path = QEMU_RUN_DIR) -> int | None:
     try:
         pid = int(read_regular(run_dir / f"{name}.pid", 64).strip())
         cmdline = read_regular(f"/proc/{pid}/cmdline", 1 << 20).split(b"\0")
-    except (OSError, ValueError):
+    except (OSError, ValueError, LibshareError):
         return None
     if not cmdline or b"qemu" not in cmdline[0]:
         return None

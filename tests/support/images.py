@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,19 @@ def region_image(state_dir: Path, size: int | None = None) -> Path:
     shutil.copyfile(src, dst)
     os.chmod(dst, 0o644)
     return dst
+
+
+def shared_object(path: Path, soname: str | bytes) -> Path:
+    """Link a tiny x86-64 shared object with DT_SONAME ``soname`` (any bytes: too long,
+    with a newline...) at ``path`` (``bytes`` paths allowed); skips without gcc."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to link a test library")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = soname if isinstance(soname, bytes) else soname.encode()
+    subprocess.run([b"gcc", b"-shared", b"-nostdlib", b"-o", bytes(path),
+                    b"-Wl,-soname," + name, b"-x", b"c", b"/dev/null"], check=True,
+                   capture_output=True)
+    return path
 
 
 def corrupt_copy(src: str, dst: Path, offset: int | None = None, size: int | None = None
