@@ -21,6 +21,7 @@ import pytest
 from libshare.demo.tiny.runner import GuestOptions, defined_guest
 from libshare.hook import install, state
 from libshare.util.digest import sha256_file
+from tests.support.images import region_image
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
@@ -57,13 +58,14 @@ def state_dir(scratch_dir: Path) -> Path:
 
 
 def make_region(state_dir: Path) -> Path:
-    image = state_dir / "region.img"
-    with open(image, "wb") as fh:
-        for i in range(REGION_SIZE // MiB):
-            fh.write(bytes([i + 1]) * MiB)
-        fh.flush()
-        os.fsync(fh.fileno())  # as region build does: dirty pages would show as Private_Dirty
-    image.chmod(0o644)
+    """Return a real region image of REGION_SIZE in ``state_dir``'s images folder (the
+    hook serves only those), fsynced as region build leaves it (dirty pages would show
+    as Private_Dirty)."""
+    image = region_image(state_dir, REGION_SIZE)
+    for d in (state_dir / "regions", image.parent):
+        d.chmod(0o755)
+    with open(image, "rb") as fh:
+        os.fsync(fh.fileno())
     return image
 
 

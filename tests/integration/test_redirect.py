@@ -38,10 +38,10 @@ from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
 from libshare.virt import enrol
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 GROUP = "lstest-redirect"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBSHARE = [sys.executable, "-m", "libshare"]

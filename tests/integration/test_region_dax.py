@@ -32,10 +32,10 @@ from libshare.sharing.region import build, layout, manifest, verify
 from libshare.sharing.store import import_tree
 from libshare.util.digest import sha256_file
 from tests.support.images import corrupt_copy
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 MIN_BIG = 16 * 1024 * 1024
 PAGE = 4096
@@ -68,7 +68,7 @@ def _big_library() -> Path:
 @pytest.fixture(scope="module")
 def built_region() -> Iterator[Region]:
     """Yield a region holding the host's libc and a >= 16 MiB library, built for a test
-    group under /var/lib/libshare-test (readable by QEMU); removed afterwards."""
+    group under TEST_ROOT (readable by QEMU); removed afterwards."""
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     TEST_ROOT.chmod(0o755)
     base = TEST_ROOT / f"sharing-{os.getpid()}-{secrets.token_hex(3)}"
