@@ -38,17 +38,20 @@ park
 
 @pytest.fixture(scope="module")
 def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
-    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI
-    does); if this fixture had to install it, it removes it afterwards."""
+    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI's
+    setup-host does). A libshare hook already there is left as it is (an operator's, or
+    another checkout's); if this fixture had to install it, it removes it afterwards."""
     hooks = install.DEFAULT_HOOKS_DIR
     present = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
                if p.exists() and install.is_ours(p)]
-    res = install.install(hooks)  # updates the #! line to this Python if needed
+    if present:
+        yield present[0]
+        return
+    res = install.install(hooks)
     try:
         yield res.path
     finally:
-        if not present:
-            install.uninstall(hooks)
+        install.uninstall(hooks)
 
 
 @pytest.fixture
