@@ -85,11 +85,11 @@ class BootReport:
         return {**self.__dict__, "path_text": PATH_TEXT[self.path]}
 
 
-def guest_facts(agent: GuestAgent) -> dict[str, Any]:
+def guest_facts(agent: GuestAgent, steps: actions.Steps) -> dict[str, Any]:
     """Return ``boot-files facts`` of the guest (boot_image, grub, release, modules,
     generator)."""
-    res = actions.run_in_guest(agent, ["/bin/sh", "-s", "--", "facts"],
-                               stdin=guest_bytes("boot-files"), timeout=60)
+    res = steps.run("boot path", agent, ["/bin/sh", "-s", "--", "facts"],
+                    stdin=guest_bytes("boot-files"), timeout=60)
     return actions.parse_kv(res.out)
 
 
@@ -107,7 +107,7 @@ def _fallback(dom: Any, rep: BootReport, reason: str, keep_mode: bool = False) -
 
 
 def _disk(dom: Any, agent: GuestAgent, facts: dict[str, Any], path: str,
-          report: actions.InstallReport) -> BootReport:
+          report: actions.InstallReport, steps: actions.Steps) -> BootReport:
     """Boot-time mode through the guest's own initramfs (GRUB, unknown)."""
     image = facts.get("boot_image") or ""
     found = (f"{PATH_TEXT[path]} (BOOT_IMAGE={image}, initramfs by "
@@ -122,13 +122,13 @@ def _disk(dom: Any, agent: GuestAgent, facts: dict[str, Any], path: str,
     if generator != "initramfs-tools":
         return _fallback(dom, rep, "the guest has no initramfs generator "
                          "(update-initramfs) for libshare's boot-time hook")
-    res = actions.run_in_guest(agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
-                               timeout=actions.INITRAMFS_TIMEOUT)
+    res = steps.run("update-initramfs", agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
+                    timeout=actions.INITRAMFS_TIMEOUT)
     report.initramfs = "updated" if res.ok else f"failed: {actions.tail(res)}"
     if not res.ok:
         return _fallback(dom, rep, f"update-initramfs failed in the guest: "
                          f"{actions.tail(res)}")
-    report.initramfs_entries = actions.initramfs_entries(agent)
+    report.initramfs_entries = actions.initramfs_entries(agent, steps)
     rep.mode = "boot"
     rep.done.append(f"the guest's initramfs rebuilt with libshare's hook "
                     f"({report.initramfs_entries} libshare files in it): boot-time "
@@ -140,19 +140,24 @@ def _disk(dom: Any, agent: GuestAgent, facts: dict[str, Any], path: str,
     return rep
 
 
-def _read_files(agent: GuestAgent, listing: overlay.Listing) -> dict[str, bytes]:
+def _read_files(agent: GuestAgent, listing: overlay.Listing,
+                steps: actions.Steps) -> dict[str, bytes]:
     """Return the guest files ``listing`` names, read through the agent."""
-    files = {}
-    for path in overlay.listed_paths(listing):
+    files: dict[str, bytes] = {}
+    paths = list(overlay.listed_paths(listing))
+    steps.count("read boot files", 0, len(paths), "files")
+    for path in paths:
         try:
             files[path] = agent.read_file(path, max_bytes=MAX_FILE)
         except AgentError as exc:
             raise LibshareError(f"cannot read guest file {path}: {exc}") from exc
+        steps.count("read boot files", len(files), len(paths), "files")
     return files
 
 
 def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, Any],
-            state_dir: Path, report: actions.InstallReport) -> BootReport:
+            state_dir: Path, report: actions.InstallReport,
+            steps: actions.Steps) -> BootReport:
     """Boot-time mode for direct kernel boot: libshare's initrd on the host."""
     name = dom.name()
     original = boot["original_initrd"] or boot["initrd"]
@@ -177,9 +182,9 @@ def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, 
     if not release:
         return _fallback(dom, rep, "the guest did not say which kernel it runs")
     tools, modules = hook_lists()
-    res = actions.run_in_guest(agent, ["/bin/sh", "-s", "--", "files", *tools, "--",
-                                       *modules], stdin=guest_bytes("boot-files"),
-                               timeout=300)
+    res = steps.run("list boot files", agent, ["/bin/sh", "-s", "--", "files", *tools,
+                                                "--", *modules],
+                    stdin=guest_bytes("boot-files"), timeout=300)
     listing = overlay.parse_listing(res.out)
     gone = [m for m in listing.missing if m.startswith(("tool ", "lib "))]
     if gone:
@@ -188,7 +193,7 @@ def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, 
     if not listing.modules and not listing.builtin:
         return _fallback(dom, rep, f"the guest has no kernel modules of its running "
                          f"kernel {release} for the region (nfit, nd_pmem, erofs)")
-    files = _read_files(agent, listing)
+    files = _read_files(agent, listing, steps)
     blob = overlay.build(listing, files, release, script=actions.script_bytes(),
                          init_bottom=guest_bytes("init-bottom"),
                          conf=guest_bytes("initrd-conf"))
@@ -214,25 +219,38 @@ def _direct(dom: Any, agent: GuestAgent, facts: dict[str, Any], boot: dict[str, 
     return rep
 
 
-def setup(dom: Any, agent: GuestAgent, state_dir: Path,
-          report: actions.InstallReport) -> BootReport:
+def boot_state_dir(root: Any, default: Path | None) -> Path | None:
+    """Return where libshare's initrd of the domain defined as ``root`` lives: under the
+    state directory its enrolment records (the one the hook serves it from), else
+    ``default``."""
+    enr = domxml.enrolment(root)
+    return Path(enr.state_dir) if enr is not None and enr.state_dir else default
+
+
+def setup(dom: Any, agent: GuestAgent, state_dir: Path, report: actions.InstallReport,
+          steps: actions.Steps) -> BootReport:
     """Set up boot-time redirect for running domain ``dom`` (libshare's guest files
     installed already), by the boot path its persistent definition and the guest show;
     return the :class:`BootReport` (``report``'s initramfs fields are filled in too).
-    A fallback to automatic runtime redirect redefines the domain's redirect mode."""
-    facts = guest_facts(agent)
-    boot = domxml.boot_of(domxml.parse(api.inactive_xml(dom)))
+    libshare's initrd goes under :func:`boot_state_dir` (``state_dir`` by default). A
+    fallback to automatic runtime redirect redefines the domain's redirect mode."""
+    facts = guest_facts(agent, steps)
+    root = domxml.parse(api.inactive_xml(dom))
+    boot = domxml.boot_of(root)
     if boot["direct_kernel"]:
-        return _direct(dom, agent, facts, boot, state_dir, report)
+        where = boot_state_dir(root, state_dir)
+        assert where is not None
+        return _direct(dom, agent, facts, boot, where, report, steps)
     path = GRUB if facts.get("boot_image") and facts.get("grub") == "1" else UNKNOWN
-    return _disk(dom, agent, facts, path, report)
+    return _disk(dom, agent, facts, path, report, steps)
 
 
 def teardown(dom: Any, state_dir: Path | None) -> str | None:
-    """Make ``dom`` boot its own initrd again when it boots libshare's (``unredirect``);
-    return what was done, or None."""
-    boot = domxml.boot_of(domxml.parse(api.inactive_xml(dom)))
+    """Make ``dom`` boot its own initrd again when it boots libshare's (``unredirect``),
+    removing libshare's (under :func:`boot_state_dir`); return what was done, or None."""
+    root = domxml.parse(api.inactive_xml(dom))
+    boot = domxml.boot_of(root)
     if not boot["libshare_initrd"]:
         return None
-    enrol.restore_initrd(dom.connect(), dom.name(), state_dir)
+    enrol.restore_initrd(dom.connect(), dom.name(), boot_state_dir(root, state_dir))
     return f"boots its own initrd {boot['original_initrd']} again from the next start"

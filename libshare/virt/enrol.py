@@ -138,7 +138,8 @@ def enable_domain(conn: libvirt.virConnect, name: str, spec: domxml.RegionSpec,
 def disable_domain(conn: libvirt.virConnect, name: str,
                    state_dir: Path | None = None) -> Outcome:
     """Undo the enrolment of domain ``name`` (a switch to libshare's initrd too, whose
-    files under ``state_dir`` are then removed); return what was done."""
+    files under the enrolment's state directory, else ``state_dir``, are then removed);
+    return what was done."""
     dom = api.lookup(conn, name)
     before = domxml.parse(api.inactive_xml(dom))
     running = api.is_active(dom)
@@ -149,7 +150,9 @@ def disable_domain(conn: libvirt.virConnect, name: str,
     msg = "enrolment removed"
     if domxml.boot_of(before)["libshare_initrd"]:
         msg += f"; boots its own initrd {domxml.boot_of(after)['initrd']} again"
-        if state_dir is not None and boot_store.remove(state_dir, dom.UUIDString()):
+        enr = domxml.enrolment(before) if domxml.is_enrolled(before) else None
+        where = Path(enr.state_dir) if enr is not None and enr.state_dir else state_dir
+        if where is not None and boot_store.remove(where, dom.UUIDString()):
             msg += " (libshare's removed)"
     if running:
         msg += "; the domain is running: the region stays attached until it stops"

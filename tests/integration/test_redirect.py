@@ -34,7 +34,7 @@ from lxml import etree
 
 from libshare import domxml
 from libshare.boot import store as boot_store
-from libshare.config import DEFAULT_STATE_DIR, Config
+from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
 from libshare.demo.debian.image import DebianImage, copy_image_libraries, debian_image
 from libshare.hook import state
@@ -43,10 +43,10 @@ from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
 from libshare.virt import api, enrol
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 GROUP = "lstest-redirect"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBSHARE = [sys.executable, "-m", "libshare"]
@@ -179,7 +179,8 @@ def smaps_line(name: str, fields: dict[str, int]) -> str:
     """Return one report line of a QEMU's region mapping."""
     return (f"{name}: region Rss {fields.get('Rss', 0)} kB, Pss {fields.get('Pss', 0)} kB, "
             f"Shared_Clean {fields.get('Shared_Clean', 0)} kB, "
-            f"Private_Dirty {fields.get('Private_Dirty', 0)} kB")
+            f"Private_Dirty {fields.get('Private_Dirty', 0)} kB, "
+            f"copied (Anonymous) {fields.get('Anonymous', 0)} kB")
 
 
 # ------------------------------------------------------------------ the test
@@ -264,7 +265,7 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
         assert vb.disk_cache_bytes == 0      # nothing maps the disk copies any more
         # host: one shared copy, never a private one
         for fields in (map_a, map_b):
-            assert fields["Shared_Clean"] > 0 and fields["Private_Dirty"] == 0, fields
+            assert fields["Shared_Clean"] > 0 and fields["Anonymous"] == 0, fields
         # libshare status agrees with what the guests say
         proc = libshare("--state-dir", str(reg.cfg.state_dir), "status", name_a, name_b,
                         "--json", "--agent-timeout", "120")
@@ -329,8 +330,8 @@ def test_boot_time_redirect_with_direct_kernel_boot(
     initrd and switches the definition to it; after one power cycle every library
     mapping of every process is on the region (the guest's /proc/*/maps), status says
     how and, before the power cycle, why not; disable gives the exact definition back.
-    (libshare's initrd goes under the state directory the hook is configured with, the
-    system default here, like any 'libshare guest install' without --state-dir.)"""
+    (libshare's initrd goes under the state directory of the enrolment, inside
+    TEST_ROOT, which the hook trusts.)"""
     reg = debian_region
     spec = enrol.resolve_region(reg.cfg, GROUP, "nvdimm")
     opts = DebianGuestOptions(image=reg.image, boot_timeout=420, direct_kernel_boot=True)
@@ -350,7 +351,7 @@ def test_boot_time_redirect_with_direct_kernel_boot(
             inst = json.loads(proc.stdout)
             boot = inst["boot"]
             print("install:", {k: inst[k] for k in ("initramfs", "seconds")}, boot)
-            ours = str(boot_store.initrd_path(DEFAULT_STATE_DIR, uuid))
+            ours = str(boot_store.initrd_path(reg.cfg.state_dir, uuid))
             assert (boot["path"], boot["mode"], boot["initrd"]) == \
                 ("direct-kernel", "boot", ours), boot
             assert inst["initramfs"].startswith("not rebuilt")
@@ -388,10 +389,10 @@ def test_boot_time_redirect_with_direct_kernel_boot(
             after = domxml.parse(api.inactive_xml(d.domain))
             assert etree.tostring(after, method="c14n") == \
                 etree.tostring(before, method="c14n")
-            assert not boot_store.domain_dir(DEFAULT_STATE_DIR, uuid).exists()
+            assert not boot_store.domain_dir(reg.cfg.state_dir, uuid).exists()
     finally:
         if uuid is not None:
-            boot_store.remove(DEFAULT_STATE_DIR, uuid)
+            boot_store.remove(reg.cfg.state_dir, uuid)
 
 
 def test_refused_without_region_device(libvirt_conn: Any, domain_name: Callable[[], str],

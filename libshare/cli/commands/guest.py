@@ -4,7 +4,8 @@
 (boot-time mode), the apt/dpkg hooks and a systemd unit into a running guest through
 qemu-guest-agent, then sets up boot-time mode by the boot path it finds
 (libshare.redirect.actions.install, libshare.redirect.bootmode) and says which path and
-what it did. ``status`` prints the guest's own view of its redirection.
+what it did, showing each step with its elapsed seconds on stderr (minutes under TCG).
+``status`` prints the guest's own view of its redirection.
 """
 
 from __future__ import annotations
@@ -13,16 +14,21 @@ import argparse
 
 from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
+from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
 from libshare.redirect import actions
 from libshare.virt import api
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(libvirt_uri(args, cfg)) as conn:
-        dom = api.lookup(conn, args.domain)
-        rep = actions.install(dom, update_initramfs=not args.no_initramfs,
-                              state_dir=cfg.state_dir)
+    progress = ProgressPrinter(f"guest install {args.domain}")
+    try:
+        with api.connect(libvirt_uri(args, cfg)) as conn:
+            dom = api.lookup(conn, args.domain)
+            rep = actions.install(dom, update_initramfs=not args.no_initramfs,
+                                  progress=progress, state_dir=cfg.state_dir)
+    finally:
+        progress.close()
     if args.json:
         print_json(rep.as_dict())
         return 0 if not rep.initramfs.startswith("failed") else 1

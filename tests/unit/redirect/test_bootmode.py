@@ -75,7 +75,8 @@ def enrolled_dkb(tmp_path: Path, initrd_kind: str | None = "initramfs-tools") ->
     elif initrd_kind == "dracut":
         original = dracut_initrd(tmp_path / "initrd.img")
     xml = domxml.serialize(domxml.enable(domxml.parse(direct_kernel(
-        "g1", initrd=None if original is None else str(original))), region_spec()))
+        "g1", initrd=None if original is None else str(original))),
+        region_spec(state_dir=str(tmp_path / "state"))))
     dom = FakeDomain("g1", xml)
     FakeConnection(dom)
     return dom
@@ -90,7 +91,7 @@ def test_direct_kernel_boot_gets_libshares_initrd(tmp_path: Path) -> None:
     tools, _ = bootmode.hook_lists()
     dom = enrolled_dkb(tmp_path)
     agent = agent_for(facts(), listing(tools))
-    rep = install(dom, agent, tmp_path / "state")
+    rep = install(dom, agent, tmp_path / "elsewhere")   # the enrolment's state dir wins
     boot = rep.boot
     assert boot is not None and boot["path"] == "direct-kernel" and boot["mode"] == "boot"
     assert boot["reason"] is None
@@ -113,7 +114,7 @@ def test_direct_kernel_boot_gets_libshares_initrd(tmp_path: Path) -> None:
     assert names["usr/lib/libshare/libshare-redirect"].data == actions.script_bytes()
     # disable gives the domain its own initrd back and removes libshare's
     from libshare.virt import enrol
-    out = enrol.disable_domain(dom.connect(), "g1", tmp_path / "state")  # type: ignore[arg-type]
+    out = enrol.disable_domain(dom.connect(), "g1", tmp_path / "elsewhere")  # type: ignore[arg-type]
     assert "boots its own initrd" in out.message
     assert domxml.parse(dom.xml).findtext("os/initrd") == str(tmp_path / "initrd.img")
     assert not store.domain_dir(tmp_path / "state", UUID).exists()
@@ -184,7 +185,7 @@ def test_unredirect_gives_the_domain_its_own_initrd(tmp_path: Path) -> None:
     agent = agent_for(facts(), listing(tools))
     install(dom, agent, tmp_path / "state")
     rep = actions.unredirect(dom, agent_factory=lambda _d: agent,
-                             state_dir=tmp_path / "state")
+                             state_dir=tmp_path / "elsewhere")
     assert rep.boot and "boots its own initrd" in rep.boot
     assert domxml.parse(dom.xml).findtext("os/initrd") == str(tmp_path / "initrd.img")
     assert not store.domain_dir(tmp_path / "state", UUID).exists()

@@ -34,7 +34,8 @@ def dracut_dkb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeDomain:
     """A running enrolled domain with direct kernel boot of a dracut initrd."""
     initrd = dracut_initrd(tmp_path / "initrd.img")
     dom = FakeDomain("web1", domxml.serialize(domxml.enable(domxml.parse(
-        direct_kernel("web1", initrd=str(initrd))), region_spec())))
+        direct_kernel("web1", initrd=str(initrd))),
+        region_spec(state_dir=str(tmp_path / "state")))))
     conn = FakeConnection(dom)
 
     @contextmanager
