@@ -22,6 +22,7 @@ The state directory holds everything libshare writes on a host::
     STATE/running/            one JSON record per running enrolled domain (hook)
     STATE/requests/           automatic redirect requests left by the hook (daemon)
     STATE/redirects/          the daemon's last automatic redirect outcome per domain
+    STATE/boot/UUID/          libshare's initrd of a domain with direct kernel boot
     STATE/digests.json        cache of region digests keyed by inode/size/mtime
 """
 

@@ -29,7 +29,10 @@ Per operation, for enrolled domains only:
   otherwise (an enrolled domain whose region cannot be checked, because its device is
   gone or points elsewhere, its model is unknown or its region empty, is refused too),
   so libvirt refuses to start the guest. For the ivshmem model, publish the image into
-  ``/dev/shm``, zero-padded to the device's power-of-two size.
+  ``/dev/shm``, zero-padded to the device's power-of-two size. A domain the enrolment
+  switched to libshare's initrd (direct kernel boot) must boot ``boot/UUID/initrd.img``
+  of that trusted state directory, with its record; it is rebuilt there when the
+  domain's own initrd changed (:func:`libshare.boot.store.check`).
 - ``started begin`` / ``reconnect begin``: record the running domain; ``reconnect``
   always exits 0 (a failure there makes libvirt kill the guest). At ``started`` only,
   for a domain enrolled with ``redirect="runtime"``, also leave an automatic redirect
@@ -305,6 +308,27 @@ def state_dir_of(enr: Enrolment, cfg: config.Config) -> Path:
     return trusted
 
 
+def _check_boot_initrd(root: Any, enr: Enrolment, state_dir: Path) -> str:
+    """For a domain the enrolment switched to libshare's initrd (direct kernel boot),
+    check it (:func:`libshare.boot.store.check`: in the trusted ``state_dir`` only,
+    rebuilt when the domain's own initrd changed); return '' or '; RESULT' for the log.
+    Raises LibshareError (refusing the start) when it cannot be verified."""
+    ch = enr.change("changed", "initrd")
+    if ch is None:
+        return ""
+    from libshare.boot import store as boot_store
+
+    result = boot_store.check(state_dir, root.findtext("uuid") or "",
+                              root.findtext("os/initrd"), ch.current, ch.previous,
+                              state_dir / "digests.json")
+    if result == "initrd-not-libshare":
+        log.warning("%s: its <initrd> is no longer libshare's: no boot-time redirect "
+                    "(run 'libshare guest install' again)", printable(root.findtext("name")))
+    elif result != "initrd-ok":
+        log.warning("%s: libshare's %s", printable(root.findtext("name")), result)
+    return f"; {result}"
+
+
 def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: config.Config,
               state_dir: Path, out: Any) -> str:
     """Carry out ``op``/``sub`` for enrolled domain ``name`` (XML tree ``root``) with its
@@ -325,7 +349,7 @@ def _dispatch(name: str, op: str, sub: str, root: Any, enr: Enrolment, cfg: conf
         with image:
             if enr.model == "ivshmem":
                 _publish_shm(image, enr, state_dir)
-        return "region-ok"
+        return "region-ok" + _check_boot_initrd(root, enr, state_dir)
     if op in ("started", "reconnect") and sub == "begin":
         pid = qemu_pid(name)
         request = op == "started" and enr.redirect == "runtime"

@@ -285,3 +285,51 @@ def test_prepare_without_recorded_digest_checks_the_layout(
     assert len(err) == 1 and "not a sound region" in err[0], err
     shutil.copyfile(built, image)
     assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+
+
+def _switched_xml(env: dict[str, Path], original: Path, initrd: str | None = None) -> bytes:
+    """A domain with direct kernel boot, enrolled, switched to libshare's initrd
+    (``initrd``: another path than the configured state directory's)."""
+    from libshare.boot import store
+    from tests.support.domains import UUID, direct_kernel
+
+    spec = domxml.RegionSpec(str(env["image"]), env["image"].stat().st_size, "g",
+                             digest=sha256_file(env["image"]), state_dir=str(env["state"]))
+    root = domxml.enable(domxml.parse(direct_kernel("h", initrd=str(original))), spec)
+    path = initrd or str(store.initrd_path(env["state"], UUID))
+    return domxml.serialize(domxml.switch_initrd(root, path)).encode()
+
+
+def test_prepare_checks_and_rebuilds_libshares_initrd(env: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """Direct kernel boot with libshare's initrd: checked at prepare, rebuilt when the
+    domain's own initrd changed (kernel update on the host), refused with one line when
+    it lives outside the configured state directory or has no record."""
+    from libshare.boot import store
+    from tests.support.domains import UUID
+    from tests.support.initrds import initramfs_tools_initrd
+
+    original = initramfs_tools_initrd(env["tmp"] / "initrd.img", "gzip")
+    overlay = b"070701" + b"0" * 104  # any bytes: the check compares digests
+    store.build(env["state"], UUID, "h", original, sha256_file(original), overlay,
+                release="r", kernel="/srv/boot/vmlinuz", generator="initramfs-tools",
+                built_by="test")
+    xml = _switched_xml(env, original)
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert state.read_hook_log(env["state"])[-1]["result"] == "region-ok; initrd-ok"
+    original.write_bytes(original.read_bytes() + b"\0\0\0\0")   # a new initrd
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert state.read_hook_log(env["state"])[-1]["result"].startswith(
+        "region-ok; initrd-rebuilt: ")
+    assert store.initrd_path(env["state"], UUID).read_bytes() == \
+        original.read_bytes() + overlay
+    capsys.readouterr()
+    for bad in (_switched_xml(env, original, initrd="/tmp/elsewhere/initrd.img"),
+                xml.replace(b"boot/", b"boot/../boot/")):
+        assert handler.run(["h", "prepare", "begin", "-"], bad) == 1
+    (store.domain_dir(env["state"], UUID) / store.RECORD).unlink()
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("libshare: h: ") for e in err), err
+    assert "record" in err[-1] and "is missing" in err[-1]
