@@ -50,7 +50,7 @@ def region_figures(region: dict[str, int]) -> dict[str, int]:
     (``region``: :func:`libshare.sharing.accounting.summed` counters in kB)."""
     return {"mapped_bytes": region["Rss"] * KB, "pss_bytes": region["Pss"] * KB,
             "saved_bytes": max(region["Rss"] - region["Pss"], 0) * KB,
-            "copied_bytes": region["Anonymous"] * KB,
+            "copied_bytes": accounting.copied_kb(region) * KB,
             "shared_clean_bytes": region["Shared_Clean"] * KB,
             "mappings": region["mappings"]}
 

@@ -21,6 +21,7 @@ from lxml import etree
 from libshare.domxml import devices as dev
 from libshare.domxml import pci
 from libshare.domxml.metadata import (
+    NS,
     REDIRECT_MODES,
     Change,
     Enrolment,
@@ -28,6 +29,7 @@ from libshare.domxml.metadata import (
     check_group,
     find_record,
     parse_record,
+    q,
     set_redirect,
 )
 from libshare.domxml.tree import (
@@ -359,6 +361,8 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
     if mode not in REDIRECT_MODES:
         raise RefusedError(f"unknown redirect mode {mode!r} "
                            f"(one of {', '.join(REDIRECT_MODES)})")
+    # libshare's initrd (direct kernel boot) outlives a re-enrolment while still in use
+    kept_initrd = _initrd_in_use(root, old)
     if old is not None:
         same = (old.group, old.model, old.region, old.size, old.digest, old.state_dir) == \
             (spec.group, spec.model, spec.path, spec.size, spec.digest, spec.state_dir)
@@ -417,6 +421,12 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
         changes.append(Change("changed", "freePageReporting",
                               previous=balloon.get("freePageReporting")))
         balloon.set("freePageReporting", "on")
+    if kept_initrd is not None:
+        initrd = dom.find("os/initrd")
+        assert initrd is not None  # disable restored the original there
+        initrd.text = kept_initrd.current
+        changes.append(Change("changed", "initrd", previous=kept_initrd.previous,
+                              current=kept_initrd.current))
     memory = dom.find("memory")
     current = dom.find("currentMemory")
     enr = Enrolment(group=spec.group, model=spec.model, region=spec.path, size=spec.size,
@@ -488,6 +498,8 @@ def disable(root: Element) -> Element:
                         del balloon.attrib["freePageReporting"]
                 else:
                     balloon.set("freePageReporting", ch.previous)
+        elif key == ("changed", "initrd"):
+            _restore_initrd(dom, ch)
         elif key == ("added", "devices"):
             _remove_if_empty(devices)
         elif key == ("added", "maxMemory"):
@@ -522,6 +534,85 @@ def disable(root: Element) -> Element:
     return dom
 
 
+def _initrd_in_use(root: Element, enr: Enrolment | None) -> Change | None:
+    """Return the recorded switch to libshare's initrd when ``root`` still boots it (its
+    ``<os><initrd>`` is what libshare set), else None."""
+    ch = None if enr is None else enr.change("changed", "initrd")
+    if ch is None or ch.current is None:
+        return None
+    return ch if (root.findtext("os/initrd") or "").strip() == ch.current else None
+
+
+def _restore_initrd(dom: Element, ch: Change) -> None:
+    """Put back the initrd recorded in ``ch`` if ``dom`` still boots libshare's (an
+    initrd set by someone else since is theirs: left alone)."""
+    initrd = dom.find("os/initrd")
+    if initrd is not None and ch.previous is not None and ch.current is not None \
+            and (initrd.text or "").strip() == ch.current:
+        initrd.text = ch.previous
+
+
+def _initrd_change_element(rec: Element) -> Element | None:
+    """Return the ``<libshare:changed what="initrd">`` child of record ``rec``, or None."""
+    return next((c for c in rec if isinstance(c.tag, str) and c.tag == f"{{{NS}}}changed"
+                 and c.get("what") == "initrd"), None)
+
+
+def switch_initrd(root: Element, path: str) -> Element:
+    """Return a copy of enrolled domain ``root`` (direct kernel boot) booting the initrd
+    ``path`` (libshare's, built from the domain's own) instead of its own, the change
+    recorded in the enrolment so that :func:`disable` or :func:`restore_initrd` undo it.
+    Switching again keeps the first original. Raises RefusedError (one line) when the
+    domain is not enrolled or has no ``<os><kernel>`` and ``<initrd>``."""
+    dom = copy_document(root)
+    name = dom.findtext("name") or "domain"
+    rec = find_record(dom)
+    if rec is None:
+        raise RefusedError(f"{name}: not enrolled")
+    initrd, kernel = dom.find("os/initrd"), dom.find("os/kernel")
+    if kernel is None or initrd is None or not (initrd.text or "").strip():
+        raise RefusedError(f"{name}: no direct kernel boot with an initrd "
+                           "(<os><kernel> and <initrd>)")
+    own = (initrd.text or "").strip()
+    elem = _initrd_change_element(rec)
+    if elem is None:
+        elem = make(q("changed"), {"what": "initrd"})
+        _insert(rec, elem)
+        elem.set("previous", own)
+    elif own != elem.get("current"):  # someone set another initrd since: theirs now
+        elem.set("previous", own)
+    elem.set("current", path)
+    initrd.text = path
+    return dom
+
+
+def restore_initrd(root: Element) -> Element:
+    """Return a copy of ``root`` booting its own initrd again, the record of
+    :func:`switch_initrd` dropped (an unchanged copy when there is none)."""
+    dom = copy_document(root)
+    rec = find_record(dom)
+    elem = None if rec is None else _initrd_change_element(rec)
+    if rec is not None and elem is not None:
+        _restore_initrd(dom, Change("changed", "initrd", elem.get("previous"),
+                                    current=elem.get("current")))
+        remove_child(elem)
+    return dom
+
+
+def boot_of(root: Element) -> dict[str, Any]:
+    """Return how domain ``root`` boots, as a JSON-ready dict: ``direct_kernel`` (it has
+    ``<os><kernel>``), ``kernel``, ``initrd`` (paths or None), ``libshare_initrd`` (the
+    initrd libshare set, when the domain still boots it) and ``original_initrd`` (the
+    domain's own initrd then)."""
+    enr = find_record(root)
+    ch = None if enr is None else _initrd_in_use(root, parse_record(enr, strict=False))
+    kernel = (root.findtext("os/kernel") or "").strip() or None
+    return {"direct_kernel": kernel is not None, "kernel": kernel,
+            "initrd": (root.findtext("os/initrd") or "").strip() or None,
+            "libshare_initrd": None if ch is None else ch.current,
+            "original_initrd": None if ch is None else ch.previous}
+
+
 def is_enrolled(root: Element) -> bool:
     """Return True when ``root`` carries a libshare enrolment record (valid or not:
     ``disable`` undoes either)."""
@@ -540,7 +631,7 @@ def describe(root: Element) -> dict[str, Any]:
 
     Keys: enrolled, name, group, model, region, size, digest, state_dir, redirect (the
     automatic redirect mode, None when not enrolled), device_present, agent_channel,
-    free_page_reporting.
+    free_page_reporting, boot (:func:`boot_of`).
     """
     enr = enrolment(root)
     devices = root.find("devices")
@@ -552,6 +643,7 @@ def describe(root: Element) -> dict[str, Any]:
         "state_dir": None, "redirect": None, "device_present": False,
         "agent_channel": dev.find_agent_channel(devices) is not None,
         "free_page_reporting": balloon is not None and balloon.get("freePageReporting") == "on",
+        "boot": boot_of(root),
     }
     if enr is not None:
         info.update(group=enr.group, model=enr.model, region=enr.region, size=enr.size,

@@ -21,6 +21,7 @@ import pytest
 from libshare.demo.tiny.runner import GuestOptions, defined_guest
 from libshare.hook import install, state
 from libshare.util.digest import sha256_file
+from tests.support.images import region_image
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
@@ -37,17 +38,20 @@ park
 
 @pytest.fixture(scope="module")
 def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
-    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI
-    does); if this fixture had to install it, it removes it afterwards."""
+    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI's
+    setup-host does). A libshare hook already there is left as it is (an operator's, or
+    another checkout's); if this fixture had to install it, it removes it afterwards."""
     hooks = install.DEFAULT_HOOKS_DIR
     present = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
                if p.exists() and install.is_ours(p)]
-    res = install.install(hooks)  # updates the #! line to this Python if needed
+    if present:
+        yield present[0]
+        return
+    res = install.install(hooks)
     try:
         yield res.path
     finally:
-        if not present:
-            install.uninstall(hooks)
+        install.uninstall(hooks)
 
 
 @pytest.fixture
@@ -57,13 +61,14 @@ def state_dir(scratch_dir: Path) -> Path:
 
 
 def make_region(state_dir: Path) -> Path:
-    image = state_dir / "region.img"
-    with open(image, "wb") as fh:
-        for i in range(REGION_SIZE // MiB):
-            fh.write(bytes([i + 1]) * MiB)
-        fh.flush()
-        os.fsync(fh.fileno())  # as region build does: dirty pages would show as Private_Dirty
-    image.chmod(0o644)
+    """Return a real region image of REGION_SIZE in ``state_dir``'s images folder (the
+    hook serves only those), fsynced as region build leaves it (dirty pages would show
+    as Private_Dirty)."""
+    image = region_image(state_dir, REGION_SIZE)
+    for d in (state_dir / "regions", image.parent):
+        d.chmod(0o755)
+    with open(image, "rb") as fh:
+        os.fsync(fh.fileno())
     return image
 
 
@@ -114,11 +119,11 @@ def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Pa
     assert status["enrolled"] and status["running"] and status["region_ok"] is True
     memory = status["memory"]
     assert memory["qemu_pid"] == guest.qemu_pid()
-    assert memory["region"]["mappings"] == 1 and memory["region"]["Private_Dirty"] == 0
+    assert memory["region"]["mappings"] == 1 and memory["region"]["Anonymous"] == 0
     assert memory["guest_ram"]["mappings"] == 1 and memory["guest_ram"]["Rss"] > 1024
     assert str(image) in report["host"]["region_page_cache_kb"]
     # introspection ran: busybox is static, so the guest maps no library at all
-    assert status["mappings"] == {"library": 0, "from_region": 0, "private": 0,
+    assert status["mappings"] == {"library": 0, "from_region": 0, "from_guest_files": 0,
                                   "partial": False}
 
     dom.destroy()

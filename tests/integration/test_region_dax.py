@@ -32,10 +32,10 @@ from libshare.sharing.region import build, layout, manifest, verify
 from libshare.sharing.store import import_tree
 from libshare.util.digest import sha256_file
 from tests.support.images import corrupt_copy
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
 MIN_BIG = 16 * 1024 * 1024
 PAGE = 4096
@@ -68,7 +68,7 @@ def _big_library() -> Path:
 @pytest.fixture(scope="module")
 def built_region() -> Iterator[Region]:
     """Yield a region holding the host's libc and a >= 16 MiB library, built for a test
-    group under /var/lib/libshare-test (readable by QEMU); removed afterwards."""
+    group under TEST_ROOT (readable by QEMU); removed afterwards."""
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     TEST_ROOT.chmod(0o755)
     base = TEST_ROOT / f"sharing-{os.getpid()}-{secrets.token_hex(3)}"
@@ -303,8 +303,8 @@ park
     same = sum(1 for x, y in both if x == y)
     print(f"library pages present in both QEMUs: {len(both)}/{npages - 1}, "
           f"same host page: {same}; Shared_Clean A {map_a.fields['Shared_Clean']} kB, "
-          f"B {map_b.fields['Shared_Clean']} kB; Private_Dirty A "
-          f"{map_a.fields['Private_Dirty']} kB, B {map_b.fields['Private_Dirty']} kB")
+          f"B {map_b.fields['Shared_Clean']} kB; copied (Anonymous) A "
+          f"{map_a.fields['Anonymous']} kB, B {map_b.fields['Anonymous']} kB")
     assert len(both) > 0.9 * (npages - 1)
     assert same == len(both)                       # one copy in the host page cache
     # the writer changed its own view only (a private copy-on-write page)
@@ -312,7 +312,7 @@ park
     assert out_a["after"] != out_a["before"]
     assert out_b["block"] == out_a["before"]
     assert pa[0] is not None and pb[0] is not None and pa[0] != pb[0]
-    assert map_a.fields["Private_Dirty"] >= 4 and map_b.fields["Private_Dirty"] == 0
+    assert map_a.fields["Anonymous"] >= 4 and map_b.fields["Anonymous"] == 0
     assert sha256_file(reg.path) == reg.digest     # the host file never changed
 
 

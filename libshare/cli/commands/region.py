@@ -31,7 +31,8 @@ def register(subparsers: Any) -> None:
                               "per digest, one current image per trust group.")
     sub = p.add_subparsers(dest="region_command", metavar="SUBCOMMAND", required=True)
     b = sub.add_parser("build", help="build a group's region image from the store")
-    b.add_argument("--group", help="trust group (default: the config's default_group)")
+    b.add_argument("--group", metavar="NAME",
+                   help="trust group (default: the config's default_group)")
     b.add_argument("--select", default="all", metavar="all|FILE",
                    help="'all' (whole store) or a file of guest paths / sha256s, one a line")
     b.add_argument("--size", type=parse_size, metavar="SIZE",

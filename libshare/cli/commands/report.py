@@ -258,15 +258,37 @@ def print_report(rep: dict[str, Any]) -> None:
     print(f"gathered in {rep['cost']['cpu_seconds']:.3f} s CPU")
 
 
+def output_path(text: str, option: str) -> Path:
+    """Return ``text`` as the path of a file to replace; UsageError when something other
+    than a regular file is there (a folder, a FIFO, a device is never replaced)."""
+    import os
+    import stat
+
+    from libshare.errors import UsageError
+
+    path = Path(text)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    except OSError as exc:
+        raise UsageError(f"{option} {text}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{option} {text}: not a regular file; not replacing it")
+    return path
+
+
 def _report(args: argparse.Namespace, cfg: Config) -> int:
-    if args.png:
+    png = output_path(args.png, "--png") if args.png else None
+    prom = output_path(args.prometheus, "--prometheus") if args.prometheus else None
+    if png:
         _pyplot()  # fail before gathering anything when matplotlib is missing
     with api.connect(libvirt_uri(args, cfg)) as conn:
         rep = report.gather(conn, cfg, args.domains or None, page_cache=args.page_cache)
-    if args.prometheus:
-        atomic_write(Path(args.prometheus), prometheus_text(rep).encode())
-    if args.png:
-        write_png(rep, Path(args.png))
+    if prom:
+        atomic_write(prom, prometheus_text(rep).encode())
+    if png:
+        write_png(rep, png)
     if args.json:
         print_json(rep)
     else:
@@ -299,10 +321,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="also read each enrolled guest's page cache from its memory "
                    "(introspection, no pause) to count the file pages it still holds "
                    "that its region could serve (costs more CPU: not for every minute)")
-    s.add_argument("--png", metavar="FILE",
+    s.add_argument("--png", metavar="OUT",
                    help="also draw the report as a PNG picture (needs matplotlib)")
-    s.add_argument("--prometheus", metavar="FILE",
-                   help="also write node_exporter textfile-collector metrics to FILE "
+    s.add_argument("--prometheus", metavar="OUT",
+                   help="also write node_exporter textfile-collector metrics to OUT "
                    "(atomically; e.g. /var/lib/prometheus/node-exporter/libshare.prom)")
     add_json(s)
     s.set_defaults(func=_report)

@@ -15,6 +15,7 @@ from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError
+from libshare.util import files
 
 
 def register(subparsers: Any) -> None:
@@ -47,8 +48,11 @@ def _layout(path: str | None) -> Any:
         return None
     from libshare.introspect.layout import layout_from_isf, layout_from_offsets
 
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
+    try:
+        with files.open_regular(path) as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise LibshareError(f"cannot read {path}: {files.os_error(exc, path=False)}") from exc
     if b'"user_types"' in head or b'"metadata"' in head:
         return layout_from_isf(path)
     return layout_from_offsets(path)

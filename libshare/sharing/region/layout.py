@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import uuid as uuidlib
 from pathlib import Path
 
@@ -135,5 +136,29 @@ def check_group(group: str) -> None:
 
 
 def locked(cfg: Config) -> contextlib.AbstractContextManager[None]:
-    """Return the regions lock (builds and gc exclude each other)."""
+    """Return the regions lock: a build holds it from its first look at the regions
+    directory to the switch of the group link, gc for its whole run, so they exclude
+    each other fully (and a build's temporaries only exist while it holds it)."""
     return files.locked(cfg.regions_dir / ".lock")
+
+
+def remove_leftovers(cfg: Config, dry_run: bool = False) -> list[str]:
+    """Remove the temporaries of builds that died (``.build-*`` staging folders and
+    ``images/.tmp-*`` files); return their paths, sorted (``dry_run``: only list them).
+
+    Call with the regions lock held: a running build holds it for as long as its
+    temporaries exist, so whatever is found then belongs to a build that was killed.
+    """
+    found = list(cfg.regions_dir.glob(".build-*"))
+    images = cfg.regions_dir / "images"
+    if images.is_dir():
+        found += list(images.glob(".tmp-*"))
+    for p in found:
+        if dry_run:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return sorted(str(p) for p in found)

@@ -15,6 +15,7 @@ from libshare.sharing.formats.erofs import (
 from libshare.sharing.region.layout import fs_path
 from libshare.sharing.store import (
     StoreEntry,
+    path_problem,
 )
 
 MANIFEST_PATH = "/.libshare/manifest.json"
@@ -43,11 +44,13 @@ def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str) -> 
 def tsv_manifest_bytes(entries: list[StoreEntry]) -> bytes:
     """Return the text manifest for guests' POSIX sh: one ``sha256\\tsize\\tpath\\t
     guest_path`` line per guest path of each entry, sorted; guest paths a shell ``read``
-    could mangle (tab, newline, backslash) are left out."""
+    could mangle (control characters such as tab and newline, backslash) or that are not
+    UTF-8 (:func:`libshare.sharing.store.path_problem`; an index written before names
+    were checked may hold them) are left out."""
     lines = []
     for e in entries:
         for guest in e.paths:
-            if any(c in guest for c in "\t\n\r\\") or not guest.startswith("/"):
+            if path_problem(guest) or "\\" in guest or not guest.startswith("/"):
                 continue
             lines.append(f"{e.sha256}\t{e.size}\t{fs_path(e)}\t{guest}\n")
     return "".join(sorted(lines)).encode()

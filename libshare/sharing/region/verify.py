@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import stat
 import subprocess
 import tempfile
 from typing import Any
@@ -22,6 +21,7 @@ from libshare.sharing.formats.erofs import (
 from libshare.sharing.region.layout import CHUNK, DATAOFF, DIGEST_NAME
 from libshare.sharing.region.manifest import TSV_MANIFEST_PATH, read_manifest
 from libshare.util.digest import sha256_file
+from libshare.util.files import open_regular, os_error
 from libshare.util.units import REGION_ALIGN
 
 
@@ -45,7 +45,10 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
             return problem
     m = DIGEST_NAME.match(os.path.basename(os.path.realpath(spath)))
     if check_name and m:
-        digest = sha256_file(spath)
+        try:
+            digest = sha256_file(spath)
+        except OSError as exc:
+            return exc.strerror or str(exc)
         if digest != m.group(1):
             return f"content does not match the file name (SHA-256 is {digest})"
     return None
@@ -66,17 +69,21 @@ def quick_verify(path: str | os.PathLike[str]) -> str | None:
     return _verify_path(os.fspath(path), content=False)
 
 
+def quick_verify_open(fh: Any) -> str | None:
+    """Return the first layout problem (see :func:`quick_verify`) of the region image
+    open as ``fh``, a regular file the caller opened and checked; None if sound."""
+    return _verify_open(fh, os.fstat(fh.fileno()).st_size, content=False)
+
+
 def _verify_path(spath: str, content: bool) -> str | None:
     """Return the first problem :func:`_verify_open` finds in the regular file ``spath``
-    (libraries hashed too when ``content``), or None."""
+    (libraries hashed too when ``content``), or None. A FIFO or device is refused
+    without being waited on. Problems never name ``spath`` (the caller does, once)."""
     try:
-        with open(spath, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return f"{spath}: not a regular file"
-            return _verify_open(fh, st.st_size, content=content)
+        with open_regular(spath) as fh:
+            return _verify_open(fh, os.fstat(fh.fileno()).st_size, content=content)
     except OSError as exc:
-        return f"{spath}: {exc.strerror or exc}"
+        return exc.strerror or str(exc)
 
 
 def _first_nonzero(data: bytes) -> int:
@@ -194,21 +201,28 @@ def _verify_file(fs: Erofs, item: dict[str, Any]) -> str | None:
 
 
 def fsck_region(path: str) -> str | None:
-    """Return a problem reported by ``fsck.erofs --extract`` on the image's filesystem.
+    """Return a problem reported by ``fsck.erofs --extract`` on the image's filesystem,
+    or one line saying why it could not run (disk full: the copy needs room); None if
+    sound or if fsck.erofs is not installed.
 
-    erofs-utils 1.5 has no offset option, so the filesystem part is copied to a
-    temporary file next to the image first. None if fsck.erofs is not installed.
+    erofs-utils 1.5 has no offset option, so the filesystem part is copied to an
+    unnamed temporary file (``O_TMPFILE``: nothing is left behind, even if killed) in
+    the image's folder, which fsck.erofs reads as ``/proc/self/fd/N``.
     """
     tool = shutil.which("fsck.erofs")
     if tool is None:
         return None
-    with open(path, "rb") as src, tempfile.NamedTemporaryFile(
-            prefix=".fsck-", dir=os.path.dirname(os.path.abspath(path))) as tmp:
-        src.seek(DATAOFF)
-        shutil.copyfileobj(src, tmp, CHUNK)
-        tmp.flush()
-        proc = subprocess.run([tool, "--extract", tmp.name], capture_output=True, text=True,
-                              check=False)
+    try:
+        with open_regular(path) as src, tempfile.TemporaryFile(
+                dir=os.path.dirname(os.path.abspath(path))) as tmp:
+            src.seek(DATAOFF)
+            shutil.copyfileobj(src, tmp, CHUNK)
+            tmp.flush()
+            fd = tmp.fileno()
+            proc = subprocess.run([tool, "--extract", f"/proc/self/fd/{fd}"],
+                                  capture_output=True, text=True, check=False, pass_fds=(fd,))
+    except OSError as exc:
+        return f"cannot run fsck.erofs on a copy of the filesystem: {os_error(exc)}"
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return f"fsck.erofs: {lines[-1] if lines else f'exit {proc.returncode}'}"
