@@ -326,5 +326,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prometheus", metavar="OUT",
                    help="also write node_exporter textfile-collector metrics to OUT "
                    "(atomically; e.g. /var/lib/prometheus/node-exporter/libshare.prom)")
+    # issue 12: '--forecast GROUP' (what a group's region would save, per policy) is to be
+    # wired here to the forecast function once it exists in libshare (not yet in main)
     add_json(s)
     s.set_defaults(func=_report)
