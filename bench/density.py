@@ -94,7 +94,8 @@ from libshare.domxml.memory import guest_ram_sizes
 from libshare.errors import LibshareError
 from libshare.sharing import accounting, ksm
 
-WORK = Path("/var/lib/libshare-bench/density")
+#: inside the default state directory, which the hook trusts (config.trusted_state_dir)
+WORK = Path("/var/lib/libshare/bench-density")
 GROUP = "demo"  # the group libshare.demo.story.build_image_region builds
 MEMORY_MIB = 512
 HUGEPAGE_KB = 2048
