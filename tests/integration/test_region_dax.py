@@ -131,6 +131,14 @@ wait_for_path /dev/pmem0 30 || { echo no-pmem0; ls /sys/bus/nd/devices; exit 3; 
 mkdir -p /mnt/region /mnt/nodax
 cached() { sync; echo 3 > /proc/sys/vm/drop_caches; awk '/^Cached:/{print $2}' /proc/meminfo; }
 """
+#: guest script lines making the (read-only) region device writable for root
+MAKE_PMEM_WRITABLE = """echo 0 > /sys/bus/nd/devices/region0/read_only
+for p in /sys/bus/nd/drivers/nd_pmem/pfn*; do
+    n=$(basename $p); echo $n > /sys/bus/nd/drivers/nd_pmem/unbind
+    echo $n > /sys/bus/nd/drivers/nd_pmem/bind
+done
+wait_for_path /dev/pmem0 10
+"""
 
 
 def test_region_is_fsdax_and_served_by_dax(libvirt_conn: Any, domain_name: Callable[[], str],
@@ -258,13 +266,7 @@ echo sha=$(sha256sum /mnt/region{big} | cut -d' ' -f1)
 echo before=$(dd if=/dev/pmem0 bs=4096 skip={blk} count=1 2>/dev/null | sha256sum | cut -c1-64)
 umount /lib/x86_64-linux-gnu/libc.so.6; umount /mnt/region
 # make the device writable for root in this guest, then overwrite a library block
-echo 0 > /sys/bus/nd/devices/region0/read_only
-for p in /sys/bus/nd/drivers/nd_pmem/pfn*; do
-    n=$(basename $p); echo $n > /sys/bus/nd/drivers/nd_pmem/unbind
-    echo $n > /sys/bus/nd/drivers/nd_pmem/bind
-done
-wait_for_path /dev/pmem0 10
-echo ro_after=$(cat /sys/block/pmem0/ro)
+""" + MAKE_PMEM_WRITABLE + f"""echo ro_after=$(cat /sys/block/pmem0/ro)
 dd if=/dev/urandom of=/dev/pmem0 bs=4096 seek={blk} count=1 conv=fsync 2>/dev/null
 echo dd_rc=$?
 echo 3 > /proc/sys/vm/drop_caches
