@@ -20,6 +20,7 @@ import pytest
 
 from libshare.demo.tiny.runner import GuestOptions, defined_guest
 from libshare.hook import install, state
+from libshare.sharing.region import layout
 from libshare.util.digest import sha256_file
 from tests.support.images import region_image
 
@@ -31,6 +32,7 @@ PMEM_SCRIPT = """. /etc/libshare.sh
 for d in /dev/pmem*; do [ -b "$d" ] && echo "PMEM $d"; done
 [ -e /sys/block/pmem0/size ] && echo "SECTORS $(cat /sys/block/pmem0/size)"
 [ -e /sys/block/pmem0/ro ] && echo "RO $(cat /sys/block/pmem0/ro)"
+echo "BOUNCE $(dmesg | grep -c 'software IO TLB: mapped')"
 ready
 park
 """
@@ -109,8 +111,12 @@ def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Pa
     text = guest.console()
     # inside the guest: the region is a read-only pmem disk of the region's size
     assert "PMEM /dev/pmem0" in text
-    assert f"SECTORS {REGION_SIZE // 512}" in text
+    # an fsdax namespace: the data after the region's PFN info block and memmap reserve
+    assert f"SECTORS {(REGION_SIZE - layout.DATAOFF) // 512}" in text
     assert "RO 1" in text
+    # enrolment's maxMemory would make the kernel reserve 64 MiB of bounce buffers; its
+    # swiotlb=noforce on this direct-kernel-boot domain keeps them away
+    assert "BOUNCE 0" in text, text[-2000:]
     records = {r["name"]: r for r in state.read_running(state_dir)}
     assert records[name]["region"] == str(image)
     assert records[name]["pid"] == guest.qemu_pid()
