@@ -313,3 +313,43 @@ def test_initrd_switch_refusals(extra: str, enrol: bool) -> None:
                        else "not enrolled"):
         domxml.switch_initrd(root, OURS)
     assert c14n(domxml.restore_initrd(root)) == c14n(root)
+
+
+# ---------------------------------------------------------------- bounce buffers
+
+def test_direct_kernel_boot_gets_no_bounce_buffers_and_disable_undoes_it() -> None:
+    """maxMemory makes the guest kernel reserve 64 MiB of bounce buffers; a
+    direct-kernel-boot domain with all its RAM below 4 GiB gets swiotlb=noforce on its
+    command line (added when it had none), and disable restores it exactly."""
+    root = dkb()
+    on = domxml.enable(root, spec())
+    assert on.findtext("os/cmdline") == "root=/dev/vda ro swiotlb=noforce"
+    assert c14n(domxml.disable(on)) == c14n(root)
+    bare = domxml.parse(domxml.serialize(root).replace(
+        "    <cmdline>root=/dev/vda ro</cmdline>\n", ""))
+    assert bare.find("os/cmdline") is None
+    on = domxml.enable(bare, spec())
+    assert on.findtext("os/cmdline") == "swiotlb=noforce"
+    assert [c.tag for c in on.find("os")] == ["type", "kernel", "initrd", "cmdline"]
+    assert c14n(domxml.disable(on)) == c14n(bare)
+    # re-enrolment keeps one copy of the option
+    again = domxml.enable(on, spec(path="/r/b.img"))
+    assert again.findtext("os/cmdline") == "swiotlb=noforce"
+    assert c14n(domxml.disable(again)) == c14n(bare)
+
+
+def test_bounce_buffers_left_alone_when_ram_reaches_above_4g_or_no_kernel() -> None:
+    """With RAM above 4 GiB the kernel needs its bounce buffers anyway (32-bit devices);
+    a domain booted by its own boot loader gets the option from guest install."""
+    big = domxml.parse(domxml.serialize(dkb()).replace(">512</memory>", ">4096</memory>"))
+    assert big.findtext("memory") == "4096"
+    assert "swiotlb" not in (domxml.enable(big, spec()).findtext("os/cmdline") or "")
+    assert domxml.enable(dom(), spec()).find("os/cmdline") is None
+
+
+def test_a_command_line_changed_since_is_theirs() -> None:
+    """Someone edits the command line after enrolment: disable leaves their value."""
+    on = domxml.enable(dkb(), spec())
+    theirs = domxml.parse(domxml.serialize(on))
+    theirs.find("os/cmdline").text = "root=/dev/vda ro quiet"
+    assert domxml.disable(theirs).findtext("os/cmdline") == "root=/dev/vda ro quiet"
