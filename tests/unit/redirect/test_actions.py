@@ -25,6 +25,7 @@ def enrolled_xml() -> str:
 
 
 Handler = Callable[[list[str], bytes | None], ExecResult]
+GRUB_FACTS = "boot_image=/vmlinuz\ngrub=1\nrelease=6.1.0-50-amd64\nmodules=1\n"
 
 
 def ok(out: str = "", rc: int = 0) -> ExecResult:
@@ -52,6 +53,8 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
             return ok(f"initramfs_tool={tool}\nkernel=6.1.0-50-amd64\ninitramfs=updated\n"
                       "initramfs_image=/boot/initrd.img-6.1.0-50-amd64\n"
                       "initramfs_entries=7\ninitramfs_script=1\ninitramfs_hook=1\n")
+        if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:   # a GRUB guest (boot-files)
+            return ok(GRUB_FACTS)
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
             return ok(rc=0 if installed else 1)
         if argv[:2] == [actions.SCRIPT, "apply"]:
@@ -247,7 +250,8 @@ def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
     dom = FakeDomain("g1", enrolled_xml())
     runs = [
         (actions.install, {}, ["install files (9 files)", "start the unit ...",
-                               "hash libraries ...", "update-initramfs ..."]),
+                               "hash libraries ...", "boot path ...",
+                               "update-initramfs ..."]),
         (actions.redirect, {"apply_out": "bound=1\nagent_restart=deferred\n"},
          ["bind and restart ...", "restart the agent ..."]),
         (actions.unredirect, {"uninstall_out": "removed=1\n"},
