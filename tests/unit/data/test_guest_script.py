@@ -358,6 +358,21 @@ def test_boot_hooks_take_their_lists_from_the_script() -> None:
     assert 'apply --boot --root "${NEWROOT:-/sysroot}"' in pivot
 
 
+def test_dracut_hook_records_what_the_boot_did(tmp_path: Path) -> None:
+    """dracut's pre-pivot hook keeps the same record of this boot as init-bottom (for
+    'status'): with the script missing from the initramfs, a refusal saying so."""
+    if Path("/usr/lib/libshare/libshare-redirect").exists():
+        pytest.skip("this host has libshare's initramfs copy of the script")
+    pivot = SCRIPT.parent / "dracut-pre-pivot.sh"
+    run = tmp_path / "run"
+    subprocess.run(["sh", "-c", f'. "{pivot}"; echo "sourced"'], check=True, timeout=30,
+                   env={"PATH": "/usr/bin:/bin", "LIBSHARE_RUN": str(run)},
+                   capture_output=True)
+    kv = actions.parse_kv((run / "boot.out").read_text())
+    assert kv["via"] == "guest" and kv["release"] == os.uname().release
+    assert kv["refused"] == "/usr/lib/libshare/libshare-redirect missing from the initramfs"
+
+
 def test_detect_and_initramfs_on_this_host() -> None:
     """'detect' names the initramfs tool and package managers; 'initramfs' without a
     tool refuses with one line and changes nothing."""
