@@ -4,8 +4,11 @@ Its own ``libvirtd`` and ``virtlogd`` run in a mount namespace of their own wher
 ``/etc/libvirt`` (with a qemu hook that runs this checkout's shim), ``/run/libvirt``,
 ``/var/lib/libvirt``, ``/var/log/libvirt``, ``/var/cache/libvirt``, ``/etc/libshare``
 (a libshare.toml) and ``/var/lib/libshare`` (the destination's libshare state) are
-folders of its own under ``base``; paths of the first host it must not see (the source's
-state directory) are hidden behind an empty folder. It has another ``host_uuid``, is
+folders of its own under its ``base`` (a fresh folder in /var/tmp: outside
+/var/lib/libshare, where the test state directories live, which that host's own state
+covers); paths of the first host it must not see (the source's state directory) are
+hidden behind an empty folder. Files both hosts' QEMUs open (disks, consoles, save
+files) must live outside /var/lib/libshare too. It has another ``host_uuid``, is
 reached through its own socket (:attr:`SecondHost.uri`), and takes migrations on
 127.0.0.1. Everything is torn down when the block ends: its domains destroyed and
 undefined, both daemons stopped by pid, the folders removed.
@@ -20,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -37,8 +41,8 @@ DAEMON_ENV = "env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LC_ALL=C"
 _START = f"""set -e
 b=$1; shift
 for p in {' '.join(PRIVATE)}; do mount --bind "$b$p" "$p"; done
-mount --bind "$b/state" {STATE_IN_NS}
 for h in "$@"; do mount --bind "$b/empty" "$h"; done
+mount --bind "$b/state" {STATE_IN_NS}
 {DAEMON_ENV} virtlogd -d -p "$b/virtlogd.pid"
 {DAEMON_ENV} libvirtd -d -p "$b/libvirtd.pid"
 """
@@ -148,12 +152,12 @@ def _clean_domains(host: SecondHost) -> None:
 
 
 @contextlib.contextmanager
-def second_host(base: Path, hide: Sequence[Path] = (), timeout: float = 120.0
-                ) -> Iterator[SecondHost]:
-    """Start a second libvirt host under ``base`` (created; absolute, short enough for a
+def second_host(hide: Sequence[Path] = (), timeout: float = 120.0) -> Iterator[SecondHost]:
+    """Start a second libvirt host (in a fresh folder under /var/tmp, short enough for a
     unix socket path) that cannot see the paths ``hide``; yield its
     :class:`SecondHost`; always torn down afterwards."""
-    base.mkdir(parents=True)
+    base = Path(tempfile.mkdtemp(prefix=f"ls-host2-p{os.getpid()}-", dir="/var/tmp"))
+    base.chmod(0o755)
     made: list[Path] = []
     for point in ("/etc/libshare", STATE_IN_NS):  # mount points on this host (empty folders)
         if not Path(point).exists():

@@ -37,10 +37,10 @@ from libshare.redirect import actions
 from libshare.redirect.agent import GuestAgent
 from libshare.sharing.accounting import smaps
 from libshare.virt import enrol
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 GROUP = "demo"          # the group build_image_region builds
 LIBSHARE = [sys.executable, "-m", "libshare"]
 
@@ -60,17 +60,21 @@ class Region:
 @pytest.fixture(scope="module")
 def region() -> Iterator[Region]:
     """Yield a region of every library of the Debian image (the demo's recipe, group
-    GROUP, in a state folder of its own) and a work folder QEMU can traverse."""
+    GROUP, in a state folder of its own under TEST_ROOT, which the hook trusts) and a
+    work folder for disks that QEMU can traverse, outside /var/lib/libshare (the second
+    host of the migration covers that with its own state)."""
     try:
         image = debian_image()
     except Exception as exc:  # no network and no cache: say so
         pytest.skip(f"no Debian guest image: {exc}")
     TEST_ROOT.mkdir(parents=True, exist_ok=True)
     TEST_ROOT.chmod(0o755)
-    work = Path(tempfile.mkdtemp(prefix=f"image-{os.getpid()}-", dir=TEST_ROOT))
-    work.chmod(0o755)
+    top = Path(tempfile.mkdtemp(prefix=f"image-p{os.getpid()}-", dir=TEST_ROOT))
+    work = Path(tempfile.mkdtemp(prefix=f"libshare-image-p{os.getpid()}-", dir="/var/tmp"))
     try:
-        cfg = Config(state_dir=work / "state")
+        for d in (top, work):
+            d.chmod(0o755)
+        cfg = Config(state_dir=top / "state")
         cfg.state_dir.mkdir(mode=0o755)
         built, paths = build_image_region(cfg, image, print)
         for d in (cfg.regions_dir, cfg.regions_dir / "images", cfg.regions_dir / "groups"):
@@ -78,6 +82,7 @@ def region() -> Iterator[Region]:
         yield Region(cfg, Path(built.path), built.digest, paths, image, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(top, ignore_errors=True)
 
 
 def libshare(*args: str, state: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -372,32 +377,62 @@ def check_first_boot(guests: list[DebianGuest], reg: Region) -> None:
 
 
 @contextlib.contextmanager
-def clones(conn: Any, names: list[str], image: DebianImage, reg: Region
+def clones(conn: Any, guests: list[tuple[str, DebianImage]], reg: Region
            ) -> Iterator[list[DebianGuest]]:
-    """Yield guests ``names``, each on a fresh overlay of ``image``, enrolled into the
-    region and booted for the first time (no guest install, no reboot)."""
+    """Yield the guests ``(name, image)``, each on a fresh overlay of its image, enrolled
+    into the region and booted for the first time, at once (no guest install, no
+    reboot)."""
     spec = enrol.resolve_region(reg.cfg, GROUP, "nvdimm")
-    opts = DebianGuestOptions(image=image, boot_timeout=600)
     with contextlib.ExitStack() as stack:
-        defined = [stack.enter_context(defined_debian_guest(conn, n, opts)) for n in names]
-        for n in names:
+        defined = [stack.enter_context(defined_debian_guest(
+            conn, n, DebianGuestOptions(image=image, boot_timeout=900)))
+            for n, image in guests]
+        for n, _image in guests:
             enrol.enable_domain(conn, n, spec)
-        guests = [d.start(wait=False) for d in defined]
-        for g in guests:
+        started = [d.start(wait=False) for d in defined]
+        for g in started:
             g.wait_booted()
-        yield guests
+        yield started
 
 
-def test_clones_of_a_prepared_template_share_from_their_first_boot(
+def test_clones_of_prepared_templates_share_from_their_first_boot(
         region: Region, libvirt_conn: Any, domain_name: Callable[[], str]) -> None:
+    """A template of each initramfs tool: initramfs-tools, and Debian's dracut package
+    (the template gets the dracut module, not the initramfs-tools hook). One clone of
+    each boots for the first time, both at once: each binds in its initramfs (the
+    second in dracut's pre-pivot hook) with nothing to hash, both QEMUs share the
+    region's pages, and the first then live-migrates to a second host."""
+    from libshare.demo.debian.dracut import dracut_image
+
     reg = region
+    t0 = time.monotonic()
     tpl = create_overlay(reg.image, reg.work / "template.qcow2")
     rep = image_cmd("prepare", tpl, reg, "--group", GROUP)
-    assert rep["current"], rep
-    with clones(libvirt_conn, [domain_name(), domain_name()], replace(reg.image, path=tpl),
-                reg) as guests:
+    assert rep["current"] and rep["initramfs_tool"] == "initramfs-tools", rep
+    dimage = dracut_image(reg.image)
+    t1 = time.monotonic()
+    dtpl = create_overlay(dimage, reg.work / "dracut.qcow2")
+    drep = image_cmd("prepare", dtpl, reg, "--group", GROUP)
+    assert drep["initramfs_tool"] == "dracut" and drep["current"], drep
+    paths = [f["path"] for f in drep["files"]]
+    assert "/usr/lib/dracut/modules.d/90libshare/module-setup.sh" in paths
+    assert not [p for p in paths if p.startswith("/etc/initramfs-tools/")]
+    t2 = time.monotonic()
+    print(f"timing: prepare (initramfs-tools) {rep['seconds']} s, dracut image "
+          f"{t1 - t0 - rep['seconds']:.1f} s, prepare (dracut) {drep['seconds']} s")
+    with clones(libvirt_conn, [(domain_name(), replace(reg.image, path=tpl)),
+                               (domain_name(), replace(dimage, path=dtpl))], reg) as guests:
+        t3 = time.monotonic()
+        print(f"timing: both clones booted in {t3 - t2:.1f} s")
+        dracut = guests[1]
+        assert "initramfs-tools" not in dracut.sh(
+            "dpkg -l | grep -E '^ii +(initramfs-tools|dracut) ' || true")
         check_first_boot(guests, reg)
+        kmsg = dracut.sh("dmesg | grep libshare-redirect || true")
+        print("dracut clone's kernel log:", kmsg.strip()[-400:])
+        assert "libshare-redirect: bound" in kmsg
         migrate_to_second_host(guests[0], reg)
+        print(f"timing: checks and migration {time.monotonic() - t3:.1f} s")
 
 
 def migrate_to_second_host(g: DebianGuest, reg: Region) -> None:
@@ -408,7 +443,7 @@ def migrate_to_second_host(g: DebianGuest, reg: Region) -> None:
     from tests.integration.second_host import STATE_IN_NS, free_port, second_host
 
     before = inside(g, reg)
-    with second_host(reg.work / "dst", hide=[reg.cfg.state_dir]) as dst:
+    with second_host(hide=[reg.cfg.state_dir]) as dst:
         images = dst.state / "regions" / "images"
         images.mkdir(parents=True, mode=0o755)
         shutil.copyfile(reg.path, images / reg.path.name)   # "or the image copied"
@@ -438,30 +473,3 @@ def migrate_to_second_host(g: DebianGuest, reg: Region) -> None:
               f"{size} kB region (private copies until the guest's next power cycle)")
         assert maps and 0 < anon <= size
         conn.close()
-
-
-def test_dracut_guest_prepared_offline(region: Region, libvirt_conn: Any,
-                                       domain_name: Callable[[], str]) -> None:
-    """A Debian 12 guest whose initramfs Debian's dracut package builds: the template
-    gets the dracut module (not the initramfs-tools hook), and its clone's first boot
-    binds in dracut's pre-pivot hook."""
-    from libshare.demo.debian.dracut import dracut_image
-
-    reg = region
-    image = dracut_image(reg.image)
-    tpl = create_overlay(image, reg.work / "dracut.qcow2")
-    rep = image_cmd("prepare", tpl, reg, "--group", GROUP)
-    print("prepare (dracut):", rep["seconds"])
-    assert rep["initramfs_tool"] == "dracut" and rep["current"], rep
-    paths = [f["path"] for f in rep["files"]]
-    assert "/usr/lib/dracut/modules.d/90libshare/module-setup.sh" in paths
-    assert not [p for p in paths if p.startswith("/etc/initramfs-tools/")]
-    with clones(libvirt_conn, [domain_name()], replace(image, path=tpl), reg) as guests:
-        g = guests[0]
-        assert "dracut-pre-pivot" in g.console() or "pre-pivot" in g.console()
-        assert "initramfs-tools" not in g.sh("dpkg -l | grep -E '^ii +(initramfs-tools|dracut) '"
-                                             " || true")
-        check_first_boot(guests, reg)
-        kmsg = g.sh("dmesg | grep libshare-redirect || true")
-        print("kernel log:", kmsg.strip()[-400:])
-        assert "libshare-redirect: bound" in kmsg

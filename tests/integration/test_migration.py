@@ -143,8 +143,7 @@ def check_guest(g: RunningGuest, after: int, want_sum: str, binds: int, since: i
 def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callable[[], str],
                                           guest_kernel: KernelPackage,
                                           scratch_dir: Path) -> None:
-    work = scratch_dir  # short enough for the second host's socket path
-    src = Config(state_dir=work / "src-state")
+    src = Config(state_dir=scratch_dir / "src-state")
     built, binds = build_tiny_region(src, print)
     for d in (src.state_dir, src.regions_dir, src.regions_dir / "images",
               src.regions_dir / "groups"):
@@ -157,7 +156,7 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
     opts = GuestOptions(kernel=guest_kernel, memory_mib=256, binaries=PROGRAMS,
                         files={"/etc/libshare-binds": "".join(f"{s} {d}\n" for s, d in binds)},
                         customize=[_append_console])
-    with second_host(work / "dst", hide=[src.state_dir]) as dst, \
+    with second_host(hide=[src.state_dir]) as dst, \
             defined_guest(libvirt_conn, name, SCRIPT, opts) as defined:
         enrol.enable_domain(libvirt_conn, name, spec)
         g = defined.start()
@@ -230,7 +229,7 @@ def test_migrate_save_restore_managedsave(libvirt_conn: Any, domain_name: Callab
         assert row["state_dir"] == STATE_IN_NS, row
 
         # save and restore on the destination; a restore without the image is refused
-        saved = work / "saved.img"
+        saved = dst.base / "saved.img"   # both hosts see it (not the state dirs)
         proc = virsh("save", name, str(saved), uri=dst.uri)
         assert proc.returncode == 0, proc.stderr
         image = dst.state / "regions/images" / f"{built.digest}.img"
