@@ -31,12 +31,12 @@ import pytest
 
 from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
-from libshare.demo.debian.image import DebianImage, create_overlay, debian_image, image_root
+from libshare.demo.debian.image import DebianImage, create_overlay, image_root
 from libshare.demo.story import build_image_region
 from libshare.redirect import actions
 from libshare.sharing.accounting import smaps
 from libshare.virt import enrol
-from tests.support.paths import TEST_ROOT
+from tests.support.paths import make_test_dir
 
 pytestmark = pytest.mark.integration
 
@@ -57,22 +57,16 @@ class Region:
 
 
 @pytest.fixture(scope="module")
-def region() -> Iterator[Region]:
+def region(debian_guest_image: DebianImage) -> Iterator[Region]:
     """Yield a region of every library of the Debian image (the demo's recipe, group
     GROUP, in a state folder of its own under TEST_ROOT, which the hook trusts) and a
     work folder for disks that QEMU can traverse, outside /var/lib/libshare (the second
     host of the migration covers that with its own state)."""
-    try:
-        image = debian_image()
-    except Exception as exc:  # no network and no cache: say so
-        pytest.skip(f"no Debian guest image: {exc}")
-    TEST_ROOT.mkdir(parents=True, exist_ok=True)
-    TEST_ROOT.chmod(0o755)
-    top = Path(tempfile.mkdtemp(prefix=f"image-p{os.getpid()}-", dir=TEST_ROOT))
+    image = debian_guest_image
+    top = make_test_dir(f"image-p{os.getpid()}-")
     work = Path(tempfile.mkdtemp(prefix=f"libshare-image-p{os.getpid()}-", dir="/var/tmp"))
     try:
-        for d in (top, work):
-            d.chmod(0o755)
+        work.chmod(0o755)
         cfg = Config(state_dir=top / "state")
         cfg.state_dir.mkdir(mode=0o755)
         built, paths = build_image_region(cfg, image, print)
