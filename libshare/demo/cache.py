@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 DEFAULT_CACHE = Path("/var/cache/libshare/guests")
@@ -32,3 +33,14 @@ def cache_subdir(name: str, override: Path | str | None = None) -> Path:
     with contextlib.suppress(PermissionError):
         path.chmod(0o755)
     return path
+
+
+def publish_build(build: Path, target: Path, complete: str) -> None:
+    """Make the finished build folder ``build`` the cache entry ``target``: write its
+    ``.complete`` marker (``complete``), open it to QEMU (0755), and rename it in place
+    of any old ``target``."""
+    (build / ".complete").write_text(complete)
+    build.chmod(0o755)
+    if target.exists():
+        shutil.rmtree(target)
+    build.rename(target)

@@ -122,6 +122,18 @@ def virtio_serial_users(devices: Element | None) -> int:
     return count
 
 
+def disk_files(root: Element) -> set[str]:
+    """Return the files the disks of domain ``root`` name: each ``<disk type='file'>``
+    source and, in a live definition, every file of its ``<backingStore>`` chain."""
+    out: set[str] = set()
+    for disk in root.iterfind("./devices/disk"):
+        for src in disk.iter("source"):
+            path = src.get("file")
+            if path:
+                out.add(path)
+    return out
+
+
 def region_paths(root: Element) -> set[str]:
     """Return the region backing paths the domain ``root`` refers to: the
     ``<source><path>`` of nvdimm and virtio-pmem ``<memory>`` devices and ``/dev/shm/N``

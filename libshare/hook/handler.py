@@ -11,8 +11,10 @@ children, and trusts nothing it is given:
   ``<name>`` before it names a file (libshare.hook.state.check_name);
 - the state directory the enrolment names is honoured only when it is the config's
   ``state_dir``, one of its ``state_dirs`` or inside one of them
-  (:meth:`libshare.config.Config.trusted_state_dir`); otherwise prepare, migrate and
-  restore refuse, and the other operations only log, in the config's state directory;
+  (:meth:`libshare.config.Config.trusted_state_dir`); otherwise prepare refuses,
+  migrate and restore begin (a definition from the source host) put the config's
+  ``state_dir`` in its place, using nothing of the source's, and the other operations
+  only log, in the config's state directory;
 - a region image is served only from the ``regions/images`` folder of a state
   directory the config trusts (symbolic links resolved, none may lead out of it), only as
   a regular file opened without blocking, only when it passes the layout check
@@ -40,8 +42,10 @@ Per operation, for enrolled domains only:
 - ``stopped end`` / ``release end``: drop the record and any pending request; always
   exit 0.
 - ``migrate begin`` / ``restore begin``: print the XML with the region path mapped to
-  this host's image of the same digest (nothing when unchanged); exit 1 when this host
-  has no such image. Devices are never added or removed.
+  this host's image of the same digest (nothing when unchanged; mapped to this host's
+  state directory's image, the enrolment's state directory becomes this host's too, so
+  the records of the guest's run here are kept here); exit 1 when this host has no such
+  image. Devices are never added or removed.
 Anything else exits 0. Unexpected errors: 0 for operations that cannot harm the guest,
 1 with a one-line message for prepare/migrate/restore.
 """
@@ -271,17 +275,26 @@ def _map_region(root: Any, enr: Enrolment, cfg: config.Config, state_dir: Path
         raise RefusedError(f"this host has no region image with digest "
                            f"{(enr.digest or '?')[:16]}... (group {enr.group}); build it "
                            f"with 'libshare region build --group {enr.group}' first")
-    if enr.model == "ivshmem" or str(image) == enr.region:
-        return None
-    device = dev.find_region_device(root.find("devices"), enr.model, enr.region, enr.group)
     rec = root.find(f"metadata/{{{domxml.NS}}}enrolment")
-    if device is None or rec is None:
+    if rec is None:
         return None
-    path_elem = device.find("source/path")
-    assert path_elem is not None
-    path_elem.text = str(image)
-    rec.set("region", str(image))
-    return domxml.serialize(root)
+    changed = False
+    if enr.model != "ivshmem" and str(image) != enr.region:
+        device = dev.find_region_device(root.find("devices"), enr.model, enr.region, enr.group)
+        if device is None:
+            return None
+        path_elem = device.find("source/path")
+        assert path_elem is not None
+        path_elem.text = str(image)
+        rec.set("region", str(image))
+        changed = True
+    # the records of the guest's run here stay here: with this host's image, and always
+    # when the source's state directory is not one this host trusts (never used here)
+    if (enr.digest and changed and image == cfg.region_image(enr.digest)) or (
+            enr.state_dir and cfg.trusted_state_dir(enr.state_dir) is None):
+        changed = changed or rec.get("state-dir") != str(cfg.state_dir)
+        rec.set("state-dir", str(cfg.state_dir))
+    return domxml.serialize(root) if changed else None
 
 
 def _checked_name(argv_name: str, root: Any) -> str:
@@ -294,11 +307,16 @@ def _checked_name(argv_name: str, root: Any) -> str:
     return name
 
 
-def state_dir_of(enr: Enrolment, cfg: config.Config) -> Path:
+def state_dir_of(enr: Enrolment, cfg: config.Config, incoming: bool = False) -> Path:
     """Return the real path of the state directory the hook serves enrolment ``enr``
     from: its recorded one when the config trusts it (Config.trusted_state_dir), the
-    config's when it records none; raise RefusedError for any other."""
+    config's when it records none, or (``incoming``: migrate or restore begin, whose
+    definition comes from the source host) the config's in place of one it does not
+    trust, which :func:`_map_region` then writes into the definition; raise RefusedError
+    for any other."""
     trusted = cfg.trusted_state_dir(enr.state_dir)
+    if trusted is None and incoming:
+        trusted = cfg.trusted_state_dir(None)
     if trusted is None:
         where = cfg.source or config.SYSTEM_CONFIG
         raise RefusedError(f"the enrolment names state directory {printable(enr.state_dir)}"
@@ -415,7 +433,8 @@ def run(argv: list[str], data: bytes, out: Any = None, started: float | None = N
             raise cfg_error
         name = _checked_name(argv_name, root)
         shown = name
-        state_dir = state_dir_of(enr, cfg)
+        state_dir = state_dir_of(enr, cfg, incoming=op in ("migrate", "restore")
+                                 and sub == "begin")
         log_dir = state_dir
         result = _dispatch(name, op, sub, root, enr, cfg, state_dir, out or sys.stdout)
         status = 0

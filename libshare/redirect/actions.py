@@ -8,15 +8,21 @@ operation makes before touching a guest (:func:`check_domain`: running, region d
 attached, agent answering, DAX active in the guest), and the three operations:
 
 - :func:`install` puts the guest-side files into the guest (the ``libshare-redirect``
-  script, an initramfs-tools hook and init-bottom script for boot-time mode, the apt and
-  dpkg hooks, a systemd unit) and sets up boot-time mode by the domain's boot path
-  (:mod:`libshare.redirect.bootmode`: ``update-initramfs -u`` in the guest, libshare's
-  own initrd for direct kernel boot, or automatic runtime redirect where neither works);
+  script, the boot-time hook of the guest's initramfs tool: an initramfs-tools hook and
+  init-bottom script, or a dracut module; the apt and dpkg hooks where those exist, a
+  systemd unit) and sets up boot-time mode by the domain's boot path
+  (:mod:`libshare.redirect.bootmode`: the guest's initramfs rebuilt with its own tool,
+  ``libshare-redirect initramfs``: ``update-initramfs`` or ``dracut``; libshare's own
+  initrd for direct kernel boot; or automatic runtime redirect where neither works);
 - :func:`redirect` runs ``libshare-redirect apply`` now (runtime mode: binds, then
   ``systemctl daemon-reexec`` and service restarts unless ``restart=False``);
 - :func:`unredirect` runs ``libshare-redirect uninstall``: removes exactly the binds it
   recorded, deletes every guest-side file and rebuilds the initramfs (a domain booting
   libshare's initrd boots its own again).
+
+Which of :data:`GUEST_FILES` a guest needs follows from what the script's ``detect``
+prints (:func:`needed_files`, by :data:`FILE_OWNERS`): also what ``libshare image
+prepare`` installs into a disk image.
 
 The guest script prints ``key=value`` lines (:func:`parse_kv`); a ``refused=`` line
 means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`.
@@ -31,6 +37,7 @@ debug level (``libshare -v``) when it starts and ends (:class:`Steps`).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -100,8 +107,43 @@ def script_bytes() -> bytes:
     return guest_file_bytes("libshare-redirect")
 
 
+def parse_state_dir(script: str) -> str:
+    """Return the guest script's state folder (its ``STATE``, relative to the guest
+    root: verdicts live there, and its ``uninstall`` removes it) as the script text
+    ``script`` sets it. Raises LibshareError if the script does not say."""
+    m = re.search(r'^\s*STATE=\$\{LIBSHARE_STATE:-\$ROOT(/[^}"]+)\}', script, re.M)
+    if not m:
+        raise LibshareError("the guest script does not set its state folder (STATE)")
+    return m.group(1)
+
+
 #: every file ``install`` puts in a guest, as the guest script lists them
 GUEST_FILES: tuple[GuestFile, ...] = parse_guest_files(script_bytes().decode())
+#: the guest script's state folder in the guest, as the script sets it
+GUEST_STATE_DIR: str = parse_state_dir(script_bytes().decode())
+
+#: guest folders whose files only a guest with that tool gets (the initramfs tool, or a
+#: package manager among ``detect``'s ``package_tools``); every other file goes to all
+FILE_OWNERS: tuple[tuple[str, str], ...] = (
+    ("/etc/initramfs-tools/", "initramfs-tools"),
+    ("/usr/lib/dracut/", "dracut"),
+    ("/etc/apt/", "apt"),
+    ("/etc/dpkg/", "dpkg"),
+)
+
+
+def needed_files(detected: dict[str, Any]) -> tuple[GuestFile, ...]:
+    """Return the :data:`GUEST_FILES` a guest needs, given what its ``libshare-redirect
+    detect`` printed (``initramfs_tool``, ``package_tools``): the files of its own
+    initramfs tool and package managers, and all others."""
+    have = {str(detected.get("initramfs_tool", ""))}
+    have.update(str(detected.get("package_tools", "")).split())
+    out = []
+    for f in GUEST_FILES:
+        owner = next((tool for prefix, tool in FILE_OWNERS if f.path.startswith(prefix)), None)
+        if owner is None or owner in have:
+            out.append(f)
+    return tuple(out)
 
 
 def parse_kv(text: str) -> dict[str, Any]:
@@ -252,6 +294,18 @@ def installed(agent: GuestAgent, timeout: float = 30.0) -> bool:
     return _run(agent, ["/bin/sh", "-c", f"test -x {SCRIPT}"], timeout=timeout).ok
 
 
+def detect(agent: GuestAgent, name: str) -> dict[str, Any]:
+    """Return what the packaged script's ``detect`` prints in the guest (run from stdin:
+    nothing installed): its ``initramfs_tool`` (initramfs-tools, dracut or none) and
+    ``package_tools``. Raises LibshareError if it cannot run."""
+    res = _run(agent, ["/bin/sh", "-s", "--", "detect"], stdin=script_bytes(), timeout=60)
+    kv = parse_kv(res.out)
+    if not res.ok or "initramfs_tool" not in kv:
+        raise LibshareError(f"{name}: cannot tell the guest's initramfs tool (exit {res.rc}): "
+                            f"{_tail(res)}")
+    return kv
+
+
 # ---------------------------------------------------------------------------- install
 
 @dataclass
@@ -263,6 +317,7 @@ class InstallReport:
     files: list[str] = field(default_factory=list)
     identical: int = 0                  # guest files identical to the region's (primed)
     differs: list[str] = field(default_factory=list)
+    initramfs_tool: str = "none"        # initramfs-tools, dracut or none
     initramfs: str = "not run"          # "updated", "failed: ...", "not rebuilt: ..."
     initramfs_entries: int = 0          # libshare files found in the new initramfs
     boot: dict[str, Any] | None = None  # bootmode.BootReport: boot path, mode, why
@@ -277,12 +332,12 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             update_initramfs: bool = True,
             progress: Progress | None = None,
             state_dir: Path = DEFAULT_STATE_DIR) -> InstallReport:
-    """Install the guest-side files into running domain ``dom`` and, with
-    ``update_initramfs``, set up boot-time mode by its boot path
-    (:func:`libshare.redirect.bootmode.setup`; libshare's initrd of a domain with direct
-    kernel boot goes under the enrolment's state directory, else ``state_dir``); return
-    an :class:`InstallReport`. Each step after the checks is reported to ``progress``
-    and logged (see :class:`Steps`).
+    """Install the guest-side files its initramfs tool and package managers need
+    (:func:`needed_files`) into running domain ``dom`` and, with ``update_initramfs``,
+    set up boot-time mode by its boot path (:func:`libshare.redirect.bootmode.setup`;
+    libshare's initrd of a domain with direct kernel boot goes under the enrolment's
+    state directory, else ``state_dir``); return an :class:`InstallReport`. Each step
+    after the checks is reported to ``progress`` and logged (see :class:`Steps`).
 
     Refuses (RefusedError, nothing changed) as :func:`check_domain` does. If writing a
     file fails, the files written so far are removed again before the error is raised.
@@ -291,12 +346,15 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     target = check_domain(dom, agent_factory=agent_factory)
     agent = target.agent
     steps = Steps(target.name, progress)
-    report = InstallReport(domain=target.name, region_device=target.region_device)
-    dirs = sorted({f.path.rsplit("/", 1)[0] for f in GUEST_FILES})
+    detected = detect(agent, target.name)
+    files = needed_files(detected)
+    report = InstallReport(domain=target.name, region_device=target.region_device,
+                           initramfs_tool=str(detected["initramfs_tool"]))
+    dirs = sorted({f.path.rsplit("/", 1)[0] for f in files})
     try:
-        steps.count("install files", 0, len(GUEST_FILES), "files")
+        steps.count("install files", 0, len(files), "files")
         _run(agent, ["mkdir", "-p", *dirs], timeout=30)
-        for f in GUEST_FILES:
+        for f in files:
             if f.source is None:
                 assert f.link is not None
                 res = _run(agent, ["ln", "-sfn", f.link, f.path], timeout=30)
@@ -305,7 +363,7 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             else:
                 agent.write_file(f.path, guest_file_bytes(f.source), mode=f.mode)
             report.files.append(f.path)
-            steps.count("install files", len(report.files), len(GUEST_FILES), "files")
+            steps.count("install files", len(report.files), len(files), "files")
     except (AgentError, LibshareError) as exc:
         if report.files:
             _run(agent, ["rm", "-f", *report.files], timeout=30)
@@ -329,17 +387,17 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     return report
 
 
-def initramfs_entries(agent: GuestAgent, steps: Steps | None = None) -> int:
-    """Return how many libshare files the guest's current initramfs holds (lsinitramfs
-    of /boot/initrd.img-$(uname -r)); 0 if it cannot be listed."""
-    res = (steps or Steps(agent.name)).run(
-        "list the initramfs", agent,
-        ["/bin/sh", "-c", 'lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c libshare'],
-        timeout=300)
-    try:
-        return int(res.out.strip() or 0)
-    except ValueError:
-        return 0
+def rebuild_initramfs(agent: GuestAgent, tool: str, steps: Steps) -> tuple[bool, int, str]:
+    """Rebuild the guest's initramfs of its running kernel with its own ``tool``
+    (``libshare-redirect initramfs``: update-initramfs or dracut, the script installed);
+    return (updated, libshare files in the new initramfs, why not: the script's refusal
+    or its last line of output)."""
+    phase = "dracut" if tool == "dracut" else "update-initramfs"
+    res = steps.run(phase, agent, [SCRIPT, "initramfs"], timeout=INITRAMFS_TIMEOUT)
+    kv = parse_kv(res.out)
+    if kv.get("initramfs") == "updated":
+        return True, _int(kv, "initramfs_entries"), ""
+    return False, 0, str(kv.get("refused") or _tail(res))
 
 
 # ---------------------------------------------------------------------------- redirect

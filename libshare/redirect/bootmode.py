@@ -3,8 +3,9 @@ the guest's next boot binds the region's copies in its initramfs, by how the dom
 boots (:func:`setup`), and what ``unredirect`` undoes (:func:`teardown`).
 
 - **GRUB from the guest disk** (or another boot loader reading the guest's /boot): the
-  guest's own initramfs-tools initramfs, rebuilt in the guest with libshare's hook
-  (``update-initramfs -u``).
+  guest's own initramfs, rebuilt in the guest with libshare's hook by its own tool
+  (:func:`libshare.redirect.actions.rebuild_initramfs`: ``update-initramfs`` with the
+  initramfs-tools hook, or ``dracut`` with libshare's dracut module).
 - **Direct kernel boot** (``<os><kernel>``/``<initrd>`` host files): the guest's
   initramfs is never booted. libshare builds an initrd of its own on the host (the
   domain's initrd, read and checked here, with libshare's overlay appended: the
@@ -14,9 +15,9 @@ boots (:func:`setup`), and what ``unredirect`` undoes (:func:`teardown`).
 - **Unknown** (no ``<kernel>``, no ``BOOT_IMAGE=`` in the guest's command line): the
   guest's initramfs is rebuilt as for GRUB, and automatic runtime redirect is switched
   on as well, since nothing says that initramfs is booted.
-- Where boot-time mode cannot be done (a dracut initramfs, which is issue 13's; no
-  initramfs generator; direct kernel boot without an initrd, or with one libshare cannot
-  read or extend; no kernel modules for the running kernel; update-initramfs failing),
+- Where boot-time mode cannot be done (no initramfs generator; direct kernel boot
+  without an initrd, or with one libshare cannot read or extend, such as dracut's; no
+  kernel modules for the running kernel; the initramfs rebuild failing),
   the domain falls back to the earliest mode that still reaches every process:
   automatic runtime redirect after each start (``--redirect runtime``: the hook asks,
   ``libshare daemon`` serves), and the report says why. Never a silent no-op.
@@ -50,15 +51,16 @@ MAX_FILE = 64 << 20
 
 
 def hook_lists(text: str | None = None) -> tuple[list[str], list[str]]:
-    """Return the ``TOOLS`` and ``MODULES`` lists of the packaged initramfs-tools hook
-    (``text``: its contents, default the shipped file): what boot-time redirect needs in
-    any initrd. Raises LibshareError if the hook lacks them."""
-    text = text if text is not None else guest_bytes("initramfs-hook").decode()
+    """Return the ``BOOT_TOOLS`` and ``BOOT_MODULES`` lists of the guest script
+    (``text``: its contents, default the shipped ``libshare-redirect``; both boot-time
+    hooks, initramfs-tools' and dracut's, read them there too): what boot-time redirect
+    needs in any initrd. Raises LibshareError if the script lacks them."""
+    text = text if text is not None else actions.script_bytes().decode()
     out = []
-    for var in ("TOOLS", "MODULES"):
+    for var in ("BOOT_TOOLS", "BOOT_MODULES"):
         m = re.search(rf'^{var}="([^"]*)"$', text, re.M)
         if not m or not m.group(1).split():
-            raise LibshareError(f"the initramfs hook has no {var} list")
+            raise LibshareError(f"the guest script has no {var} list")
         out.append(m.group(1).split())
     return out[0], out[1]
 
@@ -86,8 +88,8 @@ class BootReport:
 
 
 def guest_facts(agent: GuestAgent, steps: actions.Steps) -> dict[str, Any]:
-    """Return ``boot-files facts`` of the guest (boot_image, grub, release, modules,
-    generator)."""
+    """Return ``boot-files facts`` of the guest (boot_image, grub, release, modules; its
+    initramfs tool is :func:`libshare.redirect.actions.detect`'s)."""
     res = steps.run("boot path", agent, ["/bin/sh", "-s", "--", "facts"],
                     stdin=guest_bytes("boot-files"), timeout=60)
     return actions.parse_kv(res.out)
@@ -111,24 +113,19 @@ def _disk(dom: Any, agent: GuestAgent, facts: dict[str, Any], path: str,
     """Boot-time mode through the guest's own initramfs (GRUB, unknown)."""
     image = facts.get("boot_image") or ""
     found = (f"{PATH_TEXT[path]} (BOOT_IMAGE={image}, initramfs by "
-             f"{facts.get('generator', 'none')})" if path == GRUB else
+             f"{report.initramfs_tool})" if path == GRUB else
              f"{PATH_TEXT[path]}: no <kernel> in the definition and no BOOT_IMAGE= on the "
-             f"guest's kernel command line (initramfs by {facts.get('generator', 'none')})")
+             f"guest's kernel command line (initramfs by {report.initramfs_tool})")
     rep = BootReport(path, found)
-    generator = facts.get("generator")
-    if generator == "dracut":
-        return _fallback(dom, rep, "the guest's initramfs is made by dracut, which "
-                         "libshare's boot-time hook does not support yet")
-    if generator != "initramfs-tools":
+    generator = report.initramfs_tool
+    if generator not in ("initramfs-tools", "dracut"):
         return _fallback(dom, rep, "the guest has no initramfs generator "
-                         "(update-initramfs) for libshare's boot-time hook")
-    res = steps.run("update-initramfs", agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
-                    timeout=actions.INITRAMFS_TIMEOUT)
-    report.initramfs = "updated" if res.ok else f"failed: {actions.tail(res)}"
-    if not res.ok:
-        return _fallback(dom, rep, f"update-initramfs failed in the guest: "
-                         f"{actions.tail(res)}")
-    report.initramfs_entries = actions.initramfs_entries(agent, steps)
+                         "(update-initramfs or dracut) for libshare's boot-time hook")
+    ok, report.initramfs_entries, why = actions.rebuild_initramfs(agent, generator, steps)
+    report.initramfs = "updated" if ok else f"failed: {why}"
+    if not ok:
+        return _fallback(dom, rep, f"rebuilding the guest's initramfs ({generator}) "
+                         f"failed: {why}")
     rep.mode = "boot"
     rep.done.append(f"the guest's initramfs rebuilt with libshare's hook "
                     f"({report.initramfs_entries} libshare files in it): boot-time "

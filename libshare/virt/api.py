@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 import libvirt
 
 from libshare import domxml
-from libshare.domxml.devices import region_paths
+from libshare.domxml.devices import disk_files, region_paths
 from libshare.errors import LibshareError
 
 # Persistent definition, with secrets (passwords) so that redefining loses nothing.
@@ -141,4 +141,24 @@ def referenced_region_paths(conn: libvirt.virConnect) -> set[str]:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 continue  # undefined while we looked
             raise LibshareError(f"libvirt: {exc.get_error_message()}") from exc
+    return out
+
+
+def domain_disk_files(conn: libvirt.virConnect) -> dict[str, tuple[bool, set[str]]]:
+    """Return, per domain at ``conn`` (defined or running), whether it runs and the
+    files its disks name in its persistent and live definitions (live backing chains
+    included); raise LibshareError if libvirt cannot list them: whoever changes a disk
+    image must not guess."""
+    out: dict[str, tuple[bool, set[str]]] = {}
+    for dom in all_domains(conn):
+        try:
+            files = disk_files(domxml.parse(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)))
+            running = bool(dom.isActive())
+            if running:
+                files |= disk_files(domxml.parse(dom.XMLDesc(0)))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # undefined while we looked
+            raise LibshareError(f"libvirt: {exc.get_error_message()}") from exc
+        out[dom.name()] = (running, files)
     return out

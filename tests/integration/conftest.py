@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from libshare.demo.cache import CACHE_ENV, DEFAULT_CACHE
+from libshare.demo.debian.image import DebianImage, debian_image
 from libshare.demo.lifecycle import cleanup_domain
 from libshare.demo.tiny.kernel import KernelPackage, fetch_kernel
 from tests.support.paths import TEST_ROOT
@@ -140,6 +141,16 @@ def libvirt_conn() -> Iterator[Any]:
 def guest_kernel() -> KernelPackage:
     """Return the cached Debian kernel test guests boot (fetched on first use)."""
     return fetch_kernel()
+
+
+@pytest.fixture(scope="session")
+def debian_guest_image() -> DebianImage:
+    """Return the cached Debian 12 test image (built on first use); skip the test when
+    there is none and none can be built (no network and no cache)."""
+    try:
+        return debian_image()
+    except Exception as exc:  # say so
+        pytest.skip(f"no Debian guest image: {exc}")
 
 
 @pytest.fixture

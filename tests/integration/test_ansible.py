@@ -1,15 +1,17 @@
 """The Ansible role (``ansible/roles/libshare``) against this host and the real libvirtd.
 
 The role is run with ``ansible-playbook`` over a local connection, with every path it
-writes moved under test folders (virtualenv, configuration, state, hooks directory) and
-one persistent test domain that is never started. Ground truth is what the host holds
-afterwards: libvirt's own persistent definition of the domain, the files on disk, and
-the virtualenv's ``libshare`` command; idempotence and check mode are read from
-Ansible's recap.
+writes moved under test folders (virtualenv, configuration, state, hooks directory),
+one persistent test domain that is never started and one template (a qcow2 overlay of
+the cached Debian image) prepared offline. Ground truth is what the host holds
+afterwards: libvirt's own persistent definition of the domain, the files on disk (the
+template's bytes), and the virtualenv's ``libshare`` command; idempotence and check mode
+are read from Ansible's recap. The fleet view's play runs against the same host.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -44,6 +46,13 @@ PLAY = """- hosts: localhost
   roles:
     - role: libshare
 """
+FLEET_PLAY = """- hosts: localhost
+  gather_facts: false
+  tasks:
+    - ansible.builtin.include_role:
+        name: libshare
+        tasks_from: fleet
+"""
 
 
 @pytest.fixture
@@ -53,11 +62,11 @@ def work(scratch_dir: Path) -> Path:
 
 
 def playbook(work: Path, variables: dict[str, Any], *extra: str,
-             fails: bool = False) -> tuple[dict[str, int], str]:
-    """Run the role with ``variables``; return the recap counts and the whole output
-    (the run must succeed, or with ``fails`` fail)."""
+             fails: bool = False, play: str = PLAY) -> tuple[dict[str, int], str]:
+    """Run the role with ``variables`` (or ``play``); return the recap counts and the
+    whole output (the run must succeed, or with ``fails`` fail)."""
     (work / "vars.json").write_text(json.dumps(variables))
-    (work / "play.yml").write_text(PLAY)
+    (work / "play.yml").write_text(play)
     (work / "inventory").write_text(
         "localhost ansible_connection=local ansible_python_interpreter=/usr/bin/python3\n")
     env = dict(os.environ, ANSIBLE_ROLES_PATH=str(ROOT / "ansible" / "roles"),
@@ -103,6 +112,10 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     state_dir = work / "state"
     venv = work / "prefix" / "venv"
     hooks = work / "hooks"
+    from libshare.demo.debian.image import create_overlay, debian_image
+
+    template = create_overlay(debian_image(), work / "template.qcow2")
+    template_bytes = hashlib.sha256(template.read_bytes()).hexdigest()
     variables: dict[str, Any] = {
         "libshare_source": str(source),
         "libshare_prefix": str(work / "prefix"),
@@ -112,6 +125,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
         "libshare_hooks_dir": str(hooks),
         "libshare_groups": [{"name": "lstest", "import": [str(work / "golden")]}],
         "libshare_domains": [{"name": name, "group": "lstest"}],
+        "libshare_templates": [{"image": str(template), "group": "lstest"}],
         "libshare_daemon": True,
         "libshare_unit_dir": str(work / "units"),
     }
@@ -122,6 +136,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     assert not venv.exists() and not (work / "etc").exists(), out[-4000:]
     assert not (hooks / "qemu").exists() and not state_dir.exists()
     assert dom.XMLDesc(INACTIVE) == original
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
 
     # first run: everything is done
     counts, out = playbook(work, variables)
@@ -144,10 +159,29 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     unit = (work / "units" / "libshare-daemon.service").read_text()
     assert f"ExecStart={venv}/bin/python" in unit and str(work / "etc") in unit, unit
 
+    libshare_cmd = [str(venv / "bin" / "libshare"), "--config",
+                    str(work / "etc" / "libshare.toml")]
+    tpl = json.loads(subprocess.run([*libshare_cmd, "image", "status", "--json", str(template)],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert tpl["prepared"] and tpl["current"] and tpl["group"] == "lstest", tpl
+    template_bytes = hashlib.sha256(template.read_bytes()).hexdigest()
+
     # second run: nothing changes
     counts, out = playbook(work, variables)
     assert counts["changed"] == 0, out[-4000:]
     assert dom.XMLDesc(INACTIVE) == enrolled
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
+
+    # the fleet view: this host's status as one table, and as JSON on the controller
+    report = work / "fleet.json"
+    fleet_vars = dict(variables, libshare_fleet_domains=[name], libshare_fleet_agent=False,
+                      libshare_fleet_report=str(report))
+    counts, out = playbook(work, fleet_vars, play=FLEET_PLAY)
+    assert counts["changed"] == 0 and counts["failed"] == 0, out[-4000:]
+    rows = json.loads(report.read_text())
+    assert [(r["host"], r["group"], r["enrolled"], r["running"], r["redirected"])
+            for r in rows] == [("localhost", "lstest", 1, 0, 0)], rows
+    assert re.search(r"HOST\s+GROUP\s+ENROLLED\s+RUNNING\s+REDIRECTED\s+SAVED kB", out), out
 
     # a new library in the group's tree: a new region, and the domain moves to it
     shutil.copy2(Path("/usr/lib/x86_64-linux-gnu/libacl.so.1"), libs / "libacl.so.1")
@@ -167,16 +201,21 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
 
     # check mode on an undo: nothing is changed
     undo = dict(variables, libshare_hook="absent",
-                libshare_domains=[{"name": name, "state": "disabled"}])
+                libshare_domains=[{"name": name, "state": "disabled"}],
+                libshare_templates=[{"image": str(template), "state": "absent"}])
     counts, out = playbook(work, undo, "--check")
     assert dom.XMLDesc(INACTIVE) == enrolled
     assert (hooks / "qemu").is_file()
+    assert hashlib.sha256(template.read_bytes()).hexdigest() == template_bytes
 
     # the undo itself: the definition is the original again, the hook is gone
     counts, out = playbook(work, undo)
     assert counts["changed"] >= 2, out[-4000:]
     assert c14n(dom.XMLDesc(INACTIVE)) == c14n(original)
     assert not (hooks / "qemu").exists()
+    tpl = json.loads(subprocess.run([*libshare_cmd, "image", "status", "--json", str(template)],
+                                    capture_output=True, text=True, check=True).stdout)
+    assert tpl["prepared"] is False, tpl
     counts, out = playbook(work, undo)
     assert counts["changed"] == 0, out[-4000:]
 
@@ -184,3 +223,44 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     missing = dict(variables, libshare_domains=[{"name": f"{name}-nosuch", "group": "lstest"}])
     counts, out = playbook(work, missing, fails=True)
     assert f"{name}-nosuch" in out and "libshare:" in out, out[-4000:]
+
+
+def test_fleet_rows_from_every_host() -> None:
+    """The fleet view's filter: a row per host and group with the domains enrolled,
+    running and redirected, the memory saved (Rss - Pss) and the private copies; a host
+    whose status could not be read gets one row saying why."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "libshare_fleet", ROOT / "ansible/roles/libshare/filter_plugins/libshare_fleet.py")
+    assert spec and spec.loader
+    fleet = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fleet)
+
+    def dom(name: str, group: str | None, running: bool, redirected: int = 0,
+            rss: int = 0, pss: int = 0, anon: int = 0) -> dict[str, Any]:
+        return {"name": name, "enrolled": group is not None, "group": group,
+                "running": running,
+                "guest": {"available": True, "files_redirected": redirected},
+                "memory": {"region": {"Rss": rss, "Pss": pss, "Private_Dirty": anon,
+                                      "Anonymous": anon}} if running else None}
+
+    status = {"domains": [dom("a", "web", True, 400, 30000, 15000),
+                          dom("b", "web", True, 0, 30000, 15000, anon=2900),
+                          dom("c", "db", False), dom("x", None, True)]}
+    hostvars = {"kvm1": {"libshare_fleet_status": {"rc": 0, "stdout": json.dumps(status)}},
+                "kvm2": {"libshare_fleet_status": {"rc": 1, "stderr": "libshare: no libvirt\n"}},
+                "kvm3": {"libshare_fleet_status": {"rc": 0, "stdout": '{"domains": []}'}}}
+    rows = fleet.fleet_rows(hostvars, ["kvm1", "kvm2", "kvm3", "kvm4"])
+    got = [(r["host"], r["group"], r["enrolled"], r["running"], r["redirected"],
+            r["saved_kb"], r["private_kb"], r["error"]) for r in rows]
+    assert got == [("kvm1", "db", 1, 0, 0, 0, 0, None),
+                   ("kvm1", "web", 2, 2, 1, 30000, 2900, None),
+                   ("kvm2", None, 0, 0, 0, 0, 0, "libshare: no libvirt"),
+                   ("kvm3", None, 0, 0, 0, 0, 0, None),
+                   ("kvm4", None, 0, 0, 0, 0, 0, "no status (unreachable or not run)")]
+    table = fleet.fleet_table(rows).splitlines()
+    assert table[0].split() == ["HOST", "GROUP", "ENROLLED", "RUNNING", "REDIRECTED",
+                                "SAVED", "kB", "PRIVATE", "kB"]
+    assert table[-1].split() == ["4", "hosts", "total", "3", "2", "1", "30000", "2900"]
+    assert "(error: libshare: no libvirt)" in table[3]

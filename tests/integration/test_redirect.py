@@ -23,7 +23,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,14 +35,14 @@ from libshare import domxml
 from libshare.boot import store as boot_store
 from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
-from libshare.demo.debian.image import DebianImage, copy_image_libraries, debian_image
+from libshare.demo.debian.image import DebianImage, copy_image_libraries
 from libshare.hook import state
 from libshare.sharing.accounting import region_usage
 from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
 from libshare.virt import api, enrol
-from tests.support.paths import TEST_ROOT
+from tests.support.paths import make_test_dir
 
 pytestmark = pytest.mark.integration
 
@@ -68,17 +67,12 @@ class Region:
 
 
 @pytest.fixture(scope="module")
-def debian_region() -> Iterator[Region]:
+def debian_region(debian_guest_image: DebianImage) -> Iterator[Region]:
     """Yield a region holding every library under the Debian image's
     /usr/lib/x86_64-linux-gnu (read on the host from a raw copy of the image, read-only:
     :func:`~libshare.demo.debian.guest.copy_image_libraries`)."""
-    try:
-        image = debian_image()
-    except Exception as exc:  # no network and no cache: say so
-        pytest.skip(f"no Debian guest image: {exc}")
-    TEST_ROOT.mkdir(parents=True, exist_ok=True)
-    TEST_ROOT.chmod(0o755)
-    base = Path(tempfile.mkdtemp(prefix="redirect-", dir=TEST_ROOT))
+    image = debian_guest_image
+    base = make_test_dir("redirect-")
     try:
         tree = copy_image_libraries(image, base / "tree", workdir=base)
         odd = "/" + os.path.relpath(os.path.realpath(tree / ODD_SONAME.lstrip("/")), tree)

@@ -1,6 +1,7 @@
 """Where the tests find the project, the shared inputs beside it, and where the
 integration tests keep their state directories and images."""
 
+import tempfile
 from pathlib import Path
 
 #: the project's root folder (holds pyproject.toml, hooks/, libshare/)
@@ -38,3 +39,14 @@ def _test_root() -> Path:
 
 #: the integration tests' scratch folders, state directories and images live below this
 TEST_ROOT = _test_root()
+
+
+def make_test_dir(prefix: str) -> Path:
+    """Return a new folder under :data:`TEST_ROOT` (where the hook trusts state
+    directories) named ``prefix`` and a random tail, which QEMU can traverse (0755); the
+    caller removes it."""
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    TEST_ROOT.chmod(0o755)
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_ROOT))
+    path.chmod(0o755)
+    return path

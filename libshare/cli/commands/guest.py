@@ -1,11 +1,13 @@
 """``libshare guest install|status DOMAIN``: the guest-side files of redirection.
 
-``install`` puts ``libshare-redirect``, its initramfs-tools hook and init-bottom script
-(boot-time mode), the apt/dpkg hooks and a systemd unit into a running guest through
-qemu-guest-agent, then sets up boot-time mode by the boot path it finds
-(libshare.redirect.actions.install, libshare.redirect.bootmode) and says which path and
-what it did, showing each step with its elapsed seconds on stderr (minutes under TCG).
-``status`` prints the guest's own view of its redirection.
+``install`` puts ``libshare-redirect``, the boot-time hook of the guest's initramfs tool
+(initramfs-tools hook and init-bottom script, or dracut module), the apt/dpkg hooks and
+a systemd unit into a running guest through qemu-guest-agent, then sets up boot-time
+mode by the boot path it finds (libshare.redirect.actions.install,
+libshare.redirect.bootmode: the guest's initramfs rebuilt with its own tool, or
+libshare's initrd for direct kernel boot) and says which path and what it did, showing
+each step with its elapsed seconds on stderr (minutes under TCG). ``status`` prints the
+guest's own view of its redirection.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def _install(args: argparse.Namespace, cfg: Config) -> int:
               f"'libshare redirect {d}' applies it now ({rep.seconds} s)")
         return 0
     print(f"{d}: boot path: {boot['found']}")
-    print(f"{d}: guest initramfs {rep.initramfs}"
+    print(f"{d}: guest initramfs ({rep.initramfs_tool}) {rep.initramfs}"
           + (f" ({rep.initramfs_entries} libshare files in it)"
              if rep.initramfs == "updated" else ""))
     for line in boot["done"]:
@@ -78,16 +80,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     gsub = g.add_subparsers(dest="guest_command", metavar="ACTION", required=True)
     i = gsub.add_parser("install", help="put libshare-redirect and its boot/dpkg hooks "
                         "into a running guest",
-                        description="Install libshare-redirect, its initramfs-tools hook "
-                        "and init-bottom script (boot-time redirect), apt/dpkg hooks and "
-                        "a systemd unit into a running enrolled guest, then set up "
-                        "boot-time redirect by its boot path: GRUB from the guest disk "
-                        "(update-initramfs -u in the guest), direct kernel boot "
-                        "(libshare's own initrd: the domain's initrd with libshare's "
+                        description="Install libshare-redirect, the boot-time hook of the "
+                        "guest's initramfs tool (an initramfs-tools hook and init-bottom "
+                        "script, or a dracut module), apt/dpkg hooks and a systemd unit "
+                        "into a running enrolled guest, then set up boot-time redirect by "
+                        "its boot path: GRUB from the guest disk (the guest's initramfs "
+                        "rebuilt in the guest: update-initramfs or dracut), direct kernel "
+                        "boot (libshare's own initrd: the domain's initrd with libshare's "
                         "archive appended, built under the state directory, and the "
                         "definition switched to it), or, where that cannot be done "
-                        "(dracut, no initrd, ...), automatic runtime redirect after each "
-                        "start; it says which. Refused, with nothing changed, when "
+                        "(a dracut initrd of direct kernel boot, no initrd, ...), "
+                        "automatic runtime redirect after each start; it says which. "
+                        "Refused, with nothing changed, when "
                         "the guest has no responding agent, no region device or no DAX.")
     i.add_argument("domain", metavar="DOMAIN")
     i.add_argument("--no-initramfs", action="store_true",

@@ -127,6 +127,12 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
                      "SHARED_CLEAN kB", "PRIVATE_DIRTY kB", "COPIED kB"], mem)
         for path, kb in host["region_page_cache_kb"].items():
             print(f"region {path}: {kb} kB in the host page cache (counted once)")
+        for r in rows:
+            region = (r.get("memory") or {}).get("region") or {}
+            if region and accounting.copied_kb(region):
+                print(f"{r['name']}: {accounting.copied_kb(region)} kB of its region are "
+                      "private copies in its QEMU (after a migration or restore, QEMU 7.2 "
+                      "copies the region; its next power cycle shares it again)")
     maps = [r for r in rows if r.get("mappings") and "error" not in r["mappings"]]
     if maps:
         print()

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare.demo.apt import apt_options, apt_proxy_env, host_mirror, host_suite, run
-from libshare.demo.cache import cache_subdir
+from libshare.demo.cache import cache_subdir, publish_build
 from libshare.demo.lifecycle import (
     GuestError,
 )
@@ -237,11 +237,7 @@ def debian_image(suite: str | None = None, extra_packages: Sequence[str] = (), *
                         key=f"{family.name}/{kver}",
                         build_seconds=round(time.monotonic() - started, 1))
             (build / "info.json").write_text(json.dumps(info, indent=1) + "\n")
-            (build / ".complete").write_text(f"{family.name}/{kver}\n")
-            build.chmod(0o755)
-            if target.exists():
-                shutil.rmtree(target)
-            build.rename(target)
+            publish_build(build, target, f"{family.name}/{kver}\n")
         finally:
             shutil.rmtree(build, ignore_errors=True)
     return _load_image(target)

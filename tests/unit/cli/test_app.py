@@ -147,6 +147,7 @@ BAD_PATHS = ["missing", "folder", "fifo", "/dev/zero", "empty", "garbage", "not-
 BAD = {
     "FILE|-": BAD_PATHS,                              # domain XML input
     "PATH": BAD_PATHS,                                # region image
+    "DISK": BAD_PATHS,                                # guest disk image
     "FILE": BAD_PATHS,                                # --offsets
     "all|FILE": ["missing", "folder", "fifo", "/dev/zero", "garbage", "not-utf8"],
     "dirs": ["missing", "empty", "fifo", "/dev/zero", "not-utf8"],   # trees to import
@@ -163,7 +164,7 @@ BAD = {
 }
 #: harmless valid values for the required arguments of a verb (per metavar or dest)
 GOOD = {"FILE|-": "domain.xml", "DOMAIN": "nosuch", "dirs": "folder", "SHA256": "00" * 32,
-        "PATH": "garbage"}
+        "PATH": "garbage", "DISK": "garbage"}
 #: verbs that would do real work with valid arguments: only bad ones are given
 #: (``daemon`` gets --once; ``hook`` --no-reload)
 EXTRA = {"libshare daemon": ["--once"], "libshare hook install": ["--no-reload"],

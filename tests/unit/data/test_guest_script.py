@@ -28,8 +28,8 @@ from libshare.sharing.store import import_tree
 SCRIPT = guest_path("libshare-redirect")
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
-SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom", "boot-files",
-               "initrd-conf", "grub-default.cfg"]
+SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom", "dracut-module-setup.sh",
+               "dracut-pre-pivot.sh", "boot-files", "initrd-conf", "grub-default.cfg"]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("losetup") is None or shutil.which("mkfs.erofs") is None,
@@ -303,6 +303,8 @@ def test_uninstall_removes_binds_and_files(fake: Fake) -> None:
     assert not (fake.root / "var/lib/libshare").exists()
     for f in actions.GUEST_FILES:
         assert not Path(str(fake.root) + f.path).exists()
+    assert not (fake.root / "usr/lib/dracut/modules.d/90libshare").exists()
+    assert (fake.root / "usr/lib/dracut/modules.d").is_dir()
 
 
 def test_usage_errors() -> None:
@@ -330,6 +332,62 @@ def test_script_can_be_sourced_without_running(tmp_path: Path) -> None:
                            env={"LIBSHARE_REDIRECT_MAIN": "noop", "PATH": "/usr/bin:/bin"},
                            capture_output=True, text=True, timeout=30, check=False)
     assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "sourced\n", "")
+
+
+def test_boot_hooks_take_their_lists_from_the_script() -> None:
+    """The initramfs-tools hook and the dracut module read the tools and kernel modules
+    'apply --boot' needs from the script (BOOT_TOOLS, BOOT_MODULES), the one list."""
+    lists = subprocess.run(["sh", "-c", f'. "{SCRIPT}"; echo "$BOOT_TOOLS"; echo "$BOOT_MODULES"'],
+                           env={"LIBSHARE_REDIRECT_MAIN": "noop", "PATH": "/usr/bin:/bin"},
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    tools, modules = lists[0].split(), lists[1].split()
+    assert {"blkid", "mount", "dd", "sha256sum", "timeout"} <= set(tools)
+    assert {"nfit", "nd_pmem", "dax_pmem", "erofs"} <= set(modules)
+    setup = SCRIPT.parent / "dracut-module-setup.sh"
+    got = subprocess.run(
+        ["bash", "-c", f'. "{setup}"; LIBSHARE_SCRIPT="{SCRIPT}"; '
+         'libshare_list BOOT_TOOLS; libshare_list BOOT_MODULES; check && echo included'],
+        env={"PATH": "/usr/bin:/bin", "dracutsysrootdir": ""}, capture_output=True,
+        text=True, check=True).stdout.splitlines()
+    assert got == [" ".join(tools), " ".join(modules), "included"]
+    hook = (SCRIPT.parent / "initramfs-hook").read_text()
+    assert "boot_list BOOT_TOOLS" in hook and "boot_list BOOT_MODULES" in hook
+    assert "sha256sum" not in hook                   # no list of its own
+    pivot = (SCRIPT.parent / "dracut-pre-pivot.sh").read_text()
+    assert "\nexit" not in pivot and " exit " not in pivot   # sourced by dracut: never exits
+    assert 'apply --boot --root "${NEWROOT:-/sysroot}"' in pivot
+
+
+def test_dracut_hook_records_what_the_boot_did(tmp_path: Path) -> None:
+    """dracut's pre-pivot hook keeps the same record of this boot as init-bottom (for
+    'status'): with the script missing from the initramfs, a refusal saying so."""
+    if Path("/usr/lib/libshare/libshare-redirect").exists():
+        pytest.skip("this host has libshare's initramfs copy of the script")
+    pivot = SCRIPT.parent / "dracut-pre-pivot.sh"
+    run = tmp_path / "run"
+    subprocess.run(["sh", "-c", f'. "{pivot}"; echo "sourced"'], check=True, timeout=30,
+                   env={"PATH": "/usr/bin:/bin", "LIBSHARE_RUN": str(run)},
+                   capture_output=True)
+    kv = actions.parse_kv((run / "boot.out").read_text())
+    assert kv["via"] == "guest" and kv["release"] == os.uname().release
+    assert kv["refused"] == "/usr/lib/libshare/libshare-redirect missing from the initramfs"
+
+
+def test_detect_and_initramfs_on_this_host() -> None:
+    """'detect' names the initramfs tool and package managers; 'initramfs' without a
+    tool refuses with one line and changes nothing."""
+    out = subprocess.run(["sh", str(SCRIPT), "detect"], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    kv = actions.parse_kv(out)
+    assert kv["initramfs_tool"] in ("initramfs-tools", "dracut", "none")
+    assert set(kv["package_tools"].split()) <= {"apt", "dpkg", "rpm"}
+    if shutil.which("dpkg"):
+        assert "dpkg" in kv["package_tools"].split()
+    if kv["initramfs_tool"] == "none":
+        proc = subprocess.run(["sh", str(SCRIPT), "initramfs", "--kver", "0.0"],
+                              capture_output=True, text=True, check=False, timeout=30)
+        assert proc.returncode == 0
+        assert actions.parse_kv(proc.stdout)["refused"].startswith("no initramfs tool")
 
 
 def test_status_reports_what_the_boot_did(tmp_path: Path) -> None:

@@ -107,6 +107,24 @@ def test_migrate_maps_to_local_image(env: dict[str, Path]) -> None:
     assert out.getvalue() == "" and mapped_bytes
 
 
+def test_migrate_moves_the_state_dir_to_this_host(env: dict[str, Path]) -> None:
+    """A guest enrolled on a host with another state directory: mapped to this host's
+    image, its records are written in this host's state directory, not the source's."""
+    source_state = env["tmp"] / "source-state"
+    local = env["image"]  # STATE/regions/images/DIGEST.img
+    spec = domxml.RegionSpec(str(source_state / "regions" / "images" / local.name),
+                             local.stat().st_size, "g", digest=sha256_file(local),
+                             state_dir=str(source_state))
+    xml = domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
+    out = io.StringIO()
+    assert handler.run(["h", "migrate", "begin", "-"], xml, out=out) == 0
+    mapped = out.getvalue().encode()
+    assert domxml.describe(domxml.parse(mapped))["state_dir"] == str(env["state"])
+    assert handler.run(["h", "started", "begin", "-"], mapped) == 0
+    assert [r["region"] for r in state.read_running(env["state"])] == [str(local)]
+    assert not (source_state / "running").exists()
+
+
 def test_migrate_refused_without_image(env: dict[str, Path]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
     env["image"].unlink()

@@ -25,23 +25,34 @@ def enrolled_xml() -> str:
 
 
 Handler = Callable[[list[str], bytes | None], ExecResult]
-GRUB_FACTS = ("boot_image=/vmlinuz\ngrub=1\nrelease=6.1.0-50-amd64\nmodules=1\n"
-              "generator=initramfs-tools\n")
+GRUB_FACTS = "boot_image=/vmlinuz\ngrub=1\nrelease=6.1.0-50-amd64\nmodules=1\n"
 
 
 def ok(out: str = "", rc: int = 0) -> ExecResult:
     return ExecResult(rc=rc, stdout=out.encode(), stderr=b"")
 
 
+DEBIAN = "initramfs_tool=initramfs-tools\npackage_tools=apt dpkg\nsystemd=1\n"
+FEDORA = "initramfs_tool=dracut\npackage_tools=rpm\nsystemd=1\n"
+
+
 def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n",
-          installed: bool = True, apply_out: str = "", uninstall_out: str = ""
-          ) -> Handler:
+          installed: bool = True, apply_out: str = "", uninstall_out: str = "",
+          detect_out: str = DEBIAN) -> Handler:
     pids: list[str] = []
 
     def handle(argv: list[str], stdin: bytes | None) -> ExecResult:
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
             assert stdin == actions.script_bytes()
             return ok(probe_out)
+        if argv[:4] == ["/bin/sh", "-s", "--", "detect"]:
+            assert stdin == actions.script_bytes()
+            return ok(detect_out)
+        if argv[:2] == [actions.SCRIPT, "initramfs"]:
+            tool = actions.parse_kv(detect_out)["initramfs_tool"]
+            return ok(f"initramfs_tool={tool}\nkernel=6.1.0-50-amd64\ninitramfs=updated\n"
+                      "initramfs_image=/boot/initrd.img-6.1.0-50-amd64\n"
+                      "initramfs_entries=7\ninitramfs_script=1\ninitramfs_hook=1\n")
         if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:   # a GRUB guest (boot-files)
             return ok(GRUB_FACTS)
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
@@ -52,8 +63,6 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
             return ok("identical=412\ndiffers=/usr/lib/x/libacl.so.1\nhashed=413\n")
         if argv[:2] == [actions.SCRIPT, "uninstall"]:
             return ok(uninstall_out)
-        if "lsinitramfs" in " ".join(argv):
-            return ok("7\n")
         if argv[:2] == ["systemctl", "show"]:
             pids.append(str(100 + len(pids)))       # a new agent PID on every look
             return ok(pids[-1] + "\n")
@@ -93,23 +102,51 @@ def test_refusals_change_nothing(case: str, match: str) -> None:
         assert agent.changes() == []
 
 
-def test_install_writes_every_file_and_rebuilds_the_initramfs() -> None:
+def test_install_writes_the_files_of_its_tools_and_rebuilds_the_initramfs() -> None:
     agent = FakeAgent(guest())
     rep = actions.install(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert rep.region_device == "/dev/pmem0"
-    assert rep.files == [f.path for f in actions.GUEST_FILES]
+    debian = [f.path for f in actions.GUEST_FILES if not f.path.startswith("/usr/lib/dracut/")]
+    assert rep.files == debian and len(debian) < len(actions.GUEST_FILES)
+    assert rep.initramfs_tool == "initramfs-tools"
     assert rep.initramfs == "updated" and rep.initramfs_entries == 7
     assert rep.identical == 412 and rep.differs == ["/usr/lib/x/libacl.so.1"]
     writes = [a for k, a in agent.calls if k == "write"]
-    assert writes == [f.path for f in actions.GUEST_FILES if f.source]
+    assert writes == [f.path for f in actions.GUEST_FILES if f.source and f.path in debian]
     execs = [" ".join(a) for k, a in agent.calls if k == "exec"]
-    assert any("update-initramfs -u" in e for e in execs)
+    assert f"{actions.SCRIPT} initramfs" in execs
     assert any(e.startswith("ln -sfn") for e in execs)
     # the probe ran before anything was written
     first_write = next(i for i, (k, _) in enumerate(agent.calls) if k == "write")
     probe_at = next(i for i, (k, a) in enumerate(agent.calls)
                     if k == "exec" and a[:4] == ["/bin/sh", "-s", "--", "probe"])
     assert probe_at < first_write
+
+
+def test_install_in_a_dracut_guest_without_dpkg() -> None:
+    """A dracut guest (Fedora-like: rpm, no apt or dpkg) gets the dracut module, not the
+    initramfs-tools hook nor the apt/dpkg hooks; a guest without any initramfs tool gets
+    the script's refusal as the initramfs outcome."""
+    agent = FakeAgent(guest(detect_out=FEDORA))
+    rep = actions.install(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
+    assert rep.initramfs_tool == "dracut" and rep.initramfs == "updated"
+    assert "/usr/lib/dracut/modules.d/90libshare/module-setup.sh" in rep.files
+    assert "/usr/lib/dracut/modules.d/90libshare/libshare-pre-pivot.sh" in rep.files
+    assert not [f for f in rep.files if f.startswith(("/etc/initramfs-tools/", "/etc/apt/",
+                                                      "/etc/dpkg/"))], rep.files
+    assert "/usr/sbin/libshare-redirect" in rep.files
+
+
+def test_needed_files_follow_detect() -> None:
+    every = {f.path for f in actions.GUEST_FILES}
+    none = {f.path for f in actions.needed_files({"initramfs_tool": "none"})}
+    both = {f.path for f in actions.needed_files(
+        {"initramfs_tool": "dracut", "package_tools": "apt dpkg"})}
+    assert none < both < every
+    assert "/usr/sbin/libshare-redirect" in none
+    assert "/etc/systemd/system/libshare-redirect.service" in none
+    assert every - both == {f.path for f in actions.GUEST_FILES
+                            if f.path.startswith("/etc/initramfs-tools/")}
 
 
 def test_install_rolls_back_a_partial_write() -> None:
@@ -215,8 +252,7 @@ def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
     runs = [
         (actions.install, {}, ["install files (9 files)", "start the unit ...",
                                "hash libraries ...", "boot path ...",
-                               "update-initramfs ...",
-                               "list the initramfs ...", "update-grub ..."]),
+                               "update-initramfs ...", "update-grub ..."]),
         (actions.redirect, {"apply_out": "bound=1\nagent_restart=deferred\n"},
          ["bind and restart ...", "restart the agent ..."]),
         (actions.unredirect, {"uninstall_out": "removed=1\n"},
@@ -231,12 +267,13 @@ def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
         lines = stream.getvalue().splitlines()
         starts = [line.removeprefix("op g1: ") for line in lines if "done in" not in line]
         if op is actions.install:
-            phases[0] = f"install files ({len(actions.GUEST_FILES)} files)"
+            needed = actions.needed_files(actions.parse_kv(DEBIAN))
+            phases[0] = f"install files ({len(needed)} files)"
         assert starts == phases, lines
         assert all(re.fullmatch(r"op g1: .+ done in \d+\.\d s", line)
                    for line in lines if "done in" in line)
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert "g1: update-initramfs: /bin/sh -c update-initramfs -u 2>&1" in logged
+    assert f"g1: update-initramfs: {actions.SCRIPT} initramfs" in logged
     assert re.search(r"g1: hash libraries: exit 0 after \d+\.\d s", logged)
     assert "g1: guest agent restarted" in logged
 

@@ -24,8 +24,9 @@ def _guest(argv: list[str], stdin: bytes | None) -> ExecResult:
     if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
         return ExecResult(0, b"region_device=/dev/pmem0\ndax=1\n", b"")
     if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:
-        return ExecResult(0, b"boot_image=\ngrub=0\nrelease=6.1.0-50-amd64\nmodules=1\n"
-                          b"generator=initramfs-tools\n", b"")
+        return ExecResult(0, b"boot_image=\ngrub=0\nrelease=6.1.0-50-amd64\nmodules=1\n", b"")
+    if argv[:4] == ["/bin/sh", "-s", "--", "detect"]:
+        return ExecResult(0, b"initramfs_tool=initramfs-tools\npackage_tools=apt dpkg\n", b"")
     return ExecResult(0, b"identical=3\n" if "prime" in argv else b"", b"")
 
 
@@ -55,7 +56,7 @@ def test_install_says_the_boot_path_and_the_fallback(
     out = capsys.readouterr().out
     assert "web1: boot path: direct kernel boot (kernel /srv/boot/vmlinuz, initrd " in out
     assert "dracut, gzip" in out
-    assert "web1: guest initramfs not rebuilt: a domain with direct kernel boot" in out
+    assert "web1: guest initramfs (initramfs-tools) not rebuilt: a domain with direct kernel boot" in out
     assert "web1: no boot-time redirect: the domain's initrd" in out and "dracut" in out
     assert "web1: automatic runtime redirect switched on" in out
     assert domxml.describe(domxml.parse(dracut_dkb.xml))["redirect"] == "runtime"
