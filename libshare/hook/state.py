@@ -257,12 +257,16 @@ def append_log(path: Path, entry: dict[str, Any], max_bytes: int = LOG_MAX_BYTES
     line = _line(entry)
     with contextlib.suppress(OSError, RefusedError):
         _folder(path.parent)
-        for _ in range(4):  # another writer may rotate the file under us: reopen
+        for _ in range(16):  # another writer may rotate the file under us: reopen
             fd = open_append(path, 0o640)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 st = os.fstat(fd)
-                if os.lstat(path).st_ino != st.st_ino:
+                try:
+                    current = os.lstat(path).st_ino
+                except FileNotFoundError:  # renamed by a rotation, not yet re-created
+                    continue
+                if current != st.st_ino:
                     continue  # rotated meanwhile
                 if st.st_size and st.st_size + len(line) > max_bytes:
                     os.replace(path, path.with_name(path.name + ".1"))

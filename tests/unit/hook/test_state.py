@@ -8,6 +8,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,26 @@ def test_concurrent_writers_lose_no_line_at_rotation(tmp_path: Path) -> None:
         t.join()
     got = {(e["w"], e["i"]) for e in state.read_log(log)}
     assert got == {(w, i) for w in range(writers) for i in range(per)}
+
+
+def test_a_line_written_between_rename_and_re_creation_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer that wakes on the old file while another writer's rotation renamed it
+    and nothing has re-created the name yet (lstat: no such file) writes to the new
+    file instead of dropping its line."""
+    log = tmp_path / "hook.log"
+    state.append_log(log, {"i": 0})
+    real, gone = os.lstat, [True]
+
+    def lstat(p: Any, *a: Any, **kw: Any) -> os.stat_result:
+        if Path(p) == log and gone:
+            gone.pop()
+            raise FileNotFoundError(p)
+        return real(p, *a, **kw)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    state.append_log(log, {"i": 1})
+    assert [e["i"] for e in state.read_log(log)] == [0, 1]
 
 
 def test_last_lines_are_read_from_the_end(tmp_path: Path,
