@@ -1,12 +1,19 @@
-"""The canonical library store: content-addressed objects plus an index.
+"""The canonical store: content-addressed objects plus an index.
 
 Owns ``cfg.store_dir`` (``STATE/store/``)::
 
     objects/<sha256[:2]>/<sha256>   one copy of each distinct file (by SHA-256), mode 0555
     index.json                      sha256 -> size, build-id, soname, ELF type, PT_LOAD
                                     segments, guest paths seen; build-id -> [sha256...]
+    trees/<digest>.json             each imported tree, entry by entry
+                                    (:mod:`libshare.sharing.trees`)
     tmp/                            temporary files of an import in progress
     .lock                           flock held by an import
+
+Every regular file of an imported tree becomes an object. An x86-64 ELF shared object
+or executable keeps its ELF identity in the index (build-id, SONAME, segments); any
+other file is a plain object, its ``elf_type`` "ET_REL" for x86-64 relocatable ELF
+(kernel modules) and :data:`PLAIN` for the rest.
 
 Rules:
 
@@ -40,13 +47,16 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from libshare.errors import LibshareError
-from libshare.sharing.elf import ElfIdentity, Skipped, identify
+from libshare.sharing import trees
+from libshare.sharing.elf import ElfIdentity, Skipped, header_type, identify
 from libshare.util import files
 from libshare.util.digest import copy_sha256, sha256_file
 from libshare.util.files import atomic_write
 
 INDEX_VERSION = 1
 NOT_ELF = "not an ELF file"
+#: ``elf_type`` of an object that is not x86-64 ELF (text, data, foreign binaries)
+PLAIN = "none"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
 class Progress(Protocol):
@@ -139,6 +149,8 @@ class ImportResult:
     paths_added: int = 0                                # new guest paths recorded
     symlinks: int = 0                                   # symlinks recorded as guest paths
     skipped: list[Skipped] = field(default_factory=list)
+    plain: int = 0                                      # files stored as plain objects
+    trees: list[str] = field(default_factory=list)      # tree record digests (one a root)
     index_written: bool = False
 
     def skipped_counts(self) -> dict[str, int]:
@@ -150,7 +162,8 @@ class ImportResult:
         return {"roots": self.roots, "files_seen": self.files_seen,
                 "added": len(self.added), "added_objects": self.added,
                 "known": self.known, "repaired": self.repaired, "paths_added": self.paths_added,
-                "symlinks": self.symlinks, "skipped_counts": self.skipped_counts(),
+                "symlinks": self.symlinks, "plain": self.plain, "trees": self.trees,
+                "skipped_counts": self.skipped_counts(),
                 "skipped": [{"path": s.path, "reason": s.reason}
                             for s in self.skipped if s.reason != NOT_ELF],
                 "index_written": self.index_written}
@@ -285,9 +298,32 @@ def _object_state(store_dir: Path, ident: ElfIdentity) -> str | None:
         return "corrupt"
 
 
+def identify_any(path: str) -> ElfIdentity | Skipped:
+    """Return the identity of the regular file at ``path`` as the store keeps it: its ELF
+    identity when it is a storable x86-64 ELF, else a plain one (SHA-256, size,
+    ``elf_type`` from its header or :data:`PLAIN`); a Skipped only when it cannot be
+    read."""
+    ident = identify(path)
+    if not isinstance(ident, Skipped) or ident.reason.startswith("cannot read"):
+        return ident
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(64)
+            size = os.fstat(fh.fileno()).st_size
+        digest = sha256_file(path)
+    except OSError as exc:
+        return Skipped(path, f"cannot read: {exc.strerror or exc}")
+    kind = header_type(head)
+    return ElfIdentity(path=path, sha256=digest, size=size,
+                       elf_type=kind if kind == "ET_REL" else PLAIN, build_id=None,
+                       soname=None)
+
+
 def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
                 progress: Progress | None = None) -> ImportResult:
-    """Import every x86-64 ELF file found under ``dirs`` into the store at ``store_dir``.
+    """Import every regular file found under ``dirs`` into the store at ``store_dir``
+    (x86-64 ELF files with their ELF identity) and record each tree
+    (:func:`libshare.sharing.trees.record_tree`).
 
     Returns an :class:`ImportResult`. Raises LibshareError if a directory does not
     exist. Idempotent; holds the store lock for the whole import.
@@ -306,7 +342,9 @@ def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
         index = load_index(store_dir)
         before = index.to_json()
         for root in roots:
-            _import_root(store_dir, root, index, result, progress)
+            shas = _import_root(store_dir, root, index, result, progress)
+            rec, _written = trees.record_tree(store_dir, root, shas)
+            result.trees.append(rec.digest)
         if index.to_json() != before:
             save_index(store_dir, index)
             result.index_written = True
@@ -314,8 +352,9 @@ def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
 
 
 def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportResult,
-                 progress: Progress | None) -> None:
-    """Import one tree ``root`` into ``index`` (objects copied, index not yet written)."""
+                 progress: Progress | None) -> dict[tuple[int, int], str]:
+    """Import one tree ``root`` into ``index`` (objects copied, index not yet written);
+    return (st_dev, st_ino) -> SHA-256 of every regular file imported."""
     items = list(_walk(root))
     by_inode: dict[tuple[int, int], str] = {}       # (dev, ino) -> sha256 of imported file
     links: list[str] = []                            # guest paths of symlinks
@@ -331,10 +370,12 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
         key = (st.st_dev, st.st_ino)
         sha = by_inode.get(key)
         if sha is None:
-            ident = identify(path)
+            ident = identify_any(path)
             if isinstance(ident, Skipped):
                 result.skipped.append(ident)
                 continue
+            if ident.elf_type not in ("ET_DYN", "ET_EXEC"):
+                result.plain += 1
             sha = _add_object(store_dir, path, ident, index, result)
             if sha is None:
                 continue
@@ -359,6 +400,7 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
         result.symlinks += 1
         if _add_path(index.entries[sha], guest):
             result.paths_added += 1
+    return by_inode
 
 
 def _add_object(store_dir: Path, path: str, ident: ElfIdentity, index: StoreIndex,

@@ -78,7 +78,7 @@ class Superblock:
 
 @dataclass(frozen=True)
 class Inode:
-    """One inode: where it is, what it is, where its data is."""
+    """One inode: where it is, what it is (mode, size, owner), where its data is."""
 
     nid: int
     mode: int
@@ -86,6 +86,8 @@ class Inode:
     layout: int
     raw_blkaddr: int
     tail_offset: int        # absolute offset (within the fs) of inline tail data
+    uid: int = 0
+    gid: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -150,14 +152,16 @@ class Erofs:
         if extended:
             full = self.read(pos, 64)
             size = struct.unpack_from("<Q", full, 8)[0]
+            uid, gid = struct.unpack_from("<II", full, 24)
             isize = 64
         else:
             size = struct.unpack_from("<I", head, 8)[0]
+            uid, gid = struct.unpack_from("<HH", head, 24)
             isize = 32
         raw_blkaddr = struct.unpack_from("<I", head, 16)[0]
         xsize = 0 if xattr_icount == 0 else 12 + (xattr_icount - 1) * 4
         return Inode(nid=nid, mode=mode, size=size, layout=layout, raw_blkaddr=raw_blkaddr,
-                     tail_offset=pos + isize + xsize)
+                     tail_offset=pos + isize + xsize, uid=uid, gid=gid)
 
     def read_inode(self, ino: Inode, start: int = 0, n: int | None = None) -> bytes:
         """Return ``n`` bytes (default: to the end) of ``ino``'s data from ``start``."""
@@ -204,7 +208,8 @@ class Erofs:
                 stop = ents[i + 1][1] if i + 1 < count else len(block)
                 if not nameoff <= stop <= len(block):
                     raise ErofsError(f"directory inode {ino.nid}: corrupt name offsets")
-                name = block[nameoff:stop].split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = block[nameoff:stop].split(b"\0", 1)[0].decode("utf-8",
+                                                                     "surrogateescape")
                 if name not in (".", ".."):
                     out[name] = nid
         return out

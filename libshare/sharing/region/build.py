@@ -21,13 +21,15 @@ import subprocess
 import tempfile
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
+from libshare.sharing.region import policy as policies
+from libshare.sharing.region import tree as trees
 from libshare.sharing.region.layout import (
     CHUNK,
     DATAOFF,
@@ -74,6 +76,8 @@ class BuildResult:
     data_size: int       # sum of the library sizes
     new: bool            # False if an identical image already existed
     mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
+    policy: str = "select"   # what chose the files (region.policy), "select" for a list
+    trees: list[dict[str, Any]] = field(default_factory=list)  # guest trees laid out
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -297,27 +301,45 @@ def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
 
 
 def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
-                 size: int | None = None, progress: Progress | None = None) -> BuildResult:
+                 size: int | None = None, progress: Progress | None = None,
+                 policy: str | None = None, trees_wanted: list[str] | None = None,
+                 observed: set[str] | None = None) -> BuildResult:
     """Build ``group``'s region image from the store and make it the group's current one.
 
-    ``selection``: see :func:`select_entries`. ``size``: total image size wanted
-    (rounded up to 2 MiB; LibshareError if the content needs more). Returns a
-    :class:`BuildResult`. On any failure or interrupt nothing is left under a digest name
-    and the group link is unchanged.
+    ``selection``: "all" (what ``policy`` chooses: :func:`~libshare.sharing.region.
+    policy.plan_region`, default ``libraries``, over the trees ``trees_wanted`` and the
+    ``observed`` paths), or a list / selection file (see :func:`select_entries`; then no
+    policy and no guest tree). ``size``: total image size wanted (rounded up to 2 MiB;
+    LibshareError if the content needs more). Returns a :class:`BuildResult`. On any
+    failure or interrupt nothing is left under a digest name and the group link is
+    unchanged.
     """
     check_group(group)
     index = load_index(cfg.store_dir)
-    entries = select_entries(index, selection)
+    if selection == "all":
+        plan = policies.plan_region(cfg.store_dir, index, policy or policies.DEFAULT_POLICY,
+                                    trees_wanted, observed)
+    elif policy is not None or trees_wanted:
+        raise UsageError("a selection and a policy or trees exclude each other")
+    else:
+        plan = policies.Plan("select", select_entries(index, selection))
+    entries = plan.entries
     if not entries:
-        raise LibshareError("nothing to put in the region: the store is empty "
-                            "(import libraries with 'libshare store import DIR')")
+        what = "the store is empty" if not index.entries else \
+            f"the {plan.policy} policy chooses nothing in the store"
+        raise LibshareError(f"nothing to put in the region: {what} (import a guest tree "
+                            "with 'libshare store import DIR')")
+    laid = [trees.lay_out(r, plan.chosen) for r in plan.records]
+    laid = [t for t in laid if t.entries]
     for e in entries:
         problem = check_object(cfg.store_dir, e)
         if problem:
             raise LibshareError(problem)
     mkfs = _find_mkfs()
     version = mkfs_erofs_version(mkfs)
-    manifest = manifest_bytes(entries, group, version)
+    tree_tsv = trees.tsv_bytes(laid)
+    manifest = manifest_bytes(entries, group, version, plan.policy,
+                              [t.summary() for t in laid], tree_tsv)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -328,8 +350,10 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             root = staging / "root"
             root.mkdir()
             _stage(cfg.store_dir, entries, root, manifest, progress)
+            patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
             fs_image = staging / "fs.erofs"
             _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+            trees.patch_inodes(fs_image, patch)
             fs_size = fs_image.stat().st_size
             need = DATAOFF + round_up(fs_size, REGION_ALIGN)
             total = need if size is None else round_up(size, REGION_ALIGN)
@@ -364,7 +388,8 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
-                       mkfs_erofs=version)
+                       mkfs_erofs=version, policy=plan.policy,
+                       trees=[t.summary() for t in laid])
 
 
 

@@ -46,6 +46,7 @@ import contextlib
 import re
 import uuid as uuidlib
 from pathlib import Path
+from typing import BinaryIO
 
 from libshare.config import Config
 from libshare.domxml import metadata
@@ -108,13 +109,29 @@ def set_fs_label(fs_image: Path, label: str = FS_LABEL) -> None:
             raise LibshareError(f"{fs_image}: not an EROFS image with 4 KiB blocks")
         name = SUPER_OFFSET + 64
         block[name:name + 16] = raw.ljust(16, b"\0")
-        compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
-        if compat & FEATURE_COMPAT_SB_CHKSUM:
-            sb = bytearray(block[SUPER_OFFSET:])
-            sb[4:8] = bytes(4)
-            block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+        _set_checksum(block)
         fh.seek(0)
         fh.write(block)
+
+
+def _set_checksum(block: bytearray) -> None:
+    """Recompute, in the first 4 KiB ``block`` of an EROFS image, the superblock crc32c
+    (it covers the rest of that block) when the image has one."""
+    compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
+    if compat & FEATURE_COMPAT_SB_CHKSUM:
+        sb = bytearray(block[SUPER_OFFSET:])
+        sb[4:8] = bytes(4)
+        block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+
+
+def refresh_checksum(fh: BinaryIO) -> None:
+    """Recompute the superblock crc32c of the EROFS image open read-write as ``fh``
+    (after a change to its first 4 KiB, where the first inodes may live)."""
+    fh.seek(0)
+    block = bytearray(fh.read(4096))
+    _set_checksum(block)
+    fh.seek(0)
+    fh.write(block)
 
 
 def fs_label(fs: Erofs) -> str:

@@ -5,6 +5,7 @@ host) and ``/.libshare/manifest.tsv`` (for the guests' POSIX sh), see
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -26,10 +27,14 @@ TSV_MANIFEST_PATH = "/.libshare/manifest.tsv"
 MANIFEST_VERSION = 1
 
 
-def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str) -> bytes:
+def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str,
+                   policy: str | None = None, trees: list[dict[str, Any]] | None = None,
+                   tree_tsv: bytes | None = None) -> bytes:
     """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``,
-    recording the erofs-utils version ``mkfs_version`` that formats the image."""
-    doc = {
+    recording the erofs-utils version ``mkfs_version`` that formats the image, the
+    ``policy`` that chose them, and the guest ``trees`` laid out (their summaries) with
+    the SHA-256 of ``/.libshare/tree.tsv`` (``tree_tsv``)."""
+    doc: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "group": group,
         "mkfs_erofs": mkfs_version,
@@ -37,6 +42,11 @@ def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str) -> 
                    "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
                   for e in sorted(entries, key=lambda x: x.sha256)],
     }
+    if policy is not None:
+        doc["policy"] = policy
+    if trees:
+        doc["trees"] = trees
+        doc["tree_tsv_sha256"] = hashlib.sha256(tree_tsv or b"").hexdigest()
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 

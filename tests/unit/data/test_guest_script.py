@@ -172,7 +172,7 @@ def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> No
     # a second apply binds nothing twice and reads no file again (verdict cache)
     again = fake.run_script("apply", "--no-restart")
     assert again["bound"] == "0" and again["already"] == "2" and again["hashed"] == "0"
-    assert again["cached"] == "1"                   # the differing file, not re-read
+    assert again["cached"] == "3"                   # every file looked at, none re-read
     assert len(fake.mounts()) == 3
     status = fake.run_script("status")
     assert status["binds"] == "2" and status["region_mounted"] == "1"
@@ -197,10 +197,20 @@ def test_remove_detach_lets_go_of_files_in_use(fake: Fake) -> None:
 
 
 @needs_root
+def _verdicts(table: Path) -> dict[str, tuple[str, str]]:
+    """Return guest path -> (key, sha256) of the guest script's verdict table."""
+    out = {}
+    for line in table.read_text().splitlines():
+        path, key, sha = line.split("\t")
+        out[path] = (key, sha)
+    return out
+
+
 def test_verdicts_follow_file_changes(fake: Fake) -> None:
     fake.run_script("apply", "--no-restart")
-    verdict = fake.root / "var/lib/libshare/verdicts" / LIBDIR / "libacl.so.1"
-    key, sha = verdict.read_text().split()
+    table = fake.root / "var/lib/libshare/verdicts.tsv"
+    acl = f"/{LIBDIR}/libacl.so.1"
+    key, sha = _verdicts(table)[acl]
     st = os.stat(fake.root / LIBDIR / "libacl.so.1")
     assert key.split(":")[:2] == [str(st.st_ino), str(st.st_size)]
     fake.run_script("remove", "--no-restart")
@@ -211,8 +221,11 @@ def test_verdicts_follow_file_changes(fake: Fake) -> None:
     shutil.copyfile(src, new)
     os.replace(new, fake.root / LIBDIR / "libacl.so.1")
     out = fake.run_script("apply", "--no-restart")
-    assert out["bound"] == "3" and out["hashed"] == "1" and out["cached"] == "2"
-    assert verdict.read_text().split()[1] == good[0] != sha
+    assert out["hashed"] == "1" and out["cached"] == "2"
+    assert _verdicts(table)[acl][1] == good[0] != sha
+    # every file of the tree is now identical: its directory is bound whole, once
+    assert out["bound"] == "1" and out["dirs_bound"] == "1" and out["files_bound"] == "0"
+    assert set(fake.mounts()) == {str(fake.run / "region"), str(fake.root / "usr/lib")}
     # and a file changed in place with the same size is re-read, then not bound
     fake.run_script("remove", "--no-restart")
     target = fake.root / LIBDIR / "libz.so.1"
@@ -262,14 +275,14 @@ def test_read_only_root_keeps_verdicts_in_run_until_sync(fake: Fake) -> None:
     try:
         out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_STATE=str(state))
         assert out["bound"] == "2"
-        assert (fake.run / "verdicts" / LIBDIR / "libz.so.1").exists()
+        assert f"/{LIBDIR}/libz.so.1" in _verdicts(fake.run / "verdicts.tsv")
         fake.run_script("remove", "--no-restart", LIBSHARE_STATE=str(state))
     finally:
         subprocess.run(["umount", str(state)], check=True)
     out = fake.run_script("sync", root=False, LIBSHARE_STATE=str(state))
     assert out["synced"] == "1"
-    assert (state / "verdicts" / LIBDIR / "libz.so.1").exists()
-    assert not (fake.run / "verdicts").exists()
+    assert f"/{LIBDIR}/libz.so.1" in _verdicts(state / "verdicts.tsv")
+    assert not (fake.run / "verdicts.tsv").exists()
 
 
 @needs_root

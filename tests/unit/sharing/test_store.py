@@ -15,6 +15,8 @@ from libshare.util.digest import sha256_file
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
+#: objects the tree below gives: its libraries and one plain file (/etc/hostname)
+OBJECTS = len(LIBS) + 1
 
 
 @pytest.fixture
@@ -42,9 +44,11 @@ def tree(tmp_path: Path) -> Path:
 def test_import_and_index(tmp_path: Path, tree: Path) -> None:
     sdir = tmp_path / "store"
     r = import_tree(sdir, [tree])
-    assert len(r.added) == len(LIBS)
-    assert r.skipped_counts() == {"not an ELF file": 1}
+    assert len(r.added) == OBJECTS and r.plain == 1
+    assert r.skipped_counts() == {}
     idx = load_index(sdir)
+    hostname = idx.entries[sha256_file(tree / "etc/hostname")]
+    assert hostname.elf_type == store.PLAIN and hostname.paths == ["/etc/hostname"]
     libz = sha256_file(LIBDIR / "libz.so.1")
     e = idx.entries[libz]
     assert e.soname == "libz.so.1" and e.name == "libz.so.1"
@@ -66,11 +70,11 @@ def test_import_is_idempotent(tmp_path: Path, tree: Path) -> None:
     mtime = (sdir / "index.json").stat().st_mtime_ns
     r = import_tree(sdir, [tree])
     assert r.added == [] and r.paths_added == 0 and not r.index_written
-    assert r.known == len(LIBS)
+    assert r.known == OBJECTS
     assert (sdir / "index.json").read_bytes() == before
     assert (sdir / "index.json").stat().st_mtime_ns == mtime
     objects = sorted(p.name for p in (sdir / "objects").rglob("*") if p.is_file())
-    assert len(objects) == len(LIBS)
+    assert len(objects) == OBJECTS
 
 
 def test_same_build_id_different_bytes_two_objects(tmp_path: Path, tree: Path) -> None:
@@ -123,8 +127,8 @@ def test_interrupted_import_leaves_nothing_visible(tmp_path: Path, tree: Path,
     assert not (sdir / "index.json").exists()
     # the next import completes the job
     r = import_tree(sdir, [tree])
-    assert len(load_index(sdir).entries) == len(LIBS)
-    assert len(r.added) == len(LIBS)
+    assert len(load_index(sdir).entries) == OBJECTS
+    assert len(r.added) == OBJECTS
 
 
 def test_stale_temporaries_are_removed(tmp_path: Path, tree: Path) -> None:
@@ -150,7 +154,7 @@ def test_file_changing_during_import_is_refused(tmp_path: Path, tree: Path,
     monkeypatch.setattr(store, "identify", stale)
     r = import_tree(sdir, [tree])
     assert any(s.reason == "file changed while being imported" for s in r.skipped)
-    assert len(r.added) == len(LIBS) - 1
+    assert len(r.added) == OBJECTS - 1
     assert all(sha256_file(p) == p.name
                for p in (sdir / "objects").rglob("*") if p.is_file())
 
@@ -182,7 +186,7 @@ def test_reimport_repairs_an_object_damaged_in_place(tmp_path: Path, tree: Path)
     assert obj.stat().st_size == size and sha256_file(obj) != libz
     r = import_tree(sdir, [tree])
     assert r.repaired == [libz] and r.as_dict()["repaired"] == [libz]
-    assert r.known == len(LIBS) and r.added == []
+    assert r.known == OBJECTS and r.added == []
     assert sha256_file(obj) == libz and obj.stat().st_mode & 0o777 == store.OBJECT_MODE
     assert import_tree(sdir, [tree]).repaired == []
 
