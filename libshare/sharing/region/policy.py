@@ -10,7 +10,9 @@ Owns the choice of store objects and of the guest trees a region lays out:
 * ``observed``: the objects seen at the paths guests hold in their page cache (the
   caller surveys them: :func:`observed_paths`).
 
-``libraries`` and ``elf`` choose among every object of the store unless trees are named
+No policy serves a guest path under :data:`MUTABLE` (configuration, state, homes: a
+bind would make them read-only). ``libraries`` and ``elf`` choose among every object of
+the store unless trees are named
 (then among those trees' files); ``usr`` takes the trees named, else every tree of the
 store; ``observed`` chooses by path among every object. Every tree taken (for
 ``libraries``, ``elf`` and ``observed``: every tree of the store holding a chosen file)
@@ -32,6 +34,8 @@ from libshare.sharing.store import StoreEntry, StoreIndex
 from libshare.sharing.trees import TreeEntry, TreeRecord
 
 POLICIES = ("libraries", "elf", "usr", "observed")
+#: guest trees a region never serves: files guests own and change
+MUTABLE = ("/etc/", "/var/", "/home/", "/root/", "/tmp/", "/run/", "/srv/", "/boot/")
 DEFAULT_POLICY = "libraries"
 USR = "/usr/"
 _SO = re.compile(r"\.so(\.[0-9][0-9.]*)?$")
@@ -109,7 +113,7 @@ def plan_region(store_dir: Path, index: StoreIndex, policy: str = DEFAULT_POLICY
             raise UsageError("the observed policy needs the paths guests hold in their "
                              "page cache (region build --policy observed surveys the "
                              "group's running guests)")
-        paths = observed
+        paths = {p for p in observed if servable(p)}
         picked = [e for e in index.entries.values() if paths.intersection(e.paths)]
     else:
         test = is_library if policy == "libraries" else is_elf
@@ -122,17 +126,22 @@ def plan_region(store_dir: Path, index: StoreIndex, policy: str = DEFAULT_POLICY
         return e.payload in shas and (policy != "observed" or e.path in paths)
 
     records = [r for r in records if any(e.kind == "f" and chosen(e) for e in r.entries)]
-    if policy == "observed":
-        picked = _serving(picked, paths.__contains__)
-    return Plan(policy, sorted(picked, key=lambda e: e.sha256), records, chosen)
+    keep = paths.__contains__ if policy == "observed" else servable
+    return Plan(policy, _serving(picked, keep), records,
+                lambda e: servable(e.path) and chosen(e))
+
+
+def servable(path: str) -> bool:
+    """Return True if a region may serve guest path ``path`` (not under MUTABLE)."""
+    return not path.startswith(MUTABLE)
 
 
 def _serving(entries: list[StoreEntry], keep: Callable[[str], bool]) -> list[StoreEntry]:
     """Return copies of ``entries`` holding only the guest paths ``keep`` accepts (a
-    region serves those only: the ``usr`` policy never binds a copy over /etc), sorted
-    by SHA-256."""
-    return sorted((replace(e, paths=[p for p in e.paths if keep(p)]) for e in entries),
-                  key=lambda e: e.sha256)
+    region serves those only: the ``usr`` policy never binds a copy over /etc), those
+    left with none dropped, sorted by SHA-256."""
+    kept = (replace(e, paths=[p for p in e.paths if keep(p)]) for e in entries)
+    return sorted((e for e in kept if e.paths), key=lambda e: e.sha256)
 
 
 def _under_usr(e: TreeEntry) -> bool:
