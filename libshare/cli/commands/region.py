@@ -1,7 +1,7 @@
 """``libshare region``: build, verify, list and garbage-collect region images.
 
 ``region build [--group NAME] [--policy libraries|elf|usr|observed] [--tree TREE]...
-[--select all|FILE] [--size SIZE] [--json]`` builds the group's image from the store
+[--fs erofs|ext4] [--select all|FILE] [--size SIZE] [--json]`` builds the group's image from the store
 (what the policy chooses, :mod:`libshare.sharing.region.policy`; ``observed`` surveys
 the page cache of the group's running guests first) and switches the group's link to
 it; ``region verify PATH``
@@ -23,6 +23,7 @@ from libshare.config import Config
 from libshare.domxml.metadata import check_group
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.region import build, gc, policy, verify
+from libshare.sharing.region.layout import FILESYSTEMS
 from libshare.util.units import human, parse_size
 from libshare.virt import api
 
@@ -44,6 +45,9 @@ def register(subparsers: Any) -> None:
                    help="an imported tree (digest, prefix, or the directory it was imported "
                    "from; see 'store ls --trees') to take files from; repeatable; default: "
                    "every tree of the store")
+    b.add_argument("--fs", choices=FILESYSTEMS, default=FILESYSTEMS[0], dest="filesystem",
+                   help="the region's filesystem: erofs (default) or ext4 (both DAX-mapped "
+                   "by guests; see the README on the choice)")
     b.add_argument("--select", default="all", metavar="all|FILE",
                    help="'all' (what the policy chooses) or a file of guest paths / sha256s, "
                    "one a line (then no policy: files only, no directory trees)")
@@ -77,7 +81,7 @@ def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
     try:
         result = build.build_region(cfg, group, args.select, args.size, progress=progress,
                                     policy=args.policy, trees_wanted=args.trees,
-                                    observed=observed)
+                                    observed=observed, filesystem=args.filesystem)
     finally:
         progress.close()
     if args.json:
@@ -91,7 +95,10 @@ def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
         print(f"tree    {t['tid']}: {t['files']} files, {len(t['offered'])} directories "
               "guests may bind whole")
     print(f"group   {result.group} -> {result.link}{'' if result.new else ' (image existed)'}")
-    print(f"mkfs    erofs-utils {result.mkfs_erofs}")
+    if result.filesystem == "erofs":
+        print(f"mkfs    erofs-utils {result.mkfs_erofs}")
+    else:
+        print(f"fs      {result.filesystem}")
     return 0
 
 

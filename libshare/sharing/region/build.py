@@ -28,11 +28,13 @@ from typing import Any
 from libshare.config import Config
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
+from libshare.sharing.region import ext4fs
 from libshare.sharing.region import policy as policies
 from libshare.sharing.region import tree as trees
 from libshare.sharing.region.layout import (
     CHUNK,
     DATAOFF,
+    FILESYSTEMS,
     IMAGE_MODE,
     check_group,
     fs_path,
@@ -76,6 +78,7 @@ class BuildResult:
     data_size: int       # sum of the library sizes
     new: bool            # False if an identical image already existed
     mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
+    filesystem: str = "erofs"  # erofs or ext4 (mkfs_erofs is "" for ext4)
     policy: str = "select"   # what chose the files (region.policy), "select" for a list
     trees: list[dict[str, Any]] = field(default_factory=list)  # guest trees laid out
 
@@ -303,13 +306,14 @@ def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
 def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
                  size: int | None = None, progress: Progress | None = None,
                  policy: str | None = None, trees_wanted: list[str] | None = None,
-                 observed: set[str] | None = None) -> BuildResult:
+                 observed: set[str] | None = None, filesystem: str = "erofs") -> BuildResult:
     """Build ``group``'s region image from the store and make it the group's current one.
 
     ``selection``: "all" (what ``policy`` chooses: :func:`~libshare.sharing.region.
     policy.plan_region`, default ``libraries``, over the trees ``trees_wanted`` and the
     ``observed`` paths), or a list / selection file (see :func:`select_entries`; then no
-    policy and no guest tree). ``size``: total image size wanted (rounded up to 2 MiB;
+    policy and no guest tree). ``filesystem``: "erofs" (default) or "ext4"
+    (:mod:`libshare.sharing.region.ext4fs`). ``size``: total image size wanted (rounded up to 2 MiB;
     LibshareError if the content needs more). Returns a :class:`BuildResult`. On any
     failure or interrupt nothing is left under a digest name and the group link is
     unchanged.
@@ -335,11 +339,16 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
         problem = check_object(cfg.store_dir, e)
         if problem:
             raise LibshareError(problem)
-    mkfs = _find_mkfs()
-    version = mkfs_erofs_version(mkfs)
+    if filesystem not in FILESYSTEMS:
+        raise UsageError(f"unknown filesystem {filesystem!r} (one of {', '.join(FILESYSTEMS)})")
+    if filesystem == "erofs":
+        mkfs = _find_mkfs()
+        version = mkfs_erofs_version(mkfs)
+    else:
+        version = ext4fs.mke2fs_version()
     tree_tsv = trees.tsv_bytes(laid)
     manifest = manifest_bytes(entries, group, version, plan.policy,
-                              [t.summary() for t in laid], tree_tsv)
+                              [t.summary() for t in laid], tree_tsv, filesystem)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -351,9 +360,14 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             root.mkdir()
             _stage(cfg.store_dir, entries, root, manifest, progress)
             patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
-            fs_image = staging / "fs.erofs"
-            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
-            trees.patch_inodes(fs_image, patch)
+            fs_image = staging / f"fs.{filesystem}"
+            if filesystem == "erofs":
+                _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+                trees.patch_inodes(fs_image, patch)
+            else:
+                if progress:
+                    progress("mkfs.ext4", 0, 0)
+                ext4fs.mkfs_ext4(root, fs_image, fs_uuid, patch)
             fs_size = fs_image.stat().st_size
             need = DATAOFF + round_up(fs_size, REGION_ALIGN)
             total = need if size is None else round_up(size, REGION_ALIGN)
@@ -388,7 +402,8 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
-                       mkfs_erofs=version, policy=plan.policy,
+                       mkfs_erofs=version if filesystem == "erofs" else "",
+                       filesystem=filesystem, policy=plan.policy,
                        trees=[t.summary() for t in laid])
 
 

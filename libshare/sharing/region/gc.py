@@ -14,11 +14,8 @@ from typing import Any
 
 from libshare.config import Config
 from libshare.errors import LibshareError
-from libshare.sharing.formats.erofs import (
-    Erofs,
-    ErofsError,
-)
-from libshare.sharing.region.layout import DATAOFF, DIGEST_NAME, locked
+from libshare.sharing.formats.erofs import ErofsError
+from libshare.sharing.region.layout import DATAOFF, DIGEST_NAME, locked, open_filesystem
 from libshare.sharing.region.manifest import read_manifest
 from libshare.util.digest import forget
 from libshare.util.files import fsync_dir
@@ -35,6 +32,7 @@ class ImageInfo:
     files: int | None = None
     manifest_group: str | None = None
     mkfs_erofs: str | None = None      # from the manifest (None: built before it was kept)
+    filesystem: str | None = None      # erofs or ext4 (from the manifest)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the image description as a JSON-ready dict."""
@@ -85,11 +83,12 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
                          groups=sorted(g for g, t in links.items() if t == real))
         if read_manifests:
             with contextlib.suppress(OSError, ErofsError, ValueError), open(p, "rb") as fh:
-                fs = Erofs(fh, offset=DATAOFF)
+                fs = open_filesystem(fh, offset=DATAOFF)
                 doc = read_manifest(fs)
                 info.files = len(doc["files"])
                 info.manifest_group = doc.get("group")
                 info.mkfs_erofs = doc.get("mkfs_erofs")
+                info.filesystem = doc.get("filesystem", "erofs")
         out.append(info)
     return out
 

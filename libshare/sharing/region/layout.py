@@ -58,6 +58,7 @@ from libshare.sharing.formats.erofs import (
     Erofs,
     crc32c_raw,
 )
+from libshare.sharing.formats.ext4 import EXT4_MAGIC, Ext4
 from libshare.sharing.store import (
     StoreEntry,
 )
@@ -132,6 +133,22 @@ def refresh_checksum(fh: BinaryIO) -> None:
     _set_checksum(block)
     fh.seek(0)
     fh.write(block)
+
+
+#: the filesystems a region may hold (``region build --fs``); the first is the default
+FILESYSTEMS = ("erofs", "ext4")
+
+
+def open_filesystem(fh: BinaryIO, offset: int = DATAOFF,
+                    length: int | None = None) -> Erofs | Ext4:
+    """Return the reader of the region filesystem at ``offset`` of the open image ``fh``:
+    EROFS or ext4, told by their magic numbers; ErofsError if it is neither."""
+    fh.seek(offset + SUPER_OFFSET)
+    head = fh.read(64)
+    if len(head) == 64 and int.from_bytes(head[56:58], "little") == EXT4_MAGIC \
+            and int.from_bytes(head[:4], "little") != 0xE0F5E1E2:
+        return Ext4(fh, offset=offset, length=length)
+    return Erofs(fh, offset=offset, length=length)
 
 
 def fs_label(fs: Erofs) -> str:

@@ -13,6 +13,7 @@ from libshare.sharing.formats.erofs import (
     Erofs,
     ErofsError,
 )
+from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region.layout import fs_path
 from libshare.sharing.store import (
     StoreEntry,
@@ -29,19 +30,22 @@ MANIFEST_VERSION = 1
 
 def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str,
                    policy: str | None = None, trees: list[dict[str, Any]] | None = None,
-                   tree_tsv: bytes | None = None) -> bytes:
+                   tree_tsv: bytes | None = None, filesystem: str = "erofs") -> bytes:
     """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``,
-    recording the erofs-utils version ``mkfs_version`` that formats the image, the
+    recording the version ``mkfs_version`` of the tool that formats the image
+    (``mkfs_erofs``: erofs-utils; ``mke2fs``: e2fsprogs, with ``filesystem`` ext4), the
     ``policy`` that chose them, and the guest ``trees`` laid out (their summaries) with
     the SHA-256 of ``/.libshare/tree.tsv`` (``tree_tsv``)."""
     doc: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "group": group,
-        "mkfs_erofs": mkfs_version,
+        "mkfs_erofs" if filesystem == "erofs" else "mke2fs": mkfs_version,
         "files": [{"path": fs_path(e), "sha256": e.sha256, "build_id": e.build_id,
                    "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
                   for e in sorted(entries, key=lambda x: x.sha256)],
     }
+    if filesystem != "erofs":
+        doc["filesystem"] = filesystem
     if policy is not None:
         doc["policy"] = policy
     if trees:
@@ -63,7 +67,7 @@ def tsv_manifest_bytes(entries: list[StoreEntry]) -> bytes:
     return "".join(sorted(lines)).encode()
 
 
-def read_manifest(fs: Erofs) -> dict[str, Any]:
+def read_manifest(fs: Erofs | Ext4) -> dict[str, Any]:
     """Return the parsed manifest of the region filesystem ``fs``; ErofsError if unusable."""
     ino = fs.lookup(MANIFEST_PATH)
     try:

@@ -20,8 +20,9 @@ from libshare.sharing.formats.erofs import (
     ErofsError,
     Inode,
 )
+from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region import tree
-from libshare.sharing.region.layout import CHUNK, DATAOFF, DIGEST_NAME
+from libshare.sharing.region.layout import CHUNK, DATAOFF, DIGEST_NAME, open_filesystem
 from libshare.sharing.region.manifest import TSV_MANIFEST_PATH, read_manifest
 from libshare.util.digest import sha256_file
 from libshare.util.units import REGION_ALIGN
@@ -141,7 +142,7 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
         return (f"byte {gap + i} is not zero: bytes {gap} to {DATAOFF} (between the PFN "
                 "info block and the filesystem) must be zero")
     try:
-        fs = Erofs(fh, offset=info.dataoff, length=size - info.dataoff)
+        fs = open_filesystem(fh, offset=info.dataoff, length=size - info.dataoff)
         problem = _zero_tail_problem(fh, DATAOFF + fs.sb.blocks * fs.sb.block_size, size,
                                      quick=not content)
         if problem:
@@ -164,7 +165,7 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
     return None
 
 
-def _verify_tsv(fs: Erofs, manifest: dict[str, Any]) -> str | None:
+def _verify_tsv(fs: Erofs | Ext4, manifest: dict[str, Any]) -> str | None:
     """Return a problem with the text manifest (every line must agree with the JSON
     manifest: guests trust it to pair their file's hash with a region path), or None.
     Images built before the text manifest existed have none: that is not a problem."""
@@ -180,7 +181,7 @@ def _verify_tsv(fs: Erofs, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def _sha256(fs: Erofs, ino: Inode, hashes: dict[int, str]) -> str:
+def _sha256(fs: Erofs | Ext4, ino: Inode, hashes: dict[int, str]) -> str:
     """Return the hex SHA-256 of regular file ``ino`` (remembered per inode in ``hashes``:
     a tree path and its object's /lib path share one inode)."""
     if ino.nid not in hashes:
@@ -191,7 +192,7 @@ def _sha256(fs: Erofs, ino: Inode, hashes: dict[int, str]) -> str:
     return hashes[ino.nid]
 
 
-def _walk_fs(fs: Erofs, ino: Inode, path: str, out: dict[str, Inode], limit: int) -> None:
+def _walk_fs(fs: Erofs | Ext4, ino: Inode, path: str, out: dict[str, Inode], limit: int) -> None:
     """Add every entry below directory ``ino`` (at ``path``) to ``out`` (path -> inode);
     ErofsError beyond ``limit`` entries (a loop)."""
     for name, nid in sorted(fs.listdir(ino).items()):
@@ -203,7 +204,7 @@ def _walk_fs(fs: Erofs, ino: Inode, path: str, out: dict[str, Inode], limit: int
             _walk_fs(fs, child, f"{path}/{name}", out, limit)
 
 
-def _verify_trees(fs: Erofs, manifest: dict[str, Any], hashes: dict[int, str]) -> str | None:
+def _verify_trees(fs: Erofs | Ext4, manifest: dict[str, Any], hashes: dict[int, str]) -> str | None:
     """Return a problem with the guest trees (``/.libshare/tree.tsv`` must be what the
     manifest says and every line exactly what ``/tree/<tid>`` holds, nothing more: a
     guest binds a whole directory on its word), or None. Images without trees have none."""
@@ -239,7 +240,7 @@ def _verify_trees(fs: Erofs, manifest: dict[str, Any], hashes: dict[int, str]) -
     return None
 
 
-def _tree_entry(fs: Erofs, ino: Inode, kind: str, mode: str, uid: str, gid: str,
+def _tree_entry(fs: Erofs | Ext4, ino: Inode, kind: str, mode: str, uid: str, gid: str,
                 size: str, payload: str, hashes: dict[int, str]) -> str | None:
     """Return how inode ``ino`` differs from its tree.tsv line, or None."""
     fmt = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK}.get(kind)
@@ -259,7 +260,7 @@ def _tree_entry(fs: Erofs, ino: Inode, kind: str, mode: str, uid: str, gid: str,
     return None
 
 
-def _verify_file(fs: Erofs, item: dict[str, Any], hashes: dict[int, str]) -> str | None:
+def _verify_file(fs: Erofs | Ext4, item: dict[str, Any], hashes: dict[int, str]) -> str | None:
     """Return a problem with the manifest entry ``item`` in ``fs``, or None."""
     path = item["path"]
     ino = fs.lookup(path)
@@ -276,13 +277,23 @@ def _verify_file(fs: Erofs, item: dict[str, Any], hashes: dict[int, str]) -> str
 
 
 def fsck_region(path: str) -> str | None:
-    """Return a problem reported by ``fsck.erofs --extract`` on the image's filesystem.
+    """Return a problem reported by ``fsck.erofs --extract`` (``e2fsck -fn`` for ext4)
+    on the image's filesystem.
 
     erofs-utils 1.5 has no offset option, so the filesystem part is copied to a
-    temporary file next to the image first. None if fsck.erofs is not installed.
+    temporary file next to the image first. None if the tool is not installed.
     """
-    tool = shutil.which("fsck.erofs")
+    with open(path, "rb") as fh:
+        ext4 = isinstance(open_filesystem(fh), Ext4)
+    tool = shutil.which("e2fsck" if ext4 else "fsck.erofs", path="/usr/sbin:/sbin:/usr/bin")
     if tool is None:
+        return None
+    if ext4:
+        proc = subprocess.run([tool, "-fn", f"{path}?offset={DATAOFF}"], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            lines = (proc.stdout or proc.stderr).strip().splitlines()
+            return f"e2fsck: {lines[-1] if lines else f'exit {proc.returncode}'}"
         return None
     with open(path, "rb") as src, tempfile.NamedTemporaryFile(
             prefix=".fsck-", dir=os.path.dirname(os.path.abspath(path))) as tmp:

@@ -359,13 +359,15 @@ AWKS = [a for a in ("mawk", "gawk") if shutil.which(a)]
 
 
 @pytest.fixture
-def usr_fake(tmp_path: Path) -> Iterator[Fake]:
+def usr_fake(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fake]:
     """A fake guest whose /usr is the region's ``usr`` tree (libshare installed in it,
-    as ``guest install`` leaves a guest), and a region built from that tree."""
+    as ``guest install`` leaves a guest), and a region built from that tree (EROFS, or
+    the filesystem the test's ``fs`` parameter names)."""
     tree = make_guest_tree(tmp_path)
     cfg = Config(state_dir=tmp_path / "state")
     import_tree(cfg.store_dir, [tree])
-    res = build.build_region(cfg, "t", policy="usr")
+    fs = getattr(request, "param", "erofs")
+    res = build.build_region(cfg, "t", policy="usr", filesystem=fs)
     root = tmp_path / "root"
     subprocess.run(["cp", "-a", str(tree), str(root)], check=True)
     script = root / "usr/sbin/libshare-redirect"
@@ -391,7 +393,8 @@ def _dev(path: Path) -> int:
 
 
 @needs_root
-@pytest.mark.parametrize("awk", AWKS)
+@pytest.mark.parametrize(("awk", "usr_fake"), [(a, "erofs") for a in AWKS] + [("awk", "ext4")],
+                         indirect=["usr_fake"])
 def test_identical_usr_is_bound_in_a_few_directory_binds(usr_fake: Fake, awk: str) -> None:
     fake = usr_fake
     out = fake.run_script("apply", "--no-restart", LIBSHARE_AWK=awk)

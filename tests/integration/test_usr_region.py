@@ -1,0 +1,283 @@
+"""The ``usr`` region in real Debian 12 TCG guests, boot-time mode: the guests' whole
+/usr served from the region in a few directory binds, verified inside each guest (its
+own fincore, /proc/*/maps, mountinfo, kernel log) and from the host (smaps).
+
+One store is filled from the cached Debian image's whole root (read on the host from a
+raw copy through a read-only loop device); two regions are built from its tree: the
+``usr`` policy's and the ``libraries`` one's. Guest A is identical to the image; guest B
+has a /usr/bin/bash that differs by one byte. Both get ``libshare guest install`` and a
+restart (the initramfs binds before PID 1 starts). Then, 60 s after boot: at least 95%
+of each guest's file page cache is the region's (the disk copies hold at most 5% of the
+idle baseline of 35.6 MB), every mapping of a /usr file is on the pmem device (but B's
+own bash), at most 64 binds; in A a package upgrade under a directory bind (dpkg -i of
+a rebuilt ``hostname`` package) succeeds and its new file is the one used. Last, B is
+moved to the libraries-only region and restarted: it then caches at least twice what it
+caches with the usr region (each added guest costs the host that much more), and the
+boot-time binds of the usr region took at most 3 s more than the libraries' ones.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from libshare import domxml
+from libshare.config import Config
+from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
+from libshare.demo.debian.image import DebianImage, debian_image, image_root
+from libshare.domxml.memory import guest_ram_sizes
+from libshare.redirect import actions
+from libshare.sharing.accounting import guest_ram_usage, region_usage
+from libshare.sharing.region import build
+from libshare.sharing.store import import_tree
+from libshare.virt import enrol
+from tests.integration.test_redirect import flip_last_byte
+
+pytestmark = pytest.mark.integration
+
+TEST_ROOT = Path("/var/lib/libshare-test")
+USR, LIBS = "lstest-usr", "lstest-lib"
+#: the idle Debian 12 guest's file page cache, fincore over every file (issue 12)
+BASELINE = 35.6e6
+MAX_BINDS = 64
+
+
+@dataclass
+class Regions:
+    """The two regions built from the image's tree, and what the test needs with them."""
+
+    cfg: Config
+    image: DebianImage
+    usr: build.BuildResult
+    libs: build.BuildResult
+    debs: Path
+
+
+@pytest.fixture(scope="module")
+def regions() -> Iterator[Regions]:
+    try:
+        image = debian_image()
+    except Exception as exc:  # no network and no cache: say so
+        pytest.skip(f"no Debian guest image: {exc}")
+    TEST_ROOT.mkdir(parents=True, exist_ok=True)
+    TEST_ROOT.chmod(0o755)
+    base = Path(tempfile.mkdtemp(prefix="usr-", dir=TEST_ROOT))
+    try:
+        cfg = Config(state_dir=base / "state")
+        t0 = time.monotonic()
+        with image_root(image, workdir=base) as root:
+            tree = import_tree(cfg.store_dir, [root]).trees[0]
+        t1 = time.monotonic()
+        usr = build.build_region(cfg, USR, policy="usr", trees_wanted=[tree])
+        t2 = time.monotonic()
+        libs = build.build_region(cfg, LIBS, policy="libraries", trees_wanted=[tree])
+        print(f"import {t1 - t0:.0f} s; usr region {usr.files} files, {usr.size >> 20} MiB, "
+              f"{len(usr.trees[0]['offered'])} directories offered, built in "
+              f"{t2 - t1:.0f} s; libraries region {libs.files} files, {libs.size >> 20} MiB")
+        for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
+                  cfg.regions_dir / "groups"):
+            d.chmod(0o755)
+        yield Regions(cfg, image, usr, libs, image.directory.parent.parent / "debs")
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ guest ground truth
+
+#: run inside a guest: the region's device, the binds on it, the page cache of every
+#: regular file of the root filesystem's own copies (fincore through a non-recursive bind
+#: of /, which sees under the binds), the largest of them, and every mapping of a /usr
+#: file with its device
+VIEW = r"""
+set -e
+rdev=$(findmnt -n -o MAJ:MIN /run/libshare/region)
+echo "region_dev=$rdev"
+awk -v d="$rdev" '$3 == d && $5 != "/run/libshare/region" {n++} END {print "binds=" n+0}' \
+    /proc/self/mountinfo
+mkdir -p /mnt/lsroot
+mount --bind / /mnt/lsroot
+cd /mnt/lsroot
+find . -xdev -type f -print0 | xargs -0 fincore -b -n -o RES,FILE 2>/dev/null \
+    | sort -rn > /tmp/lscache
+cd /
+umount /mnt/lsroot
+awk '{s += $1} END {print "disk_cache=" s+0}' /tmp/lscache
+head -8 /tmp/lscache | sed 's/^/top=/'
+for m in /proc/[0-9]*/maps; do
+    pid=${m#/proc/}; pid=${pid%/maps}
+    awk -v pid="$pid" '$6 ~ "^/usr/" {print "map=" pid " " $4 " " $6}' "$m" 2>/dev/null || true
+done
+echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+dmesg | grep 'libshare-redirect: bound' | tail -1 | sed 's/^/kmsg=/'
+"""
+
+
+def majmin(text: str) -> str:
+    """Return a decimal ``MAJ:MIN`` as /proc/PID/maps prints it (hex)."""
+    major, minor = (int(x) for x in text.strip().split(":"))
+    return f"{major:02x}:{minor:02x}"
+
+
+@dataclass
+class View:
+    """What one guest says about its page cache, binds and mappings."""
+
+    region_dev: str                 # as maps print it
+    binds: int
+    disk_cache: int                 # bytes of its disk copies in its page cache
+    top: list[str]
+    maps_region: int
+    maps_other: list[str]           # "pid dev path" of /usr mappings not on the region
+    bind_seconds: float
+
+    def line(self, name: str) -> str:
+        return (f"{name}: {self.binds} binds, disk copies cache {self.disk_cache} bytes "
+                f"({100 * self.disk_cache / BASELINE:.1f}% of the baseline), /usr mappings "
+                f"{self.maps_region} on the region, {len(self.maps_other)} elsewhere; "
+                f"boot-time binds {self.bind_seconds} s; largest: {self.top[:4]}")
+
+
+def view(g: DebianGuest) -> View:
+    """Return the :class:`View` of guest ``g``, taken at least 60 s after its boot."""
+    up = float(g.sh("cut -d' ' -f1 /proc/uptime"))
+    if up < 60:
+        time.sleep(60 - up)
+    out = g.sh(VIEW, timeout=600)
+    kv: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        kv.setdefault(key, []).append(value)
+    rdev = majmin(kv["region_dev"][0])
+    maps = [m.split(" ", 2) for m in kv.get("map", [])]
+    seconds = re.search(r" in ([0-9.]+) s", kv.get("kmsg", [""])[0])
+    return View(rdev, int(kv["binds"][0]), int(kv["disk_cache"][0]), kv.get("top", []),
+                sum(1 for _pid, dev, _p in maps if dev == rdev),
+                [" ".join(m) for m in maps if m[1] != rdev],
+                float(seconds.group(1)) if seconds else -1.0)
+
+
+def parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
+    with ThreadPoolExecutor(max_workers=len(guests)) as pool:
+        return list(pool.map(fn, guests))
+
+
+def upgraded_hostname_deb(debs: Path, dest: Path) -> tuple[Path, bytes]:
+    """Return a ``hostname`` package one version above the image's, whose /bin/hostname
+    has bytes of its own (the image's plus a tail), and those bytes."""
+    deb = next(debs.glob("hostname_*.deb"))
+    tree = dest / "hostname"
+    subprocess.run(["dpkg-deb", "-R", str(deb), str(tree)], check=True)
+    binary = tree / "bin/hostname"
+    data = binary.read_bytes() + b"\0libshare-upgrade\0"
+    binary.write_bytes(data)
+    control = tree / "DEBIAN/control"
+    text = re.sub(r"^Version: (.*)$", r"Version: \1+libshare1", control.read_text(),
+                  flags=re.M)
+    control.write_text(text)
+    md5 = tree / "DEBIAN/md5sums"
+    if md5.exists():
+        md5.unlink()
+    out = dest / "hostname_upgraded.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(tree), str(out)],
+                   check=True, capture_output=True)
+    return out, data
+
+
+# ------------------------------------------------------------------ the test
+
+def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callable[[], str],
+                                          regions: Regions, tmp_path: Path) -> None:
+    reg = regions
+    spec = enrol.resolve_region(reg.cfg, USR, "nvdimm")
+    opts = DebianGuestOptions(image=reg.image, boot_timeout=600)
+    name_a, name_b = domain_name(), domain_name()
+    with contextlib.ExitStack() as stack:
+        da = stack.enter_context(defined_debian_guest(libvirt_conn, name_a, opts))
+        db = stack.enter_context(defined_debian_guest(libvirt_conn, name_b, opts))
+        for name in (name_a, name_b):
+            enrol.enable_domain(libvirt_conn, name, spec)
+        a, b = da.start(wait=False), db.start(wait=False)
+        a.wait_booted()
+        b.wait_booted()
+        flip_last_byte(b, "/usr/bin/bash")
+        b.sh("chmod 755 /usr/bin/bash")
+        odd_bash = b.sh("sha256sum /usr/bin/bash").split()[0]
+
+        def setup(g: DebianGuest) -> str:
+            rep = actions.install(g.domain)
+            assert rep.initramfs == "updated", rep
+            boot = g.restart(timeout=900)
+            return f"{g.name}: install {rep.seconds:.0f} s ({rep.identical} files " \
+                   f"identical), restart {boot.seconds:.0f} s"
+
+        for line in parallel(setup, [a, b]):
+            print(line)
+        va, vb = parallel(view, [a, b])
+        print(va.line("A (usr)"))
+        print(vb.line("B (usr, own bash)"))
+        for v in (va, vb):
+            assert 0 < v.binds <= MAX_BINDS
+            assert v.disk_cache <= 0.05 * BASELINE, v.top
+            assert v.maps_region > 100
+        assert va.maps_other == [], va.maps_other
+        # B: its own bash, on its disk, and nothing else of /usr from it
+        assert b.sh("sha256sum /usr/bin/bash").split()[0] == odd_bash
+        assert b.sh("findmnt -n /usr/bin/bash || true").strip() == ""  # not bound
+        out = b.sh("bash -c 'cat /proc/$$/maps' | awk '$6 ~ \"^/usr/\" {print $4, $6}'")
+        own = [ln for ln in out.splitlines() if not ln.startswith(vb.region_dev)]
+        assert own and all(ln.endswith("/usr/bin/bash") for ln in own), out
+        assert all(m.endswith("/usr/bin/bash") for m in vb.maps_other), vb.maps_other
+        devs = b.sh("find /usr/bin -maxdepth 1 -type f ! -name bash -printf '%D\\n' | sort -u")
+        assert devs.split() == [b.sh("stat -c %d /run/libshare/region").strip()], devs
+        # host: one shared copy, never a private one
+        for g in (a, b):
+            pid = g.qemu_pid()
+            assert pid
+            fields = region_usage(pid, spec.path)
+            assert fields["Shared_Clean"] > 0 and fields["Private_Dirty"] == 0, fields
+
+        # ---- A: a package upgrade under a directory bind
+        assert a.sh("findmnt -n -o TARGET /usr/bin").strip() == "/usr/bin"
+        deb, new_bytes = upgraded_hostname_deb(reg.debs, tmp_path)
+        a.agent.write_file(f"/root/{deb.name}", deb.read_bytes())
+        res = a.exec(["dpkg", "-i", f"/root/{deb.name}"], timeout=600)
+        print("dpkg -i:", res.rc, res.err[-300:])
+        assert res.rc == 0, res.err
+        got = a.agent.read_file("/usr/bin/hostname")
+        assert got == new_bytes
+        assert a.sh("hostname").strip() == "lsguest"
+        after = a.sh("findmnt -rn -o TARGET | grep -c '^/usr' || true").strip()
+        print(f"A after the upgrade: {after} binds under /usr; dpkg says "
+              + a.sh("dpkg-query -W hostname").strip())
+        assert a.sh("findmnt -n -o TARGET /usr/bin || true").strip() == ""   # not whole
+        assert a.sh("findmnt -n -o TARGET /usr/lib || true").strip() == "/usr/lib"
+        assert a.sh("findmnt -n -o TARGET /usr/bin/ls || true").strip() == "/usr/bin/ls"
+        assert a.sh("findmnt -n /usr/bin/hostname || true").strip() == ""
+
+        # ---- B again with the libraries-only region: what each added guest costs then
+        pid = b.qemu_pid()
+        assert pid
+        ram_usr = guest_ram_usage(pid, guest_ram_sizes(domxml.parse(b.domain.XMLDesc(0))))
+        enrol.enable_domain(libvirt_conn, name_b, enrol.resolve_region(reg.cfg, LIBS, "nvdimm"))
+        b.restart(timeout=900)
+        vl = view(b)
+        print(vl.line("B (libraries)"))
+        pid = b.qemu_pid()
+        assert pid
+        ram_lib = guest_ram_usage(pid, guest_ram_sizes(domxml.parse(b.domain.XMLDesc(0))))
+        print(f"B guest RAM on the host: usr region {ram_usr}, libraries region {ram_lib}")
+        print(f"B file page cache in its own RAM: usr {vb.disk_cache}, libraries "
+              f"{vl.disk_cache} (x{vl.disk_cache / max(vb.disk_cache, 1):.1f})")
+        assert vl.disk_cache >= 2 * vb.disk_cache
+        assert 0 <= vb.bind_seconds <= vl.bind_seconds + 3, (vb.bind_seconds, vl.bind_seconds)
