@@ -149,7 +149,7 @@ def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreE
 
 
 def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
-           progress: Progress | None) -> None:
+           progress: Progress | None, in_trees: frozenset[str] = frozenset()) -> None:
     """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
     (JSON and TSV).
 
@@ -183,7 +183,7 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     meta.mkdir()
     (meta / "manifest.json").write_bytes(manifest)
     os.chmod(meta / "manifest.json", 0o444)
-    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries))
+    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries, in_trees))
     os.chmod(meta / "manifest.tsv", 0o444)
     for dirpath, _dirs, _files in os.walk(root):
         os.chmod(dirpath, 0o755)
@@ -358,7 +358,8 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
         try:
             root = staging / "root"
             root.mkdir()
-            _stage(cfg.store_dir, entries, root, manifest, progress)
+            _stage(cfg.store_dir, entries, root, manifest, progress,
+                   frozenset(e.path for t in laid for e in t.entries if e.kind == "f"))
             patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
             fs_image = staging / f"fs.{filesystem}"
             if filesystem == "erofs":

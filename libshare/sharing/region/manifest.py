@@ -54,14 +54,18 @@ def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str,
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def tsv_manifest_bytes(entries: list[StoreEntry]) -> bytes:
+def tsv_manifest_bytes(entries: list[StoreEntry], skip: frozenset[str] = frozenset()
+                       ) -> bytes:
     """Return the text manifest for guests' POSIX sh: one ``sha256\\tsize\\tpath\\t
     guest_path`` line per guest path of each entry, sorted; guest paths a shell ``read``
-    could mangle (tab, newline, backslash) are left out."""
+    could mangle (tab, newline, backslash) are left out, and so are those in ``skip``
+    (the regular files of the region's guest trees: guests take those from
+    ``/.libshare/tree.tsv``, with their modes and owners)."""
     lines = []
     for e in entries:
         for guest in e.paths:
-            if any(c in guest for c in "\t\n\r\\") or not guest.startswith("/"):
+            if any(c in guest for c in "\t\n\r\\") or not guest.startswith("/") \
+                    or guest in skip:
                 continue
             lines.append(f"{e.sha256}\t{e.size}\t{fs_path(e)}\t{guest}\n")
     return "".join(sorted(lines)).encode()

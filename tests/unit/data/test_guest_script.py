@@ -140,8 +140,13 @@ def fake(tmp_path: Path) -> Iterator[Fake]:
         mnt.mkdir()
         subprocess.run(["mount", "-t", "erofs", "-o", "ro", loop, str(mnt)], check=True)
         try:
+            # (sha256, size, region path, guest path) of every file the region serves
             manifest = [line.split("\t") for line in
                         (mnt / ".libshare/manifest.tsv").read_text().splitlines()]
+            for line in (mnt / ".libshare/tree.tsv").read_text().splitlines():
+                tid, path, kind, _m, _u, _g, size, sha, _o = line.split("\t")
+                if kind == "f":
+                    manifest.append([sha, size, f"/tree/{tid}{path}", path])
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
         yield Fake(tmp_path, root, tmp_path / "run", loop, manifest)
@@ -253,6 +258,11 @@ def test_prime_records_verdicts_and_binds_nothing(fake: Fake) -> None:
     assert fake.mounts() == [] and not (fake.run / "binds").exists()
     out = fake.run_script("apply", "--no-restart", "--boot")
     assert out["bound"] == "2" and out["hashed"] == "0" and out["cached"] == "3"
+    assert out["plan"] == "kept"                      # prime's decision, not made again
+    # libshare's own state on the guest's disk leaves nothing in its page cache
+    state = fake.root / "var/lib/libshare"
+    for f in (state / "verdicts.tsv", state / "plan/list", state / "plan/served"):
+        assert f.exists() and _resident(f) == 0, f
 
 
 @needs_root
@@ -414,15 +424,21 @@ def test_identical_usr_is_bound_in_a_few_directory_binds(usr_fake: Fake, awk: st
     assert os.readlink(r / "usr/bin/prog2") == "prog"
     assert (r / "usr/share/empty").is_dir() and (r / "usr/share/doc/other/read me").exists()
     # never /usr itself, /usr/local stays writable, /etc is not the usr policy's
-    (r / "usr/local/bin/mine").write_text("local\n")
+    assert _dev(r / "usr/local/bin") == _dev(r) and os.access(r / "usr/local/bin", os.W_OK)
     assert _dev(r / "etc/copyright") == _dev(r)
     served = (fake.run / "manifest.tsv").read_text()
     assert "\t/usr/bin/hello\n" in served and "/etc/copyright" not in served
+    assert out["plan"] == "new"
     again = fake.run_script("apply", "--no-restart", LIBSHARE_AWK=awk)
     assert again["bound"] == "0" and again["already"] == "4" and again["hashed"] == "0"
     out = fake.run_script("remove", "--no-restart")
     assert out["removed"] == "4" and fake.mounts() == []
     assert _dev(r / "usr/bin/hello") == _dev(r)
+    # nothing changed: the next apply from scratch (a boot) reads the plan kept
+    out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_AWK=awk)
+    assert out["plan"] == "kept" and _binds(fake) == {d: "dir" for d in dirs}
+    assert out["identical"] == again["identical"] and out["bound"] == "4"
+    fake.run_script("remove", "--no-restart")
 
 
 @needs_root
@@ -487,6 +503,7 @@ def test_package_update_under_a_directory_bind(usr_fake: Fake) -> None:
     os.replace(new, prog)
     out = fake.run_script("apply", "--no-restart")
     assert out["differs"] == ["/usr/bin/prog"] and out["hashed"] == "0"   # other size
+    assert out["plan"] == "new"                               # not the plan kept before
     assert "/usr/bin" not in _binds(fake) and _dev(prog) == _dev(r)
     assert prog.read_bytes().endswith(b"new version")
     fake.run_script("remove", "--no-restart")
