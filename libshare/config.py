@@ -27,6 +27,10 @@ from libshare.domxml.devices import MODELS
 from libshare.domxml.metadata import REDIRECT_MODES, check_group
 from libshare.errors import LibshareError
 from libshare.hook.ops import MAX_SECONDS
+from libshare.util import files
+
+#: bytes of a configuration file read at most
+MAX_CONFIG = 1024 * 1024
 
 SYSTEM_CONFIG = Path("/etc/libshare/libshare.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/libshare")
@@ -136,10 +140,12 @@ def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = Non
     values: dict[str, Any] = {}
     source: Path | None = None
     if cfg_path.exists():
-        try:
-            with open(cfg_path, "rb") as fh:
-                raw = tomllib.load(fh)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        try:  # a regular file only: a FIFO or device is refused, never waited on
+            raw = tomllib.loads(files.read_regular(cfg_path, MAX_CONFIG).decode())
+        except OSError as exc:
+            raise LibshareError(f"cannot read config {cfg_path}: "
+                                f"{files.os_error(exc, path=False)}") from exc
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise LibshareError(f"cannot read config {cfg_path}: {exc}") from exc
         values = _check(raw.get("libshare", raw), str(cfg_path))
         source = cfg_path

@@ -27,15 +27,16 @@ from libshare.virt.process import qemu_pid
 
 def library_mappings(conn: Any, name: str, cfg: Config, processes: bool) -> dict[str, Any]:
     """Return, from introspection of the running guest (nothing asked of it), how many
-    library mappings it has and how many the library region serves; per process too
-    when ``processes``."""
+    library mappings it has, how many the library region serves and how many map the
+    guest's own files (``from_guest_files``: each such library is a copy in that
+    guest's page cache); per process too when ``processes``."""
     from libshare.introspect.survey import survey_domain
 
     seen = survey_domain(conn, name, cache_dir=cfg.state_dir / "introspect")
     total = seen.library_mappings()
     region = seen.region_mappings()
     out: dict[str, Any] = {"library": total, "from_region": region,
-                           "private": None if region is None else total - region,
+                           "from_guest_files": None if region is None else total - region,
                            "partial": seen.partial}
     if processes:
         out["processes"] = [{"pid": p.pid, "comm": p.comm, "library": p.library_mappings,
@@ -125,14 +126,17 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
 
 
 def host_memory(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Return host-wide figures: each region file's page cache counted once, and the
-    region Pss summed over every running domain that maps it."""
+    """Return host-wide figures: each region file's page cache counted once, the region
+    Pss summed over every running domain that maps it, the copy-on-write copies of
+    region pages (``region_copied_kb``: the mappings' Anonymous pages) and their
+    Private_Dirty (dirty page cache of a freshly written image counts there too: not
+    copies, see :mod:`libshare.sharing.accounting`)."""
     regions = {r["memory"]["region_path"] for r in rows
                if r.get("memory") and r["memory"].get("region_path")}
     cache = accounting.region_page_cache(regions)
+    usages = [r["memory"]["region"] for r in rows
+              if r.get("memory") and r["memory"].get("region")]
     return {"region_page_cache_kb": {p: b // 1024 for p, b in cache.items()},
-            "region_pss_kb": sum(r["memory"]["region"]["Pss"] for r in rows
-                                 if r.get("memory") and r["memory"].get("region")),
-            "region_private_dirty_kb": sum(
-                r["memory"]["region"]["Private_Dirty"] for r in rows
-                if r.get("memory") and r["memory"].get("region"))}
+            "region_pss_kb": sum(u["Pss"] for u in usages),
+            "region_copied_kb": sum(accounting.copied_kb(u) for u in usages),
+            "region_private_dirty_kb": sum(u["Private_Dirty"] for u in usages)}

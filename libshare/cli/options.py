@@ -9,9 +9,13 @@ stand before or after the sub-command; ``--json`` is added per command that repo
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 from libshare import config
+from libshare.errors import LibshareError, UsageError
 
 #: the environment variable virsh honours for the default connection
 LIBVIRT_URI_ENV = "LIBVIRT_DEFAULT_URI"
@@ -46,3 +50,39 @@ def libvirt_uri(args: argparse.Namespace, cfg: config.Config,
     ``$LIBVIRT_DEFAULT_URI``, else the config's ``libvirt_uri``."""
     env = os.environ if environ is None else environ
     return getattr(args, "connect", None) or env.get(LIBVIRT_URI_ENV) or cfg.libvirt_uri
+
+
+def positive_seconds(text: str) -> float:
+    """Return ``text`` as a finite, positive number of seconds (an option's ``type=``);
+    UsageError otherwise ("nan", "inf", "0", "-1" included)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def int_between(low: int, high: int | None = None) -> Callable[[str], int]:
+    """Return an option ``type=`` that takes a whole number from ``low`` to ``high``
+    (no upper bound when None) and raises UsageError for anything else."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text.strip(), 10) if text.strip().isascii() else None
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise UsageError(f"{text!r} is not a whole number {bound}")
+        return value
+    return convert
+
+
+def folder(path: str, what: str) -> Path:
+    """Return ``path`` as a Path when it is a directory or does not exist yet (it will
+    be created); LibshareError (exit 1) when it names something else (``what`` says
+    which option: "--hooks-dir")."""
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise LibshareError(f"{what} {path}: not a directory")
+    return Path(path)

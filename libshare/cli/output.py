@@ -1,7 +1,9 @@
-"""Printing results for people (aligned tables) and for programs (``--json``)."""
+"""Printing results for people (aligned tables, ISO 8601 local times) and for programs
+(``--json``)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import sys
 from collections.abc import Sequence
@@ -33,3 +35,14 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]],
                 out: TextIO | None = None) -> None:
     """Write ``format_table(headers, rows)`` and a newline to ``out`` (stdout)."""
     (out or sys.stdout).write(format_table(headers, rows) + "\n")
+
+
+def iso_time(t: object) -> str | None:
+    """Return the wall-clock time ``t`` (seconds since the epoch) as ISO 8601 local time
+    with its UTC offset ("2024-05-01T14:03:07+02:00"), None if ``t`` is not a time."""
+    if isinstance(t, bool) or not isinstance(t, int | float):
+        return None
+    try:
+        return datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
+    except (OverflowError, OSError, ValueError):
+        return None

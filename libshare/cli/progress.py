@@ -1,15 +1,18 @@
-"""Progress reporting for long store imports and region builds.
+"""Progress reporting for long store imports, region builds and guest steps.
 
-Owns the presentation of the ``Progress`` callbacks (phase, done, total, unit) that
-:mod:`libshare.sharing.store` and :mod:`libshare.sharing.region.build` call: nothing is shown
+Owns the presentation of the ``Progress`` callbacks (phase, done, total, unit;
+:class:`libshare.util.progress.Progress`) that :mod:`libshare.sharing.store`,
+:mod:`libshare.sharing.region.build` and :mod:`libshare.redirect.actions` (``guest
+install``, ``redirect``, ``unredirect``: minutes under TCG) call: nothing is shown
 for operations that finish within ``delay`` seconds; after that, a redrawn line on a
 terminal, or plain lines when the stream is not a terminal (logs, CI).
 
 * a phase with a known ``total`` shows a bar on a terminal and one line ("write
   (144.0 MiB)", "stage (12 files)") otherwise; ``unit`` "bytes" is shown in human units;
-* a phase with ``total`` 0 has no known end (mkfs.erofs running): its caller ticks it
-  and a terminal shows a spinner with the elapsed seconds; otherwise one line when it
-  starts and one when it ends, with the time it took.
+* a phase with ``total`` 0 has no known end (mkfs.erofs, a program in a guest): its
+  caller ticks it and a terminal shows a spinner with the elapsed seconds; otherwise
+  one line when it starts, one every ``heartbeat`` seconds while it lasts ("... 30 s")
+  and one when it ends, with the time it took.
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ class ProgressPrinter:
     """Callable progress sink; call :meth:`close` when the operation ends."""
 
     def __init__(self, label: str, stream: TextIO | None = None, delay: float = 0.5,
-                 tty: bool | None = None) -> None:
+                 tty: bool | None = None, heartbeat: float = 30.0) -> None:
         self.label = label
+        self.heartbeat = heartbeat
+        self.beats = 0                # heartbeat lines written in this phase
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.delay = delay
@@ -60,6 +65,7 @@ class ProgressPrinter:
             self.phase = phase
             self.phase_start = now
             self.last_draw = 0.0
+            self.beats = 0
         self.open_ended = total == 0
         if now - self.start < self.delay:
             return
@@ -67,6 +73,10 @@ class ProgressPrinter:
             if self.announced != phase:
                 self.announced = phase
                 self._write(f"{self.label}: {phase}{self._amount(total, unit)}\n")
+            elif self.open_ended and now - self.phase_start >= \
+                    (self.beats + 1) * self.heartbeat:
+                self.beats = int((now - self.phase_start) // self.heartbeat)
+                self._write(f"{self.label}: {phase} ... {now - self.phase_start:.0f} s\n")
             return
         if now - self.last_draw < 0.1 and done != total:
             return

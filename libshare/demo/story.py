@@ -10,8 +10,9 @@ mode: the initramfs binds the region's identical copies over the guest's files b
 ``switch_root``), then report what each guest says from inside (library mappings on the
 pmem device versus from disk over all processes, page cache of the disk copies), what
 the host sees without asking the guests (introspection: region mappings) and what the
-host holds (each QEMU's region mapping Rss/Pss/Shared_Clean/Private_Dirty, the region's
-page cache once, host memory for these libraries with and without sharing).
+host holds (each QEMU's region mapping Rss/Pss/Shared_Clean/Private_Dirty and its
+copy-on-write copies, the Anonymous pages; the region's page cache once, host memory for
+these libraries with and without sharing).
 
 ``--tiny`` keeps the fast variant: busybox guests (Debian kernel) whose own script mounts
 the region and binds a few programs' libraries (no ``guest install``). Guests are named
@@ -140,6 +141,9 @@ def _host_figures(mappings: list[dict[str, int]], page_cache_kb: int) -> dict[st
         "region_page_cache_kb": page_cache_kb,
         "region_rss_sum_kb": rss,
         "region_pss_sum_kb": pss,
+        # copies are the mappings' anonymous pages; Private_Dirty also counts dirty page
+        # cache of the freshly built image (see libshare.sharing.accounting)
+        "region_copied_kb": sum(accounting.copied_kb(m) for m in mappings),
         "region_private_dirty_kb": sum(m.get("Private_Dirty", 0) for m in mappings),
         # every guest its own copy of the pages it maps, against the distinct pages
         # actually mapped (the sum of Pss over all mappers counts each page once)

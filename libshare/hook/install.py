@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from libshare.data import host_text
-from libshare.util.files import write_owned
+from libshare.util.files import open_regular, write_owned
 
 DEFAULT_HOOKS_DIR = Path("/etc/libvirt/hooks")
 MARKER = "libshare-hook"
@@ -37,10 +37,11 @@ def render(python: str | None = None) -> str:
 
 
 def is_ours(path: Path) -> bool:
-    """Return True when ``path`` is a hook written by libshare."""
+    """Return True when ``path`` is a hook written by libshare (a regular file only:
+    a FIFO there is never opened for reading)."""
     try:
-        with open(path, errors="replace") as fh:
-            return MARKER in fh.read(4096)
+        with open_regular(path) as fh:
+            return MARKER in fh.read(4096).decode(errors="replace")
     except OSError:
         return False
 

@@ -7,9 +7,16 @@ memory (:func:`find_btf`); and answering layout questions: a struct's size, a me
 byte or bit offset by name, through anonymous unions and structs and nested members
 (``"d_name.len"``).
 
-Everything is bounded: the header's lengths are capped (:data:`MAX_SECTION`), vlen is
-bounded by the section it lives in, type chains and anonymous nesting are followed to a
-fixed depth, and a malformed blob raises :class:`BtfError`.
+Everything is bounded, since a blob found in guest memory may be planted by the guest:
+the header's lengths are capped (:data:`MAX_SECTION`, and the kernel's own limits:
+at most :data:`BTF_MAX_TYPE` types, a string section of at most 16 MiB that starts and
+ends with a NUL, names of at most :data:`MAX_NAME` bytes), vlen is bounded by the section
+it lives in, type chains (typedef/const/volatile..., array of array...) are followed to
+:data:`MAX_CHAIN` links, anonymous nesting to :data:`MAX_NEST` levels, and one member
+lookup examines at most :data:`MAX_LOOKUP` members, each type once (a struct that
+contains itself is malformed); sizes above 4 GiB are refused. A malformed blob raises
+:class:`BtfError`, never a RecursionError or a blow-up: a planted blob costs at most
+about what the kernel's own blob does.
 """
 
 from __future__ import annotations
@@ -25,6 +32,20 @@ BTF_MAGIC = 0xEB9F
 BTF_MAGIC_BYTES = b"\x9f\xeb\x01"  # magic (little-endian) followed by version 1
 HDR_LEN = 24
 MAX_SECTION = 64 << 20  # no kernel's BTF type or string section comes near 64 MiB
+#: the kernel's own limits on the BTF it accepts (include/uapi/linux/btf.h,
+#: kernel/bpf/btf.c btf_parse_str_sec): type ids and string offsets
+BTF_MAX_TYPE = 0x000F_FFFF
+BTF_MAX_NAME_OFFSET = 0x00FF_FFFF
+#: longest name read (the kernel refuses identifiers of KSYM_NAME_LEN, 512, or more)
+MAX_NAME = 1024
+#: links of a typedef/const/volatile chain, or levels of an array of arrays
+MAX_CHAIN = 32
+#: levels of anonymous struct/union nesting searched for a member (real kernels: 3)
+MAX_NEST = 8
+#: members one lookup may examine (a real kernel's largest, task_struct.*: under 400)
+MAX_LOOKUP = 1 << 12
+#: the largest size sizeof answers (BTF stores struct sizes in 32 bits)
+MAX_SIZE = 1 << 32
 
 KIND_INT, KIND_PTR, KIND_ARRAY, KIND_STRUCT, KIND_UNION, KIND_ENUM = 1, 2, 3, 4, 5, 6
 KIND_FWD, KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT = 7, 8, 9, 10, 11
@@ -47,8 +68,7 @@ _STEPS: list[tuple[int, int] | None] = [_EXTRA.get(k) for k in range(32)]
 #: the kinds find_types looks up by name
 _NAMED_KINDS = frozenset((KIND_STRUCT, KIND_UNION, KIND_TYPEDEF, KIND_INT, KIND_ENUM))
 _MODIFIERS = (KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG)
-_MAX_CHAIN = 32
-_MAX_NEST = 8
+_COMPOSITE = (KIND_STRUCT, KIND_UNION)
 
 #: Structures a kernel's BTF must describe for libshare to walk tasks and mappings.
 REQUIRED_STRUCTS = ("task_struct", "mm_struct", "vm_area_struct", "file", "dentry", "mount")
@@ -100,8 +120,8 @@ def parse_header(data: bytes | memoryview, pos: int = 0) -> BtfHeader | None:
     """Return the BTF header at ``data[pos:]`` if it is plausible, else None.
 
     Plausible: magic 0xEB9F, version 1, hdr_len 24, type section first (type_off 0),
-    strings right after (str_off == type_len), both sections non-empty and under
-    :data:`MAX_SECTION`.
+    strings right after (str_off == type_len), both sections non-empty, the type section
+    under :data:`MAX_SECTION` and the string section within the kernel's 16 MiB.
     """
     if len(data) - pos < HDR_LEN:
         return None
@@ -111,7 +131,7 @@ def parse_header(data: bytes | memoryview, pos: int = 0) -> BtfHeader | None:
         return None
     if type_off != 0 or str_off != type_len or not 0 < type_len <= MAX_SECTION:
         return None
-    if not 0 < str_len <= MAX_SECTION:
+    if not 0 < str_len <= BTF_MAX_NAME_OFFSET + 1:
         return None
     return BtfHeader(flags, hdr_len, type_off, type_len, str_off, str_len)
 
@@ -134,6 +154,10 @@ class Btf:
         self._offs: list[int] = [0]  # record offset of each type id; id 0 is void
         self._by_name_off: dict[int, list[int]] = {}  # name offset -> ids (named kinds)
         self._names: dict[str, list[int]] | None = None  # name -> ids, built on first use
+        self._resolved: dict[int, int] = {}  # type id -> id with modifiers stripped
+        self._lookups: dict[tuple[int, str], Member | None] = {}  # (struct id, name) -> hit
+        if self._data[self._str_start] or self._data[self._str_end - 1]:
+            raise BtfError("BTF string section does not start and end with a NUL")
         self._index_types()
 
     def _index_types(self) -> None:
@@ -148,6 +172,8 @@ class Btf:
         steps = _STEPS
         named = _NAMED_KINDS
         while pos < end:
+            if len(offs) > BTF_MAX_TYPE:
+                raise BtfError(f"BTF has more than {BTF_MAX_TYPE} types")
             if end - pos < 12:
                 raise BtfError(f"BTF type section ends inside a record at {pos}")
             name, info, _size = unpack(data, pos)
@@ -174,15 +200,16 @@ class Btf:
         return len(self._offs) - 1
 
     def string(self, off: int) -> str:
-        """Return the string at ``off`` in the string section ("" for 0)."""
+        """Return the string at ``off`` in the string section ("" for 0); raise
+        BtfError if it is outside the section or longer than :data:`MAX_NAME` bytes."""
         if off == 0:
             return ""
         start = self._str_start + off
         if not self._str_start <= start < self._str_end:
             raise BtfError(f"BTF string offset {off} outside the string section")
-        stop = self._data.find(b"\0", start, self._str_end)
+        stop = self._data.find(b"\0", start, min(self._str_end, start + MAX_NAME + 1))
         if stop < 0:
-            raise BtfError(f"BTF string at {off} is not terminated")
+            raise BtfError(f"BTF string at {off} is longer than {MAX_NAME} bytes")
         return self._data[start:stop].decode("utf-8", "replace")
 
     def _record(self, type_id: int) -> tuple[int, int, int, int]:
@@ -231,29 +258,43 @@ class Btf:
 
     def resolve(self, type_id: int) -> int:
         """Return ``type_id`` with typedefs, const, volatile, restrict and type tags
-        stripped."""
-        for _ in range(_MAX_CHAIN):
+        stripped; raise BtfError after :data:`MAX_CHAIN` links (a loop, in a planted
+        blob)."""
+        done = self._resolved.get(type_id)
+        if done is not None:
+            return done
+        start = type_id
+        for _ in range(MAX_CHAIN):
             if type_id == 0 or self.kind(type_id) not in _MODIFIERS:
+                self._resolved[start] = type_id
                 return type_id
             type_id = self._record(type_id)[3]
-        raise BtfError(f"BTF type chain too long at type {type_id}")
+        raise BtfError(f"BTF type chain longer than {MAX_CHAIN} at type {start}")
 
     def sizeof(self, type_id: int) -> int:
-        """Return the size in bytes of ``type_id`` (pointers are 8, arrays multiply)."""
-        type_id = self.resolve(type_id)
-        if type_id == 0:
-            raise BtfError("sizeof(void)")
-        pos, _, info, size = self._record(type_id)
-        kind = (info >> 24) & 0x1F
-        if kind == KIND_PTR:
-            return 8
-        if kind == KIND_ARRAY:
-            elem, _index, nelems = _ARRAY.unpack_from(self._data, pos + 12)
-            return nelems * self.sizeof(elem)
-        if kind in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_FLOAT,
-                    KIND_DATASEC):
-            return size
-        raise BtfError(f"BTF type {type_id} (kind {kind}) has no size")
+        """Return the size in bytes of ``type_id`` (pointers are 8, arrays multiply);
+        raise BtfError for a type without a size, arrays nested deeper than
+        :data:`MAX_CHAIN` (an array of itself) or a size of :data:`MAX_SIZE` or more."""
+        start, count = type_id, 1
+        for _ in range(MAX_CHAIN):
+            type_id = self.resolve(type_id)
+            if type_id == 0:
+                raise BtfError("sizeof(void)")
+            pos, _, info, size = self._record(type_id)
+            kind = (info >> 24) & 0x1F
+            if kind == KIND_ARRAY:
+                type_id, _index, nelems = _ARRAY.unpack_from(self._data, pos + 12)
+                count *= nelems
+                continue
+            if kind == KIND_PTR:
+                size = 8
+            elif kind not in (KIND_INT, KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64,
+                              KIND_FLOAT, KIND_DATASEC):
+                raise BtfError(f"BTF type {type_id} (kind {kind}) has no size")
+            if count * size >= MAX_SIZE:
+                raise BtfError(f"BTF type {start} is {count * size} bytes, too large")
+            return count * size
+        raise BtfError(f"BTF arrays nested deeper than {MAX_CHAIN} at type {start}")
 
     def struct_size(self, name: str) -> int:
         """Return ``sizeof(struct name)``."""
@@ -264,7 +305,7 @@ class Btf:
         type_id = self.resolve(type_id)
         pos, _, info, _ = self._record(type_id)
         kind = (info >> 24) & 0x1F
-        if kind not in (KIND_STRUCT, KIND_UNION):
+        if kind not in _COMPOSITE:
             raise BtfError(f"BTF type {type_id} is not a struct or union")
         kflag = info >> 31
         for i in range(info & 0xFFFF):
@@ -274,21 +315,53 @@ class Btf:
             else:
                 yield Member(self.string(name_off), mtype, offset, 0)
 
-    def _find_member(self, type_id: int, name: str, depth: int) -> Member | None:
-        if depth > _MAX_NEST:
-            return None
-        anonymous: list[Member] = []
-        for m in self.members(type_id):
-            if m.name == name:
-                return m
-            if not m.name and self.kind(self.resolve(m.type_id)) in (KIND_STRUCT, KIND_UNION):
-                anonymous.append(m)
-        for a in anonymous:
-            inner = self._find_member(a.type_id, name, depth + 1)
-            if inner is not None:
-                return Member(inner.name, inner.type_id, a.bit_offset + inner.bit_offset,
-                              inner.bit_size)
-        return None
+    def _find_member(self, type_id: int, name: str) -> Member | None:
+        """Return member ``name`` of struct/union ``type_id`` (resolved), searching its
+        direct members first, then its anonymous struct/union members in order, depth
+        first (as C does); None if there is none. Each type is searched once per lookup
+        (at its shallowest depth, at most :data:`MAX_NEST`), at most :data:`MAX_LOOKUP`
+        members are examined, results are remembered; an anonymous member whose type
+        contains it (a loop) or a lookup over budget raises BtfError."""
+        key = (type_id, name)
+        if key in self._lookups:
+            return self._lookups[key]
+        searched: dict[int, int] = {}  # type id -> shallowest depth searched
+        nesting: set[int] = set()  # the types being searched, outermost first
+        budget = MAX_LOOKUP
+
+        def search(tid: int, depth: int) -> Member | None:
+            nonlocal budget
+            if tid in nesting:
+                raise BtfError(f"BTF type {tid} contains itself (anonymous member loop)")
+            if depth > MAX_NEST or searched.get(tid, MAX_NEST + 1) <= depth:
+                return None
+            searched[tid] = depth
+            nesting.add(tid)
+            try:
+                anonymous: list[tuple[Member, int]] = []
+                for m in self.members(tid):
+                    budget -= 1
+                    if budget < 0:
+                        raise BtfError(f"BTF lookup of member {name} of type {type_id} "
+                                       f"examined more than {MAX_LOOKUP} members")
+                    if m.name == name:
+                        return m
+                    if not m.name:
+                        inner_id = self.resolve(m.type_id)
+                        if self.kind(inner_id) in _COMPOSITE:
+                            anonymous.append((m, inner_id))
+                for a, inner_id in anonymous:
+                    inner = search(inner_id, depth + 1)
+                    if inner is not None:
+                        return Member(inner.name, inner.type_id,
+                                      a.bit_offset + inner.bit_offset, inner.bit_size)
+                return None
+            finally:
+                nesting.discard(tid)
+
+        found = search(self.resolve(type_id), 0)
+        self._lookups[key] = found
+        return found
 
     def member(self, struct: str | int, path: str) -> Member:
         """Return the member at dotted ``path`` (``"d_name.len"``) of ``struct`` (a name
@@ -300,9 +373,9 @@ class Btf:
         for part in path.split("."):
             if found is not None:
                 type_id = found.type_id
-                if self.kind(self.resolve(type_id)) not in (KIND_STRUCT, KIND_UNION):
+                if self.kind(self.resolve(type_id)) not in _COMPOSITE:
                     raise BtfError(f"{struct}.{path}: {found.name} is not a struct")
-            found = self._find_member(type_id, part, 0)
+            found = self._find_member(type_id, part)
             if found is None:
                 raise BtfError(f"BTF: {struct} has no member {path}")
             total += found.bit_offset

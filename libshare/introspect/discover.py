@@ -20,20 +20,29 @@ canonical for 4 levels means 5). Kernel page tables: the PGD of the first proces
 user mm); any of them maps the kernel half. The choice is confirmed by translating
 ``init_task``'s own address and its list neighbour back to where they were found.
 Re-probed on every survey, so a cached result never uses a freed mm.
+
+Guest memory may be planted by a hostile guest, so discovery is bounded: at most
+:data:`MAX_HITS` hits of each pattern are kept (copies of one small BTF blob count
+once; ``Linux version`` without a release is no hit), each ``swapper/0`` hit is probed
+once per pass (but the first :data:`REPROBE_HITS`), BTF candidates cost at most
+:data:`MAX_BTF_TRIES` parses of distinct blobs, :data:`MAX_BTF_PARSE` bytes parsed and
+:data:`MAX_BTF_READ` bytes read (:class:`BtfTries`), and the banner is taken from the
+head of the kernel image's .rodata (:func:`image_banners`) before any found elsewhere.
 """
 
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from libshare.errors import LibshareError
 from libshare.introspect.btf import Btf, BtfError, find_btf, parse_header
 from libshare.introspect.kernel import MASK64, RELEASE_RE, START_KERNEL_MAP, KernelInfo
-from libshare.introspect.layout import Layout, layout_from_btf
+from libshare.introspect.layout import Layout, LayoutError, layout_from_btf
 from libshare.introspect.memory import PAGE_SIZE, MemoryReadError, PhysicalMemory
 from libshare.introspect.paging import is_canonical, translate
 
@@ -41,32 +50,85 @@ SWAPPER_COMM = b"swapper/0\0"
 
 
 BANNER_PREFIX = b"Linux version "
+#: a banner: the prefix and the first character of a release
+_BANNER_RE = re.compile(re.escape(BANNER_PREFIX) + rb"[\x21-\x7e]")
 
 
 class KernelError(LibshareError):
     """The guest kernel could not be understood (no BTF, no init_task, odd paging)."""
 
 
+#: hits kept per pattern (BTF headers, ``swapper/0``, banners): a real guest has a
+#: handful of each; a guest that plants more only makes its own kernel harder to find
+MAX_HITS = 1024
+#: BTF blobs up to this size are told apart by content while scanning, so copies of
+#: one planted blob count once (a kernel's own blob is megabytes: listed by address)
+SMALL_BTF = 64 << 10
+#: distinct BTF blobs parsed, bytes parsed and bytes read by one kernel discovery (a
+#: real kernel's blob: one, ~5 MiB)
+MAX_BTF_TRIES = 16
+MAX_BTF_PARSE = 32 << 20
+MAX_BTF_READ = 256 << 20
+#: ``swapper/0`` hits probed again after each chunk while scanning (a running guest can
+#: tear the probe of the real init_task; the others are probed once per pass)
+REPROBE_HITS = 16
+
+
 @dataclass
 class ScanResult:
-    """Guest-physical addresses of interesting patterns found by :func:`scan_memory`."""
+    """Guest-physical addresses of interesting patterns found by :func:`scan_memory`
+    (at most :data:`MAX_HITS` of each; ``truncated`` if there were more). A small BTF
+    blob identical to one already found is not listed again (``btf_digests``)."""
 
     btf: list[int] = field(default_factory=list)
     swapper: list[int] = field(default_factory=list)
     banners: list[int] = field(default_factory=list)
+    truncated: bool = False
+    btf_digests: set[str] = field(default_factory=set)
+
+
+@dataclass
+class BtfTries:
+    """What one kernel discovery spent on BTF candidates (bounded by
+    :data:`MAX_BTF_TRIES`, :data:`MAX_BTF_PARSE`, :data:`MAX_BTF_READ`), the digests of
+    blobs already rejected and why candidates failed."""
+
+    parsed: int = 0
+    parsed_bytes: int = 0
+    read_bytes: int = 0
+    rejected: set[str] = field(default_factory=set)
+    reasons: list[str] = field(default_factory=list)
 
 
 def _scan_chunk(res: ScanResult, seen: set[int], base: int, data: bytes) -> None:
     """Add the BTF headers, ``swapper/0`` strings and banners in ``data`` (at guest
-    physical ``base``) to ``res``; ``seen`` drops hits already found (chunk overlap)."""
-    for addr, _hdr in find_btf([(base, data)]):
+    physical ``base``) to ``res``; ``seen`` drops hits already found (chunk overlap),
+    copies of a small BTF blob already listed are skipped, and so is ``Linux version``
+    without a release after it. Hits of a pattern beyond
+    :data:`MAX_HITS` are dropped (``res.truncated``)."""
+    for addr, hdr in find_btf([(base, data)]):
         if addr not in seen:
+            pos = addr - base
+            if hdr.total_len <= SMALL_BTF and pos + hdr.total_len <= len(data):
+                digest = btf_digest(data[pos:pos + hdr.total_len])
+                if digest in res.btf_digests:
+                    continue
+                res.btf_digests.add(digest)
+            if len(res.btf) >= MAX_HITS:
+                res.truncated = True
+                break
             seen.add(addr)
             res.btf.append(addr)
     for pattern, out in ((SWAPPER_COMM, res.swapper), (BANNER_PREFIX, res.banners)):
         pos = data.find(pattern)
         while pos >= 0:
-            if base + pos not in seen:
+            after = data[pos + len(pattern):pos + len(pattern) + 1]
+            if pattern is BANNER_PREFIX and after and not 0x20 < after[0] < 0x7F:
+                pass  # no release follows: not a banner (and no hit to keep)
+            elif base + pos not in seen:
+                if len(out) >= MAX_HITS:
+                    res.truncated = True
+                    break
                 seen.add(base + pos)
                 out.append(base + pos)
             pos = data.find(pattern, pos + 1)
@@ -97,14 +159,14 @@ MAX_IMAGE_CANDIDATES = 4
 
 def rodata_candidates(mem: PhysicalMemory) -> list[int]:
     """Return the 2 MiB-aligned guest-physical addresses whose first
-    :data:`BANNER_HEAD` bytes hold ``Linux version`` (where the kernel image's .rodata
-    may start), reading only those heads."""
+    :data:`BANNER_HEAD` bytes hold ``Linux version`` and a release (where the kernel
+    image's .rodata may start), reading only those heads."""
     out = []
     for lo, hi in mem.ram_ranges():
         addr = (lo + HPAGE - 1) & ~(HPAGE - 1)
         while addr + BANNER_HEAD <= hi:
             try:
-                if BANNER_PREFIX in mem.read_uncached(addr, BANNER_HEAD):
+                if _BANNER_RE.search(mem.read_uncached(addr, BANNER_HEAD)):
                     out.append(addr)
             except MemoryReadError:
                 pass
@@ -169,29 +231,48 @@ def btf_digest(blob: bytes) -> str:
 
 
 def load_layout(mem: PhysicalMemory, candidates: Iterable[int],
-                layouts: LayoutStore | None = None) -> tuple[int, Layout]:
+                layouts: LayoutStore | None = None,
+                tries: BtfTries | None = None) -> tuple[int, Layout]:
     """Return ``(address, Layout)`` for the first candidate address holding a complete,
     valid kernel BTF blob - or one whose exact bytes ``layouts`` has seen before (then
     neither parsed nor validated again; new ones are added); raise KernelError if none
-    does."""
-    reasons = []
+    does. ``tries`` carries the budget across calls (see :class:`BtfTries`): a blob
+    already rejected is not parsed again, and candidates beyond the budget are skipped."""
+    tries = tries if tries is not None else BtfTries()
+    reasons = tries.reasons
     for addr in candidates:
         try:
             hdr = parse_header(mem.read(addr, 24))
             if hdr is None:
                 continue
+            if tries.read_bytes + hdr.total_len > MAX_BTF_READ:
+                reasons.append(f"{addr:#x}: not read ({MAX_BTF_READ >> 20} MiB of BTF "
+                               "candidates read already)")
+                continue
+            tries.read_bytes += hdr.total_len
             blob = mem.read_uncached(addr, hdr.total_len)
-            digest = btf_digest(blob) if layouts is not None else ""
+            digest = btf_digest(blob)
+            if digest in tries.rejected:
+                continue
             known = layouts.get(digest) if layouts is not None else None
             if known is not None:
                 return addr, known
+            if tries.parsed >= MAX_BTF_TRIES or \
+                    tries.parsed_bytes + len(blob) > MAX_BTF_PARSE:
+                reasons.append(f"{addr:#x}: not parsed ({tries.parsed} BTF candidates, "
+                               f"{tries.parsed_bytes} bytes parsed already)")
+                continue
+            tries.parsed += 1
+            tries.parsed_bytes += len(blob)
+            tries.rejected.add(digest)  # until it proves valid
             btf = Btf(blob)
             btf.validate_kernel()
             layout = layout_from_btf(btf, f"BTF at guest physical {addr:#x}")
+            tries.rejected.discard(digest)
             if layouts is not None:
                 layouts[digest] = layout
             return addr, layout
-        except (BtfError, MemoryReadError) as exc:
+        except (BtfError, MemoryReadError, LayoutError) as exc:
             reasons.append(f"{addr:#x}: {exc}")
     detail = f" ({'; '.join(reasons[:3])})" if reasons else ""
     raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
@@ -301,6 +382,23 @@ def pick_banner(mem: PhysicalMemory, addrs: Iterable[int]) -> tuple[str, int | N
     return fallback
 
 
+def image_banners(mem: PhysicalMemory, init_task_phys: int) -> list[int]:
+    """Return where ``Linux version`` opens one of the :data:`HPAGE`-aligned pages
+    below ``init_task`` (in .data) within :data:`IMAGE_SPAN`, nearest first: where the
+    kernel image's .rodata, and so ``linux_banner``, begins. Banners found elsewhere
+    come from the guest's own pages (a planted one must not stand for the kernel's)."""
+    out = []
+    top = init_task_phys & ~(HPAGE - 1)
+    for addr in range(top, max(-1, init_task_phys - IMAGE_SPAN), -HPAGE):
+        try:
+            m = _BANNER_RE.search(mem.read_uncached(addr, BANNER_HEAD))
+        except MemoryReadError:
+            continue
+        if m:
+            out.append(addr + m.start())
+    return out
+
+
 def _complete_banner(mem: PhysicalMemory, banners: list[int]) -> tuple[str, int | None, bool]:
     """Return ``pick_banner``'s answer and whether it is the kernel's own one-line,
     NUL-terminated ``linux_banner``."""
@@ -312,16 +410,18 @@ def _complete_banner(mem: PhysicalMemory, banners: list[int]) -> tuple[str, int 
 
 
 def _conclude(mem: PhysicalMemory, layout: Layout, scan: ScanResult, attempts: int,
-              btf_phys: int | None) -> KernelInfo | None:
-    """Return the KernelInfo from the ``swapper/0`` hits of ``scan``, or None."""
+              btf_phys: int | None, hits: Sequence[int] | None = None) -> KernelInfo | None:
+    """Return the KernelInfo from the ``swapper/0`` hits of ``scan`` (or only ``hits``),
+    or None."""
     comm_off = layout.off("task_struct.comm")
     for attempt in range(attempts):  # a running guest may tear a probe: retry
         if attempt:
             mem.invalidate()
-        for hit in scan.swapper:
+        for hit in scan.swapper if hits is None else hits:
             info = probe_init_task(mem, layout, hit - comm_off)
             if info is not None:
-                info.banner, info.banner_phys, _ = _complete_banner(mem, scan.banners)
+                info.banner, info.banner_phys, _ = _complete_banner(
+                    mem, image_banners(mem, info.init_task_phys) + scan.banners)
                 info.btf_phys = btf_phys
                 return info
     return None
@@ -340,6 +440,7 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
     already seen (same kernel build, another boot or guest)."""
     btf_phys: int | None = None
     tried: set[int] = set()
+    budget = BtfTries()
 
     def try_btf(res: ScanResult) -> Layout | None:
         nonlocal btf_phys
@@ -348,7 +449,7 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
         if not fresh:
             return None
         try:
-            btf_phys, found = load_layout(mem, fresh, layouts)
+            btf_phys, found = load_layout(mem, fresh, layouts, budget)
         except KernelError:
             return None
         return found
@@ -356,14 +457,26 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
     if scan is None:
         res = ScanResult()
         seen: set[int] = set()
+        found: KernelInfo | None = None
+        image: list[int] = []  # banners at the head of the kernel image's .rodata
+        probed = 0  # swapper/0 hits probed so far (only the first few are probed again)
         for base, data in scan_order(mem):
             _scan_chunk(res, seen, base, data)
             if layout is None:
                 layout = try_btf(res)
-            if layout is not None and res.swapper:
-                info = _conclude(mem, layout, res, 1, btf_phys)
-                if info is not None and _complete_banner(mem, res.banners)[2]:
-                    return info
+            if layout is not None and found is None and res.swapper:
+                hits = res.swapper[:min(probed, REPROBE_HITS)] + res.swapper[probed:]
+                found = _conclude(mem, layout, res, 1, btf_phys, hits)
+                probed = len(res.swapper)
+                if found is not None:
+                    image = image_banners(mem, found.init_task_phys)
+            if found is not None:
+                found.banner, found.banner_phys, complete = _complete_banner(
+                    mem, image + res.banners)
+                if complete:
+                    return found
+        if found is not None:
+            return found
         scan = res
     elif layout is None:
         layout = try_btf(scan)
@@ -371,11 +484,13 @@ def find_kernel(mem: PhysicalMemory, layout: Layout | None = None,
         if not scan.btf:
             raise KernelError("no BTF in guest memory (kernel without CONFIG_DEBUG_INFO_BTF? "
                               "give an ISF or offsets file)")
-        load_layout(mem, scan.btf)  # raises with the reasons
-        raise KernelError("no usable kernel BTF found in guest memory")
+        detail = f" ({'; '.join(budget.reasons[:3])})" if budget.reasons else ""
+        raise KernelError(f"no usable kernel BTF found in guest memory{detail}")
     info = _conclude(mem, layout, scan, attempts, btf_phys)
     if info is not None:
         return info
     if not scan.swapper:
         raise KernelError("no 'swapper/0' task in guest memory (not a booted Linux kernel?)")
-    raise KernelError("found 'swapper/0' but no consistent init_task (layout mismatch?)")
+    more = f" (hits beyond {MAX_HITS} of a pattern ignored)" if scan.truncated else ""
+    raise KernelError(f"found 'swapper/0' but no consistent init_task (layout mismatch?){more}")
+

@@ -32,6 +32,10 @@ from typing import Any
 
 from libshare.errors import LibshareError
 from libshare.introspect.btf import Btf, BtfError
+from libshare.util import files
+
+#: bytes of an ISF or offsets file read at most (a whole kernel's ISF is ~50 MiB)
+MAX_LAYOUT_FILE = 512 * 1024 * 1024
 
 REQUIRED: tuple[str, ...] = (
     "task_struct.tasks", "task_struct.pid", "task_struct.tgid", "task_struct.comm",
@@ -160,9 +164,9 @@ def _isf_member(types: Mapping[str, Any], struct: str, name: str, depth: int = 0
 def layout_from_isf(path: str | Path) -> Layout:
     """Return the Layout read from a Volatility3-style ISF JSON file at ``path``."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = json.loads(files.read_regular(path, MAX_LAYOUT_FILE))
         types = doc["user_types"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, LibshareError) as exc:
         raise LayoutError(f"cannot read ISF {path}: {exc}") from exc
     offsets: dict[str, int] = {}
     for key in REQUIRED + OPTIONAL:
@@ -187,8 +191,8 @@ _LINE = re.compile(r"^\s*([A-Za-z_][\w.()]*)\s*[=:]?\s*(0[xX][0-9a-fA-F]+|\d+)\s
 def layout_from_offsets(path: str | Path) -> Layout:
     """Return the Layout read from an offsets file (JSON object or ``key OFFSET`` lines)."""
     try:
-        text = Path(path).read_text()
-    except OSError as exc:
+        text = files.read_regular(path, MAX_LAYOUT_FILE).decode()
+    except (OSError, ValueError, LibshareError) as exc:
         raise LayoutError(f"cannot read offsets file {path}: {exc}") from exc
     raw: dict[str, int] = {}
     if text.lstrip().startswith("{"):

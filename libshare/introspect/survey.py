@@ -224,6 +224,12 @@ def walk_kernel(k: Kernel, name: str = "", tolerant: bool = False,
     if stats.bad_entries:
         out.partial = True  # pages behind those entries are missing from the counts
         out.errors.append(f"{stats.bad_entries} page-table entries point outside RAM")
+    if stats.revisits:  # hostile page tables (see paging.iter_mappings)
+        out.partial = True
+        out.errors.append(f"{stats.revisits} page-table entries loop back to a table")
+    if stats.truncated:
+        out.partial = True
+        out.errors.append("page-table walks stopped at their work budget")
     for path, lib in libs.items():
         lib.resident_pages = len(frames.get(path, ()))
         lib.shared_pages = len(shared.get(path, ()))

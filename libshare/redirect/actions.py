@@ -17,11 +17,19 @@ attached, agent answering, DAX active in the guest), and the three operations:
 
 The guest script prints ``key=value`` lines (:func:`parse_kv`); a ``refused=`` line
 means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`.
+
+Progress: after the checks, each guest step of the three operations (files written,
+libraries hashed, ``update-initramfs``, binds, the agent's restart) is reported to an
+optional :class:`~libshare.util.progress.Progress` callback, ticked with its elapsed
+seconds while the guest program runs (they take minutes under TCG), and logged at
+debug level (``libshare -v``) when it starts and ends (:class:`Steps`).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +37,10 @@ from libshare import domxml
 from libshare.data import guest_bytes
 from libshare.errors import LibshareError, RefusedError
 from libshare.redirect.agent import AgentError, AgentFactory, ExecResult, GuestAgent
+from libshare.util.progress import Progress
 from libshare.virt import api
+
+log = logging.getLogger(__name__)
 
 #: the guest script's installed path
 SCRIPT = "/usr/sbin/libshare-redirect"
@@ -183,12 +194,48 @@ def _tail(res: ExecResult) -> str:
 
 
 def _run(agent: GuestAgent, argv: list[str], stdin: bytes | None = None,
-         timeout: float = 60.0) -> ExecResult:
-    """Return the result of running ``argv`` in the guest (AgentError -> LibshareError)."""
+         timeout: float = 60.0, on_poll: Callable[[], None] | None = None) -> ExecResult:
+    """Return the result of running ``argv`` in the guest (AgentError -> LibshareError);
+    ``on_poll()`` is called while it runs."""
     try:
-        return agent.exec(argv, stdin=stdin, timeout=timeout)
+        return agent.exec(argv, stdin=stdin, timeout=timeout, on_poll=on_poll)
     except AgentError as exc:
         raise LibshareError(str(exc)) from exc
+
+
+class Steps:
+    """The guest steps of one operation on the guest ``name``: each is logged (debug)
+    when it starts and ends, and reported to ``progress`` (when given) as an open-ended
+    phase ticked with the seconds it has run."""
+
+    def __init__(self, name: str, progress: Progress | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name, self.progress, self.clock = name, progress, clock
+
+    def run(self, phase: str, agent: GuestAgent, argv: list[str],
+            stdin: bytes | None = None, timeout: float = 60.0) -> ExecResult:
+        """Run ``argv`` in the guest as step ``phase``; return its ExecResult (errors as
+        :func:`_run`)."""
+        start = self.clock()
+        log.debug("%s: %s: %s", self.name, phase, " ".join(argv)[:200])
+
+        def tick() -> None:
+            if self.progress:
+                self.progress(phase, int(self.clock() - start), 0)
+
+        tick()
+        res = _run(agent, argv, stdin=stdin, timeout=timeout, on_poll=tick)
+        log.debug("%s: %s: exit %s after %.1f s", self.name, phase, res.rc,
+                  self.clock() - start)
+        return res
+
+    def count(self, phase: str, done: int, total: int, unit: str) -> None:
+        """Report ``done`` of ``total`` ``unit`` in step ``phase`` (total 0: open-ended,
+        ``done`` its seconds so far); the step is logged when it starts (``done`` 0)."""
+        if done == 0:
+            log.debug("%s: %s%s", self.name, phase, f": {total} {unit}" if total else "")
+        if self.progress:
+            self.progress(phase, done, total, unit)
 
 
 def installed(agent: GuestAgent, timeout: float = 30.0) -> bool:
@@ -217,9 +264,11 @@ class InstallReport:
 
 
 def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
-            update_initramfs: bool = True) -> InstallReport:
+            update_initramfs: bool = True,
+            progress: Progress | None = None) -> InstallReport:
     """Install the guest-side files into running domain ``dom`` and rebuild its
-    initramfs; return an :class:`InstallReport`.
+    initramfs; return an :class:`InstallReport`. Each step after the checks is
+    reported to ``progress`` and logged (see :class:`Steps`).
 
     Refuses (RefusedError, nothing changed) as :func:`check_domain` does. If writing a
     file fails, the files written so far are removed again before the error is raised.
@@ -227,9 +276,11 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     t0 = time.monotonic()
     target = check_domain(dom, agent_factory=agent_factory)
     agent = target.agent
+    steps = Steps(target.name, progress)
     report = InstallReport(domain=target.name, region_device=target.region_device)
     dirs = sorted({f.path.rsplit("/", 1)[0] for f in GUEST_FILES})
     try:
+        steps.count("install files", 0, len(GUEST_FILES), "files")
         _run(agent, ["mkdir", "-p", *dirs], timeout=30)
         for f in GUEST_FILES:
             if f.source is None:
@@ -240,6 +291,7 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             else:
                 agent.write_file(f.path, guest_file_bytes(f.source), mode=f.mode)
             report.files.append(f.path)
+            steps.count("install files", len(report.files), len(GUEST_FILES), "files")
     except (AgentError, LibshareError) as exc:
         if report.files:
             _run(agent, ["rm", "-f", *report.files], timeout=30)
@@ -247,29 +299,32 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             from exc
     # started now (not only from the next boot) so that its ExecStop detaches the binds
     # of a runtime redirect at shutdown; 'start' never restarts it (that would detach)
-    _run(agent, ["/bin/sh", "-c", "command -v systemctl >/dev/null && "
-                 f"[ -d /run/systemd/system ] && systemctl daemon-reload && "
-                 f"systemctl start {UNIT} || true"], timeout=120)
+    steps.run("start the unit", agent, [
+        "/bin/sh", "-c", "command -v systemctl >/dev/null && "
+        f"[ -d /run/systemd/system ] && systemctl daemon-reload && "
+        f"systemctl start {UNIT} || true"], timeout=120)
     # hash every library now (O_DIRECT) so the boot-time apply only reads its verdicts
-    res = _run(agent, [SCRIPT, "prime"], timeout=APPLY_TIMEOUT)
+    res = steps.run("hash libraries", agent, [SCRIPT, "prime"], timeout=APPLY_TIMEOUT)
     kv = parse_kv(res.out)
     report.identical, report.differs = _int(kv, "identical"), list(kv.get("differs", []))
     if update_initramfs:
-        res = _run(agent, ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
-                   timeout=INITRAMFS_TIMEOUT)
+        res = steps.run("update-initramfs", agent,
+                        ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
+                        timeout=INITRAMFS_TIMEOUT)
         report.initramfs = "updated" if res.ok else f"failed: {_tail(res)}"
         if res.ok:
-            report.initramfs_entries = initramfs_entries(agent)
+            report.initramfs_entries = initramfs_entries(agent, steps)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 
 
-def initramfs_entries(agent: GuestAgent) -> int:
+def initramfs_entries(agent: GuestAgent, steps: Steps | None = None) -> int:
     """Return how many libshare files the guest's current initramfs holds (lsinitramfs
     of /boot/initrd.img-$(uname -r)); 0 if it cannot be listed."""
-    res = _run(agent, ["/bin/sh", "-c",
-                       'lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c libshare'],
-               timeout=300)
+    res = (steps or Steps(agent.name)).run(
+        "list the initramfs", agent,
+        ["/bin/sh", "-c", 'lsinitramfs "/boot/initrd.img-$(uname -r)" | grep -c libshare'],
+        timeout=300)
     try:
         return int(res.out.strip() or 0)
     except ValueError:
@@ -311,13 +366,16 @@ def _agent_pid(agent: GuestAgent) -> str:
 
 
 def _restart_agent(agent: GuestAgent, kv: dict[str, Any], name: str,
-                   timeout: float = 180.0) -> bool:
+                   timeout: float = 180.0, steps: Steps | None = None) -> bool:
     """If the guest deferred the restart of its agent (``agent_restart=deferred``: the
     agent runs the script, so it must outlive it), restart it now, asynchronously
     (``systemd-run --no-block``), and wait until a new agent process answers; return
-    True if it was restarted."""
+    True if it was restarted. ``steps`` reports the wait."""
     if kv.get("agent_restart") != "deferred":
         return False
+    steps = steps or Steps(name)
+    start = time.monotonic()
+    steps.count("restart the agent", 0, 0, "")
     try:
         before = _agent_pid(agent)
         agent.exec(["systemd-run", "--no-block", "--collect", "--quiet", "systemctl",
@@ -330,19 +388,24 @@ def _restart_agent(agent: GuestAgent, kv: dict[str, Any], name: str,
         try:
             pid = _agent_pid(agent)
             if pid and pid != "0" and pid != before:
+                log.debug("%s: guest agent restarted (main PID %s, was %s)", name, pid,
+                          before)
                 return True
             last = f"main PID still {pid}"
         except AgentError as exc:
             last = str(exc)
+        steps.count("restart the agent", int(time.monotonic() - start), 0, "")
         time.sleep(1.0)
     raise LibshareError(f"{name}: guest agent did not come back after its restart: {last}")
 
 
 def redirect(dom: Any, restart: bool = True,
-             agent_factory: AgentFactory = GuestAgent.for_domain) -> RedirectReport:
+             agent_factory: AgentFactory = GuestAgent.for_domain,
+             progress: Progress | None = None) -> RedirectReport:
     """Bind the region's identical copies over the guest's libraries now (runtime mode);
     return a :class:`RedirectReport`. With ``restart``, the guest re-executes systemd and
-    restarts the services still mapping old copies, its agent last (waited for).
+    restarts the services still mapping old copies, its agent last (waited for). Each
+    step after the checks is reported to ``progress`` and logged (:class:`Steps`).
 
     Refuses as :func:`check_domain` does, and if the guest-side files are not installed.
     """
@@ -352,8 +415,10 @@ def redirect(dom: Any, restart: bool = True,
     if not installed(agent):
         raise RefusedError(f"{target.name}: libshare-redirect is not installed "
                            f"(run 'libshare guest install {target.name}' first)")
+    steps = Steps(target.name, progress)
     argv = [SCRIPT, "apply", "--defer-agent"] + ([] if restart else ["--no-restart"])
-    res = _run(agent, argv, timeout=APPLY_TIMEOUT)
+    res = steps.run("bind and restart" if restart else "bind", agent, argv,
+                    timeout=APPLY_TIMEOUT)
     kv = parse_kv(res.out)
     if "refused" in kv:
         raise RefusedError(f"{target.name}: {kv['refused']}")
@@ -366,20 +431,22 @@ def redirect(dom: Any, restart: bool = True,
         differs=list(kv.get("differs", [])), hashed=_int(kv, "hashed"),
         cached=_int(kv, "cached"), restarted=str(kv.get("restarted", "")).split(),
         kept=str(kv.get("kept", "")).split())
-    report.agent_restarted = _restart_agent(agent, kv, target.name)
+    report.agent_restarted = _restart_agent(agent, kv, target.name, steps=steps)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 
 
 def unredirect(dom: Any, restart: bool = True,
-               agent_factory: AgentFactory = GuestAgent.for_domain) -> RedirectReport:
+               agent_factory: AgentFactory = GuestAgent.for_domain,
+               progress: Progress | None = None) -> RedirectReport:
     """Undo :func:`install` and :func:`redirect` in running domain ``dom``: remove exactly
     the binds recorded in the guest, delete every guest-side file and rebuild the
     initramfs (a reboot then runs the guest as before); return a :class:`RedirectReport`.
 
     Refuses if the domain is not running or its agent does not answer, and if nothing is
     installed; the region device and DAX are not required (there may be nothing to
-    mount any more).
+    mount any more). Each step after the checks is reported to ``progress`` and logged
+    (:class:`Steps`).
     """
     t0 = time.monotonic()
     if not api.is_active(dom):
@@ -392,8 +459,10 @@ def unredirect(dom: Any, restart: bool = True,
         raise RefusedError(f"{name}: no responding guest agent ({exc})") from exc
     if not installed(agent):
         raise RefusedError(f"{name}: libshare-redirect is not installed: nothing to undo")
+    steps = Steps(name, progress)
     argv = [SCRIPT, "uninstall", "--defer-agent"] + ([] if restart else ["--no-restart"])
-    res = _run(agent, argv, timeout=INITRAMFS_TIMEOUT)
+    res = steps.run("undo binds, files and initramfs", agent, argv,
+                    timeout=INITRAMFS_TIMEOUT)
     kv = parse_kv(res.out)
     if not res.ok:
         raise LibshareError(f"{name}: libshare-redirect uninstall failed (exit {res.rc}): "
@@ -402,7 +471,7 @@ def unredirect(dom: Any, restart: bool = True,
         domain=name, action="unredirect", removed=_int(kv, "removed"),
         deleted=list(kv.get("deleted", [])), initramfs=kv.get("initramfs"),
         restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
-    report.agent_restarted = _restart_agent(agent, kv, name)
+    report.agent_restarted = _restart_agent(agent, kv, name, steps=steps)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 

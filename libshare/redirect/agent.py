@@ -11,11 +11,15 @@ out) into one :class:`AgentError` whose text is one line naming the guest.
 API (all methods of :class:`GuestAgent`; build one with :meth:`GuestAgent.for_domain`):
 
 - ``ping() -> None``; ``wait(timeout) -> float`` (seconds until the agent answered)
-- ``exec(argv, stdin=None, timeout=60.0, check=False) -> ExecResult(rc, stdout, stderr)``
+- ``exec(argv, stdin=None, timeout=60.0, check=False, on_poll=None) -> ExecResult(rc,
+  stdout, stderr)`` (``on_poll()`` is called at each status poll: progress ticks)
 - ``write_file(path, data, mode=None) -> int`` (bytes written);
   ``read_file(path, max_bytes=...) -> bytes``
 - ``shutdown(mode='powerdown'|'reboot'|'halt') -> None``
 - ``command(name, arguments=None, timeout=None) -> Any`` (the reply's ``return`` value)
+
+Every program run and file moved is logged at debug level (``libshare -v``): what ran,
+its exit status, how long it took and how much it printed.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import base64
 import binascii
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from libshare.errors import LibshareError
+
+log = logging.getLogger(__name__)
 
 #: ``transport(command_json, timeout_seconds) -> reply_json``; raises AgentError.
 Transport = Callable[[str, int], str]
@@ -198,15 +205,21 @@ class GuestAgent:
 
     def exec(self, argv: Sequence[str], stdin: bytes | str | None = None,
              timeout: float = 60.0, check: bool = False,
-             env: Sequence[str] | None = None) -> ExecResult:
+             env: Sequence[str] | None = None,
+             on_poll: Callable[[], None] | None = None) -> ExecResult:
         """Run ``argv`` (``argv[0]`` an absolute path or a name found in the guest's
         PATH) in the guest with captured output, feeding ``stdin`` if given, and return
         its :class:`ExecResult` once it exits. ``env`` (``NAME=value`` strings) replaces
         the environment. Waits at most ``timeout`` seconds: then the program is killed
         (``kill -KILL`` through the agent, best effort) and AgentTimeout is raised.
-        With ``check``, a non-zero exit raises AgentError with the end of its stderr."""
+        With ``check``, a non-zero exit raises AgentError with the end of its stderr.
+        ``on_poll()`` is called while the program runs (each status poll)."""
         if not argv:
             raise AgentError(f"guest agent of {self.name}: nothing to execute")
+        what = _one_line(" ".join(map(str, argv)), 120)
+        log.debug("%s: exec %s%s (at most %.0f s)", self.name, what,
+                  f" with {len(stdin)} bytes on stdin" if stdin is not None else "", timeout)
+        start = self._clock()
         args: dict[str, Any] = {"path": str(argv[0]), "arg": [str(a) for a in argv[1:]],
                                 "capture-output": True}
         if stdin is not None:
@@ -226,11 +239,19 @@ class GuestAgent:
                 raise AgentError(f"guest agent of {self.name} sent a malformed status of "
                                  f"pid {pid}")
             if status.get("exited"):
-                return self._exec_result(argv, status, check)
+                result = self._exec_result(argv, status, check)
+                log.debug("%s: %s: exit %s after %.1f s (%d bytes out, %d err)", self.name,
+                          what, result.rc if result.signal is None else
+                          f"by signal {result.signal}", self._clock() - start,
+                          len(result.stdout), len(result.stderr))
+                return result
             if self._clock() >= deadline:
                 self._kill(pid)
+                log.debug("%s: %s: killed after %.0f s", self.name, what, timeout)
                 raise AgentTimeout(f"{_one_line(' '.join(argv), 80)} in {self.name} did not "
                                    f"finish within {timeout:.0f}s (killed pid {pid})")
+            if on_poll is not None:
+                on_poll()
             self._sleep(delay)
             delay = min(delay * 2, _POLL_MAX)
 
@@ -267,6 +288,8 @@ class GuestAgent:
         """Write ``data`` to guest file ``path`` (created or truncated) in chunks, then
         ``chmod`` it to ``mode`` if given; return the number of bytes written."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
+        log.debug("%s: write %s (%d bytes%s)", self.name, path, len(raw),
+                  "" if mode is None else f", mode {mode:o}")
         handle = self.command("guest-file-open", {"path": path, "mode": "wb"})
         if not isinstance(handle, int):
             raise AgentError(f"guest agent of {self.name} opened {path} without a handle")
@@ -291,6 +314,7 @@ class GuestAgent:
     def read_file(self, path: str, max_bytes: int = MAX_READ) -> bytes:
         """Return the contents of guest file ``path``; AgentError if it cannot be read
         or is larger than ``max_bytes``."""
+        log.debug("%s: read %s", self.name, path)
         handle = self.command("guest-file-open", {"path": path, "mode": "rb"})
         if not isinstance(handle, int):
             raise AgentError(f"guest agent of {self.name} opened {path} without a handle")

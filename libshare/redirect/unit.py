@@ -16,7 +16,7 @@ from typing import Any
 
 from libshare.data import host_text
 from libshare.errors import LibshareError
-from libshare.util.files import write_owned
+from libshare.util.files import open_regular, write_owned
 
 UNIT_NAME = "libshare-daemon.service"
 
@@ -108,8 +108,13 @@ def install_unit(unit_dir: Path = DEFAULT_UNIT_DIR, python: str | None = None,
 
 
 def _unit_is_ours(path: Path) -> bool:
-    """Return True when the unit file ``path`` was written by libshare."""
-    return UNIT_MARKER in path.read_text(errors="replace")
+    """Return True when the unit file ``path`` was written by libshare (a regular file
+    only: a FIFO there is never opened for reading)."""
+    try:
+        with open_regular(path) as fh:
+            return UNIT_MARKER in fh.read(64 * 1024).decode(errors="replace")
+    except OSError:
+        return False
 
 
 def uninstall_unit(unit_dir: Path = DEFAULT_UNIT_DIR, runner: Runner = _run,

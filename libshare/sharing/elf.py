@@ -21,7 +21,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from libshare.util.digest import sha256_file
+from libshare.util.digest import sha256_stream
+from libshare.util.files import open_regular
 
 EM_X86_64 = 62
 ET_NAMES = {0: "ET_NONE", 1: "ET_REL", 2: "ET_EXEC", 3: "ET_DYN", 4: "ET_CORE"}
@@ -126,14 +127,16 @@ def header_type(head: bytes) -> str | None:
     return ET_NAMES.get(e_type)
 
 
-def identify(path: str | os.PathLike[str]) -> ElfIdentity | Skipped:
+def identify(path: str | os.PathLike[str], follow: bool = True) -> ElfIdentity | Skipped:
     """Return the :class:`ElfIdentity` of the file at ``path`` or a :class:`Skipped`.
 
     Never raises for bad file contents; unreadable files are skipped with the OS error.
+    Only a regular file is opened (a FIFO or device is skipped, never waited on; with
+    ``follow`` False a symlink too), and everything is read from that one open file.
     """
     spath = os.fspath(path)
     try:
-        with open(spath, "rb") as fh:
+        with open_regular(spath, follow=follow) as fh:
             st = os.fstat(fh.fileno())
             head = fh.read(64)
             why = check_header(head)
@@ -141,10 +144,13 @@ def identify(path: str | os.PathLike[str]) -> ElfIdentity | Skipped:
                 return Skipped(spath, why)
             fh.seek(0)
             parsed = _parse(fh, st.st_size)
-        if isinstance(parsed, str):
-            return Skipped(spath, parsed)
-        elf_type, build_id, soname, segments = parsed
-        digest = sha256_file(spath)
+            if isinstance(parsed, str):
+                return Skipped(spath, parsed)
+            elf_type, build_id, soname, segments = parsed
+            fh.seek(0)
+            digest = sha256_stream(fh)
+            if fh.tell() != st.st_size:
+                return Skipped(spath, "file changed while being read")
     except OSError as exc:
         return Skipped(spath, f"cannot read: {exc.strerror or exc}")
     return ElfIdentity(path=spath, sha256=digest, size=st.st_size, elf_type=elf_type,

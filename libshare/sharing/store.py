@@ -8,7 +8,8 @@ Owns ``cfg.store_dir`` (``STATE/store/``)::
     trees/<digest>.json             each imported tree, entry by entry
                                     (:mod:`libshare.sharing.trees`)
     tmp/                            temporary files of an import in progress
-    .lock                           flock held by an import
+    .lock                           flock: held exclusively by an import or a removal,
+                                    shared by region builds while they read objects
 
 Every regular file of an imported tree becomes an object. An x86-64 ELF shared object
 or executable keeps its ELF identity in the index (build-id, SONAME, segments); any
@@ -19,7 +20,16 @@ Rules:
 
 * an object only appears under its hash after its bytes were copied to ``tmp/``,
   re-hashed, fsync'ed and renamed; an interrupted import leaves at most temporary files
-  (removed by the next import) and never a half-written object;
+  and objects the index does not list (both removed by the next import) and never a
+  half-written object; an import that fails (disk full) indexes the objects it stored
+  or, if the index cannot be written either, removes them: one line, store consistent;
+* only regular files are read (never a FIFO or device, even one that replaces a file
+  during the walk; symlinks are not followed when opening) and names are validated:
+  a guest path must be valid UTF-8 without control characters (guests read a
+  line- and tab-separated manifest), a SONAME must also be a file name of at most
+  NAME_MAX bytes; a file that fails is skipped and reported, never stored;
+* :func:`remove_objects` drops objects (``libshare store rm``); region images are never
+  touched by it (each image holds its own copy of every library);
 * the index is replaced atomically (temp file, fsync, rename, fsync of the directory);
 * importing the same tree twice adds nothing and does not rewrite the index; an object
   already stored is re-hashed first, and one whose bytes no longer match its name
@@ -41,30 +51,58 @@ import json
 import os
 import stat
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from libshare.errors import LibshareError
 from libshare.sharing import trees
 from libshare.sharing.elf import ElfIdentity, Skipped, header_type, identify
 from libshare.util import files
-from libshare.util.digest import copy_sha256, sha256_file
+from libshare.util.digest import copy_sha256, sha256_file, sha256_stream
 from libshare.util.files import atomic_write
+from libshare.util.progress import Progress
 
 INDEX_VERSION = 1
+#: bytes of index.json read at most (about 500 bytes per object)
+MAX_INDEX = 1 << 30
 NOT_ELF = "not an ELF file"
 #: ``elf_type`` of an object that is not x86-64 ELF (text, data, foreign binaries)
 PLAIN = "none"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
-class Progress(Protocol):
-    """Progress callback (libshare.cli.progress.ProgressPrinter shows it)."""
+#: the longest file name, in bytes, a region file may have (NAME_MAX of Linux filesystems)
+NAME_MAX = 255
 
-    def __call__(self, phase: str, done: int, total: int, unit: str = "") -> None:
-        """Report ``done`` of ``total`` ``unit`` ("bytes", "files", "" for steps) in
-        ``phase``; total 0 when the end is unknown (then ``done`` is seconds)."""
+
+def path_problem(path: str) -> str | None:
+    """Return why ``path`` (a guest path, or any name) cannot be recorded, or None: it
+    must be valid UTF-8 (undecodable bytes arrive as surrogates from ``os.walk``) and
+    hold no control character (newline, tab...: the guests' manifest is a text table)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return "not valid UTF-8"
+    if any(c < " " or c == "\x7f" for c in path):
+        return "holds a control character"
+    return None
+
+
+def name_problem(name: str) -> str | None:
+    """Return why ``name`` (a SONAME) cannot be a region file's name, or None: the rules
+    of :func:`path_problem`, no U+FFFD (pyelftools' mark of undecodable bytes), no
+    ``/``, not ``.`` or ``..``, at most NAME_MAX bytes."""
+    problem = path_problem(name)
+    if problem:
+        return problem
+    if "\ufffd" in name:
+        return "not valid UTF-8"
+    if "/" in name or name in ("", ".", ".."):
+        return "not a file name"
+    if len(name.encode()) > NAME_MAX:
+        return f"longer than {NAME_MAX} bytes"
+    return None
 
 
 @dataclass
@@ -81,10 +119,13 @@ class StoreEntry:
 
     @property
     def name(self) -> str:
-        """Return the stable file name for this object: its SONAME, else its first basename."""
-        if self.soname and "/" not in self.soname and self.soname not in (".", ".."):
+        """Return the stable file name for this object: its SONAME, else its smallest
+        basename, else its SHA-256 (only names that pass :func:`name_problem`: an
+        index written before names were checked still builds)."""
+        if self.soname and name_problem(self.soname) is None:
             return self.soname
-        names = sorted({p.rsplit("/", 1)[-1] for p in self.paths} - {"", ".", ".."})
+        names = sorted(n for n in {p.rsplit("/", 1)[-1] for p in self.paths}
+                       if name_problem(n) is None)
         return names[0] if names else self.sha256
 
     def as_dict(self) -> dict[str, Any]:
@@ -152,6 +193,7 @@ class ImportResult:
     plain: int = 0                                      # files stored as plain objects
     trees: list[str] = field(default_factory=list)      # tree record digests (one a root)
     index_written: bool = False
+    orphans_removed: list[str] = field(default_factory=list)  # of a killed import (sha256)
 
     def skipped_counts(self) -> dict[str, int]:
         """Return skip reason -> number of files."""
@@ -166,7 +208,8 @@ class ImportResult:
                 "skipped_counts": self.skipped_counts(),
                 "skipped": [{"path": s.path, "reason": s.reason}
                             for s in self.skipped if s.reason != NOT_ELF],
-                "index_written": self.index_written}
+                "index_written": self.index_written,
+                "orphans_removed": self.orphans_removed}
 
 
 def object_path(store_dir: Path, sha256: str) -> Path:
@@ -186,10 +229,13 @@ def load_index(store_dir: Path) -> StoreIndex:
     """
     path = index_path(store_dir)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(files.read_regular(path, MAX_INDEX))
     except FileNotFoundError:
         return StoreIndex()
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        raise LibshareError(f"cannot read store index {path}: "
+                            f"{files.os_error(exc, path=False)}") from exc
+    except ValueError as exc:
         raise LibshareError(f"cannot read store index {path}: {exc}") from exc
     if not isinstance(doc, dict) or doc.get("version") != INDEX_VERSION:
         raise LibshareError(f"store index {path}: unsupported format")
@@ -205,9 +251,10 @@ def save_index(store_dir: Path, index: StoreIndex) -> None:
     atomic_write(index_path(store_dir), index.to_json().encode())
 
 
-def locked(store_dir: Path) -> contextlib.AbstractContextManager[None]:
-    """Return the store's exclusive lock (waits for another import to finish)."""
-    return files.locked(store_dir / ".lock")
+def locked(store_dir: Path, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+    """Return the store's lock: exclusive for imports and removals, ``shared`` for
+    readers of objects (region builds); waits for a conflicting holder to finish."""
+    return files.locked(store_dir / ".lock", shared=shared)
 
 
 def resolve_in_root(root: str, rel: str, max_links: int = 40) -> str | None:
@@ -262,14 +309,20 @@ def _copy_object(store_dir: Path, src: str, ident: ElfIdentity) -> str | None:
     """Copy ``src`` into the store as ``ident.sha256``; return None or a skip reason.
 
     The copy is re-hashed before it becomes visible; a file that changed since it was
-    identified is refused (reason returned) and nothing is left behind.
+    identified (or was replaced by something that is not a regular file) is refused
+    (reason returned) and nothing is left behind. OSErrors of the store (disk full)
+    propagate.
     """
     final = object_path(store_dir, ident.sha256)
     tmpdir = store_dir / "tmp"
     tmpdir.mkdir(parents=True, exist_ok=True)
     try:
-        with open(src, "rb") as s, files.atomic_file(final, OBJECT_MODE, tmp_dir=tmpdir) as d:
-            if copy_sha256(s, d) != ident.sha256:
+        source = files.open_regular(src, follow=False)
+    except OSError as exc:
+        return f"cannot read: {files.os_error(exc, path=False)}"
+    try:
+        with source as s, files.atomic_file(final, OBJECT_MODE, tmp_dir=tmpdir) as d:
+            if copy_sha256(s, d, limit=ident.size + 1) != ident.sha256:
                 raise _Changed
     except _Changed:
         return "file changed while being imported"
@@ -303,14 +356,18 @@ def identify_any(path: str) -> ElfIdentity | Skipped:
     identity when it is a storable x86-64 ELF, else a plain one (SHA-256, size,
     ``elf_type`` from its header or :data:`PLAIN`); a Skipped only when it cannot be
     read."""
-    ident = identify(path)
-    if not isinstance(ident, Skipped) or ident.reason.startswith("cannot read"):
+    ident = identify(path, follow=False)
+    if not isinstance(ident, Skipped) or ident.reason.startswith("cannot read") \
+            or ident.reason == "file changed while being read":
         return ident
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(64)
+        with files.open_regular(path, follow=False) as fh:
             size = os.fstat(fh.fileno()).st_size
-        digest = sha256_file(path)
+            head = fh.read(64)
+            fh.seek(0)
+            digest = sha256_stream(fh)
+            if fh.tell() != size:
+                return Skipped(path, "file changed while being read")
     except OSError as exc:
         return Skipped(path, f"cannot read: {exc.strerror or exc}")
     kind = header_type(head)
@@ -333,22 +390,62 @@ def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
         if not os.path.isdir(r):
             raise LibshareError(f"{r}: not a directory")
     result = ImportResult(roots=roots)
-    with locked(store_dir):
-        tmpdir = store_dir / "tmp"
-        if tmpdir.is_dir():  # leftovers of an interrupted import (we hold the lock)
-            for leftover in tmpdir.iterdir():
-                with contextlib.suppress(OSError):
-                    leftover.unlink()
-        index = load_index(store_dir)
-        before = index.to_json()
-        for root in roots:
-            shas = _import_root(store_dir, root, index, result, progress)
-            rec, _written = trees.record_tree(store_dir, root, shas)
-            result.trees.append(rec.digest)
-        if index.to_json() != before:
-            save_index(store_dir, index)
-            result.index_written = True
+    try:
+        with locked(store_dir):
+            tmpdir = store_dir / "tmp"
+            if tmpdir.is_dir():  # leftovers of an interrupted import (we hold the lock)
+                for leftover in tmpdir.iterdir():
+                    with contextlib.suppress(OSError):
+                        leftover.unlink()
+            index = load_index(store_dir)
+            result.orphans_removed = _remove_orphans(store_dir, index)
+            before = index.to_json()
+            try:
+                for root in roots:
+                    shas = _import_root(store_dir, root, index, result, progress)
+                    rec, _written = trees.record_tree(store_dir, root, shas)
+                    result.trees.append(rec.digest)
+                if index.to_json() != before:
+                    save_index(store_dir, index)
+                    result.index_written = True
+            except OSError as exc:
+                raise LibshareError(_import_failed(store_dir, index, result, exc)) from exc
+    except OSError as exc:  # the store itself (lock, index folder) cannot be written
+        raise LibshareError(f"store import failed: {files.os_error(exc)}") from exc
     return result
+
+
+def _import_failed(store_dir: Path, index: StoreIndex, result: ImportResult,
+                   exc: OSError) -> str:
+    """Leave the store consistent after ``exc`` stopped an import (disk full, an I/O
+    error): index the objects stored so far or, if the index cannot be written either,
+    remove them; return the one-line error saying which."""
+    try:
+        save_index(store_dir, index)
+        kept = (f"the {len(result.added)} new objects stored before it are indexed"
+                if result.added else "nothing new was stored")
+    except OSError:
+        for sha in result.added:
+            with contextlib.suppress(OSError):
+                object_path(store_dir, sha).unlink()
+        kept = "nothing new was kept"
+    return f"store import failed: {files.os_error(exc)}; {kept}"
+
+
+def _remove_orphans(store_dir: Path, index: StoreIndex) -> list[str]:
+    """Remove object files the index does not list (stored by an import killed before
+    it wrote the index; we hold the lock, so no import is running); return their
+    names, sorted."""
+    objects = store_dir / "objects"
+    found = []
+    if objects.is_dir():
+        for sub in objects.iterdir():
+            for obj in sub.iterdir() if sub.is_dir() and not sub.is_symlink() else []:
+                if obj.name not in index.entries:
+                    found.append(obj.name)
+                    with contextlib.suppress(OSError):
+                        obj.unlink()
+    return sorted(found)
 
 
 def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportResult,
@@ -363,6 +460,10 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
         if progress:
             progress("import", n, total, "files")
         guest = "/" + os.path.relpath(path, root)
+        problem = path_problem(guest)
+        if problem:
+            result.skipped.append(Skipped(path, f"guest path {problem}"))
+            continue
         if stat.S_ISLNK(st.st_mode):
             links.append(guest)
             continue
@@ -373,6 +474,10 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
             ident = identify_any(path)
             if isinstance(ident, Skipped):
                 result.skipped.append(ident)
+                continue
+            problem = name_problem(ident.soname) if ident.soname else None
+            if problem:
+                result.skipped.append(Skipped(path, f"SONAME {problem}"))
                 continue
             if ident.elf_type not in ("ET_DYN", "ET_EXEC"):
                 result.plain += 1
@@ -433,6 +538,79 @@ def _add_path(entry: StoreEntry, guest: str) -> bool:
     entry.paths.append(guest)
     entry.paths.sort()
     return True
+
+
+@dataclass
+class RemoveResult:
+    """What :func:`remove_objects` removed (or refused, with ``held``)."""
+
+    removed: list[str] = field(default_factory=list)                # sha256s
+    freed: int = 0                                                  # bytes
+    held: dict[str, list[str]] = field(default_factory=dict)        # sha256 -> groups
+    forced: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the result as a JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+#: the shortest SHA-256 prefix :func:`resolve_objects` accepts
+MIN_PREFIX = 8
+
+
+def resolve_objects(index: StoreIndex, items: Iterable[str]) -> list[str]:
+    """Return the SHA-256s that ``items`` (full SHA-256s or unique prefixes of at least
+    MIN_PREFIX hex digits) name in ``index``, in order, each once. Raises LibshareError
+    naming the first item that is not hex, too short, unknown or ambiguous."""
+    out: list[str] = []
+    for item in items:
+        key = item.lower()
+        if not (MIN_PREFIX <= len(key) <= 64) or any(c not in "0123456789abcdef" for c in key):
+            raise LibshareError(f"{item!r} is not a SHA-256 (or a prefix of at least "
+                                f"{MIN_PREFIX} hex digits)")
+        found = [sha for sha in index.entries if sha.startswith(key)]
+        if not found:
+            raise LibshareError(f"no object {item} in the store")
+        if len(found) > 1:
+            raise LibshareError(f"{item} names {len(found)} objects; give more digits")
+        if found[0] not in out:
+            out.append(found[0])
+    return out
+
+
+def remove_objects(store_dir: Path, items: Iterable[str],
+                   held: Callable[[], dict[str, list[str]]],
+                   force: bool = False) -> RemoveResult:
+    """Remove the objects ``items`` name (see :func:`resolve_objects`) from the index
+    and the store; return a :class:`RemoveResult`.
+
+    ``held()`` (called under the store lock, so no build can publish meanwhile) gives
+    SHA-256 -> groups whose current image holds that library: such objects are refused
+    (nothing removed, ``held`` filled) unless ``force``; a later ``region build`` of
+    those groups would leave them out. Region images are never touched: each holds its
+    own copy. The index is written first, then the files removed (a crash in between
+    leaves unlisted files, which the next import removes). Raises LibshareError for an
+    unknown item (nothing removed) or when the store cannot be written.
+    """
+    result = RemoveResult(forced=force)
+    try:
+        with locked(store_dir):
+            index = load_index(store_dir)
+            shas = resolve_objects(index, items)
+            holders = held()
+            result.held = {sha: holders[sha] for sha in shas if sha in holders}
+            if result.held and not force:
+                return result
+            for sha in shas:
+                result.freed += index.entries.pop(sha).size
+            save_index(store_dir, index)
+            for sha in shas:
+                with contextlib.suppress(FileNotFoundError):
+                    object_path(store_dir, sha).unlink()
+                result.removed.append(sha)
+    except OSError as exc:
+        raise LibshareError(f"store rm failed: {files.os_error(exc)}") from exc
+    return result
 
 
 def check_object(store_dir: Path, entry: StoreEntry) -> str | None:

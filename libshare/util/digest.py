@@ -16,27 +16,39 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-from libshare.util.files import atomic_write
+from libshare.errors import LibshareError
+from libshare.util.files import atomic_write, open_regular, read_regular
 
 CHUNK = 4 * 1024 * 1024
+#: bytes of a digest cache file read at most (a larger one is ignored, then rewritten)
+MAX_CACHE = 64 * 1024 * 1024
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Return the hex SHA-256 of the whole file at ``path``."""
+    """Return the hex SHA-256 of the whole regular file at ``path`` (a FIFO or device
+    raises :class:`~libshare.util.files.NotRegularFile`, an OSError, without blocking)."""
+    with open_regular(path) as fh:
+        return sha256_stream(fh)
+
+
+def sha256_stream(fh: BinaryIO) -> str:
+    """Return the hex SHA-256 of the rest of the open binary stream ``fh``."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
+    while chunk := fh.read(CHUNK):
+        h.update(chunk)
     return h.hexdigest()
 
 
-def copy_sha256(src: BinaryIO, dst: BinaryIO) -> str:
-    """Copy the rest of ``src`` to ``dst``; return the hex SHA-256 of the bytes copied
-    (one read for both)."""
+def copy_sha256(src: BinaryIO, dst: BinaryIO, limit: int | None = None) -> str:
+    """Copy the rest of ``src`` to ``dst`` (at most ``limit`` bytes when given); return
+    the hex SHA-256 of the bytes copied (one read for both)."""
     h = hashlib.sha256()
-    while chunk := src.read(CHUNK):
+    left = limit
+    while chunk := src.read(CHUNK if left is None else min(CHUNK, left)):
         h.update(chunk)
         dst.write(chunk)
+        if left is not None:
+            left -= len(chunk)
     return h.hexdigest()
 
 
@@ -50,8 +62,8 @@ def stat_key(st: os.stat_result, ctime: bool = True) -> str:
 def load_entries(cache: Path) -> dict[str, str]:
     """Return the entries of the JSON cache file ``cache`` (empty if it is missing or
     unreadable)."""
-    with contextlib.suppress(OSError, ValueError):
-        doc = json.loads(cache.read_text())
+    with contextlib.suppress(OSError, ValueError, LibshareError):
+        doc = json.loads(read_regular(cache, MAX_CACHE))
         if isinstance(doc, dict):
             return doc
     return {}

@@ -56,7 +56,12 @@ def connect(uri: str) -> Iterator[libvirt.virConnect]:
 
 
 def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
-    """Return the domain called ``name`` (or with that UUID); raise if there is none."""
+    """Return the domain called ``name`` (or with that UUID); raise if there is none
+    (libvirt names are UTF-8: a name that is not, from a command line, is none)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LibshareError(f"domain {name!r} not found (not a UTF-8 name)") from None
     try:
         return conn.lookupByName(name)
     except libvirt.libvirtError:

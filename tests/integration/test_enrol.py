@@ -114,11 +114,11 @@ def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Pa
     assert status["enrolled"] and status["running"] and status["region_ok"] is True
     memory = status["memory"]
     assert memory["qemu_pid"] == guest.qemu_pid()
-    assert memory["region"]["mappings"] == 1 and memory["region"]["Private_Dirty"] == 0
+    assert memory["region"]["mappings"] == 1 and memory["region"]["Anonymous"] == 0
     assert memory["guest_ram"]["mappings"] == 1 and memory["guest_ram"]["Rss"] > 1024
     assert str(image) in report["host"]["region_page_cache_kb"]
     # introspection ran: busybox is static, so the guest maps no library at all
-    assert status["mappings"] == {"library": 0, "from_region": 0, "private": 0,
+    assert status["mappings"] == {"library": 0, "from_region": 0, "from_guest_files": 0,
                                   "partial": False}
 
     dom.destroy()

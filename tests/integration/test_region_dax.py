@@ -301,8 +301,8 @@ park
     same = sum(1 for x, y in both if x == y)
     print(f"library pages present in both QEMUs: {len(both)}/{npages - 1}, "
           f"same host page: {same}; Shared_Clean A {map_a.fields['Shared_Clean']} kB, "
-          f"B {map_b.fields['Shared_Clean']} kB; Private_Dirty A "
-          f"{map_a.fields['Private_Dirty']} kB, B {map_b.fields['Private_Dirty']} kB")
+          f"B {map_b.fields['Shared_Clean']} kB; copied (Anonymous) A "
+          f"{map_a.fields['Anonymous']} kB, B {map_b.fields['Anonymous']} kB")
     assert len(both) > 0.9 * (npages - 1)
     assert same == len(both)                       # one copy in the host page cache
     # the writer changed its own view only (a private copy-on-write page)
@@ -310,7 +310,7 @@ park
     assert out_a["after"] != out_a["before"]
     assert out_b["block"] == out_a["before"]
     assert pa[0] is not None and pb[0] is not None and pa[0] != pb[0]
-    assert map_a.fields["Private_Dirty"] >= 4 and map_b.fields["Private_Dirty"] == 0
+    assert map_a.fields["Anonymous"] >= 4 and map_b.fields["Anonymous"] == 0
     assert sha256_file(reg.path) == reg.digest     # the host file never changed
 
 

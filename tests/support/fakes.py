@@ -102,9 +102,9 @@ def _no_exec(argv: list[str], stdin: bytes | None) -> ExecResult:
 
 class FakeAgent:
     """A guest agent client of domain ``name``: ``handler(argv, stdin)`` answers
-    ``exec``; a silent agent (``alive`` False) raises AgentError like a real one that
-    does not respond. Every call is recorded in ``calls``, exec timeouts in
-    ``timeouts``."""
+    ``exec`` (``on_poll`` is called once, as while a program runs); a silent agent
+    (``alive`` False) raises AgentError like a real one that does not respond. Every
+    call is recorded in ``calls``, exec timeouts in ``timeouts``."""
 
     def __init__(self, handler: Handler = _no_exec, alive: bool = True,
                  name: str = "g1") -> None:
@@ -126,10 +126,12 @@ class FakeAgent:
         return 0.0
 
     def exec(self, argv: list[str], stdin: bytes | None = None, timeout: float = 60.0,
-             check: bool = False) -> ExecResult:
+             check: bool = False, on_poll: Callable[[], None] | None = None) -> ExecResult:
         self.calls.append(("exec", list(argv)))
         self.timeouts.append(timeout)
         self._check()
+        if on_poll is not None:  # the program runs for one poll
+            on_poll()
         return self.handler(list(argv), stdin)
 
     def write_file(self, path: str, data: bytes, mode: int | None = None) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,17 @@ def make_guest_tree(base: Path) -> Path:
     (root / "usr/share/doc/other/read me").write_text("hello\n")
     (root / "etc/copyright").write_text(doc)
     return root
+def shared_object(path: Path, soname: str | bytes) -> Path:
+    """Link a tiny x86-64 shared object with DT_SONAME ``soname`` (any bytes: too long,
+    with a newline...) at ``path`` (``bytes`` paths allowed); skips without gcc."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no gcc to link a test library")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    name = soname if isinstance(soname, bytes) else soname.encode()
+    subprocess.run([b"gcc", b"-shared", b"-nostdlib", b"-o", bytes(path),
+                    b"-Wl,-soname," + name, b"-x", b"c", b"/dev/null"], check=True,
+                   capture_output=True)
+    return path
 
 
 def corrupt_copy(src: str, dst: Path, offset: int | None = None, size: int | None = None
@@ -121,4 +133,4 @@ def first_library(image: str) -> tuple[dict[str, Any], int]:
     return item, 2 * MiB + ino.raw_blkaddr * 4096
 
 __all__ = ["LIBDIR", "LIBS", "MiB", "corrupt_copy", "first_library", "make_cfg",
-           "make_guest_tree", "make_tree", "needs_mkfs"]
+           "make_guest_tree", "make_tree", "needs_mkfs", "shared_object"]

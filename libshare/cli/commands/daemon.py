@@ -8,7 +8,13 @@ import signal
 from pathlib import Path
 from types import FrameType
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import (
+    add_json,
+    folder,
+    int_between,
+    libvirt_uri,
+    positive_seconds,
+)
 from libshare.cli.output import print_json
 from libshare.config import Config
 from libshare.errors import UsageError
@@ -17,10 +23,6 @@ from libshare.virt import api
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
-    if args.poll <= 0:
-        raise UsageError("--poll must be a positive number of seconds")
-    if args.jobs < 1:
-        raise UsageError("--jobs must be at least 1")
     if args.once and args.until_idle:
         raise UsageError("--once and --until-idle do not go together")
     d = daemon.Daemon(cfg.state_dir, api.opener(libvirt_uri(args, cfg)),
@@ -52,7 +54,7 @@ def _global_args(args: argparse.Namespace) -> list[str]:
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    res = unit.install_unit(Path(args.unit_dir), extra_args=_global_args(args))
+    res = unit.install_unit(folder(args.unit_dir, "--unit-dir"), extra_args=_global_args(args))
     if args.json:
         print_json(res.as_dict())
     else:
@@ -63,7 +65,7 @@ def _install(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _uninstall(args: argparse.Namespace, cfg: Config) -> int:
-    res = unit.uninstall_unit(Path(args.unit_dir))
+    res = unit.uninstall_unit(folder(args.unit_dir, "--unit-dir"))
     if args.json:
         print_json(res.as_dict())
     else:
@@ -88,9 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one pass over the pending requests, then exit")
     p.add_argument("--until-idle", action="store_true",
                    help="serve until no request is pending, then exit (1 if one failed)")
-    p.add_argument("--poll", type=float, default=daemon.DEFAULT_POLL, metavar="SECONDS",
+    p.add_argument("--poll", type=positive_seconds, default=daemon.DEFAULT_POLL, metavar="SECONDS",
                    help="seconds between passes (default %(default)s)")
-    p.add_argument("--jobs", type=int, default=daemon.DEFAULT_JOBS, metavar="N",
+    p.add_argument("--jobs", type=int_between(1), default=daemon.DEFAULT_JOBS, metavar="N",
                    help="domains handled at once (default %(default)s)")
     add_json(p, "on exit, print what was handled as JSON")
     p.set_defaults(func=_serve)

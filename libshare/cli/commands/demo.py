@@ -9,9 +9,10 @@ import sys
 from types import FrameType
 from typing import Any
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, int_between, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
+from libshare.sharing.accounting import copied_kb
 
 DESCRIPTION = """\
 Run the whole story on this host: guests of one trust group share one region.
@@ -53,24 +54,34 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
     print()
     print_table(
         ["GUEST", "DAX", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "SURVEY: FROM REGION",
-         "GUEST CACHE +kB", "QEMU REGION RSS kB", "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"],
+         "GUEST CACHE +kB", "QEMU REGION RSS kB", "SHARED_CLEAN kB", "PRIVATE_DIRTY kB",
+         "COPIED kB"],
         [[g["name"], "yes" if g["dax"] else "NO", g["binds"], g["maps_region"],
           g["maps_disk"],
           f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
           g["cached_growth_kb"], g["region_mapping"].get("Rss", 0),
           g["region_mapping"].get("Shared_Clean", 0),
-          g["region_mapping"].get("Private_Dirty", 0)] for g in report["guests"]])
+          g["region_mapping"].get("Private_Dirty", 0),
+          copied_kb(g["region_mapping"])] for g in report["guests"]])
     host = report["host"]
     print()
     print_table(["HOST", "kB"], [
         ["region pages mapped by the guests' QEMUs (sum of Rss)", host["region_rss_sum_kb"]],
         ["sum of their Pss (each page counted once)", host["region_pss_sum_kb"]],
         ["region file in the host page cache (one copy)", host["region_page_cache_kb"]],
-        ["private copies of region pages (Private_Dirty)", host["region_private_dirty_kb"]],
+        *_copy_rows(host),
         ["host memory for these libraries without sharing", host["without_sharing_kb"]],
         ["host memory for these libraries with libshare", host["with_sharing_kb"]],
     ])
     return 0
+
+
+def _copy_rows(host: dict[str, Any]) -> list[list[Any]]:
+    """Return the HOST rows about copies: the copy-on-write copies of region pages (the
+    mappings' Anonymous pages) and their Private_Dirty, which is not a copy count."""
+    return [["copy-on-write copies of region pages (Anonymous)", host["region_copied_kb"]],
+            ["region Private_Dirty (dirty page cache of a new image; not copies)",
+             host["region_private_dirty_kb"]]]
 
 
 def _print_debian(report: dict[str, Any]) -> None:
@@ -98,19 +109,19 @@ def _print_debian(report: dict[str, Any]) -> None:
     print("From the host (introspection of guest memory; each QEMU's region mapping):")
     print_table(
         ["GUEST", "SURVEY: LIB MAPS FROM REGION", "RSS kB", "PSS kB", "SHARED_CLEAN kB",
-         "PRIVATE_DIRTY kB", "GUEST CACHE SAVED kB"],
+         "PRIVATE_DIRTY kB", "COPIED kB", "GUEST CACHE SAVED kB"],
         [[g["name"], f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
           g["region_mapping"].get("Rss", 0), g["region_mapping"].get("Pss", 0),
           g["region_mapping"].get("Shared_Clean", 0),
-          g["region_mapping"].get("Private_Dirty", 0), g["guest_cache_saved_kb"]]
-         for g in report["guests"]])
+          g["region_mapping"].get("Private_Dirty", 0), copied_kb(g["region_mapping"]),
+          g["guest_cache_saved_kb"]] for g in report["guests"]])
     print("(guest cache saved: the region pages the guest touched, as its QEMU maps them; "
           "without the region the guest would hold them in its own page cache)")
     host = report["host"]
     print()
     print_table(["HOST", "kB"], [
         ["region file in the host page cache (one copy)", host["region_page_cache_kb"]],
-        ["private copies of region pages (Private_Dirty)", host["region_private_dirty_kb"]],
+        *_copy_rows(host),
         ["host memory for these files without sharing (sum of Rss)",
          host["without_sharing_kb"]],
         ["host memory for these files with libshare (sum of Pss)",
@@ -128,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the built-in demo: guests share one region",
                        description=DESCRIPTION,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--guests", type=int, default=2, metavar="N",
-                   help="how many demo guests (default 2)")
+    p.add_argument("--guests", type=int_between(1, 8), default=2, metavar="N",
+                   help="how many demo guests (default 2; at most 4 Debian or 8 tiny ones)")
     p.add_argument("--tiny", action="store_true",
                    help="fast variant: busybox guests bind the region themselves")
     p.add_argument("--policy", choices=("usr", "elf", "libraries"), default="usr",

@@ -31,10 +31,12 @@ def _report(outcomes: list[enrol.Outcome], failures: list[dict[str, Any]],
 
 
 def _recorded(conn: Any, name: str) -> Enrolment | None:
-    """Return the enrolment recorded in domain ``name``'s definition, or None (also
-    when the domain does not exist: enabling it then reports that)."""
+    """Return the enrolment recorded in domain ``name``'s definition, or None (also when
+    the definition cannot be read: enabling it then reports why). Raises LibshareError
+    if the domain does not exist, before anything is said about its group."""
+    dom = api.lookup(conn, name)
     try:
-        return domxml.enrolment(domxml.parse(api.inactive_xml(api.lookup(conn, name))))
+        return domxml.enrolment(domxml.parse(api.inactive_xml(dom)))
     except LibshareError:
         return None
 
@@ -48,8 +50,7 @@ def _enable(args: argparse.Namespace, cfg: Config) -> int:
         for name in args.domains:
             try:
                 # an enrolled domain keeps its group and model unless told otherwise
-                old = _recorded(conn, name) \
-                    if not (args.group is not None and args.model) else None
+                old = _recorded(conn, name)
                 group = args.group if args.group is not None else \
                     (old.group if old else cfg.default_group)
                 model = args.model or (old.model if old else cfg.default_model)

@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from libshare.cli.options import add_json
-from libshare.cli.output import print_json, print_table
+from libshare.cli.options import add_json, folder, int_between
+from libshare.cli.output import iso_time, print_json, print_table
 from libshare.config import Config
 from libshare.hook import install, state
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    res = install.install(Path(args.hooks_dir), reload=not args.no_reload)
+    res = install.install(folder(args.hooks_dir, "--hooks-dir"), reload=not args.no_reload)
     return _show(res, args.json)
 
 
 def _uninstall(args: argparse.Namespace, cfg: Config) -> int:
-    res = install.uninstall(Path(args.hooks_dir), reload=not args.no_reload)
+    res = install.uninstall(folder(args.hooks_dir, "--hooks-dir"),
+                            reload=not args.no_reload)
     return _show(res, args.json)
 
 
@@ -34,12 +34,15 @@ def _show(res: install.InstallResult, as_json: bool) -> int:
 
 def _log(args: argparse.Namespace, cfg: Config) -> int:
     entries = state.read_hook_log(cfg.state_dir)[-args.last:]
+    for e in entries:  # ISO 8601 local time beside the epoch seconds
+        e["local_time"] = iso_time(e.get("time"))
     if args.json:
         print_json({"entries": entries})
     else:
         print_table(["TIME", "DOMAIN", "OP", "SUB", "STATUS", "SECONDS", "RESULT"],
-                    [[e.get("time"), e.get("domain"), e.get("op"), e.get("sub"),
-                      e.get("status"), e.get("seconds"), e.get("result")] for e in entries])
+                    [[e["local_time"] or e.get("time"), e.get("domain"), e.get("op"),
+                      e.get("sub"), e.get("status"), e.get("seconds"), e.get("result")]
+                     for e in entries])
     return 0
 
 
@@ -62,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         h.set_defaults(func=func)
     lg = hs.add_parser("log", help="show the hook's recent invocations",
                        description="Show the last invocations recorded in STATE/log/hook.log.")
-    lg.add_argument("--last", type=int, default=20, metavar="N")
+    lg.add_argument("--last", type=int_between(1), default=20, metavar="N",
+                    help="how many of the last invocations (default %(default)s)")
     add_json(lg)
     lg.set_defaults(func=_log)

@@ -1,13 +1,15 @@
 """``libshare redirect|unredirect DOMAIN``: switch a running guest's libraries to the
 region's identical copies now, or undo everything libshare did in it
-(libshare.redirect.actions)."""
+(libshare.redirect.actions); each step shows on stderr with its elapsed seconds."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 from libshare.cli.options import add_json, libvirt_uri
 from libshare.cli.output import print_json
+from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
 from libshare.redirect import actions
 from libshare.virt import api
@@ -33,19 +35,27 @@ def _print(rep: actions.RedirectReport) -> None:
         print(f"{d}: guest agent restarted")
 
 
-def _redirect(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(libvirt_uri(args, cfg)) as conn:
-        rep = actions.redirect(api.lookup(conn, args.domain), restart=not args.no_restart)
+def _act(args: argparse.Namespace, cfg: Config, verb: str,
+         action: Callable[..., actions.RedirectReport]) -> int:
+    """Run ``action`` (redirect or unredirect) on ``args.domain`` with its steps shown
+    on stderr; print the report; return 0."""
+    progress = ProgressPrinter(f"{verb} {args.domain}")
+    try:
+        with api.connect(libvirt_uri(args, cfg)) as conn:
+            rep = action(api.lookup(conn, args.domain), restart=not args.no_restart,
+                         progress=progress)
+    finally:
+        progress.close()
     print_json(rep.as_dict()) if args.json else _print(rep)
     return 0
+
+
+def _redirect(args: argparse.Namespace, cfg: Config) -> int:
+    return _act(args, cfg, "redirect", actions.redirect)
 
 
 def _unredirect(args: argparse.Namespace, cfg: Config) -> int:
-    with api.connect(libvirt_uri(args, cfg)) as conn:
-        rep = actions.unredirect(api.lookup(conn, args.domain),
-                                  restart=not args.no_restart)
-    print_json(rep.as_dict()) if args.json else _print(rep)
-    return 0
+    return _act(args, cfg, "unredirect", actions.unredirect)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -35,7 +35,8 @@ def register(subparsers: Any) -> None:
                               "per digest, one current image per trust group.")
     sub = p.add_subparsers(dest="region_command", metavar="SUBCOMMAND", required=True)
     b = sub.add_parser("build", help="build a group's region image from the store")
-    b.add_argument("--group", help="trust group (default: the config's default_group)")
+    b.add_argument("--group", metavar="NAME",
+                   help="trust group (default: the config's default_group)")
     b.add_argument("--policy", choices=policy.POLICIES, default=None,
                    help="what the region holds: libraries (default: ELF shared objects), "
                    "elf (libraries, executables, kernel modules), usr (every file under "

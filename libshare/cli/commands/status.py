@@ -10,10 +10,11 @@ import time
 from typing import Any
 
 from libshare import status
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, libvirt_uri, positive_seconds
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.hook import state
+from libshare.sharing import accounting
 from libshare.util.units import human
 from libshare.virt import api
 
@@ -54,6 +55,17 @@ def _redirect_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     return out
 
 
+def _region_cells(memory: dict[str, Any]) -> list[Any]:
+    """Return the region cells of a domain's memory row: Rss, Pss, Shared_Clean,
+    Private_Dirty (dirty page cache counts there: not copies) and the copy-on-write
+    copies (Anonymous pages), in kB; '-' without a region mapping."""
+    usage = memory.get("region")
+    if not usage:
+        return ["-"] * 5
+    return [*(usage[k] for k in ("Rss", "Pss", "Shared_Clean", "Private_Dirty")),
+            accounting.copied_kb(usage)]
+
+
 def _status(args: argparse.Namespace, cfg: Config) -> int:
     rows = []
     with api.connect(libvirt_uri(args, cfg)) as conn:
@@ -82,22 +94,20 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
         print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "INSTALLED", "BINDS MADE",
                      "MOUNTED", "DAX", "FILES REDIRECTED", "MAPS REGION", "MAPS DISK"],
                     redirects)
-    mem = [[r["name"], r["memory"]["guest_ram"]["Rss"],
-            *(r["memory"]["region"][k] if r["memory"].get("region") else "-"
-              for k in ("Rss", "Pss", "Shared_Clean", "Private_Dirty"))]
+    mem = [[r["name"], r["memory"]["guest_ram"]["Rss"], *_region_cells(r["memory"])]
            for r in rows if r.get("memory")]
     if mem:
         print()
         print_table(["DOMAIN", "GUEST RAM RSS kB", "REGION RSS kB", "REGION PSS kB",
-                     "SHARED_CLEAN kB", "PRIVATE_DIRTY kB"], mem)
+                     "SHARED_CLEAN kB", "PRIVATE_DIRTY kB", "COPIED kB"], mem)
         for path, kb in host["region_page_cache_kb"].items():
             print(f"region {path}: {kb} kB in the host page cache (counted once)")
     maps = [r for r in rows if r.get("mappings") and "error" not in r["mappings"]]
     if maps:
         print()
-        print_table(["DOMAIN", "LIBRARY MAPPINGS", "FROM REGION", "PRIVATE COPIES"],
+        print_table(["DOMAIN", "LIBRARY MAPPINGS", "FROM REGION", "FROM GUEST FILES"],
                     [[r["name"], r["mappings"]["library"], r["mappings"]["from_region"],
-                      r["mappings"]["private"]] for r in maps])
+                      r["mappings"]["from_guest_files"]] for r in maps])
         for r in maps:
             for p in r["mappings"].get("processes", []):
                 print(f"  {r['name']} pid {p['pid']} {p['comm']}: {p['from_region']}/"
@@ -120,9 +130,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Show, per domain, enrolment, group, model, region "
                        "image (and whether it is intact) and whether it runs; for running "
                        "domains the host memory of their guest RAM and region mappings "
-                       "(from smaps, the region's page cache counted once) and, read from "
+                       "(from smaps, the region's page cache counted once; COPIED: the "
+                       "copy-on-write copies of region pages a guest wrote, its mapping's "
+                       "Anonymous pages; PRIVATE_DIRTY also counts dirty page cache of a "
+                       "freshly written image, not copies) and, read from "
                        "guest memory by introspection, how many library mappings the "
-                       "region serves versus private copies; per enrolled domain its "
+                       "region serves versus the guest's own files; per enrolled domain its "
                        "automatic redirect mode, the daemon's last outcome and, from its "
                        "guest agent, the guest's own view (libshare-redirect installed, "
                        "boot mode, region mounted, DAX, files redirected, library "
@@ -135,7 +148,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="list library mappings from the region per process")
     s.add_argument("--no-agent", action="store_true",
                    help="do not ask running guests' agents for their own redirect state")
-    s.add_argument("--agent-timeout", type=float, default=status.STATUS_AGENT_TIMEOUT,
+    s.add_argument("--agent-timeout", type=positive_seconds,
+                   default=status.STATUS_AGENT_TIMEOUT,
                    metavar="SECONDS",
                    help="at most this long per program run through a guest agent "
                    f"(default {status.STATUS_AGENT_TIMEOUT:.0f}; slow TCG guests may need more)")

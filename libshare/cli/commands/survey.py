@@ -14,11 +14,12 @@ import argparse
 import sys
 from typing import Any
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, int_between, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.domxml.metadata import check_group
 from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError, UsageError
+from libshare.util import files
 
 
 def register(subparsers: Any) -> None:
@@ -46,17 +47,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--page-cache", action="store_true",
                    help="list the files each guest holds in its page cache (path, cached "
                    "bytes, whether the region serves it) and a table per filesystem")
-    p.add_argument("--forecast", metavar="GROUP",
+    p.add_argument("--forecast", metavar="NAME",
                    help="with --page-cache: what a region of each policy (built from the "
                    "store's trees) would serve of it, per guest and for the host; the "
-                   "guests are the DOMAINs, else the running guests of GROUP, else every "
-                   "running guest")
+                   "guests are the DOMAINs, else the running guests of group NAME, else "
+                   "every running guest")
     p.add_argument("--tree", action="append", dest="trees", metavar="TREE",
                    help="with --forecast: an imported tree to plan from (repeatable; "
                    "default every tree of the store)")
-    p.add_argument("--top", type=int, default=25, metavar="N",
+    p.add_argument("--top", type=int_between(1), default=None, metavar="N",
                    help="with --page-cache: files shown per guest, largest first "
-                   "(0: all; --json lists all)")
+                   f"(default {TOP}; --json lists all)")
     p.set_defaults(func=run)
 
 
@@ -65,8 +66,11 @@ def _layout(path: str | None) -> Any:
         return None
     from libshare.introspect.layout import layout_from_isf, layout_from_offsets
 
-    with open(path, "rb") as fh:
-        head = fh.read(4096)
+    try:
+        with files.open_regular(path) as fh:
+            head = fh.read(4096)
+    except OSError as exc:
+        raise LibshareError(f"cannot read {path}: {files.os_error(exc, path=False)}") from exc
     if b'"user_types"' in head or b'"metadata"' in head:
         return layout_from_isf(path)
     return layout_from_offsets(path)
@@ -92,18 +96,22 @@ def _kib(n: int) -> int:
     return n // 1024
 
 
+#: files shown per guest by ``survey --page-cache`` unless --top says otherwise
+TOP = 25
+
+
 def print_page_cache(s: Any, top: int) -> None:
     """Print one guest's page-cache survey ``s``: its files (largest first, ``top`` of
-    them, 0 for all) and its table per filesystem."""
+    them) and its table per filesystem."""
     print()
     print(f"{s.name} ({s.kernel or 'kernel unknown'}, {len(s.files)} files cached"
           f"{', partial' if s.partial else ''}):")
-    files = s.files if top <= 0 else s.files[:top]
+    files = s.files[:top]
     print_table(["PATH", "CACHED-KIB", "SIZE-KIB", "FS", "REGION"],
                 [[f.path or f"(inode {f.ino})", _kib(f.cached_bytes), _kib(f.size),
                   f.fstype, "yes" if f.served_by_region else "no"] for f in files])
     if len(files) < len(s.files):
-        print(f"... {len(s.files) - len(files)} more (--top 0 lists all)")
+        print(f"... {len(s.files) - len(files)} more (--top N shows more, --json all)")
     print_table(["DEV", "FSTYPE", "MOUNTED ON", "FILES", "CACHED-KIB", "OTHER-KIB", "REGION"],
                 [[fs.dev, fs.fstype, fs.mount_point or "-", fs.files, _kib(fs.cached_bytes),
                   _kib(fs.other_cached_bytes), "yes" if fs.served_by_region else "no"]
@@ -160,7 +168,7 @@ def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
                       f"{s.wall_seconds:.2f}s", "partial" if s.partial else ""]
                      for s in results])
         for s in results:
-            print_page_cache(s, args.top)
+            print_page_cache(s, args.top or TOP)
         if args.forecast:
             print_forecast(args.forecast, rows)
         for s in results:
@@ -176,8 +184,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from libshare.introspect.survey import DomainSurvey, summarize, survey_domain, to_json
     from libshare.virt import api
 
-    if (args.forecast or args.trees) and not args.page_cache:
-        raise UsageError("--forecast and --tree go with --page-cache")
+    if (args.forecast or args.trees or args.top) and not args.page_cache:
+        raise UsageError("--forecast, --tree and --top go with --page-cache")
     if args.forecast:
         check_group(args.forecast, "--forecast", UsageError)
     conn = api.open_connection(libvirt_uri(args, cfg))

@@ -16,6 +16,7 @@ from libshare.config import Config
 from libshare.domxml.devices import MODELS
 from libshare.domxml.metadata import REDIRECT_MODES, check_group
 from libshare.errors import LibshareError, UsageError
+from libshare.util.files import os_error, read_bounded, read_regular
 from libshare.util.units import parse_size
 from libshare.virt import enrol
 
@@ -32,15 +33,20 @@ REDIRECT_HELP = ("automatic redirect: runtime (after each start, 'libshare daemo
                  "domain's recorded mode, else the config's 'redirect' (off)")
 
 
+#: bytes of domain XML read at most (libvirt's own tools stop at 10 MiB)
+MAX_XML = 10 * 1024 * 1024
+
+
 def _read(source: str) -> bytes:
-    """Return the bytes of file ``source`` or of stdin for ``-``."""
-    if source == "-":
-        return sys.stdin.buffer.read()
+    """Return the bytes of the regular file ``source`` or of stdin for ``-`` (a pipe:
+    ``virsh dumpxml vm | libshare xml enable -``), at most MAX_XML of them. A FIFO or a
+    device given by name is refused without being opened for reading."""
     try:
-        with open(source, "rb") as fh:
-            return fh.read()
+        if source == "-":
+            return read_bounded(sys.stdin.buffer, MAX_XML, "the XML on stdin")
+        return read_regular(source, MAX_XML)
     except OSError as exc:
-        raise LibshareError(f"cannot read {source}: {exc.strerror}") from exc
+        raise LibshareError(f"cannot read {source}: {os_error(exc, path=False)}") from exc
 
 
 def _enable(args: argparse.Namespace, cfg: Config) -> int:
@@ -76,7 +82,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                       "and what it needs added (ACPI, a NUMA cell, memory slots, a "
                       "guest-agent channel, free page reporting), every change recorded "
                       "in libshare's <metadata> so that 'xml disable' undoes it exactly.")
-    e.add_argument("file", metavar="FILE|-", help="domain XML file, or - for stdin")
+    e.add_argument("file", metavar="FILE|-",
+                   help="domain XML file (a regular file), or - for stdin")
     e.add_argument("--region", metavar="PATH",
                    help="region image (default: the group's current image)")
     e.add_argument("--size", metavar="SIZE",

@@ -5,8 +5,9 @@ then across mount points through ``struct mount`` to the namespace root, " (dele
 appended for an unlinked dentry), :func:`file_path` (``struct file`` -> string) and
 :func:`file_fs` (which filesystem type and device a file lives on; a file bound from the
 library region is on ``erofs`` on a ``pmem`` device whatever path it is mapped at).
-Paths deeper than :data:`MAX_DEPTH` components, names longer than 255 bytes or mount
-chains longer than :data:`MAX_MOUNTS` raise :class:`~libshare.introspect.kernel.WalkError`.
+Paths deeper than :data:`MAX_DEPTH` components, names longer than 255 bytes, mount
+chains longer than :data:`MAX_MOUNTS`, or a mount met twice on one walk or a dentry met
+twice within one mount (a loop) raise :class:`~libshare.introspect.kernel.WalkError`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def d_path(k: Kernel, vfsmount: int, dentry: int) -> str:
     parts: list[bytes] = []
     deleted = d_unlinked(k, dentry)
     crossings = 0
+    dentries: set[int] = set()
+    mounts = {mount}
     for _ in range(MAX_DEPTH + MAX_MOUNTS):
         mnt_root = k.u64(mount + lay.off("mount.mnt") + lay.off("vfsmount.mnt_root"))
         if dentry == mnt_root:
@@ -55,12 +58,19 @@ def d_path(k: Kernel, vfsmount: int, dentry: int) -> str:
             crossings += 1
             if crossings > MAX_MOUNTS:
                 raise WalkError("mount chain too long")
+            if parent in mounts:
+                raise WalkError(f"mount chain loops at {parent:#x}")
+            mounts.add(parent)
+            dentries.clear()  # a bind mount may show a dentry again above its mountpoint
             dentry = k.u64(mount + lay.off("mount.mnt_mountpoint"))
             mount = parent
             continue
         parent = k.u64(dentry + lay.off("dentry.d_parent"))
         if parent == dentry:  # a root that is not its mount's root (detached)
             break
+        if dentry in dentries:
+            raise WalkError(f"dentry chain loops at {dentry:#x}")
+        dentries.add(dentry)
         parts.append(dentry_name(k, dentry))
         if len(parts) > MAX_DEPTH:
             raise WalkError("path deeper than 256 components")

@@ -6,8 +6,10 @@ of ``/proc/PID/maps``), :func:`resident_frames` (the guest-physical page frames 
 present PTEs under a VMA, from the process page tables) and :func:`build_id` (the GNU
 build-id note read from the first page of a mapped ELF, when that page is resident).
 Walks are capped at :data:`MAX_VMAS` VMAs and cross-checked (each VMA's range must match
-its tree slot and its ``vm_mm`` its owner); inconsistencies raise
-:class:`~libshare.introspect.kernel.WalkError`.
+its tree slot or follow the previous one, and its ``vm_mm`` must be its owner, so no
+VMA is walked for two mms); inconsistencies raise
+:class:`~libshare.introspect.kernel.WalkError`. Page-table walks share the budget of
+their :class:`~libshare.introspect.paging.WalkStats`.
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def for_each_vma(k: Kernel, mm: int) -> Iterator[Vma]:
                 if vma.start != first or vma.end != last + 1:
                     raise WalkError(f"VMA {entry:#x} [{vma.start:#x},{vma.end:#x}) does not "
                                     f"match its maple slot [{first:#x},{last + 1:#x})")
+                if k.u64(entry + lay.off("vm_area_struct.vm_mm")) != mm:
+                    raise WalkError(f"VMA {entry:#x} belongs to another mm")
                 count += 1
                 if count > MAX_VMAS:
                     raise WalkError(f"more than {MAX_VMAS} VMAs")

@@ -6,7 +6,8 @@ Owns :func:`for_each_task` (thread-group leaders, the processes ``/proc`` lists,
 (the name ``/proc/PID/stat`` shows: a kernel thread's full name, a workqueue worker's
 comm followed by ``+desc`` or ``-desc``). Each list step checks
 that the next node's ``prev`` points back and that no node repeats; a list longer than
-:data:`MAX_TASKS` or a broken link raises :class:`~libshare.introspect.kernel.WalkError`.
+guest RAM can hold tasks (:func:`task_limit`) or a broken link raises
+:class:`~libshare.introspect.kernel.WalkError`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from libshare.introspect.helpers.lists import list_for_each
 from libshare.introspect.kernel import Kernel, WalkError
 
 MAX_TASKS = 1 << 20
+#: the smallest task_struct assumed when the layout does not give its size (a real
+#: one is 3-10 KiB)
+MIN_TASK_SIZE = 1024
 PF_WQ_WORKER = 0x00000020
 PF_KTHREAD = 0x00200000
 PROC_NAME_LEN = 64  # the tcomm buffer of fs/proc/array.c
@@ -37,11 +41,18 @@ class Task:
     name: str = ""
 
 
+def task_limit(k: Kernel) -> int:
+    """Return the most tasks guest RAM can hold (each is a distinct ``task_struct``),
+    at most :data:`MAX_TASKS`: the bound of every task and thread list walk."""
+    size = max(k.layout.size("task_struct"), MIN_TASK_SIZE)
+    return max(1, min(MAX_TASKS, k.mem.ram_size // size))
+
+
 def for_each_task(k: Kernel) -> Iterator[int]:
     """Yield the ``task_struct`` address of every thread-group leader (every process
     and kernel thread ``/proc`` lists; the idle task pid 0 is not included)."""
     off = k.layout.off("task_struct.tasks")
-    for node in list_for_each(k, k.info.init_task + off, MAX_TASKS):
+    for node in list_for_each(k, k.info.init_task + off, task_limit(k)):
         yield node - off
 
 
@@ -53,13 +64,14 @@ def for_each_thread(k: Kernel, task: int) -> Iterator[int]:
         off = lay.off("task_struct.thread_group")
         leader = k.field(task, "task_struct.group_leader")
         yield leader
-        for node in list_for_each(k, leader + off, MAX_TASKS):
+        for node in list_for_each(k, leader + off, task_limit(k)):
             yield node - off
         return
     if lay.has("signal_struct.thread_head") and lay.has("task_struct.thread_node"):
         off = lay.off("task_struct.thread_node")
         signal = k.field(task, "task_struct.signal")
-        for node in list_for_each(k, signal + lay.off("signal_struct.thread_head"), MAX_TASKS):
+        for node in list_for_each(k, signal + lay.off("signal_struct.thread_head"),
+                                  task_limit(k)):
             yield node - off
         return
     yield task

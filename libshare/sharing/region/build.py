@@ -40,12 +40,12 @@ from libshare.sharing.region.layout import (
     fs_path,
     locked,
     pfn_uuid,
+    remove_leftovers,
     set_fs_label,
 )
 from libshare.sharing.region.manifest import manifest_bytes, tsv_manifest_bytes
 from libshare.sharing.store import (
     OBJECT_MODE,
-    Progress,
     StoreEntry,
     StoreIndex,
     check_object,
@@ -53,8 +53,10 @@ from libshare.sharing.store import (
     load_index,
     object_path,
 )
+from libshare.sharing.store import locked as store_locked
 from libshare.util.digest import cached_sha256, copy_sha256, sha256_file
-from libshare.util.files import fsync_dir
+from libshare.util.files import fsync_dir, open_regular, os_error, read_regular
+from libshare.util.progress import Progress
 from libshare.util.units import REGION_ALIGN, human, round_up
 
 MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
@@ -93,12 +95,22 @@ class BuildResult:
 
 # ---------------------------------------------------------------------------- selection
 
+#: bytes of a selection file read at most
+MAX_SELECTION = 64 * 1024 * 1024
+
+
 def parse_selection_file(path: str | os.PathLike[str]) -> list[str]:
-    """Return the entries (guest paths or sha256s) listed in ``path``, '#' comments removed."""
+    """Return the entries (guest paths or sha256s) listed in ``path``, '#' comments
+    removed. Raises LibshareError (exit 1) if it is missing, not a regular file, larger
+    than MAX_SELECTION or not UTF-8 text."""
     try:
-        text = Path(path).read_text()
+        text = read_regular(path, MAX_SELECTION, f"selection file {path}").decode()
     except OSError as exc:
-        raise UsageError(f"cannot read selection file {path}: {exc.strerror}") from exc
+        raise LibshareError(f"cannot read selection file {path}: "
+                            f"{os_error(exc, path=False)}") from exc
+    except UnicodeDecodeError as exc:
+        raise LibshareError(f"selection file {path} is not UTF-8 text ({exc.reason} at "
+                            f"byte {exc.start})") from exc
     out = []
     for line in text.splitlines():
         item = line.split("#", 1)[0].strip()
@@ -174,7 +186,7 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
         if linked:
             actual = sha256_file(dest)
         else:
-            with open(src, "rb") as fin, open(dest, "wb") as fout:
+            with open_regular(src) as fin, open(dest, "wb") as fout:
                 actual = copy_sha256(fin, fout)
             os.chmod(dest, OBJECT_MODE)
         if actual != e.sha256:
@@ -313,18 +325,57 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
     policy.plan_region`, default ``libraries``, over the trees ``trees_wanted`` and the
     ``observed`` paths), or a list / selection file (see :func:`select_entries`; then no
     policy and no guest tree). ``filesystem``: "erofs" (default) or "ext4"
-    (:mod:`libshare.sharing.region.ext4fs`). ``size``: total image size wanted (rounded up to 2 MiB;
-    LibshareError if the content needs more). Returns a :class:`BuildResult`. On any
-    failure or interrupt nothing is left under a digest name and the group link is
-    unchanged.
+    (:mod:`libshare.sharing.region.ext4fs`). ``size``: total image size wanted (rounded
+    up to 2 MiB; LibshareError if the content needs more). Returns a
+    :class:`BuildResult`. On any failure or interrupt nothing is left under a digest name
+    and the group link is unchanged; an OSError (disk full) becomes one LibshareError.
+
+    Holds the regions lock from start to end (gc waits; the temporaries of builds that
+    were killed are removed first) and the store's shared lock (no import or removal
+    changes the objects while they are selected, staged and published).
     """
     check_group(group)
+    if isinstance(selection, str) and selection != "all":
+        selection = parse_selection_file(selection)
+    if selection != "all" and (policy is not None or trees_wanted):
+        raise UsageError("a selection and a policy or trees exclude each other")
+    if filesystem not in FILESYSTEMS:
+        raise UsageError(f"unknown filesystem {filesystem!r} (one of {', '.join(FILESYSTEMS)})")
+    if filesystem == "erofs":
+        mkfs = _find_mkfs()
+        version = mkfs_erofs_version(mkfs)
+    else:
+        mkfs, version = "", ext4fs.mke2fs_version()
+    want = _Wanted(policy, trees_wanted, observed, filesystem)
+    try:
+        with locked(cfg), store_locked(cfg.store_dir, shared=True):
+            remove_leftovers(cfg)
+            return _build_locked(cfg, group, selection, size, mkfs, version, progress, want)
+    except OSError as exc:
+        raise LibshareError(f"region build failed: {os_error(exc)}; nothing was "
+                            "published") from exc
+
+
+@dataclass(frozen=True)
+class _Wanted:
+    """What :func:`build_region` was asked for besides a selection."""
+
+    policy: str | None
+    trees: list[str] | None
+    observed: set[str] | None
+    filesystem: str
+
+
+def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int | None,
+                  mkfs: str, version: str, progress: Progress | None,
+                  want: _Wanted) -> BuildResult:
+    """Build and publish ``group``'s image (see :func:`build_region`; the caller holds
+    the locks); return the :class:`BuildResult`."""
     index = load_index(cfg.store_dir)
     if selection == "all":
-        plan = policies.plan_region(cfg.store_dir, index, policy or policies.DEFAULT_POLICY,
-                                    trees_wanted, observed)
-    elif policy is not None or trees_wanted:
-        raise UsageError("a selection and a policy or trees exclude each other")
+        plan = policies.plan_region(cfg.store_dir, index,
+                                    want.policy or policies.DEFAULT_POLICY, want.trees,
+                                    want.observed)
     else:
         plan = policies.Plan("select", select_entries(index, selection))
     entries = plan.entries
@@ -333,78 +384,69 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
             f"the {plan.policy} policy chooses nothing in the store"
         raise LibshareError(f"nothing to put in the region: {what} (import a guest tree "
                             "with 'libshare store import DIR')")
-    laid = [trees.lay_out(r, plan.chosen) for r in plan.records]
-    laid = [t for t in laid if t.entries]
+    laid = [t for t in (trees.lay_out(r, plan.chosen) for r in plan.records) if t.entries]
     for e in entries:
         problem = check_object(cfg.store_dir, e)
         if problem:
             raise LibshareError(problem)
-    if filesystem not in FILESYSTEMS:
-        raise UsageError(f"unknown filesystem {filesystem!r} (one of {', '.join(FILESYSTEMS)})")
-    if filesystem == "erofs":
-        mkfs = _find_mkfs()
-        version = mkfs_erofs_version(mkfs)
-    else:
-        version = ext4fs.mke2fs_version()
     tree_tsv = trees.tsv_bytes(laid)
     manifest = manifest_bytes(entries, group, version, plan.policy,
-                              [t.summary() for t in laid], tree_tsv, filesystem)
+                              [t.summary() for t in laid], tree_tsv, want.filesystem)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    with locked(cfg):
-        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
-        tmp_image: Path | None = None
-        try:
-            root = staging / "root"
-            root.mkdir()
-            _stage(cfg.store_dir, entries, root, manifest, progress,
-                   frozenset(e.path for t in laid for e in t.entries if e.kind == "f"))
-            patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
-            fs_image = staging / f"fs.{filesystem}"
-            if filesystem == "erofs":
-                _mkfs(mkfs, fs_uuid, fs_image, root, progress)
-                trees.patch_inodes(fs_image, patch)
-            else:
-                if progress:
-                    progress("mkfs.ext4", 0, 0)
-                ext4fs.mkfs_ext4(root, fs_image, fs_uuid, patch)
-            fs_size = fs_image.stat().st_size
-            need = DATAOFF + round_up(fs_size, REGION_ALIGN)
-            total = need if size is None else round_up(size, REGION_ALIGN)
-            if total < need:
-                raise LibshareError(f"--size {human(size or 0)} is too small: the region "
-                                    f"needs {human(need)} ({need} bytes)")
-            block = pfn.build(total, DATAOFF, pfn.uuid_from(
-                hashlib.sha256(b"libshare-region-pfn\0" + uuidlib.UUID(fs_uuid).bytes).digest()))
-            fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
-            os.close(fd)
-            tmp_image = Path(name)
-            digest = _write_image(tmp_image, block, fs_image, total, progress)
-            final = cfg.region_image(digest)
-            # an existing image of that name is reused only if its bytes still match
-            # (this also primes the digest cache the hook's prepare check reads: a cold
-            # hash of a multi-GiB image could exceed the hook's time limit)
-            new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
-            if new:
-                os.replace(tmp_image, final)
-            else:
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
+    tmp_image: Path | None = None
+    try:
+        root = staging / "root"
+        root.mkdir()
+        _stage(cfg.store_dir, entries, root, manifest, progress,
+               frozenset(e.path for t in laid for e in t.entries if e.kind == "f"))
+        patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
+        fs_image = staging / f"fs.{want.filesystem}"
+        if want.filesystem == "erofs":
+            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+            trees.patch_inodes(fs_image, patch)
+        else:
+            if progress:
+                progress("mkfs.ext4", 0, 0)
+            ext4fs.mkfs_ext4(root, fs_image, fs_uuid, patch)
+        fs_size = fs_image.stat().st_size
+        need = DATAOFF + round_up(fs_size, REGION_ALIGN)
+        total = need if size is None else round_up(size, REGION_ALIGN)
+        if total < need:
+            raise LibshareError(f"--size {human(size or 0)} is too small: the region "
+                                f"needs {human(need)} ({need} bytes)")
+        block = pfn.build(total, DATAOFF, pfn.uuid_from(
+            hashlib.sha256(b"libshare-region-pfn\0" + uuidlib.UUID(fs_uuid).bytes).digest()))
+        fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
+        os.close(fd)
+        tmp_image = Path(name)
+        digest = _write_image(tmp_image, block, fs_image, total, progress)
+        final = cfg.region_image(digest)
+        # an existing image of that name is reused only if its bytes still match
+        # (this also primes the digest cache the hook's prepare check reads: a cold
+        # hash of a multi-GiB image could exceed the hook's time limit)
+        new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
+        if new:
+            os.replace(tmp_image, final)
+        else:
+            tmp_image.unlink()
+        tmp_image = None
+        fsync_dir(images)
+        if new and cached_sha256(final, cfg.digest_cache) != digest:
+            raise LibshareError(f"{final} changed while being built")
+        link = switch_group_link(cfg, group, final)
+    finally:
+        if tmp_image is not None:
+            with contextlib.suppress(OSError):
                 tmp_image.unlink()
-            tmp_image = None
-            fsync_dir(images)
-            if new and cached_sha256(final, cfg.digest_cache) != digest:
-                raise LibshareError(f"{final} changed while being built")
-            link = switch_group_link(cfg, group, final)
-        finally:
-            if tmp_image is not None:
-                with contextlib.suppress(OSError):
-                    tmp_image.unlink()
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
-                       mkfs_erofs=version if filesystem == "erofs" else "",
-                       filesystem=filesystem, policy=plan.policy,
+                       mkfs_erofs=version if want.filesystem == "erofs" else "",
+                       filesystem=want.filesystem, policy=plan.policy,
                        trees=[t.summary() for t in laid])
 
 

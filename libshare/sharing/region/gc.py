@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +14,16 @@ from typing import Any
 from libshare.config import Config
 from libshare.errors import LibshareError
 from libshare.sharing.formats.erofs import ErofsError
-from libshare.sharing.region.layout import DATAOFF, DIGEST_NAME, locked, open_filesystem
+from libshare.sharing.region.layout import (
+    DATAOFF,
+    DIGEST_NAME,
+    locked,
+    open_filesystem,
+    remove_leftovers,
+)
 from libshare.sharing.region.manifest import read_manifest
 from libshare.util.digest import forget
-from libshare.util.files import fsync_dir
+from libshare.util.files import fsync_dir, open_regular
 
 
 @dataclass
@@ -81,16 +86,21 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
         real = os.path.realpath(p)
         info = ImageInfo(path=str(p), digest=m.group(1), size=p.stat().st_size,
                          groups=sorted(g for g, t in links.items() if t == real))
-        if read_manifests:
-            with contextlib.suppress(OSError, ErofsError, ValueError), open(p, "rb") as fh:
-                fs = open_filesystem(fh, offset=DATAOFF)
-                doc = read_manifest(fs)
-                info.files = len(doc["files"])
-                info.manifest_group = doc.get("group")
-                info.mkfs_erofs = doc.get("mkfs_erofs")
-                info.filesystem = doc.get("filesystem", "erofs")
+        doc = image_manifest(p) if read_manifests else None
+        if doc is not None:
+            info.files = len(doc["files"])
+            info.manifest_group = doc.get("group")
+            info.mkfs_erofs = doc.get("mkfs_erofs")
+            info.filesystem = doc.get("filesystem", "erofs")
         out.append(info)
     return out
+
+
+def image_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """Return the manifest of the region image at ``path``, None if it cannot be read."""
+    with contextlib.suppress(OSError, ErofsError, ValueError), open_regular(path) as fh:
+        return read_manifest(open_filesystem(fh, offset=DATAOFF))
+    return None
 
 
 def _is_qemu(proc: str, pid: str) -> bool:
@@ -135,26 +145,27 @@ def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False,
     """Remove images that no path in ``referenced`` resolves to; return a :class:`GcResult`.
 
     Never removes a group's current image nor an image mapped by a running process.
-    Also removes temporaries left by interrupted builds (under the regions lock) and the
-    digest-cache entries of removed files. Raises LibshareError, removing nothing, when
-    not root or when a QEMU process's mappings cannot be read (a running guest's image
-    would lose its protection); with ``dry_run`` those pids are listed in
-    ``GcResult.unreadable`` instead.
+    Also removes temporaries left by interrupted builds and the digest-cache entries of
+    removed files. Everything is read and removed under the regions lock (the group
+    links too: a build that makes an image current holds it until the link is switched).
+    Raises LibshareError, removing nothing, when not root or when a QEMU process's
+    mappings cannot be read (a running guest's image would lose its protection); with
+    ``dry_run`` those pids are listed in ``GcResult.unreadable`` instead.
     """
     if not dry_run and os.geteuid() != 0:
         raise LibshareError("region gc must run as root: it reads every QEMU process's "
                             "mappings to keep running guests' images (--dry-run to look)")
     refs = {os.path.realpath(p) for p in referenced}
-    current = set(group_links(cfg).values())
     result = GcResult(dry_run=dry_run)
     images = cfg.regions_dir / "images"
-    mapped, unreadable = mapped_images(images, proc) if images.is_dir() else (set(), [])
-    if unreadable and not dry_run:
-        raise LibshareError(f"cannot read the mappings of QEMU process "
-                            f"{', '.join(map(str, unreadable))} (/proc/PID/maps): refusing "
-                            "to remove images a running guest may map")
-    result.unreadable = unreadable
     with locked(cfg):
+        current = set(group_links(cfg).values())
+        mapped, unreadable = mapped_images(images, proc) if images.is_dir() else (set(), [])
+        if unreadable and not dry_run:
+            raise LibshareError(f"cannot read the mappings of QEMU process "
+                                f"{', '.join(map(str, unreadable))} (/proc/PID/maps): "
+                                "refusing to remove images a running guest may map")
+        result.unreadable = unreadable
         for info in list_images(cfg, read_manifests=False):
             real = os.path.realpath(info.path)
             if real in current:
@@ -169,19 +180,21 @@ def gc(cfg: Config, referenced: Iterable[str], dry_run: bool = False,
                 if not dry_run:
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(info.path)
-        leftovers = list(cfg.regions_dir.glob(".build-*"))
-        if images.is_dir():
-            leftovers += list(images.glob(".tmp-*"))
-        for p in sorted(leftovers):
-            result.leftovers.append(str(p))
-            if not dry_run:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+        result.leftovers = remove_leftovers(cfg, dry_run)
         if not dry_run and images.is_dir():
             fsync_dir(images)
         if not dry_run:
             forget(cfg.digest_cache, result.removed)
     return result
+
+
+def current_holdings(cfg: Config) -> dict[str, list[str]]:
+    """Return SHA-256 -> sorted groups whose current image holds that library (read
+    from each current image's manifest; an unreadable image holds nothing here)."""
+    out: dict[str, set[str]] = {}
+    for info in list_images(cfg, read_manifests=False):
+        doc = image_manifest(info.path) if info.groups else None
+        for item in doc["files"] if doc else []:
+            if isinstance(item, dict) and isinstance(item.get("sha256"), str):
+                out.setdefault(item["sha256"], set()).update(info.groups)
+    return {sha: sorted(groups) for sha, groups in sorted(out.items())}

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import uuid as uuidlib
 from pathlib import Path
 from typing import BinaryIO
@@ -53,6 +54,7 @@ from libshare.domxml import metadata
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
+    EROFS_MAGIC,
     FEATURE_COMPAT_SB_CHKSUM,
     SUPER_OFFSET,
     Erofs,
@@ -139,14 +141,22 @@ def refresh_checksum(fh: BinaryIO) -> None:
 FILESYSTEMS = ("erofs", "ext4")
 
 
-def open_filesystem(fh: BinaryIO, offset: int = DATAOFF,
-                    length: int | None = None) -> Erofs | Ext4:
-    """Return the reader of the region filesystem at ``offset`` of the open image ``fh``:
-    EROFS or ext4, told by their magic numbers; ErofsError if it is neither."""
+def filesystem_type(fh: BinaryIO, offset: int = DATAOFF) -> str:
+    """Return "ext4" if the filesystem at ``offset`` of the open image ``fh`` has ext4's
+    magic number, else "erofs" (what a damaged or foreign superblock is checked as)."""
     fh.seek(offset + SUPER_OFFSET)
     head = fh.read(64)
     if len(head) == 64 and int.from_bytes(head[56:58], "little") == EXT4_MAGIC \
-            and int.from_bytes(head[:4], "little") != 0xE0F5E1E2:
+            and int.from_bytes(head[:4], "little") != EROFS_MAGIC:
+        return "ext4"
+    return "erofs"
+
+
+def open_filesystem(fh: BinaryIO, offset: int = DATAOFF,
+                    length: int | None = None) -> Erofs | Ext4:
+    """Return the reader of the region filesystem at ``offset`` of the open image ``fh``:
+    EROFS or ext4 (:func:`filesystem_type`); ErofsError if it is not readable."""
+    if filesystem_type(fh, offset) == "ext4":
         return Ext4(fh, offset=offset, length=length)
     return Erofs(fh, offset=offset, length=length)
 
@@ -169,5 +179,29 @@ def check_group(group: str) -> None:
 
 
 def locked(cfg: Config) -> contextlib.AbstractContextManager[None]:
-    """Return the regions lock (builds and gc exclude each other)."""
+    """Return the regions lock: a build holds it from its first look at the regions
+    directory to the switch of the group link, gc for its whole run, so they exclude
+    each other fully (and a build's temporaries only exist while it holds it)."""
     return files.locked(cfg.regions_dir / ".lock")
+
+
+def remove_leftovers(cfg: Config, dry_run: bool = False) -> list[str]:
+    """Remove the temporaries of builds that died (``.build-*`` staging folders and
+    ``images/.tmp-*`` files); return their paths, sorted (``dry_run``: only list them).
+
+    Call with the regions lock held: a running build holds it for as long as its
+    temporaries exist, so whatever is found then belongs to a build that was killed.
+    """
+    found = list(cfg.regions_dir.glob(".build-*"))
+    images = cfg.regions_dir / "images"
+    if images.is_dir():
+        found += list(images.glob(".tmp-*"))
+    for p in found:
+        if dry_run:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    return sorted(str(p) for p in found)

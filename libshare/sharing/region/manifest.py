@@ -17,6 +17,7 @@ from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region.layout import fs_path
 from libshare.sharing.store import (
     StoreEntry,
+    path_problem,
 )
 
 MANIFEST_PATH = "/.libshare/manifest.json"
@@ -58,13 +59,15 @@ def tsv_manifest_bytes(entries: list[StoreEntry], skip: frozenset[str] = frozens
                        ) -> bytes:
     """Return the text manifest for guests' POSIX sh: one ``sha256\\tsize\\tpath\\t
     guest_path`` line per guest path of each entry, sorted; guest paths a shell ``read``
-    could mangle (tab, newline, backslash) are left out, and so are those in ``skip``
-    (the regular files of the region's guest trees: guests take those from
-    ``/.libshare/tree.tsv``, with their modes and owners)."""
+    could mangle (control characters such as tab and newline, backslash) or that are not
+    UTF-8 (:func:`libshare.sharing.store.path_problem`; an index written before names
+    were checked may hold them) are left out, and so are those in ``skip`` (the regular
+    files of the region's guest trees: guests take those from ``/.libshare/tree.tsv``,
+    with their modes and owners)."""
     lines = []
     for e in entries:
         for guest in e.paths:
-            if any(c in guest for c in "\t\n\r\\") or not guest.startswith("/") \
+            if path_problem(guest) or "\\" in guest or not guest.startswith("/") \
                     or guest in skip:
                 continue
             lines.append(f"{e.sha256}\t{e.size}\t{fs_path(e)}\t{guest}\n")

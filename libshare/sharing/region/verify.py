@@ -22,9 +22,16 @@ from libshare.sharing.formats.erofs import (
 )
 from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region import tree
-from libshare.sharing.region.layout import CHUNK, DATAOFF, DIGEST_NAME, open_filesystem
+from libshare.sharing.region.layout import (
+    CHUNK,
+    DATAOFF,
+    DIGEST_NAME,
+    filesystem_type,
+    open_filesystem,
+)
 from libshare.sharing.region.manifest import TSV_MANIFEST_PATH, read_manifest
 from libshare.util.digest import sha256_file
+from libshare.util.files import open_regular, os_error
 from libshare.util.units import REGION_ALIGN
 
 
@@ -50,7 +57,10 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
             return problem
     m = DIGEST_NAME.match(os.path.basename(os.path.realpath(spath)))
     if check_name and m:
-        digest = sha256_file(spath)
+        try:
+            digest = sha256_file(spath)
+        except OSError as exc:
+            return exc.strerror or str(exc)
         if digest != m.group(1):
             return f"content does not match the file name (SHA-256 is {digest})"
     return None
@@ -73,15 +83,13 @@ def quick_verify(path: str | os.PathLike[str]) -> str | None:
 
 def _verify_path(spath: str, content: bool) -> str | None:
     """Return the first problem :func:`_verify_open` finds in the regular file ``spath``
-    (libraries hashed too when ``content``), or None."""
+    (libraries hashed too when ``content``), or None. A FIFO or device is refused
+    without being waited on. Problems never name ``spath`` (the caller does, once)."""
     try:
-        with open(spath, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return f"{spath}: not a regular file"
-            return _verify_open(fh, st.st_size, content=content)
+        with open_regular(spath) as fh:
+            return _verify_open(fh, os.fstat(fh.fileno()).st_size, content=content)
     except OSError as exc:
-        return f"{spath}: {exc.strerror or exc}"
+        return exc.strerror or str(exc)
 
 
 def _first_nonzero(data: bytes) -> int:
@@ -277,14 +285,20 @@ def _verify_file(fs: Erofs | Ext4, item: dict[str, Any], hashes: dict[int, str])
 
 
 def fsck_region(path: str) -> str | None:
-    """Return a problem reported by ``fsck.erofs --extract`` (``e2fsck -fn`` for ext4)
-    on the image's filesystem.
+    """Return a problem reported by ``fsck.erofs --extract`` (``e2fsck -fn`` for ext4,
+    which reads the image at the filesystem's offset) on the image's filesystem, or one
+    line saying why it could not run (disk full: the copy needs room); None if sound or
+    if the tool is not installed.
 
-    erofs-utils 1.5 has no offset option, so the filesystem part is copied to a
-    temporary file next to the image first. None if the tool is not installed.
+    erofs-utils 1.5 has no offset option, so the filesystem part is copied to an
+    unnamed temporary file (``O_TMPFILE``: nothing is left behind, even if killed) in
+    the image's folder, which fsck.erofs reads as ``/proc/self/fd/N``.
     """
-    with open(path, "rb") as fh:
-        ext4 = isinstance(open_filesystem(fh), Ext4)
+    try:
+        with open_regular(path) as fh:
+            ext4 = filesystem_type(fh) == "ext4"
+    except OSError as exc:
+        return f"cannot read {path}: {os_error(exc, path=False)}"
     tool = shutil.which("e2fsck" if ext4 else "fsck.erofs", path="/usr/sbin:/sbin:/usr/bin")
     if tool is None:
         return None
@@ -295,13 +309,17 @@ def fsck_region(path: str) -> str | None:
             lines = (proc.stdout or proc.stderr).strip().splitlines()
             return f"e2fsck: {lines[-1] if lines else f'exit {proc.returncode}'}"
         return None
-    with open(path, "rb") as src, tempfile.NamedTemporaryFile(
-            prefix=".fsck-", dir=os.path.dirname(os.path.abspath(path))) as tmp:
-        src.seek(DATAOFF)
-        shutil.copyfileobj(src, tmp, CHUNK)
-        tmp.flush()
-        proc = subprocess.run([tool, "--extract", tmp.name], capture_output=True, text=True,
-                              check=False)
+    try:
+        with open_regular(path) as src, tempfile.TemporaryFile(
+                dir=os.path.dirname(os.path.abspath(path))) as tmp:
+            src.seek(DATAOFF)
+            shutil.copyfileobj(src, tmp, CHUNK)
+            tmp.flush()
+            fd = tmp.fileno()
+            proc = subprocess.run([tool, "--extract", f"/proc/self/fd/{fd}"],
+                                  capture_output=True, text=True, check=False, pass_fds=(fd,))
+    except OSError as exc:
+        return f"cannot run fsck.erofs on a copy of the filesystem: {os_error(exc)}"
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         return f"fsck.erofs: {lines[-1] if lines else f'exit {proc.returncode}'}"

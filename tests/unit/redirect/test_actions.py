@@ -3,6 +3,7 @@ a scripted fake guest agent: refusals change nothing, reports parse the guest's 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -193,3 +194,43 @@ def test_cli_refusal_is_one_line(monkeypatch: pytest.MonkeyPatch,
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("libshare: "), err
+
+
+def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """guest install, redirect and unredirect take minutes under TCG: each step after
+    the checks shows on stderr (plain lines off a terminal: start, heartbeat, end) and
+    is logged at debug level (-v)."""
+    import io
+
+    from libshare.cli.progress import ProgressPrinter
+
+    monkeypatch.setattr(actions.time, "sleep", lambda s: None)
+    dom = FakeDomain("g1", enrolled_xml())
+    runs = [
+        (actions.install, {}, ["install files (9 files)", "start the unit ...",
+                               "hash libraries ...", "update-initramfs ...",
+                               "list the initramfs ..."]),
+        (actions.redirect, {"apply_out": "bound=1\nagent_restart=deferred\n"},
+         ["bind and restart ...", "restart the agent ..."]),
+        (actions.unredirect, {"uninstall_out": "removed=1\n"},
+         ["undo binds, files and initramfs ..."]),
+    ]
+    for op, outs, phases in runs:
+        stream = io.StringIO()
+        progress = ProgressPrinter("op g1", stream, delay=0.0, tty=False)
+        with caplog.at_level("DEBUG", logger="libshare.redirect.actions"):
+            op(dom, agent_factory=factory(FakeAgent(guest(**outs))), progress=progress)
+        progress.close()
+        lines = stream.getvalue().splitlines()
+        starts = [line.removeprefix("op g1: ") for line in lines if "done in" not in line]
+        if op is actions.install:
+            phases[0] = f"install files ({len(actions.GUEST_FILES)} files)"
+        assert starts == phases, lines
+        assert all(re.fullmatch(r"op g1: .+ done in \d+\.\d s", line)
+                   for line in lines if "done in" in line)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "g1: update-initramfs: /bin/sh -c update-initramfs -u 2>&1" in logged
+    assert re.search(r"g1: hash libraries: exit 0 after \d+\.\d s", logged)
+    assert "g1: guest agent restarted" in logged
+

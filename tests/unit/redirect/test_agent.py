@@ -304,3 +304,17 @@ def test_shutdown_tolerates_missing_reply(fake: GuestSideAgent) -> None:
     GuestAgent(silent, "web1").shutdown("reboot")  # no reply is success
     with pytest.raises(AgentError):
         GuestAgent(fake, "web1").shutdown("sideways")
+
+
+def test_exec_ticks_while_it_runs_and_logs_at_debug(
+        agent: GuestAgent, fake: GuestSideAgent, caplog: pytest.LogCaptureFixture) -> None:
+    fake.polls_until_exit = 4
+    ticks: list[int] = []
+    with caplog.at_level("DEBUG", logger="libshare.redirect.agent"):
+        agent.exec(["update-initramfs", "-u"], on_poll=lambda: ticks.append(1))
+        agent.write_file("/etc/x", b"12345", mode=None)
+    assert len(ticks) == 3                      # every poll before the exit
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "web1: exec update-initramfs -u (at most 60 s)" in text
+    assert "web1: update-initramfs -u: exit 0 after" in text
+    assert "web1: write /etc/x (5 bytes)" in text

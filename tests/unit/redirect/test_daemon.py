@@ -381,7 +381,7 @@ def test_cli_usage_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                  ["daemon", "--once", "--until-idle"]):
         assert cli.main(["--state-dir", str(tmp_path), *argv]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("libshare: ")
+        assert err.count("\n") == 1 and err.startswith("libshare")
 
 
 # ---------------------------------------------------------------------------- status

@@ -62,3 +62,37 @@ def test_page_cache_bytes_counts_resident_pages(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
     assert accounting.page_cache_bytes(empty) == 0
+
+
+WRITER = r"""
+import mmap, sys
+path, written = sys.argv[1], int(sys.argv[2])
+f = open(path, "rb")
+region = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE,
+                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+for off in range(0, len(region), 4096):      # read every page
+    region[off]
+for off in range(0, written, 4096):          # write some: copy-on-write copies
+    region[off] = 1
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_copies_are_anonymous_pages_not_private_dirty(tmp_path: Path) -> None:
+    # a just-written image (no fsync: its page cache is still dirty), as right after
+    # 'region build' or a copy: its only mapper sees it as Private_Dirty, yet it holds
+    # no copy; the pages it wrote are its copies, and smaps counts them as Anonymous
+    image = tmp_path / "fresh.img"
+    image.write_bytes(os.urandom(4 * MiB))
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(image), str(MiB)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+        reg = accounting.region_usage(child.pid, image)
+    finally:
+        child.kill()
+        child.wait()
+    assert reg["Anonymous"] == 1024 and accounting.copied_kb(reg) == 1024
+    # Private_Dirty counts the copies and the dirty page cache: it is not a copy count
+    assert reg["Private_Dirty"] > accounting.copied_kb(reg), reg

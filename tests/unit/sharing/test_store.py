@@ -12,6 +12,8 @@ import pytest
 from libshare.sharing import store
 from libshare.sharing.store import import_tree, load_index, object_path, resolve_in_root
 from libshare.util.digest import sha256_file
+from tests.support.fs import fill, small_tmpfs, within
+from tests.support.images import shared_object
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
@@ -144,8 +146,8 @@ def test_file_changing_during_import_is_refused(tmp_path: Path, tree: Path,
     sdir = tmp_path / "store"
     real = store.identify
 
-    def stale(path: str) -> object:
-        ident = real(path)
+    def stale(path: str, follow: bool = True) -> object:
+        ident = real(path, follow)
         if str(path).endswith("libz.so.1.0.0"):
             with open(path, "ab") as fh:   # the file grows after it was identified
                 fh.write(b"x")
@@ -203,3 +205,135 @@ def test_by_path_keeps_every_object_seen_at_a_path(tmp_path: Path, tree: Path) -
     want = sorted([sha256_file(LIBDIR / "libz.so.1"), store.sha256_file(
         other / "libz.so.1.0.0")])
     assert load_index(sdir).by_path()["/usr/lib/x86_64-linux-gnu/libz.so.1.0.0"] == want
+
+
+# ---------------------------------------------------------------------------- faults
+
+def test_a_fifo_replacing_a_file_during_the_walk_is_skipped(
+        tmp_path: Path, tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walk saw regular files; one becomes a FIFO before it is identified, another
+    right after (before its copy): neither blocks the import, both are skipped."""
+    sdir = tmp_path / "store"
+    real = store.identify
+    lib = tree / "usr/lib/x86_64-linux-gnu"
+
+    def swap(path: str, *args: object, **kw: object) -> object:
+        if path.endswith("libz.so.1.0.0"):
+            os.unlink(path)
+            os.mkfifo(path)
+        ident = real(path, *args, **kw)  # type: ignore[arg-type]
+        if path.endswith("libacl.so.1.0.0"):
+            os.unlink(path)
+            os.mkfifo(path)
+        return ident
+
+    monkeypatch.setattr(store, "identify", swap)
+    with within(20):
+        r = import_tree(sdir, [tree])
+    reasons = {Path(s.path).name: s.reason for s in r.skipped}
+    assert reasons["libz.so.1.0.0"] == "cannot read: is a FIFO, not a regular file"
+    assert reasons["libacl.so.1.0.0"] == "cannot read: is a FIFO, not a regular file"
+    assert r.index_written and [e.soname for e in load_index(sdir).entries.values()
+                                if e.elf_type != store.PLAIN] == ["libattr.so.1"]
+    assert (lib / "libz.so.1.0.0").is_fifo()
+
+
+def test_bad_names_are_skipped_and_reported(tmp_path: Path) -> None:
+    """A SONAME that cannot be a file name (300 bytes, a newline, not UTF-8) or a guest
+    path that is not UTF-8 or holds a control character: skipped with the reason, and
+    nothing else is lost."""
+    root = tmp_path / "root"
+    shared_object(root / "long.so", "l" * 300)
+    shared_object(root / "newline.so", "lib\nsplit.so.1")
+    shared_object(root / "latin1.so", b"lib\xe9.so.1")
+    shared_object(root / "good.so", "libgood.so.1")
+    shutil.copyfile(root / "good.so", os.fsdecode(bytes(root) + b"/bad\xffname.so"))
+    shutil.copyfile(root / "good.so", root / "tab\there.so")
+    r = import_tree(tmp_path / "store", [root])
+    reasons = {Path(s.path).name: s.reason for s in r.skipped}
+    assert reasons == {"long.so": "SONAME longer than 255 bytes",
+                       "newline.so": "SONAME holds a control character",
+                       "latin1.so": "SONAME not valid UTF-8",
+                       os.fsdecode(b"bad\xffname.so"): "guest path not valid UTF-8",
+                       "tab\there.so": "guest path holds a control character"}
+    entries = list(load_index(tmp_path / "store").entries.values())
+    assert [(e.soname, e.paths) for e in entries] == [("libgood.so.1", ["/good.so"])]
+    assert r.as_dict()["skipped_counts"]["SONAME longer than 255 bytes"] == 1
+    json.dumps(r.as_dict())  # reportable, even with undecodable names
+
+
+def test_names_of_an_older_index_fall_back_to_a_valid_one() -> None:
+    """An index written before names were checked still names every region file well."""
+    sha = "ab" * 32
+    entry = store.StoreEntry(sha, 10, None, "x" * 300, "ET_DYN", ["/lib/bad\nname.so",
+                                                                   "/lib/good.so"])
+    assert entry.name == "good.so"
+    assert store.StoreEntry(sha, 10, None, "s\n", "ET_DYN", ["/a\udcff"]).name == sha
+
+
+def test_objects_left_unindexed_by_a_killed_import_are_removed(tmp_path: Path,
+                                                               tree: Path) -> None:
+    sdir = tmp_path / "store"
+    import_tree(sdir, [tree])
+    orphan = object_path(sdir, "cd" * 32)
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"copied, renamed, then SIGKILL before the index was written")
+    r = import_tree(sdir, [tree])
+    assert r.orphans_removed == ["cd" * 32] and not orphan.exists()
+    assert {p.name for p in (sdir / "objects").rglob("*") if p.is_file()} == \
+        set(load_index(sdir).entries)
+
+
+def store_consistent(sdir: Path) -> None:
+    """Assert every object file of the store at ``sdir`` is indexed, and every indexed
+    object is stored whole."""
+    index = load_index(sdir)
+    stored = {p.name for p in (sdir / "objects").rglob("*") if p.is_file()}
+    assert stored == set(index.entries), (len(stored), len(index.entries))
+    assert all(store.check_object(sdir, e) is None for e in index.entries.values())
+    assert not (sdir / "tmp").is_dir() or list((sdir / "tmp").iterdir()) == []
+
+
+def big_tree(base: Path, nbytes: int) -> Path:
+    """Return a tree of distinct libraries of this host, ``nbytes`` bytes at least."""
+    root = base / "big"
+    root.mkdir()
+    total = 0
+    seen: set[int] = set()
+    for src in sorted(Path("/usr/lib/x86_64-linux-gnu").glob("lib*.so.*")):
+        if total >= nbytes:
+            break
+        st = src.stat()
+        if src.is_symlink() or st.st_ino in seen or st.st_size < 64 * 1024:
+            continue
+        seen.add(st.st_ino)
+        shutil.copyfile(src, root / src.name)
+        total += st.st_size
+    if total < nbytes:
+        pytest.skip("not enough libraries on this host")
+    return root
+
+
+def test_disk_full_import_is_one_line_and_leaves_the_store_consistent(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare import cli
+    tree = big_tree(tmp_path, 30 << 20)
+    with small_tmpfs(tmp_path / "small", "20m") as small:
+        state = small / "state"
+        rc = cli.main(["--state-dir", str(state), "store", "import", str(tree)])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1, err
+        assert err.startswith("libshare: store import failed: No space left on device")
+        assert "Traceback" not in err
+        store_consistent(state / "store")
+        # the index could still be written: what was stored is kept, and usable
+        assert len(load_index(state / "store").entries) > 0
+        # even when the index itself cannot be written: nothing unindexed is left
+        shutil.rmtree(state)
+        ballast = fill(small, leave=0)
+        rc = cli.main(["--state-dir", str(state), "store", "import", str(tree)])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        if (state / "store").is_dir():
+            store_consistent(state / "store")
+        ballast.unlink()

@@ -18,6 +18,7 @@ from libshare.config import Config
 from libshare.sharing.region import build
 from libshare.sharing.store import import_tree
 from libshare.virt import api
+from tests.support.fs import within
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 pytestmark = pytest.mark.skipif(shutil.which("mkfs.erofs") is None, reason="no mkfs.erofs")
@@ -173,3 +174,25 @@ def test_mkfs_version_parsing(tmp_path: Path) -> None:
         fake.write_text(f"#!/bin/sh\nprintf '{text}'\nexit 1\n")
         fake.chmod(0o755)
         assert build.mkfs_erofs_version(str(fake)) == want
+
+
+def test_usage_errors_and_missing_files(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad value in an option's converter is a usage error (2, one line, no
+    traceback); a missing or unreadable file is a failure (1, one line, named once)."""
+    state = tmp_path / "state"
+    rc, _, err = run(capsys, state, "region", "build", "--size", "lots")
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("libshare region build: argument --size: invalid size 'lots'")
+    rc, _, err = run(capsys, state, "region", "build", "--select", "/nonexistent")
+    assert rc == 1 and err == ("libshare: cannot read selection file /nonexistent: No such "
+                               "file or directory\n")
+    rc, _, err = run(capsys, state, "region", "verify", "/nonexistent")
+    assert rc == 1 and err == "libshare: /nonexistent: No such file or directory\n"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with within(10):
+        rc, _, err = run(capsys, state, "region", "verify", str(fifo))
+        assert rc == 1 and err == f"libshare: {fifo}: is a FIFO, not a regular file\n"
+        rc, _, err = run(capsys, state, "region", "build", "--select", str(fifo))
+        assert rc == 1 and "is a FIFO" in err and err.count("\n") == 1

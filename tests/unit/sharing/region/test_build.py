@@ -16,7 +16,8 @@ from libshare.errors import LibshareError
 from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import EROFS_MAGIC, Erofs
 from libshare.sharing.region import build, layout, manifest, tree, verify
-from libshare.sharing.store import import_tree, load_index, object_path
+from libshare.sharing.store import import_tree, load_index, object_path, save_index
+from tests.support.fs import fill, small_tmpfs
 from tests.support.images import (
     LIBDIR,
     LIBS,
@@ -240,3 +241,55 @@ def test_select_by_guest_path_takes_every_object_seen_there(tmp_path: Path) -> N
     assert len({f["path"] for f in files}) == 2
     assert all("/usr/lib/x86_64-linux-gnu/libz.so.1" in f["guest_paths"] for f in files)
     assert verify.verify(res.path) is None
+
+
+def test_the_next_build_removes_the_temporaries_of_killed_builds(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    build.build_region(cfg, "web")
+    dead = cfg.regions_dir / ".build-killed"
+    (dead / "root/lib").mkdir(parents=True)                  # SIGKILLed while staging
+    tmp = cfg.regions_dir / "images" / ".tmp-killed.img"
+    tmp.write_bytes(b"half an image")                       # SIGKILLed while writing
+    build.build_region(cfg, "web", size=16 * MiB)
+    assert not dead.exists() and not tmp.exists()
+    assert not list(cfg.regions_dir.glob(".build-*"))
+
+
+def test_names_an_older_store_holds_never_break_a_build(tmp_path: Path) -> None:
+    """An index written before names were checked: a 300-byte SONAME, a newline in a
+    SONAME and in a guest path, a guest path that is not UTF-8. The build still
+    succeeds and publishes an image that verify accepts."""
+    cfg = make_cfg(tmp_path)
+    index = load_index(cfg.store_dir)
+    entries = sorted(index.entries.values(), key=lambda e: e.sha256)
+    entries[0].soname = "l" * 300
+    entries[1].soname = "lib\nsplit.so.1"
+    entries[2].paths += ["/usr/lib/bad\nname.so", "/usr/lib/not-utf8-\udcff.so"]
+    save_index(cfg.store_dir, index)
+    res = build.build_region(cfg, "web")
+    assert res.files == len(LIBS)
+    assert verify.verify(res.path) is None
+    with open(res.path, "rb") as fh:
+        doc = manifest.read_manifest(Erofs(fh, offset=2 * MiB))
+    names = {f["path"].rsplit("/", 1)[1] for f in doc["files"]}
+    assert not any("\n" in n or len(n) > 255 for n in names)
+
+
+def test_disk_full_build_is_one_line_and_publishes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from libshare import cli
+    with small_tmpfs(tmp_path / "small", "20m") as small:
+        cfg = make_cfg(small)
+        ballast = fill(small, leave=256 * 1024)
+        rc = cli.main(["--state-dir", str(cfg.state_dir), "region", "build", "--group",
+                       "web"])
+        err = capsys.readouterr().err
+        assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "No space left on device" in err and "nothing was published" in err
+        images = cfg.regions_dir / "images"
+        assert not images.is_dir() or list(images.iterdir()) == []
+        assert not cfg.group_region_link("web").exists()
+        assert not list(cfg.regions_dir.glob(".build-*"))
+        ballast.unlink()
+        res = build.build_region(cfg, "web")       # room again: it builds
+        assert verify.verify(res.path) is None

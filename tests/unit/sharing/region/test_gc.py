@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,3 +96,37 @@ def test_region_paths_in_xml() -> None:
     </devices></domain>"""
     assert region_paths(domxml.parse(xml)) == {"/r/a.img", "/r/b.img",
                                                "/dev/shm/libshare-web"}
+
+
+def test_gc_during_a_build_keeps_the_image_the_build_makes_current(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gc started while a build writes its image waits for the build (regions lock),
+    then sees the group link the build switched: the new image stays."""
+    cfg = make_cfg(tmp_path)
+    old = build.build_region(cfg, "web")
+    real = build._write_image
+    writing = threading.Event()
+
+    def slow_write(*args: Any, **kw: Any) -> str:
+        writing.set()
+        time.sleep(0.5)          # gc starts meanwhile
+        return real(*args, **kw)
+
+    monkeypatch.setattr(build, "_write_image", slow_write)
+    built: list[build.BuildResult] = []
+    b = threading.Thread(target=lambda: built.append(
+        build.build_region(cfg, "web", size=16 * MiB)))
+    b.start()
+    assert writing.wait(30)
+    collected: list[gc.GcResult] = []
+    proc = tmp_path / "p" / "proc"
+    proc.mkdir(parents=True)                         # no process maps anything
+    g = threading.Thread(target=lambda: collected.append(gc.gc(cfg, set(), proc=str(proc))))
+    g.start()
+    b.join(60)
+    g.join(60)
+    new = built[0]
+    assert os.path.realpath(cfg.group_region_link("web")) == new.path
+    assert Path(new.path).exists(), "gc removed the image the build made current"
+    assert collected[0].removed == [old.path]
+    assert "current image of group web" in collected[0].kept[new.path]

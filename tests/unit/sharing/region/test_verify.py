@@ -4,6 +4,7 @@ damage (library bytes, checksums, truncation, superblock, name, padding, manifes
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from libshare.config import Config
 from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest, verify
 from libshare.sharing.store import load_index
+from tests.support.fs import fill, small_tmpfs, within
 from tests.support.images import (
     MiB,
     corrupt_copy,
@@ -135,3 +137,41 @@ def test_verify_catches_text_manifest_mismatch(tmp_path: Path,
     res = build.build_region(cfg, "web")
     problem = verify.verify(res.path)
     assert problem and "manifest.tsv line 1" in problem, problem
+
+
+def test_fsck_reads_the_unnamed_copy(built: tuple[Config, build.BuildResult],
+                                     tmp_path: Path) -> None:
+    """fsck.erofs checks the copy it is given as /proc/self/fd/N: a damaged superblock
+    is reported (and no temporary file is left next to the image)."""
+    if shutil.which("fsck.erofs") is None:
+        pytest.skip("no fsck.erofs")
+    (tmp_path / "copy").mkdir()
+    bad = corrupt_copy(built[1].path, tmp_path / "copy/bad.img", offset=2 * MiB + 1024)
+    problem = verify.fsck_region(str(bad))
+    assert problem and problem.startswith("fsck.erofs: "), problem
+    assert sorted(p.name for p in bad.parent.iterdir()) == ["bad.img"]
+
+
+def test_verify_never_waits_on_a_fifo_or_device(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.img"
+    os.mkfifo(fifo)
+    with within(10):
+        assert verify.verify(fifo) == "is a FIFO, not a regular file"
+        assert verify.quick_verify(fifo) == "is a FIFO, not a regular file"
+        assert verify.verify("/dev/zero") == "is a character device, not a regular file"
+    assert verify.verify(tmp_path / "missing.img") == "No such file or directory"
+
+
+def test_fsck_with_the_disk_full_is_one_line(built: tuple[Config, build.BuildResult],
+                                             tmp_path: Path) -> None:
+    if shutil.which("fsck.erofs") is None:
+        pytest.skip("no fsck.erofs")
+    with small_tmpfs(tmp_path / "small", "20m") as small:
+        image = small / Path(built[1].path).name
+        shutil.copyfile(built[1].path, image)
+        ballast = fill(small, leave=0)
+        problem = verify.verify(image, fsck=True) or ""
+        assert problem == ("cannot run fsck.erofs on a copy of the filesystem: No space "
+                           "left on device"), problem
+        ballast.unlink()
+        assert sorted(p.name for p in small.iterdir()) == [image.name]
