@@ -11,6 +11,7 @@ layout, names and the determinism rules are described once, in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -50,7 +51,9 @@ from libshare.sharing.store import (
     StoreIndex,
     check_object,
     corrupt_object_problem,
+    is_proven,
     load_index,
+    load_proofs,
     object_path,
 )
 from libshare.sharing.store import locked as store_locked
@@ -166,16 +169,19 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     (JSON and TSV).
 
     Each object is hashed as it is staged (one read: the hard link mkfs.erofs will read,
-    or the copy being written), so a store object damaged in place is never published.
-    Raises LibshareError naming the first corrupt object.
+    or the copy being written) unless the store proved it and its file is unchanged
+    since (:func:`libshare.sharing.store.is_proven`), so a store object damaged in place
+    is never published. Raises LibshareError naming the first corrupt object.
     """
     total = len(entries)
+    proofs = load_proofs(store_dir)
     for n, e in enumerate(entries, 1):
         if progress:
             progress("stage", n, total, "files")
         dest = root / fs_path(e).lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         src = object_path(store_dir, e.sha256)
+        proven = is_proven(store_dir, e.sha256, e.size, proofs)
         linked = False
         if stat.S_IMODE(src.stat().st_mode) == OBJECT_MODE:
             try:
@@ -183,7 +189,9 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
                 linked = True
             except OSError:
                 pass
-        if linked:
+        if linked and proven:
+            actual = e.sha256            # unchanged since an import proved it
+        elif linked:
             actual = sha256_file(dest)
         else:
             with open_regular(src) as fin, open(dest, "wb") as fout:
@@ -261,9 +269,67 @@ def _mkfs(mkfs: str, fs_uuid: str, out: Path, root: Path,
     set_fs_label(out)
 
 
+#: fallocate(2) mode that shifts a file's blocks up to insert a hole (ext4, xfs)
+FALLOC_FL_INSERT_RANGE = 0x20
+
+
+def _insert_head(path: Path, length: int) -> bool:
+    """Insert ``length`` bytes (a multiple of the filesystem's block size) of hole at the
+    start of the file ``path``, in place; return False where the filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return libc.fallocate(fd, FALLOC_FL_INSERT_RANGE, ctypes.c_long(0),
+                              ctypes.c_long(length)) == 0
+    finally:
+        os.close(fd)
+
+
+def _image_in_place(tmp: Path, block: bytes, fs_image: Path, total: int,
+                    progress: Progress | None) -> str | None:
+    """Make the filesystem image ``fs_image`` the whole image at ``tmp`` without copying
+    it: insert the 2 MiB head in front of its blocks (``fallocate`` INSERT_RANGE), write
+    the head and the zero tail, hash it (one read, mostly from the page cache), fsync;
+    return its hex SHA-256, or None (nothing changed) where the filesystem cannot."""
+    if not _insert_head(fs_image, DATAOFF):
+        return None
+    os.replace(fs_image, tmp)
+    h = hashlib.sha256()
+    head = bytes(pfn.INFO_OFFSET) + block
+    head += bytes(DATAOFF - len(head))
+    with open(tmp, "r+b") as out:
+        out.write(head)
+        out.seek(0, os.SEEK_END)
+        pad = total - out.tell()
+        zeros = bytes(min(CHUNK, max(pad, 0)))
+        while pad > 0:           # real zeros, as _write_image writes them
+            n = min(pad, len(zeros))
+            out.write(zeros[:n])
+            pad -= n
+        out.flush()
+        out.seek(0)
+        done = 0
+        while chunk := out.read(CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress("hash", done, total, "bytes")
+        os.fchmod(out.fileno(), IMAGE_MODE)
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
 def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
                  progress: Progress | None) -> str:
-    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256."""
+    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256. The
+    filesystem image becomes it in place where its filesystem allows
+    (:func:`_image_in_place`), else it is copied behind the head."""
+    digest = _image_in_place(tmp, block, fs_image, total, progress)
+    if digest is not None:
+        return digest
     h = hashlib.sha256()
     head = bytes(pfn.INFO_OFFSET) + block
     head += bytes(DATAOFF - len(head))

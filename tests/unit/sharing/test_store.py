@@ -337,3 +337,24 @@ def test_disk_full_import_is_one_line_and_leaves_the_store_consistent(
         if (state / "store").is_dir():
             store_consistent(state / "store")
         ballast.unlink()
+
+
+def test_proven_objects_are_not_hashed_again(tmp_path: Path, tree: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import proves each object's hash; the next import reads none of them again
+    while their files are unchanged, and a write in place (mtime moves) is caught."""
+    sdir = tmp_path / "store"
+    import_tree(sdir, [tree])
+    proofs = store.load_proofs(sdir)
+    assert set(proofs) == set(load_index(sdir).entries)
+    hashed: list[str] = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    r = import_tree(sdir, [tree])
+    assert hashed == [] and r.repaired == [] and r.known == OBJECTS
+    libz = sha256_file(LIBDIR / "libz.so.1")
+    damage(object_path(sdir, libz))
+    r = import_tree(sdir, [tree])
+    assert r.repaired == [libz] and len(hashed) == 1
+    assert store.is_proven(sdir, libz, object_path(sdir, libz).stat().st_size,
+                           store.load_proofs(sdir))
