@@ -337,7 +337,7 @@ def wait_idle(g: DebianGuest, seconds: float = 60.0) -> None:
         time.sleep(seconds - up)
 
 
-def _parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
+def parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
     """Run ``fn`` on every guest at once (one thread each); return the results in order,
     raising the first error."""
     pool = ThreadPoolExecutor(max_workers=len(guests))
@@ -405,7 +405,7 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
             wait_idle(g)
             return guest_view(g)
 
-        befores = _parallel(before, running)
+        befores = parallel(before, running)
         clock("read the guests' page cache before libshare (fincore, 60 s idle)")
 
         def setup(g: DebianGuest) -> str:
@@ -425,14 +425,14 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
             return "runtime"
 
         clock(f"installing libshare in the guests ({mode} mode)")
-        modes = _parallel(setup, running)
+        modes = parallel(setup, running)
         timings["redirect"] = clock.elapsed()
         def after(g: DebianGuest) -> dict[str, Any]:
             if mode == "boot":
                 wait_idle(g)
             return guest_view(g)
 
-        views = _parallel(after, running)
+        views = parallel(after, running)
         clock("read the guests' own view (maps, fincore)")
         reports = []
         for g, view, m, pre in zip(running, views, modes, befores, strict=True):

@@ -16,7 +16,7 @@ import argparse
 import os
 from typing import Any
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, add_trees, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
@@ -42,10 +42,7 @@ def register(subparsers: Any) -> None:
                    "elf (libraries, executables, kernel modules), usr (every file under "
                    "/usr of the imported trees), observed (what the group's running guests "
                    "hold in their page cache)")
-    b.add_argument("--tree", action="append", dest="trees", metavar="TREE",
-                   help="an imported tree (digest, prefix, or the directory it was imported "
-                   "from; see 'store ls --trees') to take files from; repeatable; default: "
-                   "every tree of the store")
+    add_trees(b, "to take files from")
     b.add_argument("--fs", choices=FILESYSTEMS, default=FILESYSTEMS[0], dest="filesystem",
                    help="the region's filesystem: erofs (default) or ext4 (both DAX-mapped "
                    "by guests; see the README on the choice)")

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from libshare.cli.options import add_json, int_between, libvirt_uri
+from libshare.cli.options import add_json, add_trees, int_between, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
 from libshare.domxml.metadata import check_group
@@ -52,9 +53,7 @@ def register(subparsers: Any) -> None:
                    "store's trees) would serve of it, per guest and for the host; the "
                    "guests are the DOMAINs, else the running guests of group NAME, else "
                    "every running guest")
-    p.add_argument("--tree", action="append", dest="trees", metavar="TREE",
-                   help="with --forecast: an imported tree to plan from (repeatable; "
-                   "default every tree of the store)")
+    add_trees(p, "for --forecast to plan from")
     p.add_argument("--top", type=int_between(1), default=None, metavar="N",
                    help="with --page-cache: files shown per guest, largest first "
                    f"(default {TOP}; --json lists all)")
@@ -144,16 +143,9 @@ def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
 
     layout = _layout(args.offsets)
     cache_dir = None if args.no_cache else cfg.state_dir / "introspect"
-    results, failures = [], []
-    for name in names:
-        try:
-            results.append(survey_domain_page_cache(conn, name, pause=args.pause,
-                                                    backend=args.backend, layout=layout,
-                                                    cache_dir=cache_dir))
-        except LibshareError as exc:
-            if len(names) == 1:
-                raise
-            failures.append(f"{name}: {exc}")
+    results, failures = each_domain(names, lambda name: survey_domain_page_cache(
+        conn, name, pause=args.pause, backend=args.backend, layout=layout,
+        cache_dir=cache_dir))
     rows = forecast(results, cfg.store_dir, trees=args.trees) if args.forecast else []
     if args.json:
         doc: dict[str, Any] = {"domains": [to_json(s) for s in results], "failed": failures}
@@ -171,6 +163,28 @@ def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
             print_page_cache(s, args.top or TOP)
         if args.forecast:
             print_forecast(args.forecast, rows)
+    return report_failures(results, failures, printed=not args.json)
+
+
+def each_domain(names: list[str], survey: Callable[[str], Any]) -> tuple[list[Any], list[str]]:
+    """Return (the surveys of ``names``, one "name: reason" per domain that failed); the
+    error of a single domain is raised instead."""
+    results, failures = [], []
+    for name in names:
+        try:
+            results.append(survey(name))
+        except LibshareError as exc:
+            if len(names) == 1:
+                raise
+            failures.append(f"{name}: {exc}")
+    return results, failures
+
+
+def report_failures(results: list[Any], failures: list[str], printed: bool) -> int:
+    """Print (if ``printed``: after tables; JSON carries them) each survey's errors and
+    each failed domain on stderr; return the exit status (1 if any failed or is
+    partial)."""
+    if printed:
         for s in results:
             for err in s.errors:
                 print(f"libshare: {s.name}: {err}", file=sys.stderr)
@@ -200,16 +214,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         return run_page_cache(args, cfg, conn, names)
     layout = _layout(args.offsets)
     cache_dir = None if args.no_cache else cfg.state_dir / "introspect"
-    results: list[DomainSurvey] = []
-    failures: list[str] = []
-    for name in names:
-        try:
-            results.append(survey_domain(conn, name, pause=args.pause, backend=args.backend,
-                                         layout=layout, cache_dir=cache_dir))
-        except LibshareError as exc:
-            if len(names) == 1:
-                raise
-            failures.append(f"{name}: {exc}")
+    results: list[DomainSurvey]
+    results, failures = each_domain(names, lambda name: survey_domain(
+        conn, name, pause=args.pause, backend=args.backend, layout=layout,
+        cache_dir=cache_dir))
     if args.json:
         doc = to_json(results)
         doc["failed"] = failures
@@ -230,9 +238,4 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             print_table(["LIBRARY", "BUILD-ID", "COPIES", "RESIDENT-PAGES", "SAVED-KIB"],
                         [[g["path"], (g["build_id"] or "-")[:16], g["copies"],
                           g["resident_pages"], g["saved_bytes"] // 1024] for g in libs])
-        for d in results:
-            for err in d.errors:
-                print(f"libshare: {d.name}: {err}", file=sys.stderr)
-        for f in failures:
-            print(f"libshare: {f}", file=sys.stderr)
-    return EXIT_FAILED if failures or any(d.partial for d in results) else EXIT_OK
+    return report_failures(results, failures, printed=not args.json)

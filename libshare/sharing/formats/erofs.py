@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 EROFS_MAGIC = 0xE0F5E1E2
 SUPER_OFFSET = 1024
@@ -100,19 +100,24 @@ class Inode:
         return stat.S_ISREG(self.mode)
 
 
-class Erofs:
-    """An EROFS filesystem starting at byte ``offset`` of the open binary file ``fh``."""
+class FsImage:
+    """A filesystem inside the open binary file ``fh``, from byte ``offset`` for
+    ``length`` bytes (default: to the end): bounded reads, a file's data in pieces and
+    path lookup, shared by the readers (this module's :class:`Erofs`,
+    :class:`libshare.sharing.formats.ext4.Ext4`), which give the superblock (``sb``:
+    ``root_nid``), ``inode``, ``read_inode`` and ``listdir``."""
+
+    sb: Any
 
     def __init__(self, fh: BinaryIO, offset: int = 0, length: int | None = None) -> None:
         self.fh = fh
         self.offset = offset
         end = os.fstat(fh.fileno()).st_size
         self.length = end - offset if length is None else length
-        self.sb = self._superblock()
 
     def read(self, pos: int, n: int) -> bytes:
         """Return ``n`` bytes at filesystem offset ``pos``; ErofsError if past the end."""
-        if pos < 0 or pos + n > self.length:
+        if pos < 0 or n < 0 or pos + n > self.length:
             raise ErofsError(f"read of {n} bytes at {pos} beyond the filesystem end "
                              f"({self.length}): image truncated or corrupt")
         self.fh.seek(self.offset + pos)
@@ -120,6 +125,41 @@ class Erofs:
         if len(data) != n:
             raise ErofsError(f"short read at {pos}: image truncated")
         return data
+
+    def inode(self, nid: int) -> Inode:
+        """Return inode ``nid``."""
+        raise NotImplementedError
+
+    def read_inode(self, ino: Inode, start: int = 0, n: int | None = None) -> bytes:
+        """Return ``n`` bytes (default: to the end) of ``ino``'s data from ``start``."""
+        raise NotImplementedError
+
+    def listdir(self, ino: Inode) -> dict[str, int]:
+        """Return name -> nid of the entries of directory ``ino``."""
+        raise NotImplementedError
+
+    def iter_chunks(self, ino: Inode, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Yield ``ino``'s data in pieces of at most ``chunk`` bytes."""
+        for start in range(0, ino.size, chunk):
+            yield self.read_inode(ino, start, chunk)
+
+    def lookup(self, path: str) -> Inode:
+        """Return the inode at absolute ``path`` (no symlinks followed); ErofsError if absent."""
+        ino = self.inode(self.sb.root_nid)
+        for part in [p for p in path.split("/") if p]:
+            entries = self.listdir(ino)
+            if part not in entries:
+                raise ErofsError(f"{path}: not found in the filesystem")
+            ino = self.inode(entries[part])
+        return ino
+
+
+class Erofs(FsImage):
+    """An EROFS filesystem starting at byte ``offset`` of the open binary file ``fh``."""
+
+    def __init__(self, fh: BinaryIO, offset: int = 0, length: int | None = None) -> None:
+        super().__init__(fh, offset, length)
+        self.sb = self._superblock()
 
     def _superblock(self) -> Superblock:
         raw = self.read(SUPER_OFFSET, _SB.size)
@@ -184,11 +224,6 @@ class Erofs:
             out += self.read(ino.tail_offset + (s - plain_end), end - s)
         return out
 
-    def iter_chunks(self, ino: Inode, chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Yield ``ino``'s data in pieces of at most ``chunk`` bytes."""
-        for start in range(0, ino.size, chunk):
-            yield self.read_inode(ino, start, chunk)
-
     def listdir(self, ino: Inode) -> dict[str, int]:
         """Return name -> nid of the entries of directory ``ino`` (without . and ..)."""
         if not ino.is_dir:
@@ -213,13 +248,3 @@ class Erofs:
                 if name not in (".", ".."):
                     out[name] = nid
         return out
-
-    def lookup(self, path: str) -> Inode:
-        """Return the inode at absolute ``path`` (no symlinks followed); ErofsError if absent."""
-        ino = self.inode(self.sb.root_nid)
-        for part in [p for p in path.split("/") if p]:
-            entries = self.listdir(ino)
-            if part not in entries:
-                raise ErofsError(f"{path}: not found in the filesystem")
-            ino = self.inode(entries[part])
-        return ino

@@ -8,7 +8,7 @@ directories read block by block (an htree's index blocks read as empty entries).
 data, block-mapped (ext2/3) files and encrypted files are reported, not read: region
 images never contain them (DAX needs extents).
 
-Its interface is the one of :class:`libshare.sharing.formats.erofs.Erofs` that region
+Its interface is :class:`libshare.sharing.formats.erofs.FsImage`'s, the one region
 checks use (``sb.blocks``, ``sb.block_size``, ``inode``, ``read_inode``,
 ``iter_chunks``, ``listdir``, ``lookup``); inode numbers stand in for EROFS nids and a
 file mapped by extents has ``layout`` FLAT_PLAIN (block-aligned, DAX-mappable). Every
@@ -18,13 +18,11 @@ reason (the checks catch one error type for both filesystems).
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from libshare.sharing.formats.erofs import LAYOUT_FLAT_PLAIN, ErofsError, Inode
+from libshare.sharing.formats.erofs import LAYOUT_FLAT_PLAIN, ErofsError, FsImage, Inode
 
 EXT4_MAGIC = 0xEF53
 MAGIC_OFFSET = 1080
@@ -54,28 +52,14 @@ class Superblock:
     root_nid: int = ROOT_INO
 
 
-class Ext4:
+class Ext4(FsImage):
     """An ext4 filesystem starting at byte ``offset`` of the open binary file ``fh``."""
 
     def __init__(self, fh: BinaryIO, offset: int = 0, length: int | None = None) -> None:
-        self.fh = fh
-        self.offset = offset
-        end = os.fstat(fh.fileno()).st_size
-        self.length = end - offset if length is None else length
+        super().__init__(fh, offset, length)
         self.sb = self._superblock()
         self._tables: dict[int, int] = {}
         self._extents: dict[int, list[tuple[int, int, int]]] = {}
-
-    def read(self, pos: int, n: int) -> bytes:
-        """Return ``n`` bytes at filesystem offset ``pos``; ErofsError if past the end."""
-        if pos < 0 or n < 0 or pos + n > self.length:
-            raise ErofsError(f"read of {n} bytes at {pos} beyond the filesystem end "
-                             f"({self.length}): image truncated or corrupt")
-        self.fh.seek(self.offset + pos)
-        data = self.fh.read(n)
-        if len(data) != n:
-            raise ErofsError(f"short read at {pos}: image truncated")
-        return data
 
     def _superblock(self) -> Superblock:
         raw = self.read(1024, 1024)
@@ -185,11 +169,6 @@ class Ext4:
             out[lo - start:hi - start] = self.read(pblk * bs + (lo - lblk * bs), hi - lo)
         return bytes(out)
 
-    def iter_chunks(self, ino: Inode, chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Yield ``ino``'s data in pieces of at most ``chunk`` bytes."""
-        for start in range(0, ino.size, chunk):
-            yield self.read_inode(ino, start, chunk)
-
     def listdir(self, ino: Inode) -> dict[str, int]:
         """Return name -> inode number of the entries of directory ``ino`` (without .
         and ..)."""
@@ -213,14 +192,3 @@ class Ext4:
                     out[name] = child
                 pos += rec_len
         return out
-
-    def lookup(self, path: str) -> Inode:
-        """Return the inode at absolute ``path`` (no symlinks followed); ErofsError if
-        absent."""
-        ino = self.inode(ROOT_INO)
-        for part in [p for p in path.split("/") if p]:
-            entries = self.listdir(ino)
-            if part not in entries:
-                raise ErofsError(f"{path}: not found in the filesystem")
-            ino = self.inode(entries[part])
-        return ino

@@ -58,6 +58,7 @@ from libshare.sharing.formats.erofs import (
     FEATURE_COMPAT_SB_CHKSUM,
     SUPER_OFFSET,
     Erofs,
+    FsImage,
     crc32c_raw,
 )
 from libshare.sharing.formats.ext4 import EXT4_MAGIC, Ext4
@@ -153,7 +154,7 @@ def filesystem_type(fh: BinaryIO, offset: int = DATAOFF) -> str:
 
 
 def open_filesystem(fh: BinaryIO, offset: int = DATAOFF,
-                    length: int | None = None) -> Erofs | Ext4:
+                    length: int | None = None) -> FsImage:
     """Return the reader of the region filesystem at ``offset`` of the open image ``fh``:
     EROFS or ext4 (:func:`filesystem_type`); ErofsError if it is not readable."""
     if filesystem_type(fh, offset) == "ext4":

@@ -10,10 +10,9 @@ import json
 from typing import Any
 
 from libshare.sharing.formats.erofs import (
-    Erofs,
     ErofsError,
+    FsImage,
 )
-from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region.layout import fs_path
 from libshare.sharing.store import (
     StoreEntry,
@@ -74,7 +73,7 @@ def tsv_manifest_bytes(entries: list[StoreEntry], skip: frozenset[str] = frozens
     return "".join(sorted(lines)).encode()
 
 
-def read_manifest(fs: Erofs | Ext4) -> dict[str, Any]:
+def read_manifest(fs: FsImage) -> dict[str, Any]:
     """Return the parsed manifest of the region filesystem ``fs``; ErofsError if unusable."""
     ino = fs.lookup(MANIFEST_PATH)
     try:

@@ -16,11 +16,10 @@ from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
     LAYOUT_FLAT_PLAIN,
     LAYOUT_NAMES,
-    Erofs,
     ErofsError,
+    FsImage,
     Inode,
 )
-from libshare.sharing.formats.ext4 import Ext4
 from libshare.sharing.region import tree
 from libshare.sharing.region.layout import (
     CHUNK,
@@ -173,7 +172,7 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
     return None
 
 
-def _verify_tsv(fs: Erofs | Ext4, manifest: dict[str, Any]) -> str | None:
+def _verify_tsv(fs: FsImage, manifest: dict[str, Any]) -> str | None:
     """Return a problem with the text manifest (every line must agree with the JSON
     manifest: guests trust it to pair their file's hash with a region path), or None.
     Images built before the text manifest existed have none: that is not a problem."""
@@ -189,7 +188,7 @@ def _verify_tsv(fs: Erofs | Ext4, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def _sha256(fs: Erofs | Ext4, ino: Inode, hashes: dict[int, str]) -> str:
+def _sha256(fs: FsImage, ino: Inode, hashes: dict[int, str]) -> str:
     """Return the hex SHA-256 of regular file ``ino`` (remembered per inode in ``hashes``:
     a tree path and its object's /lib path share one inode)."""
     if ino.nid not in hashes:
@@ -200,7 +199,7 @@ def _sha256(fs: Erofs | Ext4, ino: Inode, hashes: dict[int, str]) -> str:
     return hashes[ino.nid]
 
 
-def _walk_fs(fs: Erofs | Ext4, ino: Inode, path: str, out: dict[str, Inode], limit: int) -> None:
+def _walk_fs(fs: FsImage, ino: Inode, path: str, out: dict[str, Inode], limit: int) -> None:
     """Add every entry below directory ``ino`` (at ``path``) to ``out`` (path -> inode);
     ErofsError beyond ``limit`` entries (a loop)."""
     for name, nid in sorted(fs.listdir(ino).items()):
@@ -212,7 +211,7 @@ def _walk_fs(fs: Erofs | Ext4, ino: Inode, path: str, out: dict[str, Inode], lim
             _walk_fs(fs, child, f"{path}/{name}", out, limit)
 
 
-def _verify_trees(fs: Erofs | Ext4, manifest: dict[str, Any], hashes: dict[int, str]) -> str | None:
+def _verify_trees(fs: FsImage, manifest: dict[str, Any], hashes: dict[int, str]) -> str | None:
     """Return a problem with the guest trees (``/.libshare/tree.tsv`` must be what the
     manifest says and every line exactly what ``/tree/<tid>`` holds, nothing more: a
     guest binds a whole directory on its word), or None. Images without trees have none."""
@@ -248,7 +247,7 @@ def _verify_trees(fs: Erofs | Ext4, manifest: dict[str, Any], hashes: dict[int, 
     return None
 
 
-def _tree_entry(fs: Erofs | Ext4, ino: Inode, kind: str, mode: str, uid: str, gid: str,
+def _tree_entry(fs: FsImage, ino: Inode, kind: str, mode: str, uid: str, gid: str,
                 size: str, payload: str, hashes: dict[int, str]) -> str | None:
     """Return how inode ``ino`` differs from its tree.tsv line, or None."""
     fmt = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK}.get(kind)
@@ -268,7 +267,7 @@ def _tree_entry(fs: Erofs | Ext4, ino: Inode, kind: str, mode: str, uid: str, gi
     return None
 
 
-def _verify_file(fs: Erofs | Ext4, item: dict[str, Any], hashes: dict[int, str]) -> str | None:
+def _verify_file(fs: FsImage, item: dict[str, Any], hashes: dict[int, str]) -> str | None:
     """Return a problem with the manifest entry ``item`` in ``fs``, or None."""
     path = item["path"]
     ino = fs.lookup(path)
