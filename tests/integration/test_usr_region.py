@@ -6,11 +6,14 @@ One store is filled from the cached Debian image's whole root (read on the host 
 raw copy through a read-only loop device); two regions are built from it: the ``usr``
 policy's, and today's library region (the ``libraries`` policy's objects as a plain
 selection: file binds only, as before directory binds). Guest A is identical to the
-image; guest B has a /usr/bin/bash that differs by one byte. Both get ``libshare guest
+image; guest B has a /usr/bin/bash that differs by one byte. Before libshare, the
+host's forecast of what the usr region would serve of A's page cache (``survey
+--page-cache --forecast``) is checked against A's own fincore. Both get ``libshare guest
 install`` and a restart (the initramfs binds before PID 1 starts). Then, 60 s after
 boot: the disk copies of /usr hold at most 5% of the idle baseline of 35.6 MB in each
 guest's page cache (at least 95% of it is the region's), every mapping of a /usr file
-is on the pmem device (but B's own bash), at most 64 binds; in A a package upgrade
+is on the pmem device (but B's own bash), at most 64 binds; an ``observed`` region is
+built from what the two hold in their page cache; in A a package upgrade
 under a directory bind (dpkg -i of a rebuilt ``hostname`` package) succeeds and its new
 file is the one used. Last, B is moved to the library region and restarted: it then
 caches at least twice what it caches with the usr region (each added guest costs the
@@ -21,6 +24,7 @@ than the library region's; main's script (today's library mode) is timed in B to
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -44,7 +48,7 @@ from libshare.sharing.accounting import guest_ram_usage, region_usage
 from libshare.sharing.region import build, policy
 from libshare.sharing.store import import_tree, load_index
 from libshare.virt import enrol
-from tests.integration.test_redirect import flip_last_byte
+from tests.integration.test_redirect import flip_last_byte, libshare
 
 pytestmark = pytest.mark.integration
 
@@ -170,6 +174,21 @@ def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callab
         a, b = da.start(wait=False), db.start(wait=False)
         a.wait_booted()
         b.wait_booted()
+
+        # ---- before libshare: what A caches, and what the host forecasts of it
+        before = view(a)
+        state = str(reg.cfg.state_dir)
+        proc = libshare("--state-dir", state, "survey", "--page-cache", "--forecast", USR,
+                        name_a, "--json")
+        assert proc.returncode in (0, 1) and proc.stdout, proc.stderr   # 1: partial walk
+        rows = {r["policy"]: r for r in json.loads(proc.stdout)["forecast"]["policies"]}
+        stop_kb = rows["usr"]["guests"][0]["stop_caching"] // 1024
+        print(f"A before: {before['cache_kb']} kB cached ({before['usr_cache_kb']} kB of "
+              f"/usr, fincore); forecast: usr would serve {stop_kb} kB, libraries "
+              f"{rows['libraries']['guests'][0]['stop_caching'] // 1024} kB, elf "
+              f"{rows['elf']['guests'][0]['stop_caching'] // 1024} kB")
+        assert abs(stop_kb - before["usr_cache_kb"]) <= max(0.1 * before["usr_cache_kb"], 512)
+
         flip_last_byte(b, "/usr/bin/bash")
         b.sh("chmod 755 /usr/bin/bash")
         odd_bash = b.sh("sha256sum /usr/bin/bash").split()[0]
@@ -201,6 +220,13 @@ def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callab
         assert all(m.endswith("/usr/bin/bash") for m in vb["disk_maps"]), vb["disk_maps"]
         devs = b.sh("find /usr/bin -maxdepth 1 -type f ! -name bash -printf '%D\\n' | sort -u")
         assert devs.split() == [b.sh("stat -c %d /run/libshare/region").strip()], devs
+        # the observed policy: what these two guests hold in their page cache now
+        proc = libshare("--state-dir", state, "region", "build", "--group", USR, "--policy",
+                        "observed", "--json")
+        assert proc.returncode == 0, proc.stderr
+        obs = json.loads(proc.stdout)
+        print(f"observed region: {obs['files']} files, {obs['data_size'] >> 10} kB")
+        assert 100 < obs["files"] < reg.usr.files and obs["policy"] == "observed"
         # host: one shared copy, never a private one
         for g in (a, b):
             pid = g.qemu_pid()
