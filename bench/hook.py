@@ -35,7 +35,7 @@ from typing import Any
 import libvirt
 
 from bench.common import machine, median, print_header, reproduce_command
-from libshare import domxml
+from libshare import config, domxml
 from libshare.hook import install
 from libshare.util.digest import sha256_file
 
@@ -100,6 +100,25 @@ def reload_libvirt() -> None:
     time.sleep(1.0)
 
 
+def bench_region(state_dir: Path) -> Path:
+    """Return a real 16 MiB region image in ``state_dir``'s images folder (the hook
+    serves only those), built from a few of this host's libraries."""
+    from libshare.sharing.region import build
+    from libshare.sharing.store import import_tree
+
+    tree = state_dir.parent / "tree" / "usr" / "lib"
+    tree.mkdir(parents=True)
+    for lib in ("libz.so.1", "libacl.so.1", "libattr.so.1"):
+        shutil.copyfile(Path("/lib/x86_64-linux-gnu") / lib, tree / lib)
+    cfg = config.Config(state_dir=state_dir)
+    import_tree(cfg.store_dir, [tree.parents[1]])
+    image = Path(build.build_region(cfg, "bench", size=16 * MiB).path)
+    for d in (state_dir, cfg.regions_dir, image.parent):
+        d.chmod(0o755)
+    image.chmod(0o644)
+    return image
+
+
 def main() -> int:
     """Run both measurements; print them (or JSON); return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -108,7 +127,10 @@ def main() -> int:
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("bench/hook.py needs root (system libvirtd, /etc/libvirt/hooks)")
-    work = Path(tempfile.mkdtemp(prefix="lsbench-hook-", dir="/var/tmp"))
+    # inside the configured state directory: the hook libvirt runs serves nothing else
+    base = config.load(environ={}).state_dir / "bench"
+    base.mkdir(mode=0o755, parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="lsbench-hook-", dir=base))
     work.chmod(0o755)
     hooks = install.DEFAULT_HOOKS_DIR
     aside = hooks.with_name(f".{hooks.name}.lsbench-{secrets.token_hex(3)}")
@@ -118,9 +140,7 @@ def main() -> int:
     conn = libvirt.open("qemu:///system")
     name = f"lsbench-hook-{secrets.token_hex(3)}"
     try:
-        image = work / "region.img"
-        image.write_bytes(b"\x5a" * (16 * MiB))
-        image.chmod(0o644)
+        image = bench_region(work / "state")
         cfg = work / "libshare.toml"
         cfg.write_text(f'state_dir = "{work / "state"}"\n')
         spec = domxml.RegionSpec(str(image), image.stat().st_size, "bench",

@@ -2,7 +2,17 @@
 
 Every key has a default, so a missing file is fine. Precedence, lowest first: built-in
 defaults, the file (``--config PATH`` or ``$LIBSHARE_CONFIG`` or the system path),
-environment (``$LIBSHARE_STATE_DIR``), command-line options (``--state-dir``).
+environment (``$LIBSHARE_STATE_DIR``), command-line options (``--state-dir``). Every
+state directory is absolute once loaded: a relative ``--state-dir`` or
+``$LIBSHARE_STATE_DIR`` is taken from the working directory, a relative ``state_dir``
+or ``state_dirs`` entry in the file from the file's folder (enrolment writes the state
+directory into domain metadata, where the hook, run by libvirt elsewhere, reads it).
+
+``state_dirs`` lists further state directories (other libshare installations on this
+host) whose enrolments the hook serves; the hook serves an enrolment only from
+``state_dir``, one of ``state_dirs`` or a directory inside one of them
+(:meth:`Config.trusted_state_dir`), because a domain definition names its state
+directory and libvirt runs the hook as root.
 
 The state directory holds everything libshare writes on a host::
 
@@ -12,6 +22,7 @@ The state directory holds everything libshare writes on a host::
     STATE/running/            one JSON record per running enrolled domain (hook)
     STATE/requests/           automatic redirect requests left by the hook (daemon)
     STATE/redirects/          the daemon's last automatic redirect outcome per domain
+    STATE/boot/UUID/          libshare's initrd of a domain with direct kernel boot
     STATE/digests.json        cache of region digests keyed by inode/size/mtime
 """
 
@@ -52,6 +63,7 @@ class Config:
     hook_timeout: float = MAX_HOOK_TIMEOUT
     redirect: str = "off"
     redirect_wait: float = 900.0
+    state_dirs: tuple[Path, ...] = ()
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -83,6 +95,21 @@ class Config:
         """Return the file caching SHA-256 digests of region images by inode/size/mtime."""
         return self.state_dir / "digests.json"
 
+    def trusted_state_dir(self, path: str | os.PathLike[str] | None) -> Path | None:
+        """Return the real path of state directory ``path`` (None: ``state_dir``) when
+        it is ``state_dir``, one of ``state_dirs`` or a directory inside one of them,
+        symbolic links resolved; None when it is anywhere else or not absolute."""
+        if path is None:
+            path = self.state_dir
+        if not os.path.isabs(path):
+            return None
+        real = Path(os.path.realpath(path))
+        for root in (self.state_dir, *self.state_dirs):
+            top = Path(os.path.realpath(root))
+            if real == top or top in real.parents:
+                return real
+        return None
+
 
 _KEYS: dict[str, type] = {
     "state_dir": str,
@@ -93,6 +120,7 @@ _KEYS: dict[str, type] = {
     "hook_timeout": float,
     "redirect": str,
     "redirect_wait": float,
+    "state_dirs": list,
 }
 
 
@@ -108,8 +136,13 @@ def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
         if not isinstance(value, want):
             raise LibshareError(f"{where}: {key} must be a {want.__name__}")
         out[key] = value
+    base = Path(os.path.abspath(where)).parent
     if "state_dir" in out:
-        out["state_dir"] = Path(out["state_dir"])
+        out["state_dir"] = _absolute(out["state_dir"], base)
+    if "state_dirs" in out:
+        if not all(isinstance(d, str) and d for d in out["state_dirs"]):
+            raise LibshareError(f"{where}: state_dirs must be a list of folder paths")
+        out["state_dirs"] = tuple(_absolute(d, base) for d in out["state_dirs"])
     if "default_group" in out:
         check_group(out["default_group"], f"default_group in {where}", LibshareError)
     if out.get("default_model", "nvdimm") not in MODELS:
@@ -127,12 +160,19 @@ def _check(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+def _absolute(path: str | os.PathLike[str], base: Path | None = None) -> Path:
+    """Return ``path`` made absolute against ``base`` (default: the working directory),
+    normalised; symbolic links are kept."""
+    return Path(os.path.normpath(os.path.join(base or os.getcwd(), path)))
+
+
 def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = None,
          environ: dict[str, str] | None = None) -> Config:
     """Return the effective Config.
 
     ``path`` is an explicit config file (it must exist); otherwise ``$LIBSHARE_CONFIG``
     (must exist) or the system file (optional). ``state_dir`` overrides everything.
+    Only a regular file is read, without blocking (a FIFO is refused, not waited on).
     """
     env = os.environ if environ is None else environ
     explicit = path or env.get("LIBSHARE_CONFIG")
@@ -147,6 +187,8 @@ def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = Non
                                 f"{files.os_error(exc, path=False)}") from exc
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise LibshareError(f"cannot read config {cfg_path}: {exc}") from exc
+        if not isinstance(raw.get("libshare", raw), dict):
+            raise LibshareError(f"cannot read config {cfg_path}: [libshare] is not a table")
         values = _check(raw.get("libshare", raw), str(cfg_path))
         source = cfg_path
     elif explicit:
@@ -154,5 +196,5 @@ def load(path: str | os.PathLike[str] | None = None, state_dir: str | None = Non
     cfg = replace(Config(), **values, source=source)
     override = state_dir or env.get("LIBSHARE_STATE_DIR")
     if override:
-        cfg = replace(cfg, state_dir=Path(override))
+        cfg = replace(cfg, state_dir=_absolute(override))
     return cfg

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from libshare import domxml
+from libshare.boot import store as boot_store
 from libshare.config import Config
 from libshare.domxml.memory import guest_ram_sizes
 from libshare.errors import LibshareError
@@ -58,8 +59,13 @@ def guest_view(dom: Any, agent_factory: AgentFactory | None = None,
     ``{"available": True, "installed", "mode" (how this boot's binds were made: "boot"
     in the initramfs, "runtime" later, "none"), "boot_mode", "boot_hook" (the initramfs
     hook is installed), "region_mounted", "dax",
-    "region_device", "files_redirected", "maps_region", "maps_disk", "maps_stale"}``, or
-    ``{"available": False, "error": why}`` when the agent cannot tell (never raises)."""
+    "region_device", "files_redirected", "maps_region", "maps_disk", "maps_stale",
+    "boot_ran" (libshare's init-bottom script ran at this boot), "boot_via" (in an
+    initrd the guest built, "guest", or libshare built on the host, "host"),
+    "boot_release", "boot_modules" (that initrd carried the region's modules for the
+    running kernel), "boot_refused" (why it bound nothing), "boot_rc" (its exit
+    status), "installed_after_boot"}``, or ``{"available": False, "error": why}`` when
+    the agent cannot tell (never raises)."""
     def bounded(d: Any) -> GuestAgent:
         return GuestAgent.for_domain(d, timeout=STATUS_AGENT_COMMAND_TIMEOUT)
 
@@ -79,7 +85,81 @@ def guest_view(dom: Any, agent_factory: AgentFactory | None = None,
             "boot_hook": flag("boot_hook"), "region_mounted": flag("region_mounted"),
             "dax": flag("dax"), "region_device": raw.get("region_device"),
             "files_redirected": raw.get("binds"), "maps_region": raw.get("maps_region"),
-            "maps_disk": raw.get("maps_disk"), "maps_stale": raw.get("maps_stale")}
+            "maps_disk": raw.get("maps_disk"), "maps_stale": raw.get("maps_stale"),
+            "boot_ran": flag("boot_ran"), "boot_via": raw.get("boot_via"),
+            "boot_release": None if raw.get("boot_release") is None
+            else str(raw["boot_release"]), "boot_modules": flag("boot_modules"),
+            "boot_refused": raw.get("boot_refused"), "boot_rc": raw.get("boot_rc"),
+            "installed_after_boot": flag("installed_after_boot")}
+
+
+def this_boot(info: dict[str, Any]) -> dict[str, Any] | None:
+    """Return whether the binds of this boot of a running enrolled domain happened, for
+    ``libshare status``: ``{"binds": True|False|None (unknown), "how": "boot" (in the
+    initramfs) | "runtime" | None, "why": one line or None}``, from the status object
+    ``info`` of :func:`domain_status` (its ``guest`` view, ``live_boot``, ``boot``,
+    ``live_device_present``, ``auto_redirect``); None for a domain that is not running
+    or not enrolled."""
+    if not info.get("running") or not info.get("enrolled"):
+        return None
+    name = info.get("name") or "DOMAIN"
+    live, nxt = info.get("live_boot") or {}, info.get("boot") or {}
+    if info.get("live_device_present") is False:
+        return {"binds": False, "how": None, "why": "the region device is attached at "
+                "the next start (enrolled while running): power-cycle"}
+    g = info.get("guest") or {}
+    if not g.get("available"):
+        why = f"guest agent: {g['error']}" if g.get("error") else \
+            "the guest was not asked (--no-agent)"
+        return {"binds": None, "how": None, "why": why}
+    if (g.get("files_redirected") or 0) > 0:
+        how = g.get("mode") if g.get("mode") in ("boot", "runtime") else None
+        note = None
+        if how == "runtime" and g.get("boot_ran") and g.get("boot_refused"):
+            note = f"boot-time apply refused: {g['boot_refused']}"
+        return {"binds": True, "how": how, "why": note}
+    if not g.get("installed"):
+        why = f"libshare-redirect is not installed in the guest ('libshare guest install {name}')"
+    elif g.get("boot_ran") and g.get("boot_refused"):
+        why = _refusal(str(g["boot_refused"]), g, live)
+    elif g.get("boot_ran") and g.get("boot_rc") not in (None, 0, "0"):
+        why = f"boot-time apply failed (exit {g['boot_rc']})"
+    elif g.get("region_device") is None:
+        why = "region device missing in the guest (no /dev/pmem* with the region's label)"
+    elif g.get("dax") is False:
+        why = "no DAX: the region is mounted without it"
+    elif live.get("direct_kernel") and not live.get("libshare_initrd"):
+        why = "direct kernel boot: the guest's initramfs is not booted"
+        if nxt.get("libshare_initrd"):
+            why += "; libshare's initrd is booted from the next start: power-cycle"
+        else:
+            why += f" (run 'libshare guest install {name}')"
+    elif g.get("installed_after_boot"):
+        why = "installed after this boot: power-cycle"
+    elif g.get("boot_ran") is False:
+        why = ("the initramfs this boot ran has no libshare hook "
+               f"(run 'libshare guest install {name}' and power-cycle)")
+    else:
+        why = "nothing bound"
+    auto = info.get("auto_redirect") or {}
+    if info.get("redirect") == "runtime" and auto.get("state") in ("pending", "failed"):
+        why += f"; automatic runtime redirect {auto['state']}"
+        if auto.get("error"):
+            why += f": {auto['error']}"
+    return {"binds": False, "how": None, "why": why}
+
+
+def _refusal(refused: str, g: dict[str, Any], live: dict[str, Any]) -> str:
+    """Return the reason for status of a boot-time apply that refused with ``refused``."""
+    if "DAX" in refused:
+        return f"no DAX: {refused}"
+    if "no region device" in refused:
+        why = "region device missing at boot"
+        if g.get("boot_via") == "host" and g.get("boot_modules") is False:
+            why += (f" (libshare's initrd has no modules for kernel {g.get('boot_release')}:"
+                    " kernel updated on the host? run 'libshare guest install' again)")
+        return why
+    return f"boot-time apply refused: {refused}"
 
 
 def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
@@ -93,9 +173,25 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
     domain the host memory of its guest-RAM and region mappings (``memory``), with
     ``introspect`` its library mappings from the region versus private (``mappings``)
     and, with ``agent`` and when enrolled, the guest's own redirect state (``guest``,
-    see :func:`guest_view`)."""
+    see :func:`guest_view`) and whether this boot's binds happened (``this_boot``, see
+    :func:`this_boot`). ``boot`` is how the definition boots next and ``live_boot`` how
+    the running domain booted (:func:`libshare.domxml.boot_of`); ``boot_initrd`` is the
+    record of libshare's initrd (:mod:`libshare.boot.store`) of a domain booting it."""
     info = domxml.describe(domxml.parse(api.inactive_xml(dom)))
     info["running"] = api.is_active(dom)
+    info["live_boot"] = info["live_device_present"] = None
+    if info["running"]:
+        # libvirt or XML errors (the domain stopped meanwhile): nothing known of it live
+        with contextlib.suppress(Exception):
+            live_desc = domxml.describe(domxml.parse(dom.XMLDesc(0)))
+            info["live_boot"] = live_desc["boot"]
+            info["live_device_present"] = live_desc["device_present"]
+    info["boot_initrd"] = None
+    if info["boot"]["libshare_initrd"]:
+        with contextlib.suppress(LibshareError):
+            rec = boot_store.load(Path(info["state_dir"] or cfg.state_dir),
+                                  dom.UUIDString())
+            info["boot_initrd"] = None if rec is None else rec.as_dict()
     info["region_ok"] = None
     if info["enrolled"] and info["region"]:
         try:
@@ -122,6 +218,7 @@ def domain_status(dom: Any, cfg: Config, running: dict[str, dict[str, Any]],
         Path(info["state_dir"] or cfg.state_dir), dom.name()) if info["enrolled"] else None
     info["guest"] = guest_view(dom, timeout=agent_timeout) \
         if agent and info["running"] and info["enrolled"] else None
+    info["this_boot"] = this_boot(info)
     return info
 
 

@@ -29,7 +29,7 @@ from libshare.errors import EXIT_FAILED, EXIT_USAGE, LibshareError
 from libshare.util.files import os_error
 
 # Sub-command modules under libshare/cli/commands/, in --help order.
-COMMAND_MODULES = ["xml", "enrol", "status", "hook", "store", "region", "survey", "guest", "redirect",
+COMMAND_MODULES = ["xml", "enrol", "status", "report", "hook", "store", "region", "survey", "guest", "redirect",
                    "daemon", "demo"]
 
 

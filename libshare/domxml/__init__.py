@@ -7,14 +7,17 @@
 from libshare.domxml.metadata import NS
 from libshare.domxml.transform import (
     RegionSpec,
+    boot_of,
     describe,
     disable,
     enable,
     enrolment,
     is_enrolled,
     parse,
+    restore_initrd,
     serialize,
+    switch_initrd,
 )
 
-__all__ = ["NS", "RegionSpec", "describe", "disable", "enable", "enrolment", "is_enrolled",
-           "parse", "serialize"]
+__all__ = ["NS", "RegionSpec", "boot_of", "describe", "disable", "enable", "enrolment",
+           "is_enrolled", "parse", "restore_initrd", "serialize", "switch_initrd"]

@@ -12,6 +12,9 @@ child per change, in the order they were made, so that disable can undo them::
       <libshare:changed what="maxMemory"><maxMemory .../></libshare:changed>
       <libshare:changed what="freePageReporting" previous="off"/>  (no previous: absent)
       <libshare:implicit what="virtio-serial-controller"/>  libvirt adds one for us
+      <libshare:changed what="initrd" previous="/boot/initrd.img"
+          current="/var/lib/libshare/boot/UUID/initrd.img"/>  direct kernel boot: libshare's
+                                                               initrd (guest install)
     </libshare:enrolment>
 
 ``redirect`` (the automatic redirect mode, "runtime") is absent when it is "off", so
@@ -68,12 +71,15 @@ def q(tag: str) -> str:
 
 @dataclass
 class Change:
-    """One undoable change: ``kind`` is added/changed/implicit, ``what`` names the target."""
+    """One undoable change: ``kind`` is added/changed/implicit, ``what`` names the target;
+    ``previous`` is the value before, ``current`` (when recorded) the value libshare set,
+    ``saved`` a copy of an element before it changed."""
 
     kind: str
     what: str
     previous: str | None = None
     saved: Element | None = None
+    current: str | None = None
 
 
 @dataclass
@@ -141,7 +147,8 @@ def parse_record(elem: Element, strict: bool = True) -> Enrolment:
             continue
         kind = etree.QName(child).localname
         saved = next((c for c in child if isinstance(c.tag, str)), None)
-        changes.append(Change(kind, child.get("what", ""), child.get("previous"), saved))
+        changes.append(Change(kind, child.get("what", ""), child.get("previous"), saved,
+                              child.get("current")))
     return Enrolment(
         group=group,
         model=elem.get("model", "nvdimm"),
@@ -185,6 +192,8 @@ def build_record(enr: Enrolment) -> Element:
         sub = etree.SubElement(elem, q(ch.kind), {"what": ch.what})
         if ch.previous is not None:
             sub.set("previous", ch.previous)
+        if ch.current is not None:
+            sub.set("current", ch.current)
         if ch.saved is not None:
             sub.append(ch.saved)
     return elem

@@ -21,6 +21,7 @@ from lxml import etree
 from libshare.domxml import devices as dev
 from libshare.domxml import pci
 from libshare.domxml.metadata import (
+    NS,
     REDIRECT_MODES,
     Change,
     Enrolment,
@@ -28,6 +29,7 @@ from libshare.domxml.metadata import (
     check_group,
     find_record,
     parse_record,
+    q,
     set_redirect,
 )
 from libshare.domxml.tree import (
@@ -359,6 +361,8 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
     if mode not in REDIRECT_MODES:
         raise RefusedError(f"unknown redirect mode {mode!r} "
                            f"(one of {', '.join(REDIRECT_MODES)})")
+    # libshare's initrd (direct kernel boot) outlives a re-enrolment while still in use
+    kept_initrd = _initrd_in_use(root, old)
     if old is not None:
         same = (old.group, old.model, old.region, old.size, old.digest, old.state_dir) == \
             (spec.group, spec.model, spec.path, spec.size, spec.digest, spec.state_dir)
@@ -417,6 +421,13 @@ def enable(root: Element, spec: RegionSpec, default_redirect: str = "off") -> El
         changes.append(Change("changed", "freePageReporting",
                               previous=balloon.get("freePageReporting")))
         balloon.set("freePageReporting", "on")
+    if kept_initrd is not None:
+        initrd = dom.find("os/initrd")
+        assert initrd is not None  # disable restored the original there
+        initrd.text = kept_initrd.current
+        changes.append(Change("changed", "initrd", previous=kept_initrd.previous,
+                              current=kept_initrd.current))
+    _ensure_no_bounce_buffers(dom, changes)
     memory = dom.find("memory")
     current = dom.find("currentMemory")
     enr = Enrolment(group=spec.group, model=spec.model, region=spec.path, size=spec.size,
@@ -488,6 +499,10 @@ def disable(root: Element) -> Element:
                         del balloon.attrib["freePageReporting"]
                 else:
                     balloon.set("freePageReporting", ch.previous)
+        elif key == ("changed", "initrd"):
+            _restore_initrd(dom, ch)
+        elif key == ("changed", "cmdline"):
+            _restore_cmdline(dom, ch)
         elif key == ("added", "devices"):
             _remove_if_empty(devices)
         elif key == ("added", "maxMemory"):
@@ -522,6 +537,137 @@ def disable(root: Element) -> Element:
     return dom
 
 
+#: the guest kernel option that keeps it from reserving bounce buffers (see
+#: :func:`_ensure_no_bounce_buffers`)
+NO_BOUNCE_BUFFERS = "swiotlb=noforce"
+#: guest RAM up to which QEMU's x86 machines put all of it below 4 GiB (q35 splits RAM
+#: at 2 GiB from 2.75 GiB on, pc at 3 GiB from 3.5 GiB on: the lower bound holds for both)
+ALL_LOW_RAM_KIB = 0xB000_0000 // 1024 - 1
+
+
+def _ensure_no_bounce_buffers(dom: Element, changes: list[Change]) -> None:
+    """Add ``swiotlb=noforce`` to the kernel command line of a direct-kernel-boot domain
+    whose RAM all lies below 4 GiB, recording the change.
+
+    ``<maxMemory>`` makes QEMU describe a hotplug memory range above 4 GiB (ACPI SRAT);
+    the guest kernel then sees memory it cannot reach with 32-bit DMA and reserves 64 MiB
+    of bounce buffers out of its RAM (measured in a Debian 12 guest of 256 MiB: MemTotal
+    210,752 kB without, 144,448 kB with maxMemory; 210,748 kB with swiotlb=noforce).
+    With all RAM below 4 GiB only the library region lies above, and guests never DMA
+    into it. Domains booted by their own boot loader get it from ``libshare guest
+    install`` (a GRUB drop-in)."""
+    kernel = dom.find("os/kernel")
+    if kernel is None or not (kernel.text or "").strip() or _ram_kib(dom) > ALL_LOW_RAM_KIB:
+        return
+    cmdline = dom.find("os/cmdline")
+    previous = None if cmdline is None else (cmdline.text or "")
+    if previous is not None and NO_BOUNCE_BUFFERS in previous.split():
+        return
+    current = f"{previous} {NO_BOUNCE_BUFFERS}".strip() if previous else NO_BOUNCE_BUFFERS
+    if cmdline is None:
+        cmdline = make("cmdline")
+        cmdline.text = current
+        os_el = dom.find("os")
+        assert os_el is not None  # a kernel was found in it
+        _insert(os_el, cmdline, index_after(os_el, ("type", "loader", "nvram", "kernel",
+                                                    "initrd")))
+    else:
+        cmdline.text = current
+    changes.append(Change("changed", "cmdline", previous=previous, current=current))
+
+
+def _restore_cmdline(dom: Element, ch: Change) -> None:
+    """Put back the kernel command line recorded in ``ch`` (remove the element libshare
+    added) if ``dom``'s is still the one libshare set; a command line changed by someone
+    else since is theirs: left alone."""
+    cmdline = dom.find("os/cmdline")
+    if cmdline is None or ch.current is None or (cmdline.text or "") != ch.current:
+        return
+    if ch.previous is None:
+        remove_child(cmdline)
+    else:
+        cmdline.text = ch.previous
+
+
+def _initrd_in_use(root: Element, enr: Enrolment | None) -> Change | None:
+    """Return the recorded switch to libshare's initrd when ``root`` still boots it (its
+    ``<os><initrd>`` is what libshare set), else None."""
+    ch = None if enr is None else enr.change("changed", "initrd")
+    if ch is None or ch.current is None:
+        return None
+    return ch if (root.findtext("os/initrd") or "").strip() == ch.current else None
+
+
+def _restore_initrd(dom: Element, ch: Change) -> None:
+    """Put back the initrd recorded in ``ch`` if ``dom`` still boots libshare's (an
+    initrd set by someone else since is theirs: left alone)."""
+    initrd = dom.find("os/initrd")
+    if initrd is not None and ch.previous is not None and ch.current is not None \
+            and (initrd.text or "").strip() == ch.current:
+        initrd.text = ch.previous
+
+
+def _initrd_change_element(rec: Element) -> Element | None:
+    """Return the ``<libshare:changed what="initrd">`` child of record ``rec``, or None."""
+    return next((c for c in rec if isinstance(c.tag, str) and c.tag == f"{{{NS}}}changed"
+                 and c.get("what") == "initrd"), None)
+
+
+def switch_initrd(root: Element, path: str) -> Element:
+    """Return a copy of enrolled domain ``root`` (direct kernel boot) booting the initrd
+    ``path`` (libshare's, built from the domain's own) instead of its own, the change
+    recorded in the enrolment so that :func:`disable` or :func:`restore_initrd` undo it.
+    Switching again keeps the first original. Raises RefusedError (one line) when the
+    domain is not enrolled or has no ``<os><kernel>`` and ``<initrd>``."""
+    dom = copy_document(root)
+    name = dom.findtext("name") or "domain"
+    rec = find_record(dom)
+    if rec is None:
+        raise RefusedError(f"{name}: not enrolled")
+    initrd, kernel = dom.find("os/initrd"), dom.find("os/kernel")
+    if kernel is None or initrd is None or not (initrd.text or "").strip():
+        raise RefusedError(f"{name}: no direct kernel boot with an initrd "
+                           "(<os><kernel> and <initrd>)")
+    own = (initrd.text or "").strip()
+    elem = _initrd_change_element(rec)
+    if elem is None:
+        elem = make(q("changed"), {"what": "initrd"})
+        _insert(rec, elem)
+        elem.set("previous", own)
+    elif own != elem.get("current"):  # someone set another initrd since: theirs now
+        elem.set("previous", own)
+    elem.set("current", path)
+    initrd.text = path
+    return dom
+
+
+def restore_initrd(root: Element) -> Element:
+    """Return a copy of ``root`` booting its own initrd again, the record of
+    :func:`switch_initrd` dropped (an unchanged copy when there is none)."""
+    dom = copy_document(root)
+    rec = find_record(dom)
+    elem = None if rec is None else _initrd_change_element(rec)
+    if rec is not None and elem is not None:
+        _restore_initrd(dom, Change("changed", "initrd", elem.get("previous"),
+                                    current=elem.get("current")))
+        remove_child(elem)
+    return dom
+
+
+def boot_of(root: Element) -> dict[str, Any]:
+    """Return how domain ``root`` boots, as a JSON-ready dict: ``direct_kernel`` (it has
+    ``<os><kernel>``), ``kernel``, ``initrd`` (paths or None), ``libshare_initrd`` (the
+    initrd libshare set, when the domain still boots it) and ``original_initrd`` (the
+    domain's own initrd then)."""
+    enr = find_record(root)
+    ch = None if enr is None else _initrd_in_use(root, parse_record(enr, strict=False))
+    kernel = (root.findtext("os/kernel") or "").strip() or None
+    return {"direct_kernel": kernel is not None, "kernel": kernel,
+            "initrd": (root.findtext("os/initrd") or "").strip() or None,
+            "libshare_initrd": None if ch is None else ch.current,
+            "original_initrd": None if ch is None else ch.previous}
+
+
 def is_enrolled(root: Element) -> bool:
     """Return True when ``root`` carries a libshare enrolment record (valid or not:
     ``disable`` undoes either)."""
@@ -540,7 +686,7 @@ def describe(root: Element) -> dict[str, Any]:
 
     Keys: enrolled, name, group, model, region, size, digest, state_dir, redirect (the
     automatic redirect mode, None when not enrolled), device_present, agent_channel,
-    free_page_reporting.
+    free_page_reporting, boot (:func:`boot_of`).
     """
     enr = enrolment(root)
     devices = root.find("devices")
@@ -552,6 +698,7 @@ def describe(root: Element) -> dict[str, Any]:
         "state_dir": None, "redirect": None, "device_present": False,
         "agent_channel": dev.find_agent_channel(devices) is not None,
         "free_page_reporting": balloon is not None and balloon.get("freePageReporting") == "on",
+        "boot": boot_of(root),
     }
     if enr is not None:
         info.update(group=enr.group, model=enr.model, region=enr.region, size=enr.size,

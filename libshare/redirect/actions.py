@@ -9,11 +9,14 @@ attached, agent answering, DAX active in the guest), and the three operations:
 
 - :func:`install` puts the guest-side files into the guest (the ``libshare-redirect``
   script, an initramfs-tools hook and init-bottom script for boot-time mode, the apt and
-  dpkg hooks, a systemd unit) and runs ``update-initramfs -u``;
+  dpkg hooks, a systemd unit) and sets up boot-time mode by the domain's boot path
+  (:mod:`libshare.redirect.bootmode`: ``update-initramfs -u`` in the guest, libshare's
+  own initrd for direct kernel boot, or automatic runtime redirect where neither works);
 - :func:`redirect` runs ``libshare-redirect apply`` now (runtime mode: binds, then
   ``systemctl daemon-reexec`` and service restarts unless ``restart=False``);
 - :func:`unredirect` runs ``libshare-redirect uninstall``: removes exactly the binds it
-  recorded, deletes every guest-side file and rebuilds the initramfs.
+  recorded, deletes every guest-side file and rebuilds the initramfs (a domain booting
+  libshare's initrd boots its own again).
 
 The guest script prints ``key=value`` lines (:func:`parse_kv`); a ``refused=`` line
 means it changed nothing, which becomes a :class:`~libshare.errors.RefusedError`.
@@ -31,9 +34,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from libshare import domxml
+from libshare.config import DEFAULT_STATE_DIR
 from libshare.data import guest_bytes
 from libshare.errors import LibshareError, RefusedError
 from libshare.redirect.agent import AgentError, AgentFactory, ExecResult, GuestAgent
@@ -194,6 +199,10 @@ def _tail(res: ExecResult) -> str:
     return lines[-1] if lines else "no output"
 
 
+#: for the other modules of redirect (bootmode)
+tail = _tail
+
+
 def _run(agent: GuestAgent, argv: list[str], stdin: bytes | None = None,
          timeout: float = 60.0, on_poll: Callable[[], None] | None = None) -> ExecResult:
     """Return the result of running ``argv`` in the guest (AgentError -> LibshareError);
@@ -255,8 +264,9 @@ class InstallReport:
     files: list[str] = field(default_factory=list)
     identical: int = 0                  # guest files identical to the region's (primed)
     differs: list[str] = field(default_factory=list)
-    initramfs: str = "not run"          # "updated", "failed: ..."
+    initramfs: str = "not run"          # "updated", "failed: ...", "not rebuilt: ..."
     initramfs_entries: int = 0          # libshare files found in the new initramfs
+    boot: dict[str, Any] | None = None  # bootmode.BootReport: boot path, mode, why
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -266,10 +276,14 @@ class InstallReport:
 
 def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
             update_initramfs: bool = True,
-            progress: Progress | None = None) -> InstallReport:
-    """Install the guest-side files into running domain ``dom`` and rebuild its
-    initramfs; return an :class:`InstallReport`. Each step after the checks is
-    reported to ``progress`` and logged (see :class:`Steps`).
+            progress: Progress | None = None,
+            state_dir: Path = DEFAULT_STATE_DIR) -> InstallReport:
+    """Install the guest-side files into running domain ``dom`` and, with
+    ``update_initramfs``, set up boot-time mode by its boot path
+    (:func:`libshare.redirect.bootmode.setup`; libshare's initrd of a domain with direct
+    kernel boot goes under the enrolment's state directory, else ``state_dir``); return
+    an :class:`InstallReport`. Each step after the checks is reported to ``progress``
+    and logged (see :class:`Steps`).
 
     Refuses (RefusedError, nothing changed) as :func:`check_domain` does. If writing a
     file fails, the files written so far are removed again before the error is raised.
@@ -309,12 +323,9 @@ def install(dom: Any, agent_factory: AgentFactory = GuestAgent.for_domain,
     kv = parse_kv(res.out)
     report.identical, report.differs = _int(kv, "identical"), list(kv.get("differs", []))
     if update_initramfs:
-        res = steps.run("update-initramfs", agent,
-                        ["/bin/sh", "-c", "update-initramfs -u 2>&1"],
-                        timeout=INITRAMFS_TIMEOUT)
-        report.initramfs = "updated" if res.ok else f"failed: {_tail(res)}"
-        if res.ok:
-            report.initramfs_entries = initramfs_entries(agent, steps)
+        from libshare.redirect import bootmode  # it builds on this module
+
+        report.boot = bootmode.setup(dom, agent, state_dir, report, steps).as_dict()
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 
@@ -352,6 +363,7 @@ class RedirectReport:
     restarted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     agent_restarted: bool = False
+    boot: str | None = None              # unredirect: the domain's own initrd again
     seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
@@ -439,10 +451,13 @@ def redirect(dom: Any, restart: bool = True,
 
 def unredirect(dom: Any, restart: bool = True,
                agent_factory: AgentFactory = GuestAgent.for_domain,
-               progress: Progress | None = None) -> RedirectReport:
+               progress: Progress | None = None,
+               state_dir: Path | None = None) -> RedirectReport:
     """Undo :func:`install` and :func:`redirect` in running domain ``dom``: remove exactly
     the binds recorded in the guest, delete every guest-side file and rebuild the
-    initramfs (a reboot then runs the guest as before); return a :class:`RedirectReport`.
+    initramfs (a reboot then runs the guest as before; a domain booting libshare's
+    initrd boots its own again, libshare's files removed); return a
+    :class:`RedirectReport`.
 
     Refuses if the domain is not running or its agent does not answer, and if nothing is
     installed; the region device and DAX are not required (there may be nothing to
@@ -473,6 +488,9 @@ def unredirect(dom: Any, restart: bool = True,
         deleted=list(kv.get("deleted", [])), initramfs=kv.get("initramfs"),
         restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
     report.agent_restarted = _restart_agent(agent, kv, name, steps=steps)
+    from libshare.redirect import bootmode  # it builds on this module
+
+    report.boot = bootmode.teardown(dom, state_dir)
     report.seconds = round(time.monotonic() - t0, 1)
     return report
 

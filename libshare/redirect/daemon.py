@@ -25,6 +25,7 @@ A served or failed request leaves its outcome (time, ok or error, the reports) i
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -42,6 +43,7 @@ from libshare.errors import LibshareError
 from libshare.hook import state
 from libshare.redirect import actions
 from libshare.redirect.agent import AgentError, AgentFactory, GuestAgent
+from libshare.util import syslog
 from libshare.virt import api
 
 DEFAULT_POLL = 5.0
@@ -49,6 +51,8 @@ DEFAULT_JOBS = 4
 
 #: what a handled request came to
 DROPPED, WAITING, OK, FAILED = "dropped", "waiting", "ok", "failed"
+#: the priority of each logged event (anything else: info)
+EVENT_LEVELS = {FAILED: logging.ERROR, "error": logging.ERROR}
 
 ConnFactory = Callable[[], Any]
 
@@ -101,16 +105,28 @@ class Daemon:
         self._waiting: set[str] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        # under systemd stderr is the journal (lines carry <N> priorities); run by hand,
+        # events go to syslog too, as the hook's do
+        self._journal = err is None and syslog.stderr_is_journal()
+        self._syslog = None if err is not None or self._journal else syslog.syslog_handler()
 
     # ------------------------------------------------------------ logging
 
-    def log(self, domain: str, event: str, message: str, **fields: Any) -> None:
-        """Append a JSON line to ``STATE/log/daemon.log`` and a human line to ``err``."""
+    def log(self, domain: str, event: str, message: str, level: int | None = None,
+            **fields: Any) -> None:
+        """Append a JSON line to ``STATE/log/daemon.log`` and a human line to ``err``
+        (and to syslog, identifier ``libshare``), at ``level`` (default from
+        EVENT_LEVELS: failures are errors)."""
+        level = level if level is not None else EVENT_LEVELS.get(event, logging.INFO)
         state.append_log(state.daemon_log_path(self.state_dir),
                          {"domain": domain, "event": event, "message": message, **fields})
+        line = syslog.safe_text(f"libshare daemon: {domain}: {message}")
         with self._lock:
-            print(f"libshare daemon: {domain}: {message}", file=self.err or sys.stderr,
-                  flush=True)
+            prefix = syslog.journal_prefix(level) if self._journal else ""
+            print(prefix + line, file=self.err or sys.stderr, flush=True)
+            if self._syslog is not None:
+                self._syslog.handle(logging.LogRecord(
+                    "libshare.daemon", level, __file__, 0, line, None, None))
 
     # ------------------------------------------------------------ libvirt
 
@@ -261,7 +277,8 @@ class Daemon:
                 path.unlink()
             except OSError:
                 return
-            self.log(path.stem, "dropped", f"unreadable request {path} removed")
+            self.log(path.stem, "dropped", f"unreadable request {path} removed",
+                     level=logging.WARNING)
 
         return state.read_requests(self.state_dir, on_unreadable=remove)
 

@@ -1,7 +1,13 @@
 """The systemd unit of ``libshare daemon``: rendering ``libshare-daemon.service`` from
-its template (``libshare/data/host``) for this interpreter, installing it (never over a
-unit libshare did not write) and removing it, with ``systemctl daemon-reload`` when
-systemd runs.
+its template (``libshare/data/host``) for this interpreter and state directory,
+installing it (never over a unit libshare did not write) and removing it, with
+``systemctl daemon-reload`` when systemd runs.
+
+The unit is hardened (``systemd-analyze security`` exposure at most EXPOSURE_GOAL): no
+capabilities, no network but AF_UNIX sockets (libvirt's local socket; guest agents
+are reached through libvirt), the whole file system read-only but the state directory
+(``ReadWritePaths``), and home directories hidden, or read-only when the interpreter,
+the package or the state directory lives in one (a venv over pyenv in /root).
 """
 
 from __future__ import annotations
@@ -25,25 +31,43 @@ DEFAULT_UNIT_DIR = Path("/etc/systemd/system")
 
 
 UNIT_MARKER = "libshare-daemon"
+#: the exposure ``systemd-analyze security --offline=true`` may give the unit at most
+EXPOSURE_GOAL = 4.5
+#: what ``ProtectHome=yes`` hides
+HOME_DIRS = ("/home", "/root", "/run/user")
 
 
 def unit_template() -> str:
-    """Return the unit file's Jinja2 template shipped with the package (its one
-    variable, ``exec_start``, is the ExecStart command line)."""
+    """Return the unit file's Jinja2 template shipped with the package (variables:
+    ``exec_start``, the ExecStart command line; ``state_dir``, the one writable path;
+    ``protect_home``, yes or read-only)."""
     return host_text(UNIT_NAME)
 
 
-def render_unit(python: str | None = None, extra_args: list[str] | None = None) -> str:
+def _in_home(path: str) -> bool:
+    """Return True when ``path`` (symbolic links resolved) lies in a home directory."""
+    real = os.path.realpath(path)
+    return any(real == h or real.startswith(h + "/") for h in HOME_DIRS)
+
+
+def render_unit(python: str | None = None, extra_args: list[str] | None = None,
+                state_dir: str | os.PathLike[str] = "/var/lib/libshare") -> str:
     """Return the unit file with ExecStart running ``python -m libshare`` (default: this
-    interpreter's absolute path) with global options ``extra_args`` and ``daemon``."""
+    interpreter's absolute path) with global options ``extra_args`` and ``daemon``,
+    writing only ``state_dir``."""
     import jinja2  # only 'daemon install' renders a unit: keep it off the serving path
 
-    argv = [os.path.abspath(python or sys.executable), "-m", "libshare",
-            *(extra_args or []), "daemon"]
+    import libshare
+
+    python = os.path.abspath(python or sys.executable)
+    argv = [python, "-m", "libshare", *(extra_args or []), "daemon"]
+    state = os.path.abspath(state_dir)
+    homes = any(_in_home(p) for p in (python, os.path.dirname(libshare.__file__), state))
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
                              keep_trailing_newline=True)
     return env.from_string(unit_template()).render(
-        exec_start=" ".join(_quote(a) for a in argv))
+        exec_start=" ".join(_quote(a) for a in argv), state_dir=_quote(state),
+        protect_home="read-only" if homes else "yes")
 
 
 def _quote(arg: str) -> str:
@@ -95,13 +119,20 @@ def _reload(runner: Runner, systemd: bool | None) -> str:
 
 def install_unit(unit_dir: Path = DEFAULT_UNIT_DIR, python: str | None = None,
                  extra_args: list[str] | None = None, runner: Runner = _run,
-                 systemd: bool | None = None) -> UnitResult:
-    """Write ``UNIT_DIR/libshare-daemon.service`` for this interpreter and reload
+                 systemd: bool | None = None,
+                 state_dir: Path = Path("/var/lib/libshare")) -> UnitResult:
+    """Write ``UNIT_DIR/libshare-daemon.service`` for this interpreter and state
+    directory (created if missing: the unit's ReadWritePaths needs it) and reload
     systemd when it runs (``systemd`` None: detect); return what was done. Refuses to
     overwrite a unit that libshare did not write."""
     path = unit_dir / UNIT_NAME
-    action = write_owned(path, render_unit(python, extra_args).encode(), 0o644, _unit_is_ours,
-                         "exists and was not written by libshare")
+    try:
+        state_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LibshareError(f"cannot create the state directory {state_dir}: "
+                            f"{exc.strerror}") from exc
+    action = write_owned(path, render_unit(python, extra_args, state_dir).encode(), 0o644,
+                         _unit_is_ours, "exists and was not written by libshare")
     if action == "unchanged":
         return UnitResult(path, action, "nothing to reload")
     return UnitResult(path, action, _reload(runner, systemd))

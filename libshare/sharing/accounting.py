@@ -22,7 +22,9 @@ import ctypes.util
 import mmap
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from libshare.util.files import open_regular
@@ -33,6 +35,9 @@ FIELDS = ("Rss", "Pss", "Shared_Clean", "Shared_Dirty", "Private_Clean", "Privat
           "Anonymous")
 #: the smaps field of a file mapping that counts its copy-on-write copies (kB)
 COPIED = "Anonymous"
+#: the counters a report needs besides FIELDS: hugetlbfs pages, which ``Rss`` leaves out
+REPORT_FIELDS = tuple(dict.fromkeys((*FIELDS, COPIED, "Private_Hugetlb", "Shared_Hugetlb")))
+PROC = Path("/proc")
 
 
 @dataclass
@@ -51,10 +56,11 @@ class Mapping:
         return self.end - self.start
 
 
-def smaps(pid: int) -> list[Mapping]:
-    """Return every mapping of process ``pid`` with its smaps counters."""
+def smaps(pid: int, proc: Path = PROC) -> list[Mapping]:
+    """Return every mapping of process ``pid`` with its smaps counters (from
+    ``proc``/PID/smaps)."""
     out: list[Mapping] = []
-    with open(f"/proc/{pid}/smaps") as fh:
+    with open(proc / str(pid) / "smaps") as fh:
         for line in fh:
             m = _HEAD.match(line)
             if m:
@@ -66,9 +72,9 @@ def smaps(pid: int) -> list[Mapping]:
     return out
 
 
-def _sum(mappings: list[Mapping]) -> dict[str, int]:
-    """Return the FIELDS counters (kB) summed over ``mappings``, plus ``mappings``."""
-    total = {k: sum(m.counters.get(k, 0) for m in mappings) for k in FIELDS}
+def _sum(mappings: list[Mapping], fields: Iterable[str] = FIELDS) -> dict[str, int]:
+    """Return the ``fields`` counters (kB) summed over ``mappings``, plus ``mappings``."""
+    total = {k: sum(m.counters.get(k, 0) for m in mappings) for k in fields}
     total["mappings"] = len(mappings)
     return total
 
@@ -81,21 +87,45 @@ def copied_kb(usage: dict[str, int]) -> int:
 
 def region_usage(pid: int, region: str | os.PathLike[str]) -> dict[str, int]:
     """Return the summed smaps counters (kB) of ``pid``'s mappings of file ``region``."""
-    real = os.path.realpath(region)
-    return _sum([m for m in smaps(pid) if m.path == real])
+    return _sum(region_mappings(smaps(pid), region))
 
 
 def guest_ram_usage(pid: int, ram_sizes: list[int]) -> dict[str, int]:
-    """Return the summed smaps counters (kB) of ``pid``'s guest-RAM mappings: writable
-    mappings whose lengths are the guest's RAM blocks (``ram_sizes`` bytes: one per NUMA
-    cell, or the whole RAM), each taken once."""
+    """Return the summed smaps counters (kB) of ``pid``'s guest-RAM mappings (see
+    :func:`guest_ram_mappings`)."""
+    return _sum(guest_ram_mappings(smaps(pid), ram_sizes))
+
+
+# ---- selecting mappings from one smaps read (libshare report, bench.density)
+
+def region_mappings(mappings: list[Mapping], region: str | os.PathLike[str]) -> list[Mapping]:
+    """Return the mappings of file ``region`` (symlinks resolved) among ``mappings``."""
+    real = os.path.realpath(region)
+    return [m for m in mappings if m.path == real]
+
+
+def guest_ram_mappings(mappings: list[Mapping], ram_sizes: list[int]) -> list[Mapping]:
+    """Return the guest-RAM mappings among ``mappings``: writable mappings whose lengths
+    are the guest's RAM blocks (``ram_sizes`` bytes: one per NUMA cell, or the whole RAM),
+    each taken once; not files under /dev (an ivshmem region may have the RAM's size)
+    unless on hugetlbfs (guest RAM on hugepages: ``KernelPageSize`` above 4 kB)."""
     wanted = list(ram_sizes)
     chosen = []
-    for m in smaps(pid):
-        if m.perms.startswith("rw") and m.size in wanted and not m.path.startswith("/dev/"):
+    for m in mappings:
+        huge = m.counters.get("KernelPageSize", 4) > 4
+        if m.perms.startswith("rw") and m.size in wanted \
+                and (huge or not m.path.startswith("/dev/")):
             chosen.append(m)
             wanted.remove(m.size)
-    return _sum(chosen)
+    return chosen
+
+
+def summed(mappings: list[Mapping]) -> dict[str, int]:
+    """Return the :data:`REPORT_FIELDS` counters (kB) summed over ``mappings``, plus
+    ``mappings`` (their number) and ``resident`` (Rss plus hugetlbfs pages)."""
+    total = _sum(mappings, REPORT_FIELDS)
+    total["resident"] = total["Rss"] + total["Private_Hugetlb"] + total["Shared_Hugetlb"]
+    return total
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -82,15 +82,25 @@ def cached_sha256(path: str | os.PathLike[str], cache: Path | None) -> str:
     A cache that cannot be read or written is ignored (the digest is then computed).
     """
     real = os.path.realpath(path)
-    st = os.stat(real)
+    with open_regular(real) as fh:
+        return cached_sha256_open(fh, real, cache)
+
+
+def cached_sha256_open(fh: BinaryIO, real: str, cache: Path | None) -> str:
+    """Return the hex SHA-256 of the open regular file ``fh`` whose real path is
+    ``real`` (the cache's key), using and updating the JSON cache file ``cache``; the
+    whole file is read from its start on a miss (the hook checks the very file it
+    opened)."""
+    st = os.fstat(fh.fileno())
     entries: dict[str, str] = {}
     if cache is not None:
         entries = load_entries(cache)
         hit = entries.get(real)
         if isinstance(hit, str) and hit.startswith(stat_key(st) + "="):
             return hit.split("=", 1)[1]
-    digest = sha256_file(real)
-    if cache is not None and stat_key(os.stat(real)) == stat_key(st):
+    fh.seek(0)
+    digest = sha256_stream(fh)
+    if cache is not None and stat_key(os.fstat(fh.fileno())) == stat_key(st):
         entries[real] = f"{stat_key(st)}={digest}"
         save_entries(cache, entries)
     return digest

@@ -4,6 +4,8 @@
 configuration or a domain definition: only a regular file is opened (a FIFO or a device
 is refused without blocking: ``stat`` first, then ``O_NONBLOCK`` and ``fstat`` of what was
 opened), and ``read_regular``/``read_bounded`` never read more than a limit.
+``open_append`` is the one way to append to a log: only to a regular file, never through
+a symbolic link in its last component, never blocking on a FIFO.
 ``os_error`` words an OSError as one line (ENOSPC included).
 ``atomic_file``/``atomic_write`` replace a file so that readers see either the old or the
 new bytes, never a mix, and (durable) the change survives a crash: file and directory
@@ -66,6 +68,32 @@ def open_regular(path: str | os.PathLike[str], follow: bool = True) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_append(path: str | os.PathLike[str], mode: int = 0o640) -> int:
+    """Return a file descriptor of ``path`` opened for appending (created with ``mode``
+    if missing), only if it is a regular file and not a symbolic link: opened with
+    ``O_NONBLOCK | O_NOFOLLOW`` (a FIFO without a reader is ENXIO, one with a reader is
+    refused after ``fstat``), then made blocking again. Raises NotRegularFile (an
+    OSError) for anything else, other OSErrors as ``os.open``."""
+    flags = (os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | os.O_NOFOLLOW
+             | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, flags, mode)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink; a FIFO without reader
+            mode_of = stat.S_IFLNK if exc.errno == errno.ELOOP else stat.S_IFIFO
+            raise _refuse(path, mode_of) from exc
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _refuse(path, st.st_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_bounded(fh: BinaryIO, limit: int, what: str) -> bytes:

@@ -9,16 +9,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from libshare.errors import LibshareError
+from libshare.util.files import read_regular
+
 QEMU_RUN_DIR = Path("/run/libvirt/qemu")
 
 
 def qemu_pid(name: str, run_dir: Path = QEMU_RUN_DIR) -> int | None:
     """Return the pid of domain ``name``'s QEMU process from libvirt's pid file, or None
-    when it is missing or does not name a live QEMU of that domain."""
+    when it is missing or does not name a live QEMU of that domain. Only regular files
+    are read, without blocking (the hook calls this)."""
     try:
-        pid = int((run_dir / f"{name}.pid").read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
+        pid = int(read_regular(run_dir / f"{name}.pid", 64).strip())
+        cmdline = read_regular(f"/proc/{pid}/cmdline", 1 << 20).split(b"\0")
+    except (OSError, ValueError, LibshareError):
         return None
     if not cmdline or b"qemu" not in cmdline[0]:
         return None

@@ -23,11 +23,13 @@ import pytest
 from libshare.demo.cache import CACHE_ENV, DEFAULT_CACHE
 from libshare.demo.lifecycle import cleanup_domain
 from libshare.demo.tiny.kernel import KernelPackage, fetch_kernel
+from tests.support.paths import TEST_ROOT
 
 URI = "qemu:///system"
 PREFIX = "lstest-"
-#: scratch folders of tests that QEMU (user libvirt-qemu) must be able to traverse
-SCRATCH_ROOT = Path("/var/lib/libshare-test")
+#: scratch folders of tests that QEMU (user libvirt-qemu) must be able to traverse, in
+#: this host's configured state directory (the only place the hook serves from)
+SCRATCH_ROOT = TEST_ROOT
 _HERE = Path(__file__).parent
 _TAGGED = re.compile(rf"^{PREFIX}p(\d+)-")
 #: an untagged lstest-* domain is a leftover once it has run this long (or is shut off)
@@ -171,7 +173,7 @@ def _libvirt_alias(libvirt_conn: Any) -> Any:
 def scratch_dir(request: pytest.FixtureRequest) -> Iterator[Path]:
     """Yield a fresh folder under SCRATCH_ROOT that QEMU can traverse (region images,
     state directories), named by this process and test; removed afterwards."""
-    SCRATCH_ROOT.mkdir(mode=0o755, exist_ok=True)
+    SCRATCH_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
     SCRATCH_ROOT.chmod(0o755)
     path = SCRATCH_ROOT / f"p{os.getpid()}-{request.node.name[:40]}"
     shutil.rmtree(path, ignore_errors=True)

@@ -98,7 +98,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     source = work / "src"  # a snapshot: the wheel is built from it, twice identically
     shutil.copytree(ROOT / "libshare", source / "libshare",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    for f in ("pyproject.toml", "README.md"):
+    for f in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / f, source / f)
     state_dir = work / "state"
     venv = work / "prefix" / "venv"
@@ -106,6 +106,7 @@ def test_role_installs_enrols_is_idempotent_and_undoes(
     variables: dict[str, Any] = {
         "libshare_source": str(source),
         "libshare_prefix": str(work / "prefix"),
+        "libshare_docs_prefix": str(work / "prefix"),
         "libshare_config_path": str(work / "etc" / "libshare.toml"),
         "libshare_state_dir": str(state_dir),
         "libshare_hooks_dir": str(hooks),

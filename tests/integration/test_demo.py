@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-TEST_ROOT = Path("/var/lib/libshare-test")
+from tests.support.paths import TEST_ROOT
 
 
 def test_demo_shares_one_copy(libvirt_conn: Any, tmp_path: Path) -> None:
     state = TEST_ROOT / f"demo-{tmp_path.name}"
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    TEST_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
         res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(state),
                               "demo", "--tiny", "--guests", "2", "--json"],

@@ -21,15 +21,16 @@ from typing import Any
 
 import pytest
 
+from tests.support.paths import TEST_ROOT
+
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 NAMES = ["lsdemo-1", "lsdemo-2"]
 
 
 def test_debian_demo_shares_one_copy(libvirt_conn: Any, tmp_path: Path) -> None:
     state = TEST_ROOT / f"demo-debian-{tmp_path.name}"
-    TEST_ROOT.mkdir(mode=0o755, exist_ok=True)
+    TEST_ROOT.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
         res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(state),
                               "demo", "--json"],

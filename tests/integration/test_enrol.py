@@ -20,7 +20,9 @@ import pytest
 
 from libshare.demo.tiny.runner import GuestOptions, defined_guest
 from libshare.hook import install, state
+from libshare.sharing.region import layout
 from libshare.util.digest import sha256_file
+from tests.support.images import region_image
 
 MiB = 1 << 20
 REGION_SIZE = 8 * MiB
@@ -30,6 +32,7 @@ PMEM_SCRIPT = """. /etc/libshare.sh
 for d in /dev/pmem*; do [ -b "$d" ] && echo "PMEM $d"; done
 [ -e /sys/block/pmem0/size ] && echo "SECTORS $(cat /sys/block/pmem0/size)"
 [ -e /sys/block/pmem0/ro ] && echo "RO $(cat /sys/block/pmem0/ro)"
+echo "BOUNCE $(dmesg | grep -c 'software IO TLB: mapped')"
 ready
 park
 """
@@ -37,17 +40,20 @@ park
 
 @pytest.fixture(scope="module")
 def hook_installed(libvirt_conn: Any) -> Iterator[Path]:
-    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI
-    does); if this fixture had to install it, it removes it afterwards."""
+    """Make sure libshare's hook is installed in libvirt's real hooks directory (as CI's
+    setup-host does). A libshare hook already there is left as it is (an operator's, or
+    another checkout's); if this fixture had to install it, it removes it afterwards."""
     hooks = install.DEFAULT_HOOKS_DIR
     present = [p for p in (hooks / "qemu", hooks / "qemu.d" / "libshare")
                if p.exists() and install.is_ours(p)]
-    res = install.install(hooks)  # updates the #! line to this Python if needed
+    if present:
+        yield present[0]
+        return
+    res = install.install(hooks)
     try:
         yield res.path
     finally:
-        if not present:
-            install.uninstall(hooks)
+        install.uninstall(hooks)
 
 
 @pytest.fixture
@@ -57,13 +63,14 @@ def state_dir(scratch_dir: Path) -> Path:
 
 
 def make_region(state_dir: Path) -> Path:
-    image = state_dir / "region.img"
-    with open(image, "wb") as fh:
-        for i in range(REGION_SIZE // MiB):
-            fh.write(bytes([i + 1]) * MiB)
-        fh.flush()
-        os.fsync(fh.fileno())  # as region build does: dirty pages would show as Private_Dirty
-    image.chmod(0o644)
+    """Return a real region image of REGION_SIZE in ``state_dir``'s images folder (the
+    hook serves only those), fsynced as region build leaves it (dirty pages would show
+    as Private_Dirty)."""
+    image = region_image(state_dir, REGION_SIZE)
+    for d in (state_dir / "regions", image.parent):
+        d.chmod(0o755)
+    with open(image, "rb") as fh:
+        os.fsync(fh.fileno())
     return image
 
 
@@ -104,8 +111,12 @@ def check_enrol_boot_disable(defined: Any, name: str, image: Path, state_dir: Pa
     text = guest.console()
     # inside the guest: the region is a read-only pmem disk of the region's size
     assert "PMEM /dev/pmem0" in text
-    assert f"SECTORS {REGION_SIZE // 512}" in text
+    # an fsdax namespace: the data after the region's PFN info block and memmap reserve
+    assert f"SECTORS {(REGION_SIZE - layout.DATAOFF) // 512}" in text
     assert "RO 1" in text
+    # enrolment's maxMemory would make the kernel reserve 64 MiB of bounce buffers; its
+    # swiotlb=noforce on this direct-kernel-boot domain keeps them away
+    assert "BOUNCE 0" in text, text[-2000:]
     records = {r["name"]: r for r in state.read_running(state_dir)}
     assert records[name]["region"] == str(image)
     assert records[name]["pid"] == guest.qemu_pid()

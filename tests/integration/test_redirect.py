@@ -1,6 +1,8 @@
 """Redirect in real Debian 12 TCG guests: boot-time and runtime modes, verified from
 inside each guest (/proc/*/maps, fincore of the disk copies) and from the host (each
-QEMU's region mapping in /proc/PID/smaps).
+QEMU's region mapping in /proc/PID/smaps). Boot-time mode on both boot paths: GRUB from
+the guest disk (guest A below) and direct kernel boot of the image's own kernel and
+initrd from host files (:func:`test_boot_time_redirect_with_direct_kernel_boot`).
 
 One region is built from the cached Debian image's own libraries (the image's root
 filesystem is read on the host from a raw copy through a read-only loop device and
@@ -28,7 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lxml import etree
 
+from libshare import domxml
+from libshare.boot import store as boot_store
 from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
 from libshare.demo.debian.image import DebianImage, copy_image_libraries, debian_image
@@ -37,11 +42,11 @@ from libshare.sharing.accounting import region_usage
 from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
-from libshare.virt import enrol
+from libshare.virt import api, enrol
+from tests.support.paths import TEST_ROOT
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 GROUP = "lstest-redirect"
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBSHARE = [sys.executable, "-m", "libshare"]
@@ -211,6 +216,7 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
         inst = json.loads(proc.stdout)
         print("install A:", inst)
         assert inst["initramfs"] == "updated" and inst["initramfs_entries"] > 0
+        assert (inst["boot"]["path"], inst["boot"]["mode"]) == ("grub", "boot"), inst["boot"]
         print(f"A restarted in {restart(a):.0f}s (multi-user at uptime "
               f"{a.last_boot.uptime if a.last_boot else '?'} s)")
         print("A kernel log:", a.sh("dmesg | grep -i libshare || true").strip())
@@ -315,6 +321,78 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
                     timeout=300) == initramfs_before
         view = guest_view(a, reg)
         assert view.region_maps == 0 and view.region_dev is None
+
+
+def test_boot_time_redirect_with_direct_kernel_boot(
+        libvirt_conn: Any, domain_name: Callable[[], str], debian_region: Region) -> None:
+    """A guest booting the image's kernel and initrd from host files (<os><kernel>,
+    <initrd>) never boots the initramfs it rebuilds: guest install builds libshare's own
+    initrd and switches the definition to it; after one power cycle every library
+    mapping of every process is on the region (the guest's /proc/*/maps), status says
+    how and, before the power cycle, why not; disable gives the exact definition back.
+    (libshare's initrd goes under the state directory of the enrolment, inside
+    TEST_ROOT, which the hook trusts.)"""
+    reg = debian_region
+    spec = enrol.resolve_region(reg.cfg, GROUP, "nvdimm")
+    opts = DebianGuestOptions(image=reg.image, boot_timeout=420, direct_kernel_boot=True)
+    name = domain_name()
+    uuid = None
+    try:
+        with defined_debian_guest(libvirt_conn, name, opts) as d:
+            uuid = d.domain.UUIDString()
+            before = domxml.parse(api.inactive_xml(d.domain))
+            enrol.enable_domain(libvirt_conn, name, spec)
+            g = d.start()
+            cmdline = g.sh("cat /proc/cmdline").strip()
+            assert "BOOT_IMAGE=" not in cmdline and "root=UUID=" in cmdline, cmdline
+
+            proc = libshare("guest", "install", name, "--json")
+            assert proc.returncode == 0, proc.stderr
+            inst = json.loads(proc.stdout)
+            boot = inst["boot"]
+            print("install:", {k: inst[k] for k in ("initramfs", "seconds")}, boot)
+            ours = str(boot_store.initrd_path(reg.cfg.state_dir, uuid))
+            assert (boot["path"], boot["mode"], boot["initrd"]) == \
+                ("direct-kernel", "boot", ours), boot
+            assert inst["initramfs"].startswith("not rebuilt")
+            defined = domxml.boot_of(domxml.parse(api.inactive_xml(d.domain)))
+            assert defined["libshare_initrd"] == ours and defined["initrd"] == ours
+            proc = libshare("status", name, "--json", "--no-introspect",
+                            "--agent-timeout", "120")
+            assert proc.returncode == 0, proc.stderr
+            tb = json.loads(proc.stdout)["domains"][0]["this_boot"]
+            print("status before the power cycle:", tb)
+            assert tb["binds"] is False and "direct kernel boot" in tb["why"] \
+                and "next start" in tb["why"], tb
+
+            print(f"restarted in {restart(g):.0f}s")
+            print("kernel log:", g.sh("dmesg | grep -i libshare || true").strip()[-800:])
+            print("boot record:", g.sh("cat /run/libshare/boot.out || true")[:400])
+            view = guest_view(g, reg)
+            print(f"{view.region_maps} region-library mappings on pmem {view.region_dev}, "
+                  f"{len(view.disk_maps)} on disk, {len(view.binds)} binds, disk copies in "
+                  f"page cache {view.disk_cache_bytes} bytes")
+            assert view.region_dev and view.region_maps > 50
+            assert view.disk_maps == [], view.disk_maps
+            assert view.disk_cache_bytes == 0
+            proc = libshare("status", name, "--json", "--no-introspect",
+                            "--agent-timeout", "120")
+            assert proc.returncode == 0, proc.stderr
+            row = json.loads(proc.stdout)["domains"][0]
+            print("status after:", row["this_boot"], {k: row["guest"].get(k) for k in (
+                "mode", "boot_via", "files_redirected", "maps_region", "maps_disk")})
+            assert row["this_boot"] == {"binds": True, "how": "boot", "why": None}
+            assert row["guest"]["boot_via"] == "host" and row["guest"]["maps_disk"] == 0
+
+            proc = libshare("disable", name)
+            assert proc.returncode == 0, proc.stderr
+            after = domxml.parse(api.inactive_xml(d.domain))
+            assert etree.tostring(after, method="c14n") == \
+                etree.tostring(before, method="c14n")
+            assert not boot_store.domain_dir(reg.cfg.state_dir, uuid).exists()
+    finally:
+        if uuid is not None:
+            boot_store.remove(reg.cfg.state_dir, uuid)
 
 
 def test_refused_without_region_device(libvirt_conn: Any, domain_name: Callable[[], str],

@@ -92,3 +92,26 @@ def full_pc_devices(bridges: int = 1, usb_set: bool = False,
             index += 1
     parts.append("<memballoon model='none'/>")
     return "\n    ".join(parts)
+
+
+def direct_kernel(name: str = "g1", kernel: str = "/srv/boot/vmlinuz",
+                  initrd: str | None = "/srv/boot/initrd.img", uuid: str = UUID) -> str:
+    """Return a small x86-64 TCG domain ``name`` booting host files directly:
+    ``<os><kernel>`` and (unless ``initrd`` is None) ``<initrd>``, and a kernel command
+    line; pretty-printed as libvirt writes it."""
+    initrd_el = f"\n    <initrd>{initrd}</initrd>" if initrd is not None else ""
+    return f"""<domain type='qemu'>
+  <name>{name}</name>
+  <uuid>{uuid}</uuid>
+  <memory unit='KiB'>524288</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>{initrd_el}
+    <cmdline>root=/dev/vda ro console=ttyS0</cmdline>
+  </os>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+  </devices>
+</domain>
+"""

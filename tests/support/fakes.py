@@ -18,13 +18,14 @@ from tests.support.domains import UUID, plain
 class FakeDomain:
     """A libvirt domain: ``name``, ``uuid``, its definition ``xml`` (persistent and live
     alike), ``active``; ``suspend``/``resume`` are recorded in ``calls`` and ``state``
-    says paused after a suspend."""
+    says paused after a suspend; ``connect()`` is the :class:`FakeConnection` holding it."""
 
     def __init__(self, name: str = "g1", xml: str | None = None, active: bool = True,
                  uuid: str = UUID) -> None:
         self._name, self.active, self.uuid = name, active, uuid
         self.xml = plain(name) if xml is None else xml
         self.calls: list[str] = []
+        self.conn: FakeConnection | None = None
 
     def name(self) -> str:
         return self._name
@@ -48,6 +49,12 @@ class FakeDomain:
     def suspend(self) -> None:
         self.calls.append("suspend")
 
+    def connect(self) -> FakeConnection:
+        """Return the connection holding this domain (a new one when none does)."""
+        if self.conn is None:
+            self.conn = FakeConnection(self)
+        return self.conn
+
     def resume(self) -> None:
         self.calls.append("resume")
 
@@ -59,6 +66,8 @@ class FakeConnection:
 
     def __init__(self, *domains: FakeDomain, alive: bool = True) -> None:
         self.domains = {d.name(): d for d in domains}
+        for d in domains:
+            d.conn = self
         self.alive = alive
         self.closed = False
         self.defined: list[str] = []
@@ -102,13 +111,15 @@ def _no_exec(argv: list[str], stdin: bytes | None) -> ExecResult:
 
 class FakeAgent:
     """A guest agent client of domain ``name``: ``handler(argv, stdin)`` answers
-    ``exec`` (``on_poll`` is called once, as while a program runs); a silent agent
-    (``alive`` False) raises AgentError like a real one that does not respond. Every
-    call is recorded in ``calls``, exec timeouts in ``timeouts``."""
+    ``exec`` (``on_poll`` is called once, as while a program runs), ``files`` (guest
+    path -> bytes) ``read_file``; a silent agent (``alive`` False) raises AgentError
+    like a real one that does not respond. Every call is recorded in ``calls``, exec
+    timeouts in ``timeouts``."""
 
     def __init__(self, handler: Handler = _no_exec, alive: bool = True,
-                 name: str = "g1") -> None:
+                 name: str = "g1", files: dict[str, bytes] | None = None) -> None:
         self.handler, self.alive, self.name = handler, alive, name
+        self.files = dict(files or {})
         self.calls: list[tuple[str, Any]] = []
         self.timeouts: list[float] = []
 
@@ -138,6 +149,16 @@ class FakeAgent:
         self.calls.append(("write", path))
         self._check()
         return len(data)
+
+    def read_file(self, path: str, max_bytes: int = 1 << 26) -> bytes:
+        self.calls.append(("read", path))
+        self._check()
+        if path not in self.files:
+            raise AgentError(f"guest agent of {self.name} refused guest-file-open: "
+                             f"no such file {path}")
+        if len(self.files[path]) > max_bytes:
+            raise AgentError(f"{path} is larger than {max_bytes} bytes")
+        return self.files[path]
 
     def changes(self) -> list[tuple[str, Any]]:
         """Return the calls that could change the guest: file writes and every exec but

@@ -1,13 +1,16 @@
 """Region images for tests: a guest-like tree of a few of this host's libraries, a store
-filled from it, and copies of an image damaged at chosen places."""
+filled from it, real region images (built once per process and size, then copied into
+a test's state directory) and copies of an image damaged at chosen places."""
 
 
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +98,30 @@ def make_guest_tree(base: Path) -> Path:
     (root / "usr/share/doc/other/read me").write_text("hello\n")
     (root / "etc/copyright").write_text(doc)
     return root
+
+
+_BUILT: dict[int | None, Path] = {}
+
+
+def region_image(state_dir: Path, size: int | None = None) -> Path:
+    """Return a real region image (LIBS, group ``g``, ``size`` bytes or as small as
+    they allow) at ``state_dir/regions/images/DIGEST.img``, where the hook serves
+    images from; built once per process and size (needs mkfs.erofs: ``needs_mkfs``)."""
+    from libshare.sharing.region import build
+
+    if size not in _BUILT:
+        base = Path(tempfile.mkdtemp(prefix="libshare-test-region-"))
+        atexit.register(shutil.rmtree, base, True)
+        res = build.build_region(make_cfg(base), "g", size=size)
+        _BUILT[size] = Path(res.path)
+    src = _BUILT[size]
+    dst = state_dir / "regions" / "images" / src.name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o644)
+    return dst
+
+
 def shared_object(path: Path, soname: str | bytes) -> Path:
     """Link a tiny x86-64 shared object with DT_SONAME ``soname`` (any bytes: too long,
     with a newline...) at ``path`` (``bytes`` paths allowed); skips without gcc."""
@@ -133,4 +160,4 @@ def first_library(image: str) -> tuple[dict[str, Any], int]:
     return item, 2 * MiB + ino.raw_blkaddr * 4096
 
 __all__ = ["LIBDIR", "LIBS", "MiB", "corrupt_copy", "first_library", "make_cfg",
-           "make_guest_tree", "make_tree", "needs_mkfs", "shared_object"]
+           "make_guest_tree", "make_tree", "needs_mkfs", "region_image", "shared_object"]

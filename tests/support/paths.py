@@ -1,4 +1,5 @@
-"""Where the tests find the project and the shared inputs beside it."""
+"""Where the tests find the project, the shared inputs beside it, and where the
+integration tests keep their state directories and images."""
 
 from pathlib import Path
 
@@ -18,3 +19,22 @@ def _corpus() -> Path:
 
 #: real libvirt domain XML documents kept beside the project (../shared), never copied in
 CORPUS = _corpus()
+
+
+def _test_root() -> Path:
+    """Return ``tests`` inside this host's configured state directory (the system
+    config's ``state_dir``, default /var/lib/libshare): the hook libvirt runs serves
+    enrolments only from state directories inside the configured ones, so test state
+    directories live there (QEMU traverses it: 0755)."""
+    from libshare import config
+    from libshare.errors import LibshareError
+
+    try:
+        base = config.load(environ={}).state_dir
+    except LibshareError:
+        base = config.DEFAULT_STATE_DIR
+    return base / "tests"
+
+
+#: the integration tests' scratch folders, state directories and images live below this
+TEST_ROOT = _test_root()

@@ -63,3 +63,73 @@ def test_hook_timeout_up_to_five_seconds(tmp_path: Path) -> None:
 def test_missing_explicit_file(tmp_path: Path) -> None:
     with pytest.raises(LibshareError, match="does not exist"):
         config.load(str(tmp_path / "none.toml"), environ={})
+
+
+def test_relative_state_dirs_are_made_absolute(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The state directory goes into domain metadata, where the hook (run by libvirt
+    in another working directory) reads it: it must be absolute once loaded."""
+    monkeypatch.chdir(tmp_path)
+    assert config.load(state_dir="rel/s", environ={}).state_dir == tmp_path / "rel" / "s"
+    assert config.load(environ={"LIBSHARE_STATE_DIR": "./e"}).state_dir == tmp_path / "e"
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "c.toml").write_text('state_dir = "state"\nstate_dirs = ["../other", "/abs"]\n')
+    cfg = config.load(str(etc / "c.toml"), environ={})
+    assert cfg.state_dir == etc / "state"  # the file's folder, not the working one
+    assert cfg.state_dirs == (tmp_path / "other", Path("/abs"))
+
+
+def test_cli_writes_an_absolute_state_dir_into_metadata(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from libshare import domxml
+    from tests.support.domains import plain
+
+    doc = tmp_path / "d.xml"
+    doc.write_text(plain("d"))
+    res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", "st", "xml",
+                          "enable", "--group", "g", "--size", "4M", "--region",
+                          "/nonexistent/r.img", str(doc)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                         env={"PATH": "/usr/bin:/bin", "LC_ALL": "C", "LIBSHARE_CONFIG": "",
+                              "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert res.returncode == 0, res.stderr
+    assert domxml.describe(domxml.parse(res.stdout))["state_dir"] == str(tmp_path / "st")
+
+
+def test_config_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path) -> None:
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            config.load(str(fifo), environ={})
+        except BaseException as exc:
+            raised.append(exc)
+
+    worker = threading.Thread(target=load, daemon=True)  # it blocked for good before
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive(), "config.load blocked on a FIFO"
+    assert isinstance(raised[0], LibshareError) and "not a regular file" in str(raised[0])
+
+
+def test_trusted_state_dirs(tmp_path: Path) -> None:
+    own, other = tmp_path / "own", tmp_path / "other"
+    cfg = config.Config(state_dir=own, state_dirs=(other,))
+    assert cfg.trusted_state_dir(None) == own
+    assert cfg.trusted_state_dir(own / "sub") == own / "sub"
+    assert cfg.trusted_state_dir(other) == other
+    assert cfg.trusted_state_dir(own / ".." / "evil") is None
+    assert cfg.trusted_state_dir("relative") is None
+    (tmp_path / "link").symlink_to(tmp_path / "evil")
+    assert cfg.trusted_state_dir(tmp_path / "link") is None
+    (own).mkdir()
+    (own / "out").symlink_to(tmp_path / "evil")
+    assert cfg.trusted_state_dir(own / "out") is None  # a link leading out of it

@@ -53,7 +53,9 @@ def test_guest_view_fields() -> None:
                     "boot_mode": False, "boot_hook": True, "region_mounted": True,
                     "dax": True, "region_device": "/dev/pmem0",
                     "files_redirected": 412, "maps_region": 950, "maps_disk": 12,
-                    "maps_stale": 0}
+                    "maps_stale": 0, "boot_ran": None, "boot_via": None,
+                    "boot_release": None, "boot_modules": None, "boot_refused": None,
+                    "boot_rc": None, "installed_after_boot": None}
     assert max(agent.timeouts) <= 7.0
 
 
@@ -136,7 +138,9 @@ def test_status_table_and_no_agent(tmp_path: Path, fake_libvirt: dict[str, FakeA
     assert table["a"][1:3] == ["runtime", "failed"]
     # INSTALLED, BINDS MADE, MOUNTED, DAX, FILES REDIRECTED, MAPS REGION, MAPS DISK
     assert table["a"][-7:] == ["yes", "runtime", "yes", "yes", "412", "950", "12"]
-    assert table["b"][1:4] == ["off", "-", "unavailable"]
+    # BOOT, THIS BOOT: from the disk, and unknown (the agent does not answer)
+    assert table["a"][5:7] == ["disk", "yes"]
+    assert table["b"][1:6] == ["off", "-", "disk", "?", "unavailable"]
     assert table["c"][2] == "pending"
     assert "p" not in table
     assert "a: automatic redirect failed: guest agent did not answer" in err
@@ -154,6 +158,66 @@ def test_guest_status_passes_its_timeout() -> None:
     agent = guest()
     actions.guest_status(object(), agent_factory=lambda _d: agent, timeout=3.0)
     assert agent.timeouts == [3.0, 3.0]
+
+
+# ------------------------------------------------------------------ this boot's binds
+
+GUEST_OK = {"available": True, "installed": True, "mode": "none", "files_redirected": 0,
+            "region_device": "/dev/pmem0", "dax": True, "boot_ran": False,
+            "installed_after_boot": False}
+DKB = {"direct_kernel": True, "libshare_initrd": None}
+DKB_OURS = {"direct_kernel": True, "libshare_initrd": "/var/lib/libshare/boot/U/initrd.img"}
+
+
+def _info(guest: dict[str, Any] | None = None, live: dict[str, Any] | None = None,
+          nxt: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": "web1", "running": True, "enrolled": True, "live_device_present": True,
+            "guest": {**GUEST_OK, **(guest or {})}, "live_boot": live or {},
+            "boot": nxt or live or {}, "redirect": "off", "auto_redirect": None, **extra}
+
+
+@pytest.mark.parametrize("info,binds,how,why", [
+    (_info({"files_redirected": 412, "mode": "boot", "boot_ran": True}), True, "boot", None),
+    (_info({"files_redirected": 412, "mode": "runtime", "boot_ran": True,
+            "boot_refused": "no region device"}), True, "runtime",
+     "boot-time apply refused: no region device"),
+    (_info(live=DKB), False, None, "direct kernel boot: the guest's initramfs is not booted"
+     " (run 'libshare guest install web1')"),
+    (_info({"installed_after_boot": True}, live=DKB, nxt=DKB_OURS), False, None, "direct kernel boot: the guest's initramfs"
+     " is not booted; libshare's initrd is booted from the next start: power-cycle"),
+    (_info({"installed_after_boot": True}), False, None,
+     "installed after this boot: power-cycle"),
+    (_info({"boot_ran": True, "boot_refused": "DAX is not active on /dev/pmem0"}), False,
+     None, "no DAX: DAX is not active on /dev/pmem0"),
+    (_info({"region_device": None}), False, None, "region device missing in the guest "
+     "(no /dev/pmem* with the region's label)"),
+    (_info({"boot_ran": True, "boot_refused": "no region device", "boot_via": "host",
+            "boot_modules": False, "boot_release": "6.1.0-51-amd64"}, live=DKB_OURS),
+     False, None, "region device missing at boot (libshare's initrd has no modules for "
+     "kernel 6.1.0-51-amd64: kernel updated on the host? run 'libshare guest install' "
+     "again)"),
+    (_info({"boot_ran": True, "boot_rc": 124}), False, None,
+     "boot-time apply failed (exit 124)"),
+    (_info({"installed": False}), False, None,
+     "libshare-redirect is not installed in the guest ('libshare guest install web1')"),
+    (_info(), False, None, "the initramfs this boot ran has no libshare hook (run "
+     "'libshare guest install web1' and power-cycle)"),
+    (_info(live_device_present=False), False, None, "the region device is attached at the "
+     "next start (enrolled while running): power-cycle"),
+    (_info(redirect="runtime", auto_redirect={"state": "failed", "error": "no agent"}),
+     False, None, "the initramfs this boot ran has no libshare hook (run 'libshare guest "
+     "install web1' and power-cycle); automatic runtime redirect failed: no agent"),
+    ({**_info(), "guest": {"available": False, "error": "agent silent"}}, None, None,
+     "guest agent: agent silent"),
+])
+def test_this_boot_says_whether_why_and_how(info: dict[str, Any], binds: bool | None,
+                                            how: str | None, why: str | None) -> None:
+    assert status.this_boot(info) == {"binds": binds, "how": how, "why": why}
+
+
+def test_this_boot_only_for_running_enrolled_domains() -> None:
+    assert status.this_boot(_info(running=False)) is None
+    assert status.this_boot(_info(enrolled=False)) is None
 
 
 def test_copies_are_counted_from_anonymous_pages(

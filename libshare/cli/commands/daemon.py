@@ -54,7 +54,8 @@ def _global_args(args: argparse.Namespace) -> list[str]:
 
 
 def _install(args: argparse.Namespace, cfg: Config) -> int:
-    res = unit.install_unit(folder(args.unit_dir, "--unit-dir"), extra_args=_global_args(args))
+    res = unit.install_unit(folder(args.unit_dir, "--unit-dir"), extra_args=_global_args(args),
+                            state_dir=cfg.state_dir)
     if args.json:
         print_json(res.as_dict())
     else:

@@ -82,7 +82,7 @@ def _disable(args: argparse.Namespace, cfg: Config) -> int:
     with api.connect(libvirt_uri(args, cfg)) as conn:
         for name in args.domains:
             try:
-                outcomes.append(enrol.disable_domain(conn, name))
+                outcomes.append(enrol.disable_domain(conn, name, cfg.state_dir))
             except LibshareError as exc:
                 failures.append({"domain": name, "error": str(exc)})
     return _report(outcomes, failures, args.json)
@@ -131,7 +131,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.set_defaults(func=_enable)
     d = sub.add_parser("disable", help="undo the enrolment of libvirt domains",
                        description="Redefine each domain with exactly what enrolment "
-                       "added removed and what it changed restored.")
+                       "added removed and what it changed restored (a domain with direct "
+                       "kernel boot boots its own initrd again; libshare's is removed).")
     d.add_argument("domains", nargs="+", metavar="DOMAIN")
     add_json(d)
     d.set_defaults(func=_disable)

@@ -2,9 +2,10 @@
 
 ``install`` puts ``libshare-redirect``, its initramfs-tools hook and init-bottom script
 (boot-time mode), the apt/dpkg hooks and a systemd unit into a running guest through
-qemu-guest-agent, then rebuilds the guest's initramfs (libshare.redirect.actions.install),
-showing each step with its elapsed seconds on stderr (minutes under TCG). ``status``
-prints the guest's own view of its redirection.
+qemu-guest-agent, then sets up boot-time mode by the boot path it finds
+(libshare.redirect.actions.install, libshare.redirect.bootmode) and says which path and
+what it did, showing each step with its elapsed seconds on stderr (minutes under TCG).
+``status`` prints the guest's own view of its redirection.
 """
 
 from __future__ import annotations
@@ -25,20 +26,35 @@ def _install(args: argparse.Namespace, cfg: Config) -> int:
         with api.connect(libvirt_uri(args, cfg)) as conn:
             dom = api.lookup(conn, args.domain)
             rep = actions.install(dom, update_initramfs=not args.no_initramfs,
-                                  progress=progress)
+                                  progress=progress, state_dir=cfg.state_dir)
     finally:
         progress.close()
     if args.json:
         print_json(rep.as_dict())
-    else:
-        print(f"{rep.domain}: region {rep.region_device} mounts with DAX")
-        for f in rep.files:
-            print(f"{rep.domain}: installed {f}")
-        print(f"{rep.domain}: initramfs {rep.initramfs}"
-              + (f" ({rep.initramfs_entries} libshare files in it)"
-                 if rep.initramfs == "updated" else ""))
-        print(f"{rep.domain}: boot-time redirect from the next boot; "
-              f"'libshare redirect {rep.domain}' applies it now ({rep.seconds} s)")
+        return 0 if not rep.initramfs.startswith("failed") else 1
+    d = rep.domain
+    print(f"{d}: region {rep.region_device} mounts with DAX")
+    for f in rep.files:
+        print(f"{d}: installed {f}")
+    boot = rep.boot
+    if boot is None:
+        print(f"{d}: boot path not looked at (--no-initramfs): runtime mode only; "
+              f"'libshare redirect {d}' applies it now ({rep.seconds} s)")
+        return 0
+    print(f"{d}: boot path: {boot['found']}")
+    print(f"{d}: guest initramfs {rep.initramfs}"
+          + (f" ({rep.initramfs_entries} libshare files in it)"
+             if rep.initramfs == "updated" else ""))
+    for line in boot["done"]:
+        print(f"{d}: {line}")
+    if boot["reason"]:
+        what = {"runtime": "no boot-time redirect", "boot+runtime": "boot-time redirect "
+                "not certain"}.get(boot["mode"], "note")
+        print(f"{d}: {what}: {boot['reason']}")
+    if boot["mode"] in ("boot", "boot+runtime"):
+        print(f"{d}: boot-time redirect from the next start (power-cycle); 'libshare "
+              f"redirect {d}' applies it now; 'libshare status {d}' says what the boot did "
+              f"({rep.seconds} s)")
     return 0 if not rep.initramfs.startswith("failed") else 1
 
 
@@ -64,12 +80,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "into a running guest",
                         description="Install libshare-redirect, its initramfs-tools hook "
                         "and init-bottom script (boot-time redirect), apt/dpkg hooks and "
-                        "a systemd unit into a running enrolled guest, then run "
-                        "update-initramfs -u in it. Refused, with nothing changed, when "
+                        "a systemd unit into a running enrolled guest, then set up "
+                        "boot-time redirect by its boot path: GRUB from the guest disk "
+                        "(update-initramfs -u in the guest), direct kernel boot "
+                        "(libshare's own initrd: the domain's initrd with libshare's "
+                        "archive appended, built under the state directory, and the "
+                        "definition switched to it), or, where that cannot be done "
+                        "(dracut, no initrd, ...), automatic runtime redirect after each "
+                        "start; it says which. Refused, with nothing changed, when "
                         "the guest has no responding agent, no region device or no DAX.")
     i.add_argument("domain", metavar="DOMAIN")
     i.add_argument("--no-initramfs", action="store_true",
-                   help="do not rebuild the initramfs (runtime mode only)")
+                   help="set up no boot-time redirect (runtime mode only)")
     s = gsub.add_parser("status", help="the guest's view: region mount, DAX, binds, "
                         "library mappings from region/disk",
                         description="Run libshare-redirect status in the guest (from "

@@ -33,7 +33,7 @@ def _show(res: install.InstallResult, as_json: bool) -> int:
 
 
 def _log(args: argparse.Namespace, cfg: Config) -> int:
-    entries = state.read_hook_log(cfg.state_dir)[-args.last:]
+    entries = state.read_hook_log(cfg.state_dir, last=args.last)
     for e in entries:  # ISO 8601 local time beside the epoch seconds
         e["local_time"] = iso_time(e.get("time"))
     if args.json:

@@ -33,17 +33,19 @@ def _print(rep: actions.RedirectReport) -> None:
         print(f"{d}: not restarted (keep their old copies): {' '.join(rep.kept)}")
     if rep.agent_restarted:
         print(f"{d}: guest agent restarted")
+    if rep.boot:
+        print(f"{d}: {rep.boot}")
 
 
 def _act(args: argparse.Namespace, cfg: Config, verb: str,
-         action: Callable[..., actions.RedirectReport]) -> int:
-    """Run ``action`` (redirect or unredirect) on ``args.domain`` with its steps shown
-    on stderr; print the report; return 0."""
+         action: Callable[..., actions.RedirectReport], **extra: object) -> int:
+    """Run ``action`` (redirect or unredirect, with ``extra`` arguments) on
+    ``args.domain`` with its steps shown on stderr; print the report; return 0."""
     progress = ProgressPrinter(f"{verb} {args.domain}")
     try:
         with api.connect(libvirt_uri(args, cfg)) as conn:
             rep = action(api.lookup(conn, args.domain), restart=not args.no_restart,
-                         progress=progress)
+                         progress=progress, **extra)
     finally:
         progress.close()
     print_json(rep.as_dict()) if args.json else _print(rep)
@@ -55,7 +57,7 @@ def _redirect(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _unredirect(args: argparse.Namespace, cfg: Config) -> int:
-    return _act(args, cfg, "unredirect", actions.unredirect)
+    return _act(args, cfg, "unredirect", actions.unredirect, state_dir=cfg.state_dir)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "no responding agent, no region device or no DAX.")
     u = sub.add_parser("unredirect", help="undo redirect and guest install in a guest",
                        description="Remove exactly the binds libshare made, delete its "
-                       "guest-side files and rebuild the initramfs; restart the services "
+                       "guest-side files and rebuild the initramfs (a domain with direct "
+                       "kernel boot boots its own initrd again); restart the services "
                        "mapping region copies. After a reboot the guest runs as before.")
     for p in (r, u):
         p.add_argument("domain", metavar="DOMAIN")

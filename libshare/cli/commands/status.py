@@ -37,6 +37,23 @@ def _yes(value: Any) -> str:
     return {None: "-", True: "yes", False: "no"}.get(value, str(value))
 
 
+def _this_boot_text(tb: dict[str, Any] | None) -> str:
+    """Return the THIS BOOT cell: yes, no, ? (unknown) or '-' (BINDS MADE says how)."""
+    if not tb:
+        return "-"
+    return {True: "yes", False: "no"}.get(tb["binds"], "?")
+
+
+def _boot_path_text(r: dict[str, Any]) -> str:
+    """Return the BOOT cell: how the domain booted (live) or boots (defined): disk,
+    kernel (direct kernel boot with its own initrd) or kernel+libshare (with
+    libshare's)."""
+    boot = r.get("live_boot") or r.get("boot") or {}
+    if not boot.get("direct_kernel"):
+        return "disk"
+    return "kernel+libshare" if boot.get("libshare_initrd") else "kernel"
+
+
 def _redirect_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
     """Return the rows of the redirect table: one per enrolled domain."""
     out = []
@@ -51,7 +68,8 @@ def _redirect_rows(rows: list[dict[str, Any]]) -> list[list[Any]]:
         else:
             cells = ["unavailable" if g else "-"] + ["-"] * 6
         out.append([r["name"], r.get("redirect") or "off",
-                    _auto_text(r.get("auto_redirect")), *cells])
+                    _auto_text(r.get("auto_redirect")), _boot_path_text(r),
+                    _this_boot_text(r.get("this_boot")), *cells])
     return out
 
 
@@ -91,9 +109,16 @@ def _status(args: argparse.Namespace, cfg: Config) -> int:
     redirects = _redirect_rows(rows)
     if redirects:
         print()
-        print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "INSTALLED", "BINDS MADE",
-                     "MOUNTED", "DAX", "FILES REDIRECTED", "MAPS REGION", "MAPS DISK"],
-                    redirects)
+        print_table(["DOMAIN", "REDIRECT", "AUTO-REDIRECT", "BOOT", "THIS BOOT",
+                     "INSTALLED", "BINDS MADE", "MOUNTED", "DAX", "FILES REDIRECTED",
+                     "MAPS REGION", "MAPS DISK"], redirects)
+        for r in rows:
+            tb = r.get("this_boot") or {}
+            if tb.get("why"):
+                print(f"{r['name']}: this boot: {tb['why']}")
+            note = (r.get("boot_initrd") or {}).get("note")
+            if note:
+                print(f"{r['name']}: libshare's initrd: {note}")
     mem = [[r["name"], r["memory"]["guest_ram"]["Rss"], *_region_cells(r["memory"])]
            for r in rows if r.get("memory")]
     if mem:
@@ -136,10 +161,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "freshly written image, not copies) and, read from "
                        "guest memory by introspection, how many library mappings the "
                        "region serves versus the guest's own files; per enrolled domain its "
-                       "automatic redirect mode, the daemon's last outcome and, from its "
-                       "guest agent, the guest's own view (libshare-redirect installed, "
-                       "boot mode, region mounted, DAX, files redirected, library "
-                       "mappings from the region and from disk).")
+                       "automatic redirect mode, the daemon's last outcome, how it boots "
+                       "(disk, or direct kernel boot with or without libshare's initrd), "
+                       "whether this boot's binds happened, how (boot: in the initramfs; "
+                       "runtime) and if not why, and, from its guest agent, the guest's "
+                       "own view (libshare-redirect installed, boot mode, region "
+                       "mounted, DAX, files redirected, library mappings from the region "
+                       "and from disk).")
     s.add_argument("domains", nargs="*", metavar="DOMAIN")
     s.add_argument("--no-introspect", action="store_true",
                    help="do not read running guests' memory to count library mappings "

@@ -1,5 +1,6 @@
-"""The domain XML of a Debian test guest: its qcow2 disk through its own boot loader,
-serial console to a file, a qemu-guest-agent channel, a virtio balloon, no network."""
+"""The domain XML of a Debian test guest: its qcow2 disk through its own boot loader (or
+direct kernel boot of host files), serial console to a file, a qemu-guest-agent channel,
+a virtio balloon, no network."""
 
 
 from __future__ import annotations
@@ -23,19 +24,26 @@ def debian_domain_tree(
     domain_type: str = "qemu",
     devices: Sequence[str | etree._Element] = (),
     customize: Customizer | Sequence[Customizer] | None = None,
+    kernel: tuple[Path | str, Path | str, str] | None = None,
 ) -> etree._Element:
     """Return the ``<domain>`` element of a Debian test guest ``name`` booting from the
-    qcow2 ``disk`` (virtio) through its own boot loader, serial console to
-    ``console_log``, a qemu-guest-agent channel, a virtio balloon, no network;
-    poweroff/crash destroy, reboot restarts. ``devices`` are appended (a
-    ``<memballoon>`` among them replaces the default one); ``customize`` callbacks then
-    edit the root element in place."""
+    qcow2 ``disk`` (virtio) through its own boot loader, or, with ``kernel`` (kernel,
+    initrd, command line), those host files directly (``<os><kernel>``, ``<initrd>``,
+    ``<cmdline>``); serial console to ``console_log``, a qemu-guest-agent channel, a
+    virtio balloon, no network; poweroff/crash destroy, reboot restarts. ``devices`` are
+    appended (a ``<memballoon>`` among them replaces the default one); ``customize``
+    callbacks then edit the root element in place."""
     # console_append: a power cycle (DebianGuest.restart) starts a new QEMU on the same
     # console file, and the boot count relies on the earlier boots' lines
     dom, os_el, devs = domain_skeleton(name, console_log, memory_mib=memory_mib, vcpus=vcpus,
                                        domain_type=domain_type, on_reboot="restart",
                                        balloon="virtio", console_append=True)
-    sub(os_el, "boot", dev="hd")
+    if kernel is None:
+        sub(os_el, "boot", dev="hd")
+    else:
+        sub(os_el, "kernel", str(kernel[0]))
+        sub(os_el, "initrd", str(kernel[1]))
+        sub(os_el, "cmdline", kernel[2])
     disk_el = etree.Element("disk", type="file", device="disk")
     sub(disk_el, "driver", name="qemu", type="qcow2")
     sub(disk_el, "source", file=str(disk))

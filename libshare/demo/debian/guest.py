@@ -31,7 +31,13 @@ from typing import Any
 from lxml import etree
 
 from libshare.demo.debian.domain import debian_domain_xml
-from libshare.demo.debian.image import BOOTED_MARKER, DebianImage, create_overlay, debian_image
+from libshare.demo.debian.image import (
+    BOOTED_MARKER,
+    DebianImage,
+    boot_files,
+    create_overlay,
+    debian_image,
+)
 from libshare.demo.domain import Customizer
 from libshare.demo.lifecycle import (
     DefinedGuest,
@@ -108,7 +114,9 @@ class DebianGuestOptions:
     """How to boot a Debian test guest: ``image`` (None: :func:`debian_image` with
     ``suite``/``extra_packages``), RAM, vCPUs, extra ``devices`` XML, ``customize``
     callbacks, ``domain_type`` (``qemu`` = TCG), ``boot_timeout`` seconds per boot,
-    ``cache`` root, ``keep_files`` (keep the run dir's console.log; the overlay always goes)."""
+    ``cache`` root, ``keep_files`` (keep the run dir's console.log; the overlay always
+    goes), ``direct_kernel_boot`` (boot the image's own kernel and initrd, copied out of
+    its /boot, with ``<os><kernel>``/``<initrd>`` instead of its GRUB)."""
 
     image: DebianImage | None = None
     suite: str | None = None
@@ -121,6 +129,7 @@ class DebianGuestOptions:
     boot_timeout: float = 180.0
     cache: Path | str | None = None
     keep_files: bool = False
+    direct_kernel_boot: bool = False
 
 
 @dataclass(frozen=True)
@@ -274,13 +283,18 @@ def defined_debian_guest(conn: Any, name: str, options: DebianGuestOptions | Non
     rdir = run_dir(name, options.cache)
     console = rdir / "console.log"
     overlay = rdir / "disk.qcow2"
+    kernel = None
+    if options.direct_kernel_boot:
+        files = boot_files(image)
+        kernel = (files.kernel, files.initrd, files.cmdline)
 
     def xml() -> str:
         console.unlink(missing_ok=True)
         create_overlay(image, overlay)
         return debian_domain_xml(name, overlay, console, memory_mib=options.memory_mib,
                                  vcpus=options.vcpus, domain_type=options.domain_type,
-                                 devices=options.devices, customize=list(options.customize))
+                                 devices=options.devices, customize=list(options.customize),
+                                 kernel=kernel)
 
     def cleanup() -> None:
         overlay.unlink(missing_ok=True)

@@ -4,7 +4,9 @@ to its root filesystem from the host.
 
 Owns the image cache ``<cache>/debian/<suite>-<packages hash>/<linux-image-amd64
 version>/`` (``disk.qcow2``, ``info.json``, ``.complete``) with its build (atomic: temp
-dir + rename, under a ``flock``; ``.deb`` files reused from ``<cache>/debian/debs``).
+dir + rename, under a ``flock``; ``.deb`` files reused from ``<cache>/debian/debs``),
+and, for guests with direct kernel boot, the image's own kernel and initrd copied out
+of its /boot (``boot/vmlinuz``, ``boot/initrd.img`` there: :func:`boot_files`).
 
 The image: an MBR disk with one ext4 partition (label ``lsroot``, root by UUID), GRUB
 (i386-pc, ``core.img`` embedded after the MBR, ``/boot/grub/grub.cfg`` booting the
@@ -375,4 +377,42 @@ def copy_image_libraries(image: DebianImage | Path | str, dest: Path | str,
         for d in libdirs:
             shutil.copytree(root / d.strip("/"), out / d.strip("/"), symlinks=True,
                             dirs_exist_ok=True)
+    return out
+
+
+@dataclass(frozen=True)
+class BootFiles:
+    """The kernel and initrd of an image's /boot, copied out for direct kernel boot, and
+    the kernel command line that boots the image's root with them."""
+
+    kernel: Path
+    initrd: Path
+    cmdline: str
+
+
+def boot_files(image: DebianImage) -> BootFiles:
+    """Return the image's ``/boot/vmlinuz-RELEASE`` and ``/boot/initrd.img-RELEASE``
+    (what GRUB boots in it, byte for byte), copied once into ``boot/`` of the image's
+    cache folder (mode 0644, under the cache lock; read through :func:`image_root`),
+    for a domain that boots them with ``<os><kernel>``/``<initrd>``."""
+    folder = image.directory / "boot"
+    out = BootFiles(folder / "vmlinuz", folder / "initrd.img",
+                    f"root=UUID={image.root_uuid} {DEBIAN_CMDLINE}")
+    if out.kernel.exists() and out.initrd.exists():
+        return out
+    with locked(image.directory.parent.parent / ".lock"):
+        if out.kernel.exists() and out.initrd.exists():
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=".boot-", dir=image.directory))
+        try:
+            with image_root(image) as root:
+                rel = image.kernel_release
+                shutil.copyfile(root / "boot" / f"vmlinuz-{rel}", tmp / "vmlinuz")
+                shutil.copyfile(root / "boot" / f"initrd.img-{rel}", tmp / "initrd.img")
+            for f in tmp.iterdir():
+                f.chmod(0o644)
+            tmp.chmod(0o755)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

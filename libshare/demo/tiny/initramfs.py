@@ -12,7 +12,6 @@ to the base for each guest. Archives are written by :mod:`libshare.util.cpio`.
 from __future__ import annotations
 
 import hashlib
-import lzma
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from libshare.boot.overlay import unpacked_module
 from libshare.demo.cache import cache_subdir
 from libshare.demo.tiny.kernel import DEFAULT_MODULES, KernelPackage, kernel_modules_order
 from libshare.util import cpio
@@ -92,44 +92,6 @@ def busybox_applets(busybox: Path = BUSYBOX) -> list[str]:
     return sorted(line.strip() for line in out.stdout.splitlines() if line.strip())
 
 
-def _parents(path: str) -> list[str]:
-    parts = path.strip("/").split("/")[:-1]
-    return ["/".join(parts[: i + 1]) for i in range(len(parts))]
-
-
-def _with_dirs(entries: Iterable[cpio.Entry], existing: Iterable[str] = ()) -> list[cpio.Entry]:
-    """Return ``entries`` plus any missing parent directories, sorted by name (dirs first
-    by virtue of sorting) and de-duplicated (the last entry for a name wins)."""
-    by_name: dict[str, cpio.Entry] = {}
-    for e in entries:
-        by_name[e.name] = e
-    have = set(existing) | set(by_name)
-    for name in list(by_name):
-        for parent in _parents(name):
-            if parent not in have:
-                by_name[parent] = cpio.dir_entry(parent)
-                have.add(parent)
-    return [by_name[k] for k in sorted(by_name)]
-
-
-def _module_bytes(path: Path) -> bytes:
-    """Return an uncompressed module image (``.ko.xz``/``.ko.zst``/``.ko.gz`` unpacked)."""
-    raw = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(raw)
-    if path.name.endswith(".gz"):
-        import gzip
-        return gzip.decompress(raw)
-    if path.name.endswith(".zst"):
-        res = subprocess.run(["zstd", "-dc", str(path)], capture_output=True, check=True)
-        return res.stdout
-    return raw
-
-
-def _plain_module_name(rel: str) -> str:
-    return re.sub(r"\.ko\.(xz|zst|gz)$", ".ko", rel)
-
-
 def base_entries(kernel: KernelPackage, modules: Sequence[str] = DEFAULT_MODULES,
                  busybox: Path = BUSYBOX) -> list[cpio.Entry]:
     """Return the sorted entries of the base image: directories, /dev/console, busybox
@@ -151,14 +113,14 @@ def base_entries(kernel: KernelPackage, modules: Sequence[str] = DEFAULT_MODULES
     entries.append(cpio.file_entry("etc/group", b"root:x:0:\n"))
     plain = []
     for rel in order:
-        name = _plain_module_name(rel)
+        name, data = unpacked_module(rel, (kernel.modules_dir / rel).read_bytes())
         plain.append(f"?{name}" if rel in optional else name)
         entries.append(cpio.file_entry(f"lib/modules/{name}",
-                                       _module_bytes(kernel.modules_dir / rel)))
+                                       data))
     entries.append(cpio.file_entry("etc/libshare-modules", ("\n".join(plain) + "\n").encode()))
     entries.append(cpio.file_entry("etc/libshare-kernel",
                                    f"{kernel.package} {kernel.version} {kernel.release}\n".encode()))
-    return _with_dirs(entries)
+    return cpio.with_parents(entries)
 
 
 def base_initramfs(kernel: KernelPackage, modules: Sequence[str] = DEFAULT_MODULES,
@@ -242,15 +204,10 @@ def overlay_archive(
             mode = 0o755 if data.startswith(b"#!") else 0o644
         entries.append(cpio.file_entry(name, data, mode))
     entries.extend(binary_entries(binaries))
-    return cpio.write_archive(_with_dirs(entries), first_ino=0x100000)
+    return cpio.write_archive(cpio.with_parents(entries), first_ino=0x100000)
 
 
 def guest_initrd(base: Path, overlay: bytes, dest: Path) -> Path:
     """Write ``base`` followed by ``overlay`` to ``dest`` (mode 0644); return ``dest``."""
-    tmp = dest.with_suffix(".tmp")
-    with open(tmp, "wb") as out, open(base, "rb") as src:
-        shutil.copyfileobj(src, out, 1 << 20)
-        out.write(overlay)
-    tmp.chmod(0o644)
-    tmp.rename(dest)
+    cpio.append_archive(base, overlay, dest)
     return dest

@@ -80,6 +80,12 @@ def quick_verify(path: str | os.PathLike[str]) -> str | None:
     return _verify_path(os.fspath(path), content=False)
 
 
+def quick_verify_open(fh: Any) -> str | None:
+    """Return the first layout problem (see :func:`quick_verify`) of the region image
+    open as ``fh``, a regular file the caller opened and checked; None if sound."""
+    return _verify_open(fh, os.fstat(fh.fileno()).st_size, content=False)
+
+
 def _verify_path(spath: str, content: bool) -> str | None:
     """Return the first problem :func:`_verify_open` finds in the regular file ``spath``
     (libraries hashed too when ``content``), or None. A FIFO or device is refused

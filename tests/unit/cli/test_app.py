@@ -151,6 +151,7 @@ BAD = {
     "all|FILE": ["missing", "folder", "fifo", "/dev/zero", "garbage", "not-utf8"],
     "dirs": ["missing", "empty", "fifo", "/dev/zero", "not-utf8"],   # trees to import
     "DIR": ["empty", "fifo", "/dev/zero"],            # --hooks-dir, --unit-dir
+    "OUT": ["folder", "fifo", "/dev/zero"],           # files a verb replaces (report)
     "SIZE": ["lots", "-1", "1.5G", "0", "\u0661\u0662M", "", "99999999999999999999E"],
     "NAME": ["", "a/../../b", "bad\nname", "x" * 300, "\udcff", "-"],
     "DOMAIN": ["nosuch", "\udcff", "", "a/../../b", "x" * 300],

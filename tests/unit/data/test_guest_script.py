@@ -31,7 +31,8 @@ from tests.support.images import make_guest_tree
 SCRIPT = guest_path("libshare-redirect")
 LIBDIR = "usr/lib/x86_64-linux-gnu"
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
-SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom"]
+SHELL_FILES = ["libshare-redirect", "initramfs-hook", "init-bottom", "boot-files",
+               "initrd-conf"]
 
 needs_root = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("losetup") is None or shutil.which("mkfs.erofs") is None,
@@ -210,7 +211,6 @@ def test_remove_detach_lets_go_of_files_in_use(fake: Fake) -> None:
         assert held.read(4) == b"\x7fELF"                       # still readable
 
 
-@needs_root
 def _verdicts(table: Path) -> dict[str, tuple[str, str]]:
     """Return guest path -> (key, sha256) of the guest script's verdict table."""
     out = {}
@@ -220,6 +220,7 @@ def _verdicts(table: Path) -> dict[str, tuple[str, str]]:
     return out
 
 
+@needs_root
 def test_verdicts_follow_file_changes(fake: Fake) -> None:
     fake.run_script("apply", "--no-restart")
     table = fake.root / "var/lib/libshare/verdicts.tsv"
@@ -525,3 +526,32 @@ def test_many_files_are_hashed_in_one_batch(usr_fake: Fake) -> None:
         assert table[guest][1] == sha256_file(p), guest      # names with \\ and spaces too
     assert out["identical"] == str(len(files)) and fake.mounts() == []
     assert fake.run_script("prime")["hashed"] == "0"
+
+
+def test_status_reports_what_the_boot_did(tmp_path: Path) -> None:
+    """init-bottom's record of this boot (refusal reason included) reaches status; a
+    script newer than the boot says it was installed after it."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "boot.out").write_text("via=host\nrelease=6.1.0-50-amd64\nmodules=1\n"
+                                  "region_device=/dev/pmem0\nrefused=DAX is not active on "
+                                  "/dev/pmem0\nrc=0\n")
+    root = tmp_path / "root"
+    (root / "usr/sbin").mkdir(parents=True)
+    (root / "usr/sbin/libshare-redirect").write_bytes(SCRIPT.read_bytes())
+    env = {**os.environ, "LIBSHARE_RUN": str(run), "LIBSHARE_DEVICES": str(tmp_path / "none")}
+
+    def status() -> dict[str, Any]:
+        out = subprocess.run(["sh", str(SCRIPT), "status", "--root", str(root)],
+                             capture_output=True, text=True, env=env, check=True).stdout
+        return actions.parse_kv(out)
+
+    kv = status()
+    assert (kv["boot_ran"], kv["boot_via"], kv["boot_release"], kv["boot_modules"],
+            kv["boot_rc"]) == ("1", "host", "6.1.0-50-amd64", "1", "0")
+    assert kv["boot_refused"] == "DAX is not active on /dev/pmem0"
+    assert kv["installed_after_boot"] == "1"          # written just now, after boot
+    os.utime(root / "usr/sbin/libshare-redirect", (1, 1))
+    (run / "boot.out").unlink()
+    kv = status()
+    assert kv["boot_ran"] == "0" and kv["installed_after_boot"] == "0"

@@ -108,6 +108,15 @@ def test_domain_shape() -> None:
     assert dom.find("devices/serial/source").get("path") == "/run/d/console.log"  # type: ignore[union-attr]
 
 
+def test_domain_with_direct_kernel_boot() -> None:
+    dom = debian_domain_tree("lstest-d", "/d.qcow2", "/c.log",
+                             kernel=("/k/vmlinuz", "/k/initrd.img", "root=UUID=x ro"))
+    assert dom.find("os/boot") is None
+    assert [(e.tag, e.text) for e in dom.find("os")][1:] == [  # type: ignore[union-attr]
+        ("kernel", "/k/vmlinuz"), ("initrd", "/k/initrd.img"), ("cmdline", "root=UUID=x ro")]
+    assert dom.find("devices/disk/source").get("file") == "/d.qcow2"  # type: ignore[union-attr]
+
+
 def test_domain_devices_replace_balloon_and_kvm() -> None:
     dom = debian_domain_tree(
         "lstest-d", "/d.qcow2", "/c.log", domain_type="kvm", memory_mib=1024,

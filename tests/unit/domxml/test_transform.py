@@ -239,3 +239,117 @@ def test_describe_enrolled() -> None:
     assert info["enrolled"] and info["group"] == "g" and info["model"] == "nvdimm"
     assert info["region"] == "/r/a.img" and info["size"] == 64 * MiB
     assert info["agent_channel"] is True
+
+
+# ---------------------------------------------------------------- libshare's initrd
+
+DKB = """  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>/srv/boot/vmlinuz</kernel>
+    <initrd>/srv/boot/initrd.img</initrd>
+    <cmdline>root=/dev/vda ro</cmdline>
+  </os>
+"""
+OURS = "/var/lib/libshare/boot/U/initrd.img"
+
+
+def dkb() -> etree._Element:
+    """A domain with direct kernel boot (kernel, initrd and command line)."""
+    return domxml.parse(BASE.format(type="qemu", machine="pc", extra="").replace(
+        "  <os>\n    <type arch='x86_64' machine='pc'>hvm</type>\n  </os>\n", DKB))
+
+
+def test_initrd_switch_is_recorded_and_undone_exactly() -> None:
+    """enable, switch to libshare's initrd, disable: the document again, C14N-equal;
+    restore_initrd undoes only the switch."""
+    root = dkb()
+    enrolled = domxml.enable(root, spec())
+    switched = domxml.switch_initrd(enrolled, OURS)
+    assert switched.findtext("os/initrd") == OURS
+    assert switched.findtext("os/kernel") == "/srv/boot/vmlinuz"
+    boot = domxml.describe(switched)["boot"]
+    assert boot == {"direct_kernel": True, "kernel": "/srv/boot/vmlinuz", "initrd": OURS,
+                    "libshare_initrd": OURS, "original_initrd": "/srv/boot/initrd.img"}
+    assert c14n(domxml.disable(switched)) == c14n(root)
+    assert c14n(domxml.restore_initrd(switched)) == c14n(enrolled)
+    # switching twice keeps the first original; the same switch again changes nothing
+    again = domxml.switch_initrd(domxml.switch_initrd(switched, "/x/initrd.img"), OURS)
+    assert c14n(again) == c14n(switched)
+    assert domxml.serialize(domxml.switch_initrd(switched, OURS)) == domxml.serialize(switched)
+
+
+def test_initrd_switch_survives_a_re_enrolment() -> None:
+    """A new region image (enable with another spec undoes and redoes the enrolment):
+    the domain keeps booting libshare's initrd, and disable still gives the original."""
+    root = dkb()
+    switched = domxml.switch_initrd(domxml.enable(root, spec()), OURS)
+    moved = domxml.enable(switched, spec(path="/r/b.img"))
+    assert moved.findtext("os/initrd") == OURS
+    assert domxml.describe(moved)["region"] == "/r/b.img"
+    assert domxml.describe(moved)["boot"]["original_initrd"] == "/srv/boot/initrd.img"
+    assert c14n(domxml.disable(moved)) == c14n(root)
+
+
+def test_an_initrd_changed_by_someone_else_is_theirs() -> None:
+    """Someone points <initrd> elsewhere after the switch: disable leaves their value,
+    and a new switch records theirs as the original."""
+    switched = domxml.switch_initrd(domxml.enable(dkb(), spec()), OURS)
+    theirs = domxml.parse(domxml.serialize(switched).replace(
+        f"<initrd>{OURS}</initrd>", "<initrd>/srv/boot/initrd-new.img</initrd>"))
+    assert domxml.describe(theirs)["boot"]["libshare_initrd"] is None
+    assert domxml.disable(theirs).findtext("os/initrd") == "/srv/boot/initrd-new.img"
+    assert domxml.enable(theirs, spec(path="/r/c.img")).findtext("os/initrd") == \
+        "/srv/boot/initrd-new.img"
+    again = domxml.switch_initrd(theirs, OURS)
+    assert domxml.describe(again)["boot"]["original_initrd"] == "/srv/boot/initrd-new.img"
+
+
+@pytest.mark.parametrize("extra,enrol", [("", True), ("", False)])
+def test_initrd_switch_refusals(extra: str, enrol: bool) -> None:
+    root = dom(extra, type="qemu") if enrol else dkb()
+    if enrol:
+        root = domxml.enable(root, spec())
+    with pytest.raises(RefusedError, match="no direct kernel boot" if enrol
+                       else "not enrolled"):
+        domxml.switch_initrd(root, OURS)
+    assert c14n(domxml.restore_initrd(root)) == c14n(root)
+
+
+# ---------------------------------------------------------------- bounce buffers
+
+def test_direct_kernel_boot_gets_no_bounce_buffers_and_disable_undoes_it() -> None:
+    """maxMemory makes the guest kernel reserve 64 MiB of bounce buffers; a
+    direct-kernel-boot domain with all its RAM below 4 GiB gets swiotlb=noforce on its
+    command line (added when it had none), and disable restores it exactly."""
+    root = dkb()
+    on = domxml.enable(root, spec())
+    assert on.findtext("os/cmdline") == "root=/dev/vda ro swiotlb=noforce"
+    assert c14n(domxml.disable(on)) == c14n(root)
+    bare = domxml.parse(domxml.serialize(root).replace(
+        "    <cmdline>root=/dev/vda ro</cmdline>\n", ""))
+    assert bare.find("os/cmdline") is None
+    on = domxml.enable(bare, spec())
+    assert on.findtext("os/cmdline") == "swiotlb=noforce"
+    assert [c.tag for c in on.find("os")] == ["type", "kernel", "initrd", "cmdline"]
+    assert c14n(domxml.disable(on)) == c14n(bare)
+    # re-enrolment keeps one copy of the option
+    again = domxml.enable(on, spec(path="/r/b.img"))
+    assert again.findtext("os/cmdline") == "swiotlb=noforce"
+    assert c14n(domxml.disable(again)) == c14n(bare)
+
+
+def test_bounce_buffers_left_alone_when_ram_reaches_above_4g_or_no_kernel() -> None:
+    """With RAM above 4 GiB the kernel needs its bounce buffers anyway (32-bit devices);
+    a domain booted by its own boot loader gets the option from guest install."""
+    big = domxml.parse(domxml.serialize(dkb()).replace(">512</memory>", ">4096</memory>"))
+    assert big.findtext("memory") == "4096"
+    assert "swiotlb" not in (domxml.enable(big, spec()).findtext("os/cmdline") or "")
+    assert domxml.enable(dom(), spec()).find("os/cmdline") is None
+
+
+def test_a_command_line_changed_since_is_theirs() -> None:
+    """Someone edits the command line after enrolment: disable leaves their value."""
+    on = domxml.enable(dkb(), spec())
+    theirs = domxml.parse(domxml.serialize(on))
+    theirs.find("os/cmdline").text = "root=/dev/vda ro quiet"
+    assert domxml.disable(theirs).findtext("os/cmdline") == "root=/dev/vda ro quiet"

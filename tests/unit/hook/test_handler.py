@@ -6,7 +6,7 @@ import io
 import json
 import logging
 import logging.handlers
-import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,9 +16,12 @@ import pytest
 from lxml import etree
 
 from libshare import domxml
-from libshare.hook import handler, state
+from libshare.hook import handler, ops, state
 from libshare.util.digest import sha256_file
+from tests.support.images import needs_mkfs, region_image
 from tests.support.paths import PROJECT_ROOT
+
+pytestmark = needs_mkfs
 
 ROOT = PROJECT_ROOT
 MiB = 1 << 20
@@ -29,9 +32,7 @@ PLAIN = """<domain type='qemu'><name>h</name><uuid>0d4c2cf5-1b5e-4b53-9d7f-1f9b3
 @pytest.fixture
 def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     state_dir = tmp_path / "state"
-    image = tmp_path / "img" / "region.img"
-    image.parent.mkdir()
-    image.write_bytes(b"\x01" * (2 * MiB))
+    image = region_image(state_dir)
     monkeypatch.setenv("LIBSHARE_CONFIG", str(tmp_path / "libshare.toml"))
     (tmp_path / "libshare.toml").write_text(f'state_dir = "{state_dir}"\n')
     return {"state": state_dir, "image": image, "tmp": tmp_path}
@@ -87,11 +88,12 @@ def test_safe_ops_exit_zero_on_garbage_state(env: dict[str, Path]) -> None:
 
 
 def test_migrate_maps_to_local_image(env: dict[str, Path]) -> None:
-    xml = enrolled_xml(env["image"], env["state"])
-    digest = sha256_file(env["image"])
-    local = env["state"] / "regions" / "images" / f"{digest}.img"
-    local.parent.mkdir(parents=True)
-    os.rename(env["image"], local)  # the source host's path does not exist here
+    local = env["image"]  # STATE/regions/images/DIGEST.img
+    # the source host's path, which does not exist here
+    source = Path("/srv/elsewhere/regions/images") / local.name
+    spec = domxml.RegionSpec(str(source), local.stat().st_size, "g",
+                             digest=sha256_file(local), state_dir=str(env["state"]))
+    xml = domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
     out = io.StringIO()
     assert handler.run(["h", "migrate", "begin", "-"], xml, out=out) == 0
     mapped = domxml.parse(out.getvalue())
@@ -152,8 +154,7 @@ def test_ivshmem_prepare_publishes_padded_copy(env: dict[str, Path],
     shm = env["tmp"] / "shm"
     shm.mkdir()
     monkeypatch.setattr(handler, "SHM_DIR", shm)
-    image = env["image"]
-    image.write_bytes(b"\x07" * (6 * MiB))  # libvirt wants a power of two: 8 MiB
+    image = region_image(env["state"], 6 * MiB)  # libvirt wants a power of two: 8 MiB
     xml = enrolled_xml(image, env["state"], model="ivshmem")
     assert domxml.parse(xml).findtext("devices/shmem/size") == str(8 * 1024)
     assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
@@ -176,8 +177,9 @@ def test_ivshmem_prepare_publishes_padded_copy(env: dict[str, Path],
 
 def test_corrupt_size_in_metadata_is_refused(env: dict[str, Path],
                                             capsys: pytest.CaptureFixture[str]) -> None:
+    size = env["image"].stat().st_size
     xml = enrolled_xml(env["image"], env["state"]).replace(
-        f'size="{2 * MiB}"'.encode(), b'size="2MiB"')
+        f'size="{size}"'.encode(), b'size="2MiB"')
     assert b'size="2MiB"' in xml
     assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -207,7 +209,7 @@ def test_unexpected_error_keeps_its_traceback(env: dict[str, Path],
 def test_budget_counts_from_process_start(env: dict[str, Path],
                                           capsys: pytest.CaptureFixture[str]) -> None:
     xml = enrolled_xml(env["image"], env["state"])
-    late = time.monotonic() - 4.9  # start-up took almost all of the 5 s
+    late = time.monotonic() - 4.6  # start-up took almost all of the 5 s
     assert handler.run(["h", "prepare", "begin", "-"], xml, started=late) == 1
     assert "timed out" in capsys.readouterr().err
     assert state.read_hook_log(env["state"])[-1]["result"] == "timeout"
@@ -220,12 +222,12 @@ def test_budget_counts_from_process_start(env: dict[str, Path],
 
 
 def test_process_start_counts_interpreter_start() -> None:
-    code = ("import time; time.sleep(0.4); from libshare.hook.handler import process_start; "
+    code = ("import time; time.sleep(0.4); from libshare.hook.ops import process_start; "
             "print(time.monotonic() - process_start())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT, timeout=30)
     assert 0.4 <= float(res.stdout) < 5.0
-    assert handler.process_start() <= time.monotonic()
+    assert ops.process_start() <= time.monotonic()
 
 
 @pytest.mark.parametrize("level,expected", [("debug", logging.DEBUG),
@@ -271,21 +273,8 @@ def test_prepare_without_recorded_digest_checks_the_layout(
         env: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
     """A domain enrolled before its image existed has no digest: prepare then refuses an
     image that is not a sound region and accepts a real one."""
-    import shutil
-
-    if shutil.which("mkfs.erofs") is None:
-        pytest.skip("no mkfs.erofs")
-    from libshare.config import Config
-    from libshare.sharing.region import build
-    from libshare.sharing.store import import_tree
-
-    lib = env["tmp"] / "root" / "usr" / "lib"
-    lib.mkdir(parents=True)
-    shutil.copyfile("/lib/x86_64-linux-gnu/libz.so.1", lib / "libz.so.1")
-    cfg = Config(state_dir=env["state"])
-    import_tree(cfg.store_dir, [env["tmp"] / "root"])
-    built = Path(build.build_region(cfg, "g").path)
-    image = env["tmp"] / "later.img"
+    built = env["image"]
+    image = built.with_name("later.img")
     spec = domxml.RegionSpec(str(image), built.stat().st_size, "g", digest=None,
                              state_dir=str(env["state"]))
     xml = domxml.serialize(domxml.enable(domxml.parse(PLAIN), spec)).encode()
@@ -293,6 +282,54 @@ def test_prepare_without_recorded_digest_checks_the_layout(
     image.write_bytes(b"\x01" * built.stat().st_size)  # right size, not a region
     assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "enrolled without a digest" in err[0], err
+    assert len(err) == 1 and "not a sound region" in err[0], err
     shutil.copyfile(built, image)
     assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+
+
+def _switched_xml(env: dict[str, Path], original: Path, initrd: str | None = None) -> bytes:
+    """A domain with direct kernel boot, enrolled, switched to libshare's initrd
+    (``initrd``: another path than the configured state directory's)."""
+    from libshare.boot import store
+    from tests.support.domains import UUID, direct_kernel
+
+    spec = domxml.RegionSpec(str(env["image"]), env["image"].stat().st_size, "g",
+                             digest=sha256_file(env["image"]), state_dir=str(env["state"]))
+    root = domxml.enable(domxml.parse(direct_kernel("h", initrd=str(original))), spec)
+    path = initrd or str(store.initrd_path(env["state"], UUID))
+    return domxml.serialize(domxml.switch_initrd(root, path)).encode()
+
+
+def test_prepare_checks_and_rebuilds_libshares_initrd(env: dict[str, Path],
+                                                      capsys: pytest.CaptureFixture[str]
+                                                      ) -> None:
+    """Direct kernel boot with libshare's initrd: checked at prepare, rebuilt when the
+    domain's own initrd changed (kernel update on the host), refused with one line when
+    it lives outside the configured state directory or has no record."""
+    from libshare.boot import store
+    from tests.support.domains import UUID
+    from tests.support.initrds import initramfs_tools_initrd
+
+    original = initramfs_tools_initrd(env["tmp"] / "initrd.img", "gzip")
+    overlay = b"070701" + b"0" * 104  # any bytes: the check compares digests
+    store.build(env["state"], UUID, "h", original, sha256_file(original), overlay,
+                release="r", kernel="/srv/boot/vmlinuz", generator="initramfs-tools",
+                built_by="test")
+    xml = _switched_xml(env, original)
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert state.read_hook_log(env["state"])[-1]["result"] == "region-ok; initrd-ok"
+    original.write_bytes(original.read_bytes() + b"\0\0\0\0")   # a new initrd
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 0
+    assert state.read_hook_log(env["state"])[-1]["result"].startswith(
+        "region-ok; initrd-rebuilt: ")
+    assert store.initrd_path(env["state"], UUID).read_bytes() == \
+        original.read_bytes() + overlay
+    capsys.readouterr()
+    for bad in (_switched_xml(env, original, initrd="/tmp/elsewhere/initrd.img"),
+                xml.replace(b"boot/", b"boot/../boot/")):
+        assert handler.run(["h", "prepare", "begin", "-"], bad) == 1
+    (store.domain_dir(env["state"], UUID) / store.RECORD).unlink()
+    assert handler.run(["h", "prepare", "begin", "-"], xml) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("libshare: h: ") for e in err), err
+    assert "record" in err[-1] and "is missing" in err[-1]

@@ -25,6 +25,8 @@ def enrolled_xml() -> str:
 
 
 Handler = Callable[[list[str], bytes | None], ExecResult]
+GRUB_FACTS = ("boot_image=/vmlinuz\ngrub=1\nrelease=6.1.0-50-amd64\nmodules=1\n"
+              "generator=initramfs-tools\n")
 
 
 def ok(out: str = "", rc: int = 0) -> ExecResult:
@@ -40,6 +42,8 @@ def guest(probe_out: str = "region_device=/dev/pmem0\ndax=1\nmanifest_lines=40\n
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
             assert stdin == actions.script_bytes()
             return ok(probe_out)
+        if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:   # a GRUB guest (boot-files)
+            return ok(GRUB_FACTS)
         if argv[0] == "/bin/sh" and argv[2].startswith("test -x"):
             return ok(rc=0 if installed else 1)
         if argv[:2] == [actions.SCRIPT, "apply"]:
@@ -209,7 +213,8 @@ def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
     dom = FakeDomain("g1", enrolled_xml())
     runs = [
         (actions.install, {}, ["install files (9 files)", "start the unit ...",
-                               "hash libraries ...", "update-initramfs ...",
+                               "hash libraries ...", "boot path ...",
+                               "update-initramfs ...",
                                "list the initramfs ..."]),
         (actions.redirect, {"apply_out": "bound=1\nagent_restart=deferred\n"},
          ["bind and restart ...", "restart the agent ..."]),

@@ -75,7 +75,8 @@ def test_started_never_fails_when_the_request_cannot_be_written(
     (env["state"] / "requests").write_text("not a dir")
     assert handler.run(["h", "started", "begin", "-"], xml) == 0
     entry = state.read_hook_log(env["state"])[-1]
-    assert entry["status"] == 0 and entry["result"].startswith("error:")
+    assert entry["status"] == 0 and entry["result"].startswith("failed:")
+    assert "not a folder" in entry["result"]
     # a failed running record does not prevent the request
     (env["state"] / "requests").unlink()
     shutil.rmtree(env["state"] / "running")
@@ -410,7 +411,7 @@ def test_unit_install_update_uninstall(tmp_path: Path) -> None:
 
     res = unit.install_unit(tmp_path, python="/opt/py/bin/python3",
                               extra_args=["--config", "/etc/x y.toml"], runner=runner,
-                              systemd=True)
+                              systemd=True, state_dir=tmp_path / "s")
     text = (tmp_path / unit.UNIT_NAME).read_text()
     assert res.action == "installed" and res.systemd == "daemon-reload done"
     assert ('ExecStart=/opt/py/bin/python3 -m libshare --config "/etc/x y.toml" daemon\n'
@@ -418,10 +419,11 @@ def test_unit_install_update_uninstall(tmp_path: Path) -> None:
     assert "After=libvirtd.service" in text and "Restart=on-failure" in text
     assert "WantedBy=multi-user.target" in text and "@" not in text.split("ExecStart")[1][:3]
     assert ran == [["systemctl", "daemon-reload"]]
+    assert (tmp_path / "s").is_dir()  # ReadWritePaths needs it
     assert unit.install_unit(tmp_path, python="/opt/py/bin/python3",
                                extra_args=["--config", "/etc/x y.toml"], runner=runner,
-                               systemd=True).action == "unchanged"
-    res = unit.install_unit(tmp_path, runner=runner, systemd=False)
+                               systemd=True, state_dir=tmp_path / "s").action == "unchanged"
+    res = unit.install_unit(tmp_path, runner=runner, systemd=False, state_dir=tmp_path / "s")
     assert res.action == "updated" and "not running" in res.systemd
     assert f"ExecStart={os.path.abspath(__import__('sys').executable)} -m libshare daemon" \
         in (tmp_path / unit.UNIT_NAME).read_text()
@@ -436,7 +438,7 @@ def test_unit_install_update_uninstall(tmp_path: Path) -> None:
 def test_unit_not_ours_is_left_alone(tmp_path: Path) -> None:
     (tmp_path / unit.UNIT_NAME).write_text("[Service]\nExecStart=/bin/true\n")
     with pytest.raises(LibshareError, match="not written by libshare"):
-        unit.install_unit(tmp_path, systemd=False)
+        unit.install_unit(tmp_path, systemd=False, state_dir=tmp_path / "s")
     with pytest.raises(LibshareError, match="not written by libshare"):
         unit.uninstall_unit(tmp_path, systemd=False)
     assert (tmp_path / unit.UNIT_NAME).read_text().startswith("[Service]")
@@ -464,27 +466,42 @@ def test_unit_template_is_package_data() -> None:
     assert "{{ exec_start }}" in host_text(unit.UNIT_NAME)
 
 
-def test_unit_renders_with_jinja2_as_before() -> None:
-    # the exact text the former @EXEC_START@ substitution produced for these inputs
-    expected = (
-        "# libshare-daemon: written by 'libshare daemon install'; removed by 'libshare "
-        "daemon uninstall'.\n"
-        "[Unit]\n"
-        "Description=libshare automatic runtime redirect of library-region guests\n"
-        "After=libvirtd.service virtqemud.service\n\n"
-        "[Service]\n"
-        "Type=simple\n"
-        'ExecStart="/opt/py bin/python3" -m libshare --state-dir "/s \\"q\\"" daemon\n'
-        "Restart=on-failure\n"
-        "RestartSec=10\n"
-        "# a redirect in hand (a slow TCG guest restarting its services) is finished first\n"
-        "TimeoutStopSec=300\n\n"
-        "[Install]\n"
-        "WantedBy=multi-user.target\n")
-    assert unit.render_unit("/opt/py bin/python3", ["--state-dir", '/s "q"']) == expected
+def test_unit_renders_with_jinja2() -> None:
+    text = unit.render_unit("/opt/py bin/python3", ["--state-dir", '/s "q"'],
+                            state_dir='/s "q"')
+    assert 'ExecStart="/opt/py bin/python3" -m libshare --state-dir "/s \\"q\\"" daemon\n' \
+        in text
+    assert 'ReadWritePaths="/s \\"q\\""\n' in text
+    assert "SyslogIdentifier=libshare\n" in text and "ProtectHome=yes\n" in text
     # no HTML escaping, nothing left over
     text = unit.render_unit("/usr/bin/python3", ["--config", "/a&b<c>.toml"])
     assert '"/a&b<c>.toml"' in text and "{{" not in text
+    # an interpreter in a home directory (a venv over pyenv in /root) stays readable
+    assert "ProtectHome=read-only\n" in unit.render_unit("/root/.venv/bin/python3")
+
+
+def exposure(text: str, tmp_path: Path) -> float:
+    """Return what ``systemd-analyze security --offline=true`` rates unit ``text``."""
+    import re
+    import subprocess
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is missing (Debian package systemd)")
+    path = tmp_path / unit.UNIT_NAME
+    path.write_text(text)
+    res = subprocess.run(["systemd-analyze", "security", "--offline=true", str(path)],
+                         capture_output=True, text=True, timeout=120)
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", res.stdout)
+    if found is None:
+        pytest.skip(f"systemd-analyze cannot rate a unit here: {res.stderr.strip()[:200]}")
+    return float(found.group(1))
+
+
+@pytest.mark.parametrize("python", ["/opt/libshare/venv/bin/python3", "/root/.venv/bin/python3"])
+def test_unit_exposure_is_low(tmp_path: Path, python: str) -> None:
+    """The rendered unit is hardened: 9.6 UNSAFE before, at most EXPOSURE_GOAL now."""
+    text = unit.render_unit(python, ["--state-dir", "/var/lib/libshare"])
+    assert exposure(text, tmp_path) <= unit.EXPOSURE_GOAL
 
 
 def test_unit_template_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -493,3 +510,32 @@ def test_unit_template_refuses_an_unknown_variable(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(unit, "unit_template", lambda: "ExecStart={{ exec_strat }}\n")
     with pytest.raises(jinja2.UndefinedError):
         unit.render_unit()
+
+
+def test_daemon_lines_carry_journal_priorities(tmp_path: Path) -> None:
+    """Under its unit (SyslogIdentifier=libshare) the daemon's stderr is the journal:
+    each line then starts with its syslog priority, so a failure is an error there."""
+    import json
+    import subprocess
+    import sys
+
+    (tmp_path / "requests").mkdir()
+    (tmp_path / "requests" / "bad.json").write_text("garbage")
+    (tmp_path / "requests" / "gone.json").write_text(json.dumps(
+        {"domain": "gone", "requested_at": time.time()}))
+    errfile = tmp_path / "stderr"
+    with open(errfile, "wb") as fh:
+        st = os.fstat(fh.fileno())
+        res = subprocess.run([sys.executable, "-m", "libshare", "--state-dir", str(tmp_path),
+                              "-c", "test:///default", "daemon", "--once"], stderr=fh,
+                             stdout=subprocess.DEVNULL, timeout=60,
+                             env={**os.environ, "LIBSHARE_CONFIG": "",
+                                  "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    lines = errfile.read_text().splitlines()
+    assert res.returncode == 0, lines
+    assert any(x.startswith("<4>libshare daemon: bad: unreadable request") for x in lines), lines
+    assert any(x.startswith("<6>libshare daemon: gone: request dropped") for x in lines), lines
+    # not the journal: plain lines
+    d = daemon.Daemon(tmp_path, lambda: None, err=io.StringIO())
+    d.log("x", daemon.FAILED, "redirect failed: boom")
+    assert d.err.getvalue() == "libshare daemon: x: redirect failed: boom\n"  # type: ignore[union-attr]

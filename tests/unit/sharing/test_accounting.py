@@ -96,3 +96,26 @@ def test_copies_are_anonymous_pages_not_private_dirty(tmp_path: Path) -> None:
     assert reg["Anonymous"] == 1024 and accounting.copied_kb(reg) == 1024
     # Private_Dirty counts the copies and the dirty page cache: it is not a copy count
     assert reg["Private_Dirty"] > accounting.copied_kb(reg), reg
+
+
+def test_one_smaps_read_selects_ram_region_and_hugetlb(tmp_path: Path) -> None:
+    from tests.support.proc import Map, qemu_maps, write_process
+
+    ram = 512 * MiB
+    maps = qemu_maps(ram, "/r/img", {"Rss": 1000, "Pss": 800},
+                     {"Rss": 400, "Pss": 100, "Anonymous": 8, "Shared_Clean": 392})
+    maps.append(Map(0x7FE000000000, ram, "rw-s", "/dev/shm/libshare-web", {"Rss": 9}))
+    write_process(tmp_path, 5, maps)
+    got = accounting.smaps(5, tmp_path)
+    ram_maps = accounting.guest_ram_mappings(got, [ram])
+    assert [m.start for m in ram_maps] == [0x7F8000000000]   # not the /dev/shm one
+    total = accounting.summed(ram_maps)
+    assert total["Rss"] == 1000 and total["resident"] == 1000 and total["mappings"] == 1
+    reg = accounting.summed(accounting.region_mappings(got, "/r/img"))
+    assert (reg["Rss"], reg["Pss"], reg["Anonymous"]) == (400, 100, 8)
+    # guest RAM on hugetlbfs: Rss leaves the huge pages out, resident counts them
+    huge = qemu_maps(ram, None, {"Private_Hugetlb": 6144},
+                     ram_path="/dev/hugepages/libvirt/qemu/1-g/pc.ram", ram_page_kb=2048)
+    write_process(tmp_path, 6, huge)
+    hram = accounting.summed(accounting.guest_ram_mappings(accounting.smaps(6, tmp_path), [ram]))
+    assert hram["mappings"] == 1 and hram["Rss"] == 0 and hram["resident"] == 6144

@@ -105,3 +105,54 @@ def test_parse_console() -> None:
     assert rc == 3
     assert boot == pytest.approx(2.31)
     assert parse_console("LIBSHARE-TEST-BEGIN\npartial\n") == ("partial\n", None, None)
+
+
+def test_reader_stops_where_a_compressed_archive_starts() -> None:
+    """The walk over an initrd: archives, zero padding, then what is no archive (a
+    compressed one) at :attr:`ArchiveReader.end`; file contents skipped on request."""
+    import io
+
+    first = cpio.write_archive(_sample())
+    blob = first + b"\0" * 512 + cpio.write_archive([cpio.file_entry("b", b"y")]) + \
+        b"\0" * 8 + b"\x28\xb5\x2f\xfd rest"
+    reader = cpio.ArchiveReader(io.BytesIO(blob))
+    entries = list(reader.entries(data=False))
+    assert [e.name for e in entries] == [e.name for e in _sample()] + ["b"]
+    assert next(e for e in entries if e.name == "etc/hello").data == b""
+    assert next(e for e in entries if e.name == "bin/sh").data == b"/bin/busybox"
+    assert reader.archives == 2 and blob[reader.end:].startswith(b"\x28\xb5\x2f\xfd")
+    done = cpio.ArchiveReader(io.BytesIO(first))
+    assert len(list(done.entries())) == len(_sample()) and done.end is None
+
+
+@pytest.mark.parametrize("blob,match", [
+    (b"070701" + b"Z" * 104, "bad cpio header"),
+    (cpio.write_archive([cpio.file_entry("a", b"x" * 100)])[:150], "truncated"),
+])
+def test_reader_refuses_malformed_archives(blob: bytes, match: str) -> None:
+    import io
+
+    with pytest.raises(cpio.ArchiveError, match=match):
+        list(cpio.ArchiveReader(io.BytesIO(blob)).entries())
+
+
+def test_reader_bounds() -> None:
+    import io
+
+    blob = cpio.write_archive([cpio.file_entry(f"f{i}", b"x" * 10) for i in range(5)])
+    with pytest.raises(cpio.ArchiveError, match="more than 3"):
+        list(cpio.ArchiveReader(io.BytesIO(blob), max_entries=3).entries())
+    with pytest.raises(cpio.ArchiveError, match="bounds"):
+        list(cpio.ArchiveReader(io.BytesIO(blob), max_data=5).entries())
+
+
+def test_append_archive_pads_to_four_bytes(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    base.write_bytes(b"abcde")
+    over = cpio.write_archive([cpio.file_entry("x", b"1")])
+    digest = cpio.append_archive(base, over, tmp_path / "out", mode=0o600)
+    out = (tmp_path / "out").read_bytes()
+    assert out == b"abcde\0\0\0" + over
+    import hashlib
+    assert digest == hashlib.sha256(out).hexdigest()
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o600
