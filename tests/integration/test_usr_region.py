@@ -18,7 +18,7 @@ under a directory bind (dpkg -i of a rebuilt ``hostname`` package) succeeds and 
 file is the one used. Last, B is moved to the library region and restarted: it then
 caches at least twice what it caches with the usr region (each added guest costs the
 host that much more), and the boot-time binds of the usr region took at most 3 s more
-than the library region's; main's script (today's library mode) is timed in B too.
+than the library region's.
 """
 
 from __future__ import annotations
@@ -26,9 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +38,7 @@ import pytest
 from libshare import domxml
 from libshare.config import Config
 from libshare.demo import story
-from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
+from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions
 from libshare.demo.debian.image import DebianImage, debian_image, image_root
 from libshare.domxml.memory import guest_ram_sizes
 from libshare.redirect import actions
@@ -48,11 +46,11 @@ from libshare.sharing.accounting import guest_ram_usage, region_usage
 from libshare.sharing.region import build, policy
 from libshare.sharing.store import import_tree, load_index
 from libshare.virt import enrol
-from tests.integration.test_redirect import flip_last_byte, libshare
+from tests.integration.test_redirect import flip_last_byte, libshare, start_enrolled
+from tests.support.paths import open_to_qemu, state_base
 
 pytestmark = pytest.mark.integration
 
-TEST_ROOT = Path("/var/lib/libshare-test")
 USR, LIBS = "lstest-usr", "lstest-lib"
 BASELINE_KB = story.IDLE_BASELINE_KB
 MAX_BINDS = 64
@@ -75,10 +73,7 @@ def regions() -> Iterator[Regions]:
         image = debian_image()
     except Exception as exc:  # no network and no cache: say so
         pytest.skip(f"no Debian guest image: {exc}")
-    TEST_ROOT.mkdir(parents=True, exist_ok=True)
-    TEST_ROOT.chmod(0o755)
-    base = Path(tempfile.mkdtemp(prefix="usr-", dir=TEST_ROOT))
-    try:
+    with state_base("usr-") as base:
         cfg = Config(state_dir=base / "state")
         t0 = time.monotonic()
         with image_root(image, workdir=base) as root:
@@ -92,34 +87,11 @@ def regions() -> Iterator[Regions]:
         print(f"import {t1 - t0:.0f} s; usr region {usr.files} files, {usr.size >> 20} MiB, "
               f"{len(usr.trees[0]['offered'])} directories offered, built in "
               f"{t2 - t1:.0f} s; libraries region {libs.files} files, {libs.size >> 20} MiB")
-        for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
-                  cfg.regions_dir / "groups"):
-            d.chmod(0o755)
+        open_to_qemu(base, cfg)
         yield Regions(cfg, image, usr, libs, image.directory.parent.parent / "debs")
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ guest ground truth
-
-#: run inside a guest with the library region: ``apply`` at run time of main's script
-#: (today's library mode; its second run, verdicts cached) and of this one
-TIMING = r"""
-up() { cut -d' ' -f1 /proc/uptime; }
-/usr/sbin/libshare-redirect remove --no-restart > /dev/null
-LIBSHARE_STATE=/var/lib/libshare-old sh /root/old-redirect apply --no-restart > /dev/null
-LIBSHARE_STATE=/var/lib/libshare-old sh /root/old-redirect remove --no-restart > /dev/null
-t0=$(up)
-LIBSHARE_STATE=/var/lib/libshare-old sh /root/old-redirect apply --no-restart > /tmp/old.out
-t1=$(up)
-echo "main $(grep '^binds_total=' /tmp/old.out) $t0 $t1"
-LIBSHARE_STATE=/var/lib/libshare-old sh /root/old-redirect remove --no-restart > /dev/null
-t0=$(up)
-/usr/sbin/libshare-redirect apply --no-restart > /tmp/new.out
-t1=$(up)
-echo "this $(grep '^binds_total=' /tmp/new.out) $t0 $t1"
-"""
-
 
 def view(g: DebianGuest) -> dict[str, Any]:
     """Return the demo's view of guest ``g`` (:func:`libshare.demo.story.guest_view`),
@@ -167,11 +139,7 @@ def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callab
     opts = DebianGuestOptions(image=reg.image, boot_timeout=600)
     name_a, name_b = domain_name(), domain_name()
     with contextlib.ExitStack() as stack:
-        da = stack.enter_context(defined_debian_guest(libvirt_conn, name_a, opts))
-        db = stack.enter_context(defined_debian_guest(libvirt_conn, name_b, opts))
-        for name in (name_a, name_b):
-            enrol.enable_domain(libvirt_conn, name, spec)
-        a, b = da.start(wait=False), db.start(wait=False)
+        a, b = start_enrolled(stack, libvirt_conn, opts, {name_a: spec, name_b: spec})
         a.wait_booted()
         b.wait_booted()
 
@@ -260,14 +228,6 @@ def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callab
         b.restart(timeout=900)
         vl = view(b)
         print(line("B (libraries)", vl))
-        # today's library mode (main's script) against this one, at run time in B
-        old = subprocess.run(["git", "-C", str(Path(__file__).parent), "show",
-                              "main:libshare/data/guest/libshare-redirect"],
-                             capture_output=True, check=False).stdout
-        if old:
-            b.agent.write_file("/root/old-redirect", old, mode=0o755)
-            timing = b.sh(TIMING, timeout=1800)
-            print("B library mode at run time (seconds):", timing.strip().replace("\n", "; "))
         pid = b.qemu_pid()
         assert pid
         ram_lib = guest_ram_usage(pid, guest_ram_sizes(domxml.parse(b.domain.XMLDesc(0))))
