@@ -438,6 +438,11 @@ def test_identical_usr_is_bound_in_a_few_directory_binds(usr_fake: Fake, awk: st
     # nothing changed: the next apply from scratch (a boot) reads the plan kept
     out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_AWK=awk)
     assert out["plan"] == "kept" and _binds(fake) == {d: "dir" for d in dirs}
+    # ... without caching any of it: the guest's page cache holds none of libshare's state
+    plan = [str(fake.root / "var/lib/libshare/plan" / n) for n in ("list", "fstab", "want")]
+    res = subprocess.run(["fincore", "-n", "-b", "-o", "RES,FILE", *plan],
+                         capture_output=True, text=True, check=True).stdout
+    assert [ln.split()[0] for ln in res.splitlines()] == ["0"] * 3, res
     assert out["identical"] == again["identical"] and out["bound"] == "4"
     fake.run_script("remove", "--no-restart")
 
