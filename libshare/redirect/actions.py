@@ -360,6 +360,7 @@ class RedirectReport:
     removed: int = 0
     deleted: list[str] = field(default_factory=list)
     initramfs: str | None = None
+    grub: str | None = None              # unredirect: update-grub without libshare's drop-in
     restarted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     agent_restarted: bool = False
@@ -486,7 +487,7 @@ def unredirect(dom: Any, restart: bool = True,
     report = RedirectReport(
         domain=name, action="unredirect", removed=_int(kv, "removed"),
         deleted=list(kv.get("deleted", [])), initramfs=kv.get("initramfs"),
-        restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
+        grub=kv.get("grub"), restarted=str(kv.get("restarted", "")).split(), kept=str(kv.get("kept", "")).split())
     report.agent_restarted = _restart_agent(agent, kv, name, steps=steps)
     from libshare.redirect import bootmode  # it builds on this module
 

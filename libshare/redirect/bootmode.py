@@ -242,7 +242,37 @@ def setup(dom: Any, agent: GuestAgent, state_dir: Path, report: actions.InstallR
         assert where is not None
         return _direct(dom, agent, facts, boot, where, report, steps)
     path = GRUB if facts.get("boot_image") and facts.get("grub") == "1" else UNKNOWN
-    return _disk(dom, agent, facts, path, report, steps)
+    rep = _disk(dom, agent, facts, path, report, steps)
+    _grub_cmdline(agent, rep, steps)
+    return rep
+
+
+#: seconds update-grub may take in a guest (it probes every disk; TCG guests are slow)
+GRUB_TIMEOUT = 300.0
+
+
+def _grub_cmdline(agent: GuestAgent, rep: BootReport, steps: actions.Steps) -> None:
+    """Regenerate the guest's GRUB configuration (``libshare-redirect grub``) so that
+    its kernel command line gets libshare's drop-in (``swiotlb=noforce`` while all its
+    RAM lies below 4 GiB: no 64 MiB of bounce buffers, see
+    :data:`libshare.domxml.transform.NO_BOUNCE_BUFFERS`); add what was done, or why not, to
+    ``rep.done``. Returns nothing."""
+    res = steps.run("update-grub", agent, [actions.SCRIPT, "grub"], timeout=GRUB_TIMEOUT)
+    kv = actions.parse_kv(res.out)
+    state = kv.get("grub")
+    spare = ("; add swiotlb=noforce to its kernel command line by hand to spare the 64 "
+             "MiB of bounce buffers its kernel reserves (all RAM below 4 GiB)")
+    saved = (f" (its grub.cfg, not made by grub-mkconfig, kept as {kv['grub_saved']})"
+             if kv.get("grub_saved") else "")
+    if state == "updated":
+        rep.done.append(("update-grub: the kernel command line has swiotlb=noforce from "
+                         "the next boot (no bounce buffers)" if kv.get("noforce") == "1" else
+                         "update-grub: the kernel command line left as it was (RAM at or "
+                         "above 4 GiB: the kernel may need its bounce buffers)") + saved)
+    elif state == "none":
+        rep.done.append("no update-grub in the guest" + spare)
+    else:
+        rep.done.append(f"update-grub failed in the guest ({actions.tail(res)})" + spare)
 
 
 def teardown(dom: Any, state_dir: Path | None) -> str | None:

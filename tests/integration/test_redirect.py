@@ -157,6 +157,14 @@ def flip_last_byte(g: DebianGuest, path: str) -> None:
     g.sh(f"mv -f {path}.lstest {path}")
 
 
+def bounce_buffers(g: DebianGuest) -> str:
+    """Return the guest kernel's "software IO TLB: mapped" line ('' when it reserved no
+    bounce buffers), from its own log (checked to still hold the boot's first lines)."""
+    log = g.sh("dmesg")
+    assert "Command line:" in log, log[:400]
+    return "\n".join(line for line in log.splitlines() if "software IO TLB: mapped" in line)
+
+
 def restart(g: DebianGuest, timeout: float = 600) -> float:
     """Power-cycle guest ``g`` and wait for the next boot; return the seconds it took.
 
@@ -216,8 +224,14 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
         print("install A:", inst)
         assert inst["initramfs"] == "updated" and inst["initramfs_entries"] > 0
         assert (inst["boot"]["path"], inst["boot"]["mode"]) == ("grub", "boot"), inst["boot"]
+        # enrolment's maxMemory made A's kernel reserve bounce buffers; update-grub puts
+        # libshare's drop-in (swiotlb=noforce) on its command line from the next boot
+        assert bounce_buffers(a)
+        assert any("swiotlb=noforce from the next boot" in d for d in inst["boot"]["done"])
         print(f"A restarted in {restart(a):.0f}s (multi-user at uptime "
               f"{a.last_boot.uptime if a.last_boot else '?'} s)")
+        assert "swiotlb=noforce" in a.sh("cat /proc/cmdline")
+        assert bounce_buffers(a) == ""
         print("A kernel log:", a.sh("dmesg | grep -i libshare || true").strip())
 
         # ---- B: runtime mode by the daemon (install + redirect), one library one byte off
@@ -307,7 +321,10 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
             proc = libshare("unredirect", g.name, "--json")
             assert proc.returncode == 0, proc.stderr
             print(f"unredirect {g.name}:", proc.stdout.strip().replace("\n", " ")[:400])
+            # the drop-in went with the other files; update-grub ran without it
+            assert json.loads(proc.stdout)["grub"] == "updated", proc.stdout
         restart(a)
+        assert "swiotlb" not in a.sh("cat /proc/cmdline")
         for g in (a, b):
             left = g.sh("grep -c ' /usr/lib/' /proc/self/mountinfo || true").strip()
             assert left == "0", g.sh("cat /proc/self/mountinfo")
@@ -365,6 +382,9 @@ def test_boot_time_redirect_with_direct_kernel_boot(
                 and "next start" in tb["why"], tb
 
             print(f"restarted in {restart(g):.0f}s")
+            # enable put swiotlb=noforce on the domain's command line: no bounce buffers
+            assert "swiotlb=noforce" in g.sh("cat /proc/cmdline")
+            assert bounce_buffers(g) == ""
             print("kernel log:", g.sh("dmesg | grep -i libshare || true").strip()[-800:])
             print("boot record:", g.sh("cat /run/libshare/boot.out || true")[:400])
             view = guest_view(g, reg)

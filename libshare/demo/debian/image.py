@@ -12,7 +12,8 @@ The image: an MBR disk with one ext4 partition (label ``lsroot``, root by UUID),
 (i386-pc, ``core.img`` embedded after the MBR, ``/boot/grub/grub.cfg`` booting the
 ``/vmlinuz`` and ``/initrd.img`` symlinks that Debian's kernel scripts maintain, so an
 ``update-initramfs -u`` inside the guest takes effect at the next boot), kernel command
-line :data:`DEBIAN_CMDLINE` (serial console on ttyS0), hostname ``lsguest``, no network,
+line :data:`DEBIAN_CMDLINE` (serial console on ttyS0; Debian's ``update-grub`` is there
+and regenerates an equivalent grub.cfg from :data:`GRUB_DEFAULTS`), hostname ``lsguest``, no network,
 no getty but the serial one, timers and other idle units masked, and a oneshot unit that
 prints ``LIBSHARE-DEBIAN-BOOTED boot_id=... uptime=... release=...`` on the console once
 ``multi-user.target`` is reached. The initramfs is initramfs-tools' with ``MODULES=list``
@@ -55,6 +56,9 @@ DEFAULT_SUITE = "bookworm"
 BASE_PACKAGES: tuple[str, ...] = (
     "systemd-sysv", "udev", "kmod", "qemu-guest-agent", "linux-image-amd64",
     "initramfs-tools", "util-linux", "coreutils", "procps", "e2fsprogs", "zstd",
+    # update-grub, as in every Debian install booting with GRUB (the GRUB code itself
+    # is written from the host's grub-pc-bin at build time)
+    "grub2-common", "grub-pc-bin",
 )
 
 
@@ -77,8 +81,23 @@ HOSTNAME = "lsguest"
 ROOT_LABEL = "lsroot"
 
 
+#: The image's serial console (its kernel command line and GRUB's /etc/default/grub).
+DEBIAN_CONSOLE = "console=ttyS0,115200"
 #: Kernel command line written into the image's grub.cfg.
-DEBIAN_CMDLINE = "console=ttyS0,115200 ro"
+DEBIAN_CMDLINE = f"{DEBIAN_CONSOLE} ro"
+#: The image's /etc/default/grub: what update-grub in the guest makes of it boots as
+#: the grub.cfg written at build time does (serial console, no menu).
+GRUB_DEFAULTS = f"""# written by libshare/demo/debian/image.py
+GRUB_DEFAULT=0
+GRUB_TIMEOUT=0
+GRUB_DISTRIBUTOR=Debian
+GRUB_CMDLINE_LINUX_DEFAULT=""
+GRUB_CMDLINE_LINUX="{DEBIAN_CONSOLE}"
+GRUB_TERMINAL=serial
+GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
+GRUB_DISABLE_OS_PROBER=true
+GRUB_DISABLE_RECOVERY=true
+"""
 
 
 DISK_MIB = 4096
@@ -91,7 +110,7 @@ BOOTED_MARKER = "LIBSHARE-DEBIAN-BOOTED"
 
 
 #: Bump when the build recipe changes: part of the cache key.
-IMAGE_FORMAT = "2"
+IMAGE_FORMAT = "3"
 
 
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
@@ -262,11 +281,14 @@ def _configure_root(rootfs: Path, root_uuid: str) -> str:
     # GRUB: modules in /boot/grub/i386-pc, a config booting Debian's symlinks
     grub = rootfs / "boot" / "grub"
     (grub / "i386-pc").mkdir(parents=True, exist_ok=True)
+    (etc / "default").mkdir(exist_ok=True)
+    (etc / "default" / "grub").write_text(GRUB_DEFAULTS)
     for f in GRUB_DIR.iterdir():
         if f.suffix in (".mod", ".lst"):
             shutil.copy2(f, grub / "i386-pc" / f.name)
     (grub / "grub.cfg").write_text(
-        "# written by libshare/demo/debian/image.py (no update-grub in this image)\n"
+        "# written by libshare/demo/debian/image.py at build time (update-grub in the "
+        "guest replaces it from /etc/default/grub)\n"
         "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n"
         "set timeout=0\nset default=0\ninsmod part_msdos\ninsmod ext2\n"
         "menuentry 'Debian GNU/Linux' {\n"

@@ -163,11 +163,12 @@ def test_redirect_needs_install_and_reports_guest_refusal() -> None:
 
 
 def test_unredirect() -> None:
-    out = "removed=29\nlazy=3\ndeleted=/usr/sbin/libshare-redirect\ninitramfs=updated\n"
+    out = ("removed=29\nlazy=3\ndeleted=/usr/sbin/libshare-redirect\ninitramfs=updated\n"
+           "grub=updated\nnoforce=0\n")
     agent = FakeAgent(guest(uninstall_out=out))
     rep = actions.unredirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
     assert rep.removed == 29 and rep.deleted == ["/usr/sbin/libshare-redirect"]
-    assert rep.initramfs == "updated"
+    assert rep.initramfs == "updated" and rep.grub == "updated"
     agent = FakeAgent(guest(installed=False))
     with pytest.raises(RefusedError, match="nothing to undo"):
         actions.unredirect(FakeDomain("g1", enrolled_xml()), agent_factory=factory(agent))
@@ -215,7 +216,7 @@ def test_each_guest_step_is_shown_with_elapsed_seconds_and_logged(
         (actions.install, {}, ["install files (9 files)", "start the unit ...",
                                "hash libraries ...", "boot path ...",
                                "update-initramfs ...",
-                               "list the initramfs ..."]),
+                               "list the initramfs ...", "update-grub ..."]),
         (actions.redirect, {"apply_out": "bound=1\nagent_restart=deferred\n"},
          ["bind and restart ...", "restart the agent ..."]),
         (actions.unredirect, {"uninstall_out": "removed=1\n"},

@@ -46,9 +46,11 @@ def listing(tools: list[str], modules: bool = True, lack: str | None = None) -> 
     return "\n".join(lines) + "\n"
 
 
-def agent_for(fact_text: str, files_text: str = "", initramfs_ok: bool = True
-              ) -> FakeAgent:
+def agent_for(fact_text: str, files_text: str = "", initramfs_ok: bool = True,
+              grub: str = "grub=updated\nnoforce=1\n") -> FakeAgent:
     def handle(argv: list[str], stdin: bytes | None) -> ExecResult:
+        if argv == [actions.SCRIPT, "grub"]:
+            return ExecResult(0, grub.encode(), b"")
         if argv[:4] == ["/bin/sh", "-s", "--", "probe"]:
             return ExecResult(0, b"region_device=/dev/pmem0\ndax=1\n", b"")
         if argv[:4] == ["/bin/sh", "-s", "--", "facts"]:
@@ -196,3 +198,30 @@ def test_hook_lists_are_read_from_the_hook() -> None:
     assert "mount" in tools and "blkid" in tools and "nfit" in modules
     with pytest.raises(Exception, match="no TOOLS list"):
         bootmode.hook_lists("#!/bin/sh\n")
+
+
+@pytest.mark.parametrize("grub,says", [
+    ("grub=updated\nnoforce=1\n", "swiotlb=noforce from the next boot"),
+    ("grub=updated\nnoforce=0\n", "left as it was (RAM at or above 4 GiB"),
+    ("grub_saved=/boot/grub/grub.cfg.before-libshare\ngrub=updated\nnoforce=1\n",
+     "(its grub.cfg, not made by grub-mkconfig, kept as /boot/grub/grub.cfg.before-libshare)"),
+    ("grub=none\n", "no update-grub in the guest; add swiotlb=noforce"),
+    ("grub=failed\n", "update-grub failed in the guest"),
+])
+def test_disk_boot_gets_the_grub_dropin_applied(tmp_path: Path, grub: str, says: str) -> None:
+    """A guest booted from its disk (GRUB, unknown, fallbacks too) has update-grub run
+    for libshare's drop-in; the report says what came of it; direct kernel boot gets
+    the option on the domain's own command line instead (no update-grub)."""
+    xml = domxml.serialize(domxml.enable(domxml.parse(
+        "<domain type='qemu'><name>g1</name><uuid>" + UUID + "</uuid><memory unit='MiB'>"
+        "512</memory><os><type arch='x86_64'>hvm</type></os><devices/></domain>"),
+        region_spec()))
+    for generator in ("initramfs-tools", "none"):
+        agent = agent_for(facts("/vmlinuz", generator), grub=grub)
+        rep = install(FakeDomain("g1", xml), agent, tmp_path)
+        assert rep.boot is not None and any(says in d for d in rep.boot["done"]), rep.boot
+        assert ("exec", [actions.SCRIPT, "grub"]) in agent.calls
+    tools, _ = bootmode.hook_lists()
+    agent = agent_for(facts(), listing(tools), grub=grub)
+    install(enrolled_dkb(tmp_path), agent, tmp_path / "state")
+    assert ("exec", [actions.SCRIPT, "grub"]) not in agent.calls
