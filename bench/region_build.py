@@ -1,6 +1,12 @@
 """Benchmark: region build time vs plain mkfs.erofs, and image size vs library bytes.
 
-Owns one measurement, run once (no repetitions, so the ratio is from one run): every
+Owns two measurements, each run once (no repetitions, so a ratio is from one run).
+With ``--debian`` (the Debian test image's root, read on the host read-only:
+:func:`libshare.demo.debian.image.image_root`) or ``--root DIR`` (any guest root): a
+whole guest tree is imported, the region of ``--policy`` (default ``usr``) is built on
+``--fs`` (default erofs) and compared with plain ``mkfs.erofs -Enoinline_data`` (or
+``mkfs.ext4 -d``) on the same files (the tree's /usr), with verify timed too.
+Otherwise: every
 regular ``*.so``/``*.so.*`` file under LIBDIR (default /usr/lib/x86_64-linux-gnu) is
 copied into a scratch tree; then
 
@@ -15,7 +21,8 @@ and prints the times, their ratio (region build also fsyncs its image and hashes
 plain mkfs.erofs leaves its output in the page cache), the image size against the sum of the file sizes,
 the command that reproduces the run and the machine it ran on.
 
-Usage (from the project root): ``.venv/bin/python -m bench.region_build [--libdir DIR] [--json]``
+Usage (from the project root): ``.venv/bin/python -m bench.region_build [--libdir DIR]
+[--debian | --root DIR] [--policy P] [--fs erofs|ext4] [--json]``
 """
 
 from __future__ import annotations
@@ -45,6 +52,56 @@ def timed_mkfs(image: Path, tree: Path) -> float:
     subprocess.run(["mkfs.erofs", "--quiet", "-Enoinline_data", str(image), str(tree)],
                    check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - t0
+
+
+def timed_mkfs_ext4(image: Path, tree: Path, size: int) -> float:
+    """Return the seconds plain ``mkfs.ext4 -d`` takes to format ``tree`` into a file
+    ``image`` of ``size`` bytes (no journal, no lazy init: as region build does)."""
+    os.sync()
+    with open(image, "wb") as fh:
+        fh.truncate(size)
+    t0 = time.perf_counter()
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "4096", "-O", "^has_journal",
+                    "-E", "lazy_itable_init=0,nodiscard", "-d", str(tree), str(image)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def run_tree(root: Path, scratch: Path, policy: str, fs: str) -> dict[str, Any]:
+    """Import the guest tree ``root``, build its ``policy`` region on ``fs``, and time
+    plain mkfs of the tree's /usr (the same files); return the measurements."""
+    cfg = Config(state_dir=scratch / "state")
+    os.sync()
+    t0 = time.perf_counter()
+    imp = import_tree(cfg.store_dir, [root])
+    t_import = time.perf_counter() - t0
+    os.sync()
+    t0 = time.perf_counter()
+    res = build.build_region(cfg, "bench", policy=policy, trees_wanted=imp.trees,
+                             filesystem=fs)
+    t_build = time.perf_counter() - t0
+    plain = scratch / f"plain.{fs}"
+    if fs == "ext4":
+        t_mkfs = timed_mkfs_ext4(plain, root / "usr", res.fs_size)
+    else:
+        t_mkfs = timed_mkfs(plain, root / "usr")
+    t0 = time.perf_counter()
+    problem = verify.verify(res.path)
+    t_verify = time.perf_counter() - t0
+    usr_bytes = sum(e.size for e in load_index(cfg.store_dir).entries.values()
+                    if any(p.startswith("/usr/") for p in e.paths))
+    return {"root": str(root), "policy": policy, "filesystem": fs,
+            "files_seen": imp.files_seen, "stored_objects": len(imp.added),
+            "region_files": res.files, "region_data_bytes": res.data_size,
+            "usr_object_bytes": usr_bytes,
+            "directories_offered": sum(len(t["offered"]) for t in res.trees),
+            "import_s": round(t_import, 3), "region_build_s": round(t_build, 3),
+            "plain_mkfs_s": round(t_mkfs, 3),
+            "ratio_build_vs_mkfs": round(t_build / t_mkfs, 2) if t_mkfs else None,
+            "verify_s": round(t_verify, 3), "verify": problem or "ok",
+            "image_bytes": res.size, "fs_bytes": res.fs_size,
+            "plain_fs_bytes": plain.stat().st_size,
+            "image_vs_files": round(res.size / res.data_size, 4), "digest": res.digest}
 
 
 def collect(libdir: Path, dest: Path) -> tuple[int, int]:
@@ -118,6 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run once, print the report; return the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--libdir", type=Path, default=Path("/usr/lib/x86_64-linux-gnu"))
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--debian", action="store_true",
+                       help="a whole guest: the Debian test image's root (read-only)")
+    where.add_argument("--root", type=Path, help="a whole guest: this root directory")
+    ap.add_argument("--policy", default="usr", help="with --debian/--root (default usr)")
+    ap.add_argument("--fs", default="erofs", choices=("erofs", "ext4"),
+                    help="with --debian/--root: the region's filesystem")
     ap.add_argument("--scratch", type=Path, default=None,
                     help="scratch directory (default: a temporary one under /var/tmp)")
     ap.add_argument("--json", action="store_true")
@@ -125,7 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     cmd = reproduce_command("bench.region_build", argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="libshare-bench-", dir="/var/tmp"))
     try:
-        result = run(args.libdir, scratch)
+        if args.debian:
+            from libshare.demo.debian.image import debian_image, image_root
+
+            with image_root(debian_image(), workdir=scratch) as root:
+                result = run_tree(root, scratch, args.policy, args.fs)
+        elif args.root:
+            result = run_tree(args.root.resolve(), scratch, args.policy, args.fs)
+        else:
+            result = run(args.libdir, scratch)
     finally:
         if args.scratch is None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -133,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
+    if "root" in result:
+        _print_tree(cmd, report["machine"], result)
+        return 0 if result["verify"] == "ok" else 1
     r, m = result, report["machine"]
     mib = 1024 * 1024
     print(f"reproduce: {cmd}")
@@ -152,6 +227,26 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['erofs_bytes'] / mib:.1f} MiB, plain mkfs {r['plain_erofs_bytes'] / mib:.1f} "
           f"MiB) vs files {r['stored_bytes'] / mib:.1f} MiB  ->  x{r['image_vs_files']}")
     return 0 if r["verify"] == "ok" else 1
+
+
+def _print_tree(cmd: str, m: dict[str, Any], r: dict[str, Any]) -> None:
+    """Print the whole-guest measurement ``r``."""
+    mib = 1024 * 1024
+    print(f"reproduce: {cmd}")
+    print(f"machine:   {m['hostname']}: {m['cpu']}, {m['cores']} cores, "
+          f"{m['memory_mib']} MiB, kernel {m['kernel']}")
+    print(f"input:     {r['files_seen']} files under {r['root']}; {r['stored_objects']} new "
+          f"objects; {r['policy']} policy: {r['region_files']} files, "
+          f"{r['region_data_bytes'] / mib:.1f} MiB, {r['directories_offered']} "
+          "directories offered")
+    print(f"import:    {r['import_s']:.2f} s")
+    print(f"build:     {r['region_build_s']:.2f} s (region build, {r['filesystem']})  vs  "
+          f"{r['plain_mkfs_s']:.2f} s plain mkfs on the tree's /usr  ->  ratio "
+          f"{r['ratio_build_vs_mkfs']}")
+    print(f"verify:    {r['verify_s']:.2f} s ({r['verify']})")
+    print(f"size:      image {r['image_bytes'] / mib:.1f} MiB (filesystem "
+          f"{r['fs_bytes'] / mib:.1f} MiB, plain mkfs {r['plain_fs_bytes'] / mib:.1f} MiB) "
+          f"vs files {r['region_data_bytes'] / mib:.1f} MiB  ->  x{r['image_vs_files']}")
 
 
 if __name__ == "__main__":

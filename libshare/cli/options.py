@@ -86,3 +86,13 @@ def folder(path: str, what: str) -> Path:
     if os.path.lexists(path) and not os.path.isdir(path):
         raise LibshareError(f"{what} {path}: not a directory")
     return Path(path)
+
+
+def add_trees(parser: argparse.ArgumentParser, what: str) -> None:
+    """Add ``--tree TREE`` (repeatable, ``args.trees``: None when absent) to ``parser``:
+    an imported tree named by digest, prefix or the directory it was imported from;
+    ``what`` says what the trees are for."""
+    parser.add_argument("--tree", action="append", dest="trees", metavar="TREE",
+                        help=f"an imported tree (digest, prefix, or the directory it was "
+                        f"imported from; see 'store ls --trees') {what}; repeatable; "
+                        "default: every tree of the store")

@@ -25,7 +25,6 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,20 +34,23 @@ from typing import Any
 
 from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
-from libshare.demo.debian.image import DebianImage, copy_image_libraries, debian_image
+from libshare.demo.debian.image import DebianImage, debian_image, image_root
 from libshare.demo.tiny.initramfs import shared_libraries
 from libshare.demo.tiny.runner import GuestOptions, RunningGuest, defined_guest
 from libshare.errors import LibshareError
 from libshare.introspect.survey import DomainSurvey, survey_domain
 from libshare.redirect import actions
 from libshare.sharing import accounting
-from libshare.sharing.formats.erofs import Erofs
-from libshare.sharing.region import build, layout, manifest
+from libshare.sharing.region import build, layout
 from libshare.sharing.store import import_tree, load_index
 from libshare.util.digest import sha256_file
 from libshare.virt import api, enrol
 
 GROUP = "demo"
+#: the demo's region policy (``libshare demo --policy``)
+DEMO_POLICY = "usr"
+#: the idle Debian 12 guest's file page cache, fincore over every file (issue 12)
+IDLE_BASELINE_KB = 35_600
 PREFIX = "lsdemo-"
 PROGRAMS = ("/usr/bin/tail", "/usr/bin/ls", "/usr/bin/sort", "/usr/bin/sha256sum")
 
@@ -256,28 +258,45 @@ class _Clock:
         self.say(f"[{self.elapsed():5.0f} s] {msg}")
 
 
-def build_image_region(cfg: Config, image: DebianImage, say: Callable[[str], None]
-                       ) -> tuple[build.BuildResult, dict[str, int]]:
-    """Import the Debian image's libraries (read on the host through
-    :func:`~libshare.demo.debian.guest.image_root`, read-only) into the store and build the
-    ``demo`` group's region from exactly those; return the build result and the region's
-    guest paths (guest path -> file size in bytes, from its manifest)."""
-    tree = Path(tempfile.mkdtemp(prefix="demo-tree-", dir=cfg.state_dir))
-    try:
-        copy_image_libraries(image, tree, workdir=cfg.state_dir)
-        imported = import_tree(cfg.store_dir, [tree])
-        index = load_index(cfg.store_dir)
-        shas = sorted({sha256_file(p) for p in tree.rglob("*")
-                       if p.is_file() and not p.is_symlink()} & set(index.entries))
-        say(f"imported {len(shas)} libraries of the image into the store "
-            f"({len(imported.added)} new)")
-    finally:
-        shutil.rmtree(tree, ignore_errors=True)
-    built = build.build_region(cfg, GROUP, shas)
-    with open(built.path, "rb") as fh:
-        files = manifest.read_manifest(Erofs(fh, offset=layout.DATAOFF))["files"]
-    paths = {g: int(f["size"]) for f in files for g in f["guest_paths"]}
-    return built, paths
+def build_image_region(cfg: Config, image: DebianImage, say: Callable[[str], None],
+                       policy: str = DEMO_POLICY) -> build.BuildResult:
+    """Import the Debian image's whole root (read on the host through
+    :func:`~libshare.demo.debian.image.image_root`, read-only) into the store and build
+    the ``demo`` group's region from its tree with ``policy``; return the build
+    result."""
+    with image_root(image, workdir=cfg.state_dir) as root:
+        imported = import_tree(cfg.store_dir, [root])
+    say(f"imported the image into the store ({imported.files_seen} files, "
+        f"{len(imported.added)} new objects)")
+    return build.build_region(cfg, GROUP, policy=policy, trees_wanted=imported.trees)
+
+
+#: run inside a guest: the region's device (if mounted), the binds on it (mountinfo:
+#: mounts of the pmem device but the region's own), the page cache of the root
+#: filesystem's own copies (fincore through a non-recursive bind of /, which sees under
+#: the binds: all of them, those under /usr, the largest), every mapping of a /usr file
+#: with its device, and the boot-time apply's log line
+GUEST_VIEW = r"""
+rdev=$(findmnt -n -o MAJ:MIN /run/libshare/region 2>/dev/null | tr -d ' ')
+echo "region_dev=$rdev"
+awk '/ - (erofs|ext4) \/dev\/pmem/ && $5 != "/run/libshare/region" {n++}
+     END {print "binds=" n+0}' /proc/self/mountinfo
+mkdir -p /mnt/lsroot
+mount --bind / /mnt/lsroot
+(cd /mnt/lsroot && find . -xdev -type f -print0 | xargs -0 fincore -b -n -o RES,FILE \
+    2>/dev/null) | sort -rn > /tmp/lsview
+umount /mnt/lsroot
+awk '{s += $1} END {print "cache=" s+0}' /tmp/lsview
+awk '$2 ~ /^\.\/usr\// {s += $1} END {print "usr_cache=" s+0}' /tmp/lsview
+head -5 /tmp/lsview | sed 's/^/top=/'
+rm -f /tmp/lsview
+for m in /proc/[0-9]*/maps; do
+    pid=${m#/proc/}; pid=${pid%/maps}
+    awk -v pid="$pid" '$6 ~ "^/usr/" {print "map=" pid " " $4 " " $6}' "$m" 2>/dev/null
+done
+dmesg | grep 'libshare-redirect: bound' | tail -1 | sed 's/^/kmsg=/'
+exit 0
+"""
 
 
 def _majmin(text: str) -> str:
@@ -286,47 +305,39 @@ def _majmin(text: str) -> str:
     return f"{major:02x}:{minor:02x}"
 
 
-def guest_view(g: DebianGuest, guest_paths: dict[str, int]) -> dict[str, Any]:
+def guest_view(g: DebianGuest) -> dict[str, Any]:
     """Return what guest ``g`` itself says (read inside it through the agent): the
-    region's device, mappings of region libraries over all processes on the pmem device
-    versus from disk, the distinct region files mapped and their size (what the guest
-    would otherwise read into its own page cache, at most), the binds in place, and the
-    page cache held by the disk copies of
-    the bound files (fincore through a non-recursive bind of /, which sees under the
-    binds)."""
-    dev = g.sh("findmnt -n -o MAJ:MIN /run/libshare/region || true").strip()
-    region_dev = _majmin(dev.splitlines()[0]) if dev else None
-    maps = g.sh(r"grep -H '\.so' /proc/[0-9]*/maps || true", timeout=120)
-    on_region, disk, pids, files = 0, [], set(), set()
-    for line in maps.splitlines():
-        m = re.match(r"^/proc/(\d+)/maps:\S+ \S+ \S+ (\S+) \d+\s+(/.*)$", line)
-        if not m or m.group(3) not in guest_paths:
-            continue
-        pid, mdev, path = m.groups()
-        pids.add(pid)
-        if region_dev and mdev == region_dev:
-            on_region += 1
-            files.add(path)
-        else:
-            disk.append(f"{pid} {path}")
-    mountinfo = g.sh("cat /proc/self/mountinfo")
-    binds = sorted({f[4] for f in (ln.split() for ln in mountinfo.splitlines())
-                    if len(f) > 4 and f[4] in guest_paths})
-    cache = 0
-    if binds:
-        out = g.sh("set -e; mkdir -p /mnt/lsroot; mount --bind / /mnt/lsroot; "
-                   "cd /mnt/lsroot; fincore --bytes --noheadings -o RES "
-                   + " ".join("." + p for p in binds) + "; cd /; umount /mnt/lsroot",
-                   timeout=120)
-        cache = sum(int(x) for x in out.split())
-    return {"region_device": region_dev, "binds": len(binds), "processes": len(pids),
-            "maps_region": on_region, "maps_disk": len(disk), "disk_maps": disk[:20],
-            "region_files_mapped": len(files),
-            "region_files_mapped_kb": sum(guest_paths[f] for f in files) // 1024,
-            "disk_copies_cached_kb": cache // 1024}
+    region's device (as maps print it, None without a region mounted), its binds, every
+    process's mappings of /usr files on the pmem device versus elsewhere (the first 20
+    of those), the page cache its disk copies hold (``cache_kb``: every file of its
+    root filesystem; ``usr_cache_kb``: those under /usr, what the region can serve;
+    ``top_cached``: the largest) and how long the boot-time binds took (``bind_seconds``,
+    from the kernel log; None if not bound at boot)."""
+    kv: dict[str, list[str]] = {}
+    for line in g.sh(GUEST_VIEW, timeout=600).splitlines():
+        key, _, value = line.partition("=")
+        kv.setdefault(key, []).append(value)
+    region = kv.get("region_dev", [""])[0]
+    rdev = _majmin(region) if region else None
+    maps = [m.split(" ", 2) for m in kv.get("map", []) if m.count(" ") >= 2]
+    other = [f"{pid} {path}" for pid, dev, path in maps if dev != rdev]
+    seconds = re.search(r" in ([0-9.]+) s", kv.get("kmsg", [""])[0])
+    return {"region_device": rdev, "binds": int(kv.get("binds", ["0"])[0]),
+            "maps_region": len(maps) - len(other), "maps_disk": len(other),
+            "disk_maps": other[:20], "cache_kb": int(kv.get("cache", ["0"])[0]) // 1024,
+            "usr_cache_kb": int(kv.get("usr_cache", ["0"])[0]) // 1024,
+            "top_cached": kv.get("top", []),
+            "bind_seconds": float(seconds.group(1)) if seconds else None}
 
 
-def _parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
+def wait_idle(g: DebianGuest, seconds: float = 60.0) -> None:
+    """Wait until guest ``g`` has been up ``seconds`` (the idle baseline's moment)."""
+    up = float(g.sh("cut -d' ' -f1 /proc/uptime"))
+    if up < seconds:
+        time.sleep(seconds - up)
+
+
+def parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> list[Any]:
     """Run ``fn`` on every guest at once (one thread each); return the results in order,
     raising the first error."""
     pool = ThreadPoolExecutor(max_workers=len(guests))
@@ -342,13 +353,19 @@ def _parallel(fn: Callable[[DebianGuest], Any], guests: list[DebianGuest]) -> li
 
 
 def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
-                    say: Callable[[str], None] = print) -> dict[str, Any]:
+                    say: Callable[[str], None] = print,
+                    policy: str = DEMO_POLICY) -> dict[str, Any]:
     """Run the demo with full Debian 12 guests and the product's redirect; return its
-    report (``region``, ``guests``, ``host``, ``seconds``) as a dict.
+    report (``region``, ``guests``, ``host``, ``seconds``) as a dict. Each guest's
+    report holds what it says before libshare (``before``: its page cache after its
+    first boot, 60 s idle) and after (``after``, the same 60 s after the redirected
+    boot; plus mappings and binds).
 
     ``mode`` "boot": ``actions.install`` then a restart (boot-time mode: the initramfs
     binds the region's copies before ``switch_root``); "runtime": ``actions.install``
-    without initramfs, then ``actions.redirect`` (binds now, services restarted)."""
+    without initramfs, then ``actions.redirect`` (binds now, services restarted).
+    ``policy``: what the region holds (:mod:`libshare.sharing.region.policy`; ``usr``:
+    every file of the image's /usr)."""
     if os.geteuid() != 0:
         raise LibshareError("the demo needs root (system libvirtd, QEMU, loop devices)")
     if guests < 1 or guests > 4:
@@ -360,8 +377,9 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
     clock("Debian 12 guest image (built once, then cached; ~75 s to build)")
     image = debian_image()
     clock(f"image {image.path}")
-    built, guest_paths = build_image_region(cfg, image, clock)
-    clock(f"region {built.path}: {built.files} libraries, {built.size >> 20} MiB")
+    built = build_image_region(cfg, image, clock, policy)
+    clock(f"region {built.path}: {built.files} files ({policy} policy), "
+          f"{built.size >> 20} MiB")
     for d in (cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
               cfg.regions_dir / "groups"):
         d.chmod(0o755)
@@ -383,6 +401,13 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
             clock(f"{g.name}: booted in {boot.seconds:.0f} s")
         timings["boot"] = clock.elapsed()
 
+        def before(g: DebianGuest) -> dict[str, Any]:
+            wait_idle(g)
+            return guest_view(g)
+
+        befores = parallel(before, running)
+        clock("read the guests' page cache before libshare (fincore, 60 s idle)")
+
         def setup(g: DebianGuest) -> str:
             rep = actions.install(g.domain, update_initramfs=mode == "boot")
             if rep.initramfs.startswith("failed"):
@@ -400,18 +425,24 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
             return "runtime"
 
         clock(f"installing libshare in the guests ({mode} mode)")
-        modes = _parallel(setup, running)
+        modes = parallel(setup, running)
         timings["redirect"] = clock.elapsed()
-        views = _parallel(lambda g: guest_view(g, guest_paths), running)
+        def after(g: DebianGuest) -> dict[str, Any]:
+            if mode == "boot":
+                wait_idle(g)
+            return guest_view(g)
+
+        views = parallel(after, running)
         clock("read the guests' own view (maps, fincore)")
         reports = []
-        for g, view, m in zip(running, views, modes, strict=True):
+        for g, view, m, pre in zip(running, views, modes, befores, strict=True):
             seen = survey_domain(conn, g.name, pause=True,
                                  cache_dir=cfg.state_dir / "introspect")
             pid = g.qemu_pid()
             usage = accounting.region_usage(pid, spec.path) if pid else {}
             reports.append({
                 "name": g.name, "mode": m, **view,
+                "before": {k: pre[k] for k in ("cache_kb", "usr_cache_kb", "top_cached")},
                 # pages of the region this guest touched (host view, as QEMU maps them):
                 # without the region it would hold them in its own page cache
                 "guest_cache_saved_kb": usage.get("Rss", 0),
@@ -424,7 +455,9 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
     timings["total"] = clock.elapsed()
     return {
         "region": {"path": built.path, "digest": built.digest, "size": built.size,
-                   "files": built.files, "image": str(image.path)},
+                   "files": built.files, "image": str(image.path), "policy": policy,
+                   "directories_offered": sum(len(t["offered"]) for t in built.trees)},
+        "idle_baseline_kb": IDLE_BASELINE_KB,
         "guests": reports,
         "host": _host_figures([r["region_mapping"] for r in reports], page_cache_kb),
         "seconds": {k: round(v, 1) for k, v in timings.items()},
@@ -432,9 +465,10 @@ def run_debian_demo(cfg: Config, uri: str, guests: int = 2, mode: str = "boot",
 
 
 def run_demo(cfg: Config, uri: str, guests: int = 2, say: Callable[[str], None] = print,
-             tiny: bool = False, mode: str = "boot") -> dict[str, Any]:
+             tiny: bool = False, mode: str = "boot",
+             policy: str = DEMO_POLICY) -> dict[str, Any]:
     """Run the demo (Debian guests, or the tiny busybox one with ``tiny``); return its
     report as a dict (``kind`` says which)."""
     if tiny:
         return {"kind": "tiny", **run_tiny_demo(cfg, uri, guests, say)}
-    return {"kind": "debian", **run_debian_demo(cfg, uri, guests, mode, say)}
+    return {"kind": "debian", **run_debian_demo(cfg, uri, guests, mode, say, policy)}

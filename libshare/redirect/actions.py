@@ -60,8 +60,9 @@ UNIT = "libshare-redirect.service"
 AGENT_UNIT = "qemu-guest-agent.service"
 #: seconds update-initramfs may take in a guest (TCG guests are slow)
 INITRAMFS_TIMEOUT = 900.0
-#: seconds ``libshare-redirect apply`` may take (hashing every library the first time)
-APPLY_TIMEOUT = 600.0
+#: seconds ``libshare-redirect apply`` or ``prime`` may take (hashing every file of a whole
+#: /usr the first time: minutes under TCG)
+APPLY_TIMEOUT = 1800.0
 
 
 @dataclass(frozen=True)

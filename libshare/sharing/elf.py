@@ -116,6 +116,17 @@ def check_header(head: bytes) -> str | None:
     return None
 
 
+def header_type(head: bytes) -> str | None:
+    """Return the ELF type name ("ET_REL", "ET_DYN"...) of the first 64 bytes ``head``
+    of an x86-64 little-endian 64-bit ELF file, None for anything else."""
+    if len(head) < 64 or head[:4] != ELF_MAGIC or head[4] != 2 or head[5] != 1:
+        return None
+    e_type, e_machine = struct.unpack_from("<HH", head, 16)
+    if e_machine != EM_X86_64:
+        return None
+    return ET_NAMES.get(e_type)
+
+
 def identify(path: str | os.PathLike[str], follow: bool = True) -> ElfIdentity | Skipped:
     """Return the :class:`ElfIdentity` of the file at ``path`` or a :class:`Skipped`.
 

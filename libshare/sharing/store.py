@@ -1,13 +1,22 @@
-"""The canonical library store: content-addressed objects plus an index.
+"""The canonical store: content-addressed objects plus an index.
 
 Owns ``cfg.store_dir`` (``STATE/store/``)::
 
     objects/<sha256[:2]>/<sha256>   one copy of each distinct file (by SHA-256), mode 0555
     index.json                      sha256 -> size, build-id, soname, ELF type, PT_LOAD
                                     segments, guest paths seen; build-id -> [sha256...]
+    trees/<digest>.json             each imported tree, entry by entry
+                                    (:mod:`libshare.sharing.trees`)
+    proven.json                     sha256 -> the object file's (device, inode, size,
+                                    mtime) when an import last proved its SHA-256
     tmp/                            temporary files of an import in progress
     .lock                           flock: held exclusively by an import or a removal,
                                     shared by region builds while they read objects
+
+Every regular file of an imported tree becomes an object. An x86-64 ELF shared object
+or executable keeps its ELF identity in the index (build-id, SONAME, segments); any
+other file is a plain object, its ``elf_type`` "ET_REL" for x86-64 relocatable ELF
+(kernel modules) and :data:`PLAIN` for the rest.
 
 Rules:
 
@@ -25,9 +34,11 @@ Rules:
   touched by it (each image holds its own copy of every library);
 * the index is replaced atomically (temp file, fsync, rename, fsync of the directory);
 * importing the same tree twice adds nothing and does not rewrite the index; an object
-  already stored is re-hashed first, and one whose bytes no longer match its name
-  (damaged in place) is replaced atomically from the imported file and reported as
-  repaired;
+  already stored is re-hashed first unless its file is unchanged (device, inode, size,
+  mtime) since an import proved its hash, and one whose bytes no longer match its name
+  (damaged in place: a write moves the mtime) is replaced atomically from the imported
+  file and reported as repaired; region builds skip the hash of a proven object too
+  (ctime is not part of the proof: every build's hard link moves it);
 * identity is the SHA-256: a build-id maps to every hash seen with it, so a build-id
   shared by different bytes gives two objects, never one;
 * guest paths are the paths inside the imported tree ("/usr/lib/.../libc.so.6"); a
@@ -50,9 +61,17 @@ from pathlib import Path
 from typing import Any
 
 from libshare.errors import LibshareError
-from libshare.sharing.elf import ElfIdentity, Skipped, identify
+from libshare.sharing import trees
+from libshare.sharing.elf import ElfIdentity, Skipped, header_type, identify
 from libshare.util import files
-from libshare.util.digest import copy_sha256, sha256_file
+from libshare.util.digest import (
+    copy_sha256,
+    load_entries,
+    save_entries,
+    sha256_file,
+    sha256_stream,
+    stat_key,
+)
 from libshare.util.files import atomic_write
 from libshare.util.progress import Progress
 
@@ -60,6 +79,8 @@ INDEX_VERSION = 1
 #: bytes of index.json read at most (about 500 bytes per object)
 MAX_INDEX = 1 << 30
 NOT_ELF = "not an ELF file"
+#: ``elf_type`` of an object that is not x86-64 ELF (text, data, foreign binaries)
+PLAIN = "none"
 OBJECT_MODE = 0o555  # read-only; r-x so region staging can hard-link objects unchanged
 
 #: the longest file name, in bytes, a region file may have (NAME_MAX of Linux filesystems)
@@ -180,6 +201,8 @@ class ImportResult:
     paths_added: int = 0                                # new guest paths recorded
     symlinks: int = 0                                   # symlinks recorded as guest paths
     skipped: list[Skipped] = field(default_factory=list)
+    plain: int = 0                                      # files stored as plain objects
+    trees: list[str] = field(default_factory=list)      # tree record digests (one a root)
     index_written: bool = False
     orphans_removed: list[str] = field(default_factory=list)  # of a killed import (sha256)
 
@@ -192,7 +215,8 @@ class ImportResult:
         return {"roots": self.roots, "files_seen": self.files_seen,
                 "added": len(self.added), "added_objects": self.added,
                 "known": self.known, "repaired": self.repaired, "paths_added": self.paths_added,
-                "symlinks": self.symlinks, "skipped_counts": self.skipped_counts(),
+                "symlinks": self.symlinks, "plain": self.plain, "trees": self.trees,
+                "skipped_counts": self.skipped_counts(),
                 "skipped": [{"path": s.path, "reason": s.reason}
                             for s in self.skipped if s.reason != NOT_ELF],
                 "index_written": self.index_written,
@@ -320,27 +344,91 @@ class _Changed(Exception):
     """The file being imported changed since it was identified."""
 
 
-def _object_state(store_dir: Path, ident: ElfIdentity) -> str | None:
+def proofs_path(store_dir: Path) -> Path:
+    """Return the path of the store's proofs (see the module docstring)."""
+    return store_dir / "proven.json"
+
+
+def load_proofs(store_dir: Path) -> dict[str, str]:
+    """Return sha256 -> proof key (:func:`proof_key`) of the objects an import proved
+    (empty if there is no readable record)."""
+    return load_entries(proofs_path(store_dir))
+
+
+def proof_key(st: os.stat_result) -> str:
+    """Return what must not change in an object file's stat for its proof to hold."""
+    return stat_key(st, ctime=False)
+
+
+def is_proven(store_dir: Path, entry_sha: str, size: int, proofs: dict[str, str]) -> bool:
+    """Return True if the object ``entry_sha`` is unchanged (and of ``size`` bytes) since
+    an import proved its SHA-256."""
+    want = proofs.get(entry_sha)
+    if not want:
+        return False
+    try:
+        st = object_path(store_dir, entry_sha).stat()
+    except OSError:
+        return False
+    return st.st_size == size and proof_key(st) == want
+
+
+def _object_state(store_dir: Path, ident: ElfIdentity,
+                  proofs: dict[str, str]) -> str | None:
     """Return None if the object for ``ident`` is stored with the right bytes, else
     "missing" or "corrupt" (wrong size, wrong SHA-256 or unreadable).
 
-    The stored bytes are re-hashed: a store object damaged in place (same size, a byte
-    changed) must never count as known, or every region built from it would carry it.
+    The stored bytes are re-hashed unless proven (``proofs``, updated when they are
+    proved now): a store object damaged in place (same size, a byte changed) must never
+    count as known, or every region built from it would carry it.
     """
     path = object_path(store_dir, ident.sha256)
     try:
-        if path.stat().st_size != ident.size:
+        st = path.stat()
+        if st.st_size != ident.size:
             return "corrupt"
-        return None if sha256_file(path) == ident.sha256 else "corrupt"
+        if is_proven(store_dir, ident.sha256, ident.size, proofs):
+            return None
+        if sha256_file(path) != ident.sha256:
+            return "corrupt"
+        proofs[ident.sha256] = proof_key(st)
+        return None
     except FileNotFoundError:
         return "missing"
     except OSError:
         return "corrupt"
 
 
+def identify_any(path: str) -> ElfIdentity | Skipped:
+    """Return the identity of the regular file at ``path`` as the store keeps it: its ELF
+    identity when it is a storable x86-64 ELF, else a plain one (SHA-256, size,
+    ``elf_type`` from its header or :data:`PLAIN`); a Skipped only when it cannot be
+    read."""
+    ident = identify(path, follow=False)
+    if not isinstance(ident, Skipped) or ident.reason.startswith("cannot read") \
+            or ident.reason == "file changed while being read":
+        return ident
+    try:
+        with files.open_regular(path, follow=False) as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(64)
+            fh.seek(0)
+            digest = sha256_stream(fh)
+            if fh.tell() != size:
+                return Skipped(path, "file changed while being read")
+    except OSError as exc:
+        return Skipped(path, f"cannot read: {exc.strerror or exc}")
+    kind = header_type(head)
+    return ElfIdentity(path=path, sha256=digest, size=size,
+                       elf_type=kind if kind == "ET_REL" else PLAIN, build_id=None,
+                       soname=None)
+
+
 def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
                 progress: Progress | None = None) -> ImportResult:
-    """Import every x86-64 ELF file found under ``dirs`` into the store at ``store_dir``.
+    """Import every regular file found under ``dirs`` into the store at ``store_dir``
+    (x86-64 ELF files with their ELF identity) and record each tree
+    (:func:`libshare.sharing.trees.record_tree`).
 
     Returns an :class:`ImportResult`. Raises LibshareError if a directory does not
     exist. Idempotent; holds the store lock for the whole import.
@@ -360,12 +448,19 @@ def import_tree(store_dir: Path, dirs: Iterable[str | os.PathLike[str]],
             index = load_index(store_dir)
             result.orphans_removed = _remove_orphans(store_dir, index)
             before = index.to_json()
+            proofs = load_proofs(store_dir)
+            known = dict(proofs)
             try:
                 for root in roots:
-                    _import_root(store_dir, root, index, result, progress)
+                    shas = _import_root(store_dir, root, index, result, progress, proofs)
+                    rec, _written = trees.record_tree(store_dir, root, shas)
+                    result.trees.append(rec.digest)
                 if index.to_json() != before:
                     save_index(store_dir, index)
                     result.index_written = True
+                kept = {k: v for k, v in proofs.items() if k in index.entries}
+                if kept != known:
+                    save_entries(proofs_path(store_dir), kept)
             except OSError as exc:
                 raise LibshareError(_import_failed(store_dir, index, result, exc)) from exc
     except OSError as exc:  # the store itself (lock, index folder) cannot be written
@@ -407,8 +502,10 @@ def _remove_orphans(store_dir: Path, index: StoreIndex) -> list[str]:
 
 
 def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportResult,
-                 progress: Progress | None) -> None:
-    """Import one tree ``root`` into ``index`` (objects copied, index not yet written)."""
+                 progress: Progress | None,
+                 proofs: dict[str, str]) -> dict[tuple[int, int], str]:
+    """Import one tree ``root`` into ``index`` (objects copied, index not yet written);
+    return (st_dev, st_ino) -> SHA-256 of every regular file imported."""
     items = list(_walk(root))
     by_inode: dict[tuple[int, int], str] = {}       # (dev, ino) -> sha256 of imported file
     links: list[str] = []                            # guest paths of symlinks
@@ -428,7 +525,7 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
         key = (st.st_dev, st.st_ino)
         sha = by_inode.get(key)
         if sha is None:
-            ident = identify(path, follow=False)
+            ident = identify_any(path)
             if isinstance(ident, Skipped):
                 result.skipped.append(ident)
                 continue
@@ -436,7 +533,9 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
             if problem:
                 result.skipped.append(Skipped(path, f"SONAME {problem}"))
                 continue
-            sha = _add_object(store_dir, path, ident, index, result)
+            if ident.elf_type not in ("ET_DYN", "ET_EXEC"):
+                result.plain += 1
+            sha = _add_object(store_dir, path, ident, index, result, proofs)
             if sha is None:
                 continue
             by_inode[key] = sha
@@ -460,18 +559,20 @@ def _import_root(store_dir: Path, root: str, index: StoreIndex, result: ImportRe
         result.symlinks += 1
         if _add_path(index.entries[sha], guest):
             result.paths_added += 1
+    return by_inode
 
 
 def _add_object(store_dir: Path, path: str, ident: ElfIdentity, index: StoreIndex,
-                result: ImportResult) -> str | None:
+                result: ImportResult, proofs: dict[str, str]) -> str | None:
     """Make sure ``ident`` is stored and indexed; return its sha256 or None if skipped."""
     entry = index.entries.get(ident.sha256)
-    state = _object_state(store_dir, ident)
+    state = _object_state(store_dir, ident, proofs)
     if state is not None:
         why = _copy_object(store_dir, path, ident)
         if why is not None:
             result.skipped.append(Skipped(path, why))
             return None
+        proofs[ident.sha256] = proof_key(object_path(store_dir, ident.sha256).stat())
         if state == "corrupt":
             result.repaired.append(ident.sha256)
     if entry is None:

@@ -162,3 +162,21 @@ def domain_disk_files(conn: libvirt.virConnect) -> dict[str, tuple[bool, set[str
             raise LibshareError(f"libvirt: {exc.get_error_message()}") from exc
         out[dom.name()] = (running, files)
     return out
+
+
+def running_group_domains(conn: libvirt.virConnect, group: str) -> list[str]:
+    """Return the names of the running domains enrolled in trust group ``group`` (their
+    live definition says so), sorted."""
+    out = []
+    for dom in all_domains(conn):
+        try:
+            if not dom.isActive():
+                continue
+            info = domxml.describe(domxml.parse(dom.XMLDesc(0)))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue
+            raise LibshareError(f"libvirt: {exc.get_error_message()}") from exc
+        if info["enrolled"] and info["group"] == group:
+            out.append(dom.name())
+    return out

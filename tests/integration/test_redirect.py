@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -42,7 +41,7 @@ from libshare.sharing.formats.erofs import Erofs
 from libshare.sharing.region import build, layout, manifest
 from libshare.sharing.store import import_tree
 from libshare.virt import api, enrol
-from tests.support.paths import make_test_dir
+from tests.support.paths import open_to_qemu, state_base
 
 pytestmark = pytest.mark.integration
 
@@ -72,24 +71,19 @@ def debian_region(debian_guest_image: DebianImage) -> Iterator[Region]:
     /usr/lib/x86_64-linux-gnu (read on the host from a raw copy of the image, read-only:
     :func:`~libshare.demo.debian.guest.copy_image_libraries`)."""
     image = debian_guest_image
-    base = make_test_dir("redirect-")
-    try:
+    with state_base("redirect-") as base:
         tree = copy_image_libraries(image, base / "tree", workdir=base)
         odd = "/" + os.path.relpath(os.path.realpath(tree / ODD_SONAME.lstrip("/")), tree)
         cfg = Config(state_dir=base / "state")
         import_tree(cfg.store_dir, [tree])
         res = build.build_region(cfg, GROUP)
-        for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
-                  cfg.regions_dir / "groups"):
-            d.chmod(0o755)
+        open_to_qemu(base, cfg)
         with open(res.path, "rb") as fh:
             files = manifest.read_manifest(Erofs(fh, offset=layout.DATAOFF))["files"]
         paths = {g: f["sha256"] for f in files for g in f["guest_paths"]}
         assert odd in paths and odd != ODD_SONAME and f"/{LIBDIR}/libc.so.6" in paths
         print(f"region {res.path}: {res.files} files, {res.size >> 20} MiB")
         yield Region(cfg, Path(res.path), paths, image, odd)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ guest ground truth
@@ -185,6 +179,17 @@ def smaps_line(name: str, fields: dict[str, int]) -> str:
             f"copied (Anonymous) {fields.get('Anonymous', 0)} kB")
 
 
+def start_enrolled(stack: contextlib.ExitStack, conn: Any, opts: DebianGuestOptions,
+                   specs: dict[str, Any]) -> list[DebianGuest]:
+    """Define a Debian guest for each name of ``specs`` (removed when ``stack`` closes),
+    enrol it with its region spec and start them all, not waiting for their boot;
+    return the guests in that order."""
+    doms = [stack.enter_context(defined_debian_guest(conn, n, opts)) for n in specs]
+    for n, spec in specs.items():
+        enrol.enable_domain(conn, n, spec)
+    return [d.start(wait=False) for d in doms]
+
+
 # ------------------------------------------------------------------ the test
 
 def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable[[], str],
@@ -194,11 +199,8 @@ def test_boot_time_and_runtime_redirect(libvirt_conn: Any, domain_name: Callable
     opts = DebianGuestOptions(image=reg.image, boot_timeout=420)
     name_a, name_b = domain_name(), domain_name()
     with contextlib.ExitStack() as stack:
-        da = stack.enter_context(defined_debian_guest(libvirt_conn, name_a, opts))
-        db = stack.enter_context(defined_debian_guest(libvirt_conn, name_b, opts))
-        enrol.enable_domain(libvirt_conn, name_a, spec)
-        enrol.enable_domain(libvirt_conn, name_b, replace(spec, redirect="runtime"))
-        a, b = da.start(wait=False), db.start(wait=False)
+        a, b = start_enrolled(stack, libvirt_conn, opts,
+                              {name_a: spec, name_b: replace(spec, redirect="runtime")})
         # the hook asked for B's automatic redirect at 'started', and only for B
         assert state.read_request(reg.cfg.state_dir, name_b) is not None
         assert state.read_request(reg.cfg.state_dir, name_a) is None

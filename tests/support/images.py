@@ -55,6 +55,51 @@ def make_cfg(base: Path, mtime: int = 1_000_000, reverse: bool = False) -> Confi
 
 
 
+def make_guest_tree(base: Path) -> Path:
+    """Return a small guest root under ``base``: /usr/bin (an executable, a script, a
+    setuid copy, a group-owned setgid copy when run as root, a link), /usr/sbin, /usr/lib
+    (libraries with a SONAME link, a fake kernel module, a systemd unit whose name holds
+    a backslash), /usr/share (documents, an empty file, a name with a space, an empty
+    directory), empty /usr/local directories, and /etc/copyright holding the same bytes
+    as a /usr/share document."""
+    root = base / "guest"
+    binp, sbin = root / "usr/bin", root / "usr/sbin"
+    lib = root / "usr/lib/x86_64-linux-gnu"
+    for d in (binp, sbin, lib, root / "usr/lib/modules/6.1.0/kernel",
+              root / "usr/lib/systemd/system", root / "usr/share/doc/pkg",
+              root / "usr/share/doc/other", root / "usr/share/empty",
+              root / "usr/local/bin", root / "usr/local/share", root / "etc"):
+        d.mkdir(parents=True, exist_ok=True)
+    for name in ("libz.so.1", "libacl.so.1"):
+        src = LIBDIR / name
+        if not src.exists():
+            pytest.skip(f"{src} missing")
+        shutil.copyfile(src, lib / name)
+    os.symlink("libz.so.1", lib / "libz.so")
+    true = Path(os.path.realpath("/usr/bin/true"))
+    for name, mode in (("prog", 0o755), ("suprog", 0o4755), ("sgprog", 0o2755)):
+        shutil.copyfile(true, binp / name)
+        if name == "sgprog" and os.geteuid() == 0:
+            os.chown(binp / name, 0, 42)              # before chmod: chown clears setgid
+        os.chmod(binp / name, mode)
+    (binp / "hello").write_text("#!/bin/sh\necho hello\n")
+    os.chmod(binp / "hello", 0o755)
+    os.symlink("prog", binp / "prog2")
+    (sbin / "sprog").write_text("#!/bin/sh\nexit 0\n")
+    os.chmod(sbin / "sprog", 0o755)
+    # a relocatable x86-64 ELF header: what a kernel module starts with
+    head = b"\x7fELF\x02\x01\x01" + bytes(9) + (1).to_bytes(2, "little") \
+        + (62).to_bytes(2, "little") + bytes(44)
+    (root / "usr/lib/modules/6.1.0/kernel/foo.ko").write_bytes(head + b"module" * 100)
+    (root / "usr/lib/systemd/system/system-foo\\x2dbar.slice").write_text("[Unit]\n")
+    doc = "Copyright: someone\n" * 50
+    (root / "usr/share/doc/pkg/copyright").write_text(doc)
+    (root / "usr/share/doc/pkg/empty").write_text("")
+    (root / "usr/share/doc/other/read me").write_text("hello\n")
+    (root / "etc/copyright").write_text(doc)
+    return root
+
+
 _BUILT: dict[int | None, Path] = {}
 
 
@@ -114,5 +159,5 @@ def first_library(image: str) -> tuple[dict[str, Any], int]:
         ino = fs.lookup(item["path"])
     return item, 2 * MiB + ino.raw_blkaddr * 4096
 
-__all__ = ["LIBDIR", "LIBS", "MiB", "corrupt_copy", "first_library", "make_cfg", "make_tree",
-           "needs_mkfs", "region_image"]
+__all__ = ["LIBDIR", "LIBS", "MiB", "corrupt_copy", "first_library", "make_cfg",
+           "make_guest_tree", "make_tree", "needs_mkfs", "region_image", "shared_object"]

@@ -1,8 +1,12 @@
 """Where the tests find the project, the shared inputs beside it, and where the
 integration tests keep their state directories and images."""
 
+import contextlib
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 #: the project's root folder (holds pyproject.toml, hooks/, libshare/)
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -50,3 +54,22 @@ def make_test_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix, dir=TEST_ROOT))
     path.chmod(0o755)
     return path
+
+
+@contextlib.contextmanager
+def state_base(prefix: str) -> Iterator[Path]:
+    """Yield a fresh folder from :func:`make_test_dir` for a module's state directory
+    and images; removed afterwards."""
+    base = make_test_dir(prefix)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def open_to_qemu(base: Path, cfg: Any) -> None:
+    """Make ``base`` and the folders from it down to the region images of ``cfg`` (a
+    Config whose state directory is inside ``base``) traversable for QEMU (0755)."""
+    for d in (base, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
+              cfg.regions_dir / "groups"):
+        d.chmod(0o755)

@@ -15,13 +15,14 @@ from libshare.config import Config
 from libshare.sharing.accounting import copied_kb
 
 DESCRIPTION = """\
-Run the whole story on this host: guests of one trust group share one library region.
+Run the whole story on this host: guests of one trust group share one region.
 By default two Debian 12 guests (lsdemo-1, lsdemo-2) under TCG: build or reuse the cached
-Debian image, read its libraries on the host read-only, import them into the store,
-build the 'demo' group's region, define and enrol the guests through the libvirt API,
-boot them, install libshare in each guest and power-cycle it (boot-time mode: the
-initramfs binds the region's identical copies before PID 1 starts), then report what
-each guest says from inside, what the host sees by introspection without asking the
+Debian image, read its root on the host read-only, import it into the store, build the
+'demo' group's region (--policy usr: every file of its /usr), define and enrol the
+guests through the libvirt API, boot them, read their page cache, install libshare in
+each guest and power-cycle it (boot-time mode: the initramfs binds the region's
+identical directories and files before PID 1 starts), then report what each guest
+caches before and after, what the host sees by introspection without asking the
 guests, and the host memory these files take with sharing and without.
 --tiny runs the fast variant with busybox guests. The guests are always removed at the
 end, on failure and on Ctrl-C or SIGTERM too."""
@@ -39,7 +40,7 @@ def _run(args: argparse.Namespace, cfg: Config) -> int:
         from libshare.demo import story  # the guest kit loads only when the demo runs
 
         report = story.run_demo(cfg, libvirt_uri(args, cfg), args.guests, say,
-                               tiny=args.tiny, mode=args.mode)
+                               tiny=args.tiny, mode=args.mode, policy=args.policy)
     finally:
         signal.signal(signal.SIGTERM, previous)
     if args.json:
@@ -86,36 +87,44 @@ def _copy_rows(host: dict[str, Any]) -> list[list[Any]]:
 def _print_debian(report: dict[str, Any]) -> None:
     """Print the Debian demo's report as tables."""
     reg = report["region"]
-    print(f"region: {reg['path']} ({reg['files']} libraries of the Debian image, "
-          f"{reg['size'] >> 20} MiB)")
+    print(f"region: {reg['path']} ({reg['files']} files of the Debian image, "
+          f"{reg['policy']} policy, {reg['directories_offered']} directories guests may "
+          f"bind whole, {reg['size'] >> 20} MiB)")
     print()
-    print("In each guest (read inside it through the guest agent, all processes):")
+    print("In each guest (read inside it through the guest agent, 60 s after boot): the "
+          "page cache of its own disk copies, before libshare and after")
+    base = report["idle_baseline_kb"]
     print_table(
-        ["GUEST", "MODE", "BINDS", "LIB MAPS FROM REGION", "FROM DISK", "FILES MAPPED",
-         "THEIR SIZE kB", "DISK COPIES CACHED kB", "GUEST CACHE SAVED kB"],
-        [[g["name"], g["mode"], g["binds"], g["maps_region"], g["maps_disk"],
-          g["region_files_mapped"], g["region_files_mapped_kb"], g["disk_copies_cached_kb"],
-          g["guest_cache_saved_kb"]] for g in report["guests"]])
-    print("(guest cache saved: the region pages the guest touched, as its QEMU maps them; "
-          "without the region the guest would hold them in its own page cache)")
+        ["GUEST", "MODE", "CACHED kB BEFORE", "OF /usr", "CACHED kB AFTER", "OF /usr",
+         "/usr vs IDLE BASELINE", "BINDS", "BOUND IN s", "/usr MAPS FROM REGION",
+         "FROM DISK"],
+        [[g["name"], g["mode"], g["before"]["cache_kb"], g["before"]["usr_cache_kb"],
+          g["cache_kb"], g["usr_cache_kb"], f"{100 * g['usr_cache_kb'] / base:.1f}%",
+          g["binds"], "-" if g["bind_seconds"] is None else g["bind_seconds"],
+          g["maps_region"], g["maps_disk"]] for g in report["guests"]])
+    for g in report["guests"]:
+        print(f"{g['name']}: largest cached after: "
+              + ", ".join(t.strip() for t in g["top_cached"][:3]))
     print()
     print("From the host (introspection of guest memory; each QEMU's region mapping):")
     print_table(
-        ["GUEST", "SURVEY: FROM REGION", "RSS kB", "PSS kB", "SHARED_CLEAN kB",
-         "PRIVATE_DIRTY kB", "COPIED kB"],
+        ["GUEST", "SURVEY: LIB MAPS FROM REGION", "RSS kB", "PSS kB", "SHARED_CLEAN kB",
+         "PRIVATE_DIRTY kB", "COPIED kB", "GUEST CACHE SAVED kB"],
         [[g["name"], f"{g['survey']['region_mappings']}/{g['survey']['library_mappings']}",
           g["region_mapping"].get("Rss", 0), g["region_mapping"].get("Pss", 0),
           g["region_mapping"].get("Shared_Clean", 0),
-          g["region_mapping"].get("Private_Dirty", 0),
-          copied_kb(g["region_mapping"])] for g in report["guests"]])
+          g["region_mapping"].get("Private_Dirty", 0), copied_kb(g["region_mapping"]),
+          g["guest_cache_saved_kb"]] for g in report["guests"]])
+    print("(guest cache saved: the region pages the guest touched, as its QEMU maps them; "
+          "without the region the guest would hold them in its own page cache)")
     host = report["host"]
     print()
     print_table(["HOST", "kB"], [
         ["region file in the host page cache (one copy)", host["region_page_cache_kb"]],
         *_copy_rows(host),
-        ["host memory for these libraries without sharing (sum of Rss)",
+        ["host memory for these files without sharing (sum of Rss)",
          host["without_sharing_kb"]],
-        ["host memory for these libraries with libshare (sum of Pss)",
+        ["host memory for these files with libshare (sum of Pss)",
          host["with_sharing_kb"]],
         ["saved", host["without_sharing_kb"] - host["with_sharing_kb"]],
     ])
@@ -134,6 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="how many demo guests (default 2; at most 4 Debian or 8 tiny ones)")
     p.add_argument("--tiny", action="store_true",
                    help="fast variant: busybox guests bind the region themselves")
+    p.add_argument("--policy", choices=("usr", "elf", "libraries"), default="usr",
+                   help="what the Debian demo's region holds (default usr: every file of "
+                   "the image's /usr; libraries: its shared libraries only)")
     p.add_argument("--mode", choices=("boot", "runtime"), default="boot",
                    help="redirect mode of the Debian guests (default: boot, i.e. guest "
                    "install + reboot)")

@@ -1,10 +1,11 @@
-"""``libshare store``: import libraries into the canonical store and list it.
+"""``libshare store``: import guest trees into the canonical store and list it.
 
 ``store import DIR... [--json]`` walks each tree (a guest root, an extracted package, a
-mounted image) and stores every x86-64 ELF shared object or executable by SHA-256;
-``store ls [--json]`` lists the store's objects; ``store rm SHA256... [--force] [--json]``
-removes objects (refusing those a group's current image holds unless ``--force``; images
-keep their own copies).
+mounted image), stores every regular file by SHA-256 (x86-64 ELF shared objects and
+executables with their ELF identity) and records the tree entry by entry;
+``store ls [--trees] [--json]`` lists the store's objects, or its trees; ``store rm
+SHA256... [--force] [--json]`` removes objects (refusing those a group's current image
+holds unless ``--force``; images keep their own copies).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from libshare.cli.progress import ProgressPrinter
 from libshare.config import Config
 from libshare.sharing.region.gc import current_holdings
 from libshare.sharing.store import MIN_PREFIX, import_tree, load_index, remove_objects
+from libshare.sharing.trees import load_tree, tree_digests
 from libshare.util.units import human
 
 
@@ -27,13 +29,16 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("store", help="canonical library store",
                               description="Content-addressed store of library files.")
     sub = p.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
-    imp = sub.add_parser("import", help="import the libraries found under directories",
-                         description="Import every x86-64 ELF shared object or executable "
-                         "found under DIR (symlinks become extra guest paths). Idempotent.")
+    imp = sub.add_parser("import", help="import the files found under directories",
+                         description="Import every regular file found under DIR (x86-64 "
+                         "ELF shared objects and executables with their build-id and "
+                         "SONAME; symlinks become extra guest paths) and record the tree "
+                         "(names, modes, owners, links) for region builds. Idempotent.")
     imp.add_argument("dirs", nargs="+", metavar="DIR", help="root of a tree to import")
     add_json(imp)
     imp.set_defaults(func=cmd_import)
     ls = sub.add_parser("ls", help="list the objects of the store")
+    ls.add_argument("--trees", action="store_true", help="list the imported trees instead")
     add_json(ls)
     ls.set_defaults(func=cmd_ls)
     rm = sub.add_parser("rm", help="remove objects from the store",
@@ -63,7 +68,9 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
         return 0
     print(f"{result.files_seen} files seen, {len(result.added)} new objects, "
           f"{result.known} already stored, {result.paths_added} new guest paths "
-          f"({result.symlinks} symlinks followed)")
+          f"({result.symlinks} symlinks followed, {result.plain} files not ELF)")
+    for digest in result.trees:
+        print(f"tree {digest}")
     for sha in result.repaired:
         print(f"repaired {sha}: the stored copy was corrupt, replaced from the import")
     for reason, count in result.skipped_counts().items():
@@ -76,6 +83,15 @@ def cmd_import(args: argparse.Namespace, cfg: Config) -> int:
 
 def cmd_ls(args: argparse.Namespace, cfg: Config) -> int:
     """List the store's objects; return the exit status (0)."""
+    if args.trees:
+        recs = [load_tree(cfg.store_dir, d).summary() for d in tree_digests(cfg.store_dir)]
+        if args.json:
+            print_json({"store": str(cfg.store_dir), "trees": recs})
+            return 0
+        print_table(["TREE", "ENTRIES", "FILES", "SIZE", "IMPORTED FROM"],
+                    [[r["digest"][:16], r["entries"], r["files"], human(r["bytes"]),
+                      ", ".join(r["roots"])] for r in recs])
+        return 0
     index = load_index(cfg.store_dir)
     entries = sorted(index.entries.values(), key=lambda e: (e.name, e.sha256))
     if args.json:

@@ -1,20 +1,25 @@
 """``libshare survey``: list the shared libraries the tasks of running guests map, from
-the host, and what one shared copy of each would save.
+the host, and what one shared copy of each would save; with ``--page-cache``, the files
+each guest holds in its page cache, and with ``--forecast GROUP`` what each region
+policy would serve of them.
 
 Owns the command line and the presentation (table or ``--json``); the work is
-:mod:`libshare.introspect.survey`.
+:mod:`libshare.introspect.survey`, :mod:`libshare.introspect.pagecache` and
+:mod:`libshare.sharing.forecast`.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.options import add_json, add_trees, int_between, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
-from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError
+from libshare.domxml.metadata import check_group
+from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError, UsageError
 from libshare.util import files
 
 
@@ -40,6 +45,18 @@ def register(subparsers: Any) -> None:
                    "(Volatility3) or an offsets file")
     p.add_argument("--no-cache", action="store_true",
                    help="do not use or write the per-boot kernel cache")
+    p.add_argument("--page-cache", action="store_true",
+                   help="list the files each guest holds in its page cache (path, cached "
+                   "bytes, whether the region serves it) and a table per filesystem")
+    p.add_argument("--forecast", metavar="NAME",
+                   help="with --page-cache: what a region of each policy (built from the "
+                   "store's trees) would serve of it, per guest and for the host; the "
+                   "guests are the DOMAINs, else the running guests of group NAME, else "
+                   "every running guest")
+    add_trees(p, "for --forecast to plan from")
+    p.add_argument("--top", type=int_between(1), default=None, metavar="N",
+                   help="with --page-cache: files shown per guest, largest first "
+                   f"(default {TOP}; --json lists all)")
     p.set_defaults(func=run)
 
 
@@ -74,29 +91,133 @@ def print_domain_libraries(d: Any) -> None:
                   lib.mappings, lib.processes] for lib in libs])
 
 
+def _kib(n: int) -> int:
+    return n // 1024
+
+
+#: files shown per guest by ``survey --page-cache`` unless --top says otherwise
+TOP = 25
+
+
+def print_page_cache(s: Any, top: int) -> None:
+    """Print one guest's page-cache survey ``s``: its files (largest first, ``top`` of
+    them) and its table per filesystem."""
+    print()
+    print(f"{s.name} ({s.kernel or 'kernel unknown'}, {len(s.files)} files cached"
+          f"{', partial' if s.partial else ''}):")
+    files = s.files[:top]
+    print_table(["PATH", "CACHED-KIB", "SIZE-KIB", "FS", "REGION"],
+                [[f.path or f"(inode {f.ino})", _kib(f.cached_bytes), _kib(f.size),
+                  f.fstype, "yes" if f.served_by_region else "no"] for f in files])
+    if len(files) < len(s.files):
+        print(f"... {len(s.files) - len(files)} more (--top N shows more, --json all)")
+    print_table(["DEV", "FSTYPE", "MOUNTED ON", "FILES", "CACHED-KIB", "OTHER-KIB", "REGION"],
+                [[fs.dev, fs.fstype, fs.mount_point or "-", fs.files, _kib(fs.cached_bytes),
+                  _kib(fs.other_cached_bytes), "yes" if fs.served_by_region else "no"]
+                 for fs in s.filesystems if fs.files or fs.other_cached_bytes])
+
+
+def print_forecast(group: str, rows: list[Any]) -> None:
+    """Print the forecast ``rows`` (PolicyForecast) for ``group``."""
+    print()
+    print(f"forecast for group {group} (KiB; a guest stops caching what the region "
+          "would serve, the host holds it once):")
+    names = [g.name for g in next((r.guests for r in rows if not r.error), [])]
+    table = []
+    for r in rows:
+        if r.error:
+            table.append([r.policy, "-", *["-" for _ in names], "-", "-", r.error])
+            continue
+        table.append([r.policy, _kib(r.region_bytes),
+                      *[f"{_kib(g.stop_caching)}/{_kib(g.cached)}" for g in r.guests],
+                      _kib(r.host_holds), _kib(r.host_saves), ""])
+    print_table(["POLICY", "REGION", *names, "HOST-HOLDS", "HOST-SAVES", ""], table)
+
+
+def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
+                   names: list[str]) -> int:
+    """Survey the page cache of ``names`` (and forecast with ``--forecast``); print a
+    table or JSON; return the exit status."""
+    from libshare.introspect.pagecache import survey_domain_page_cache, to_json
+    from libshare.sharing.forecast import forecast
+
+    layout = _layout(args.offsets)
+    cache_dir = None if args.no_cache else cfg.state_dir / "introspect"
+    results, failures = each_domain(names, lambda name: survey_domain_page_cache(
+        conn, name, pause=args.pause, backend=args.backend, layout=layout,
+        cache_dir=cache_dir))
+    rows = forecast(results, cfg.store_dir, trees=args.trees) if args.forecast else []
+    if args.json:
+        doc: dict[str, Any] = {"domains": [to_json(s) for s in results], "failed": failures}
+        if args.forecast:
+            doc["forecast"] = {"group": args.forecast, "policies": [r.as_dict() for r in rows]}
+        print_json(doc)
+    else:
+        print_table(["DOMAIN", "KERNEL", "FILES", "CACHED-KIB", "REGION-KIB", "OTHER-KIB",
+                     "INODES", "TIME", ""],
+                    [[s.name, s.kernel, len(s.files), _kib(s.cached_bytes()),
+                      _kib(s.region_bytes()), _kib(s.other_cached_bytes()), s.inodes,
+                      f"{s.wall_seconds:.2f}s", "partial" if s.partial else ""]
+                     for s in results])
+        for s in results:
+            print_page_cache(s, args.top or TOP)
+        if args.forecast:
+            print_forecast(args.forecast, rows)
+    return report_failures(results, failures, printed=not args.json)
+
+
+def each_domain(names: list[str], survey: Callable[[str], Any]) -> tuple[list[Any], list[str]]:
+    """Return (the surveys of ``names``, one "name: reason" per domain that failed); the
+    error of a single domain is raised instead."""
+    results, failures = [], []
+    for name in names:
+        try:
+            results.append(survey(name))
+        except LibshareError as exc:
+            if len(names) == 1:
+                raise
+            failures.append(f"{name}: {exc}")
+    return results, failures
+
+
+def report_failures(results: list[Any], failures: list[str], printed: bool) -> int:
+    """Print (if ``printed``: after tables; JSON carries them) each survey's errors and
+    each failed domain on stderr; return the exit status (1 if any failed or is
+    partial)."""
+    if printed:
+        for s in results:
+            for err in s.errors:
+                print(f"libshare: {s.name}: {err}", file=sys.stderr)
+        for f in failures:
+            print(f"libshare: {f}", file=sys.stderr)
+    return EXIT_FAILED if failures or any(s.partial for s in results) else EXIT_OK
+
+
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Survey the requested running domains; print a table or JSON; return the status."""
     from libshare.introspect.survey import DomainSurvey, summarize, survey_domain, to_json
     from libshare.virt import api
 
+    if (args.forecast or args.trees or args.top) and not args.page_cache:
+        raise UsageError("--forecast, --tree and --top go with --page-cache")
+    if args.forecast:
+        check_group(args.forecast, "--forecast", UsageError)
     conn = api.open_connection(libvirt_uri(args, cfg))
     names = list(args.domains)
+    if not names and args.forecast:
+        names = api.running_group_domains(conn, args.forecast)
     if not names:
         names = sorted(d.name() for d in conn.listAllDomains() if d.isActive())
         if not names:
             raise LibshareError("no running domains to survey")
+    if args.page_cache:
+        return run_page_cache(args, cfg, conn, names)
     layout = _layout(args.offsets)
     cache_dir = None if args.no_cache else cfg.state_dir / "introspect"
-    results: list[DomainSurvey] = []
-    failures: list[str] = []
-    for name in names:
-        try:
-            results.append(survey_domain(conn, name, pause=args.pause, backend=args.backend,
-                                         layout=layout, cache_dir=cache_dir))
-        except LibshareError as exc:
-            if len(names) == 1:
-                raise
-            failures.append(f"{name}: {exc}")
+    results: list[DomainSurvey]
+    results, failures = each_domain(names, lambda name: survey_domain(
+        conn, name, pause=args.pause, backend=args.backend, layout=layout,
+        cache_dir=cache_dir))
     if args.json:
         doc = to_json(results)
         doc["failed"] = failures
@@ -117,9 +238,4 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             print_table(["LIBRARY", "BUILD-ID", "COPIES", "RESIDENT-PAGES", "SAVED-KIB"],
                         [[g["path"], (g["build_id"] or "-")[:16], g["copies"],
                           g["resident_pages"], g["saved_bytes"] // 1024] for g in libs])
-        for d in results:
-            for err in d.errors:
-                print(f"libshare: {d.name}: {err}", file=sys.stderr)
-        for f in failures:
-            print(f"libshare: {f}", file=sys.stderr)
-    return EXIT_FAILED if failures or any(d.partial for d in results) else EXIT_OK
+    return report_failures(results, failures, printed=not args.json)

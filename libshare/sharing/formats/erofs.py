@@ -17,7 +17,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 EROFS_MAGIC = 0xE0F5E1E2
 SUPER_OFFSET = 1024
@@ -78,7 +78,7 @@ class Superblock:
 
 @dataclass(frozen=True)
 class Inode:
-    """One inode: where it is, what it is, where its data is."""
+    """One inode: where it is, what it is (mode, size, owner), where its data is."""
 
     nid: int
     mode: int
@@ -86,6 +86,8 @@ class Inode:
     layout: int
     raw_blkaddr: int
     tail_offset: int        # absolute offset (within the fs) of inline tail data
+    uid: int = 0
+    gid: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -98,19 +100,24 @@ class Inode:
         return stat.S_ISREG(self.mode)
 
 
-class Erofs:
-    """An EROFS filesystem starting at byte ``offset`` of the open binary file ``fh``."""
+class FsImage:
+    """A filesystem inside the open binary file ``fh``, from byte ``offset`` for
+    ``length`` bytes (default: to the end): bounded reads, a file's data in pieces and
+    path lookup, shared by the readers (this module's :class:`Erofs`,
+    :class:`libshare.sharing.formats.ext4.Ext4`), which give the superblock (``sb``:
+    ``root_nid``), ``inode``, ``read_inode`` and ``listdir``."""
+
+    sb: Any
 
     def __init__(self, fh: BinaryIO, offset: int = 0, length: int | None = None) -> None:
         self.fh = fh
         self.offset = offset
         end = os.fstat(fh.fileno()).st_size
         self.length = end - offset if length is None else length
-        self.sb = self._superblock()
 
     def read(self, pos: int, n: int) -> bytes:
         """Return ``n`` bytes at filesystem offset ``pos``; ErofsError if past the end."""
-        if pos < 0 or pos + n > self.length:
+        if pos < 0 or n < 0 or pos + n > self.length:
             raise ErofsError(f"read of {n} bytes at {pos} beyond the filesystem end "
                              f"({self.length}): image truncated or corrupt")
         self.fh.seek(self.offset + pos)
@@ -118,6 +125,41 @@ class Erofs:
         if len(data) != n:
             raise ErofsError(f"short read at {pos}: image truncated")
         return data
+
+    def inode(self, nid: int) -> Inode:
+        """Return inode ``nid``."""
+        raise NotImplementedError
+
+    def read_inode(self, ino: Inode, start: int = 0, n: int | None = None) -> bytes:
+        """Return ``n`` bytes (default: to the end) of ``ino``'s data from ``start``."""
+        raise NotImplementedError
+
+    def listdir(self, ino: Inode) -> dict[str, int]:
+        """Return name -> nid of the entries of directory ``ino``."""
+        raise NotImplementedError
+
+    def iter_chunks(self, ino: Inode, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Yield ``ino``'s data in pieces of at most ``chunk`` bytes."""
+        for start in range(0, ino.size, chunk):
+            yield self.read_inode(ino, start, chunk)
+
+    def lookup(self, path: str) -> Inode:
+        """Return the inode at absolute ``path`` (no symlinks followed); ErofsError if absent."""
+        ino = self.inode(self.sb.root_nid)
+        for part in [p for p in path.split("/") if p]:
+            entries = self.listdir(ino)
+            if part not in entries:
+                raise ErofsError(f"{path}: not found in the filesystem")
+            ino = self.inode(entries[part])
+        return ino
+
+
+class Erofs(FsImage):
+    """An EROFS filesystem starting at byte ``offset`` of the open binary file ``fh``."""
+
+    def __init__(self, fh: BinaryIO, offset: int = 0, length: int | None = None) -> None:
+        super().__init__(fh, offset, length)
+        self.sb = self._superblock()
 
     def _superblock(self) -> Superblock:
         raw = self.read(SUPER_OFFSET, _SB.size)
@@ -150,14 +192,16 @@ class Erofs:
         if extended:
             full = self.read(pos, 64)
             size = struct.unpack_from("<Q", full, 8)[0]
+            uid, gid = struct.unpack_from("<II", full, 24)
             isize = 64
         else:
             size = struct.unpack_from("<I", head, 8)[0]
+            uid, gid = struct.unpack_from("<HH", head, 24)
             isize = 32
         raw_blkaddr = struct.unpack_from("<I", head, 16)[0]
         xsize = 0 if xattr_icount == 0 else 12 + (xattr_icount - 1) * 4
         return Inode(nid=nid, mode=mode, size=size, layout=layout, raw_blkaddr=raw_blkaddr,
-                     tail_offset=pos + isize + xsize)
+                     tail_offset=pos + isize + xsize, uid=uid, gid=gid)
 
     def read_inode(self, ino: Inode, start: int = 0, n: int | None = None) -> bytes:
         """Return ``n`` bytes (default: to the end) of ``ino``'s data from ``start``."""
@@ -180,11 +224,6 @@ class Erofs:
             out += self.read(ino.tail_offset + (s - plain_end), end - s)
         return out
 
-    def iter_chunks(self, ino: Inode, chunk: int = 1 << 20) -> Iterator[bytes]:
-        """Yield ``ino``'s data in pieces of at most ``chunk`` bytes."""
-        for start in range(0, ino.size, chunk):
-            yield self.read_inode(ino, start, chunk)
-
     def listdir(self, ino: Inode) -> dict[str, int]:
         """Return name -> nid of the entries of directory ``ino`` (without . and ..)."""
         if not ino.is_dir:
@@ -204,17 +243,8 @@ class Erofs:
                 stop = ents[i + 1][1] if i + 1 < count else len(block)
                 if not nameoff <= stop <= len(block):
                     raise ErofsError(f"directory inode {ino.nid}: corrupt name offsets")
-                name = block[nameoff:stop].split(b"\0", 1)[0].decode("utf-8", "replace")
+                name = block[nameoff:stop].split(b"\0", 1)[0].decode("utf-8",
+                                                                     "surrogateescape")
                 if name not in (".", ".."):
                     out[name] = nid
         return out
-
-    def lookup(self, path: str) -> Inode:
-        """Return the inode at absolute ``path`` (no symlinks followed); ErofsError if absent."""
-        ino = self.inode(self.sb.root_nid)
-        for part in [p for p in path.split("/") if p]:
-            entries = self.listdir(ino)
-            if part not in entries:
-                raise ErofsError(f"{path}: not found in the filesystem")
-            ino = self.inode(entries[part])
-        return ino

@@ -11,6 +11,7 @@ layout, names and the determinism rules are described once, in
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import hashlib
 import os
@@ -21,16 +22,20 @@ import subprocess
 import tempfile
 import time
 import uuid as uuidlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
-from libshare.errors import LibshareError
+from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
+from libshare.sharing.region import ext4fs
+from libshare.sharing.region import policy as policies
+from libshare.sharing.region import tree as trees
 from libshare.sharing.region.layout import (
     CHUNK,
     DATAOFF,
+    FILESYSTEMS,
     IMAGE_MODE,
     check_group,
     fs_path,
@@ -46,7 +51,9 @@ from libshare.sharing.store import (
     StoreIndex,
     check_object,
     corrupt_object_problem,
+    is_proven,
     load_index,
+    load_proofs,
     object_path,
 )
 from libshare.sharing.store import locked as store_locked
@@ -76,6 +83,9 @@ class BuildResult:
     data_size: int       # sum of the library sizes
     new: bool            # False if an identical image already existed
     mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
+    filesystem: str = "erofs"  # erofs or ext4 (mkfs_erofs is "" for ext4)
+    policy: str = "select"   # what chose the files (region.policy), "select" for a list
+    trees: list[dict[str, Any]] = field(default_factory=list)  # guest trees laid out
 
     def as_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-ready dict."""
@@ -154,21 +164,24 @@ def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreE
 
 
 def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
-           progress: Progress | None) -> None:
+           progress: Progress | None, in_trees: frozenset[str] = frozenset()) -> None:
     """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
     (JSON and TSV).
 
     Each object is hashed as it is staged (one read: the hard link mkfs.erofs will read,
-    or the copy being written), so a store object damaged in place is never published.
-    Raises LibshareError naming the first corrupt object.
+    or the copy being written) unless the store proved it and its file is unchanged
+    since (:func:`libshare.sharing.store.is_proven`), so a store object damaged in place
+    is never published. Raises LibshareError naming the first corrupt object.
     """
     total = len(entries)
+    proofs = load_proofs(store_dir)
     for n, e in enumerate(entries, 1):
         if progress:
             progress("stage", n, total, "files")
         dest = root / fs_path(e).lstrip("/")
         dest.parent.mkdir(parents=True, exist_ok=True)
         src = object_path(store_dir, e.sha256)
+        proven = is_proven(store_dir, e.sha256, e.size, proofs)
         linked = False
         if stat.S_IMODE(src.stat().st_mode) == OBJECT_MODE:
             try:
@@ -176,7 +189,9 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
                 linked = True
             except OSError:
                 pass
-        if linked:
+        if linked and proven:
+            actual = e.sha256            # unchanged since an import proved it
+        elif linked:
             actual = sha256_file(dest)
         else:
             with open_regular(src) as fin, open(dest, "wb") as fout:
@@ -188,7 +203,7 @@ def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: byt
     meta.mkdir()
     (meta / "manifest.json").write_bytes(manifest)
     os.chmod(meta / "manifest.json", 0o444)
-    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries))
+    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries, in_trees))
     os.chmod(meta / "manifest.tsv", 0o444)
     for dirpath, _dirs, _files in os.walk(root):
         os.chmod(dirpath, 0o755)
@@ -254,9 +269,67 @@ def _mkfs(mkfs: str, fs_uuid: str, out: Path, root: Path,
     set_fs_label(out)
 
 
+#: fallocate(2) mode that shifts a file's blocks up to insert a hole (ext4, xfs)
+FALLOC_FL_INSERT_RANGE = 0x20
+
+
+def _insert_head(path: Path, length: int) -> bool:
+    """Insert ``length`` bytes (a multiple of the filesystem's block size) of hole at the
+    start of the file ``path``, in place; return False where the filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return libc.fallocate(fd, FALLOC_FL_INSERT_RANGE, ctypes.c_long(0),
+                              ctypes.c_long(length)) == 0
+    finally:
+        os.close(fd)
+
+
+def _image_in_place(tmp: Path, block: bytes, fs_image: Path, total: int,
+                    progress: Progress | None) -> str | None:
+    """Make the filesystem image ``fs_image`` the whole image at ``tmp`` without copying
+    it: insert the 2 MiB head in front of its blocks (``fallocate`` INSERT_RANGE), write
+    the head and the zero tail, hash it (one read, mostly from the page cache), fsync;
+    return its hex SHA-256, or None (nothing changed) where the filesystem cannot."""
+    if not _insert_head(fs_image, DATAOFF):
+        return None
+    os.replace(fs_image, tmp)
+    h = hashlib.sha256()
+    head = bytes(pfn.INFO_OFFSET) + block
+    head += bytes(DATAOFF - len(head))
+    with open(tmp, "r+b") as out:
+        out.write(head)
+        out.seek(0, os.SEEK_END)
+        pad = total - out.tell()
+        zeros = bytes(min(CHUNK, max(pad, 0)))
+        while pad > 0:           # real zeros, as _write_image writes them
+            n = min(pad, len(zeros))
+            out.write(zeros[:n])
+            pad -= n
+        out.flush()
+        out.seek(0)
+        done = 0
+        while chunk := out.read(CHUNK):
+            h.update(chunk)
+            done += len(chunk)
+            if progress:
+                progress("hash", done, total, "bytes")
+        os.fchmod(out.fileno(), IMAGE_MODE)
+        os.fsync(out.fileno())
+    return h.hexdigest()
+
+
 def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
                  progress: Progress | None) -> str:
-    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256."""
+    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256. The
+    filesystem image becomes it in place where its filesystem allows
+    (:func:`_image_in_place`), else it is copied behind the head."""
+    digest = _image_in_place(tmp, block, fs_image, total, progress)
+    if digest is not None:
+        return digest
     h = hashlib.sha256()
     head = bytes(pfn.INFO_OFFSET) + block
     head += bytes(DATAOFF - len(head))
@@ -309,11 +382,17 @@ def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
 
 
 def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
-                 size: int | None = None, progress: Progress | None = None) -> BuildResult:
+                 size: int | None = None, progress: Progress | None = None,
+                 policy: str | None = None, trees_wanted: list[str] | None = None,
+                 observed: set[str] | None = None, filesystem: str = "erofs") -> BuildResult:
     """Build ``group``'s region image from the store and make it the group's current one.
 
-    ``selection``: see :func:`select_entries`. ``size``: total image size wanted
-    (rounded up to 2 MiB; LibshareError if the content needs more). Returns a
+    ``selection``: "all" (what ``policy`` chooses: :func:`~libshare.sharing.region.
+    policy.plan_region`, default ``libraries``, over the trees ``trees_wanted`` and the
+    ``observed`` paths), or a list / selection file (see :func:`select_entries`; then no
+    policy and no guest tree). ``filesystem``: "erofs" (default) or "ext4"
+    (:mod:`libshare.sharing.region.ext4fs`). ``size``: total image size wanted (rounded
+    up to 2 MiB; LibshareError if the content needs more). Returns a
     :class:`BuildResult`. On any failure or interrupt nothing is left under a digest name
     and the group link is unchanged; an OSError (disk full) becomes one LibshareError.
 
@@ -324,31 +403,61 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
     check_group(group)
     if isinstance(selection, str) and selection != "all":
         selection = parse_selection_file(selection)
-    mkfs = _find_mkfs()
-    version = mkfs_erofs_version(mkfs)
+    if selection != "all" and (policy is not None or trees_wanted):
+        raise UsageError("a selection and a policy or trees exclude each other")
+    if filesystem not in FILESYSTEMS:
+        raise UsageError(f"unknown filesystem {filesystem!r} (one of {', '.join(FILESYSTEMS)})")
+    if filesystem == "erofs":
+        mkfs = _find_mkfs()
+        version = mkfs_erofs_version(mkfs)
+    else:
+        mkfs, version = "", ext4fs.mke2fs_version()
+    want = _Wanted(policy, trees_wanted, observed, filesystem)
     try:
         with locked(cfg), store_locked(cfg.store_dir, shared=True):
             remove_leftovers(cfg)
-            return _build_locked(cfg, group, selection, size, mkfs, version, progress)
+            return _build_locked(cfg, group, selection, size, mkfs, version, progress, want)
     except OSError as exc:
         raise LibshareError(f"region build failed: {os_error(exc)}; nothing was "
                             "published") from exc
 
 
+@dataclass(frozen=True)
+class _Wanted:
+    """What :func:`build_region` was asked for besides a selection."""
+
+    policy: str | None
+    trees: list[str] | None
+    observed: set[str] | None
+    filesystem: str
+
+
 def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int | None,
-                  mkfs: str, version: str, progress: Progress | None) -> BuildResult:
+                  mkfs: str, version: str, progress: Progress | None,
+                  want: _Wanted) -> BuildResult:
     """Build and publish ``group``'s image (see :func:`build_region`; the caller holds
     the locks); return the :class:`BuildResult`."""
     index = load_index(cfg.store_dir)
-    entries = select_entries(index, selection)
+    if selection == "all":
+        plan = policies.plan_region(cfg.store_dir, index,
+                                    want.policy or policies.DEFAULT_POLICY, want.trees,
+                                    want.observed)
+    else:
+        plan = policies.Plan("select", select_entries(index, selection))
+    entries = plan.entries
     if not entries:
-        raise LibshareError("nothing to put in the region: the store is empty "
-                            "(import libraries with 'libshare store import DIR')")
+        what = "the store is empty" if not index.entries else \
+            f"the {plan.policy} policy chooses nothing in the store"
+        raise LibshareError(f"nothing to put in the region: {what} (import a guest tree "
+                            "with 'libshare store import DIR')")
+    laid = [t for t in (trees.lay_out(r, plan.chosen) for r in plan.records) if t.entries]
     for e in entries:
         problem = check_object(cfg.store_dir, e)
         if problem:
             raise LibshareError(problem)
-    manifest = manifest_bytes(entries, group, version)
+    tree_tsv = trees.tsv_bytes(laid)
+    manifest = manifest_bytes(entries, group, version, plan.policy,
+                              [t.summary() for t in laid], tree_tsv, want.filesystem)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
@@ -357,9 +466,17 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
     try:
         root = staging / "root"
         root.mkdir()
-        _stage(cfg.store_dir, entries, root, manifest, progress)
-        fs_image = staging / "fs.erofs"
-        _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+        _stage(cfg.store_dir, entries, root, manifest, progress,
+               frozenset(e.path for t in laid for e in t.entries if e.kind == "f"))
+        patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
+        fs_image = staging / f"fs.{want.filesystem}"
+        if want.filesystem == "erofs":
+            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
+            trees.patch_inodes(fs_image, patch)
+        else:
+            if progress:
+                progress("mkfs.ext4", 0, 0)
+            ext4fs.mkfs_ext4(root, fs_image, fs_uuid, patch)
         fs_size = fs_image.stat().st_size
         need = DATAOFF + round_up(fs_size, REGION_ALIGN)
         total = need if size is None else round_up(size, REGION_ALIGN)
@@ -394,7 +511,9 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
-                       mkfs_erofs=version)
+                       mkfs_erofs=version if want.filesystem == "erofs" else "",
+                       filesystem=want.filesystem, policy=plan.policy,
+                       trees=[t.summary() for t in laid])
 
 
 

@@ -13,11 +13,14 @@ from typing import Any
 
 from libshare.config import Config
 from libshare.errors import LibshareError
-from libshare.sharing.formats.erofs import (
-    Erofs,
-    ErofsError,
+from libshare.sharing.formats.erofs import ErofsError
+from libshare.sharing.region.layout import (
+    DATAOFF,
+    DIGEST_NAME,
+    locked,
+    open_filesystem,
+    remove_leftovers,
 )
-from libshare.sharing.region.layout import DATAOFF, DIGEST_NAME, locked, remove_leftovers
 from libshare.sharing.region.manifest import read_manifest
 from libshare.util.digest import forget
 from libshare.util.files import fsync_dir, open_regular
@@ -34,6 +37,7 @@ class ImageInfo:
     files: int | None = None
     manifest_group: str | None = None
     mkfs_erofs: str | None = None      # from the manifest (None: built before it was kept)
+    filesystem: str | None = None      # erofs or ext4 (from the manifest)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the image description as a JSON-ready dict."""
@@ -87,6 +91,7 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
             info.files = len(doc["files"])
             info.manifest_group = doc.get("group")
             info.mkfs_erofs = doc.get("mkfs_erofs")
+            info.filesystem = doc.get("filesystem", "erofs")
         out.append(info)
     return out
 
@@ -94,7 +99,7 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
 def image_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """Return the manifest of the region image at ``path``, None if it cannot be read."""
     with contextlib.suppress(OSError, ErofsError, ValueError), open_regular(path) as fh:
-        return read_manifest(Erofs(fh, offset=DATAOFF))
+        return read_manifest(open_filesystem(fh, offset=DATAOFF))
     return None
 
 

@@ -47,17 +47,21 @@ import re
 import shutil
 import uuid as uuidlib
 from pathlib import Path
+from typing import BinaryIO
 
 from libshare.config import Config
 from libshare.domxml import metadata
 from libshare.errors import LibshareError, UsageError
 from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
+    EROFS_MAGIC,
     FEATURE_COMPAT_SB_CHKSUM,
     SUPER_OFFSET,
     Erofs,
+    FsImage,
     crc32c_raw,
 )
+from libshare.sharing.formats.ext4 import EXT4_MAGIC, Ext4
 from libshare.sharing.store import (
     StoreEntry,
 )
@@ -109,13 +113,53 @@ def set_fs_label(fs_image: Path, label: str = FS_LABEL) -> None:
             raise LibshareError(f"{fs_image}: not an EROFS image with 4 KiB blocks")
         name = SUPER_OFFSET + 64
         block[name:name + 16] = raw.ljust(16, b"\0")
-        compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
-        if compat & FEATURE_COMPAT_SB_CHKSUM:
-            sb = bytearray(block[SUPER_OFFSET:])
-            sb[4:8] = bytes(4)
-            block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+        _set_checksum(block)
         fh.seek(0)
         fh.write(block)
+
+
+def _set_checksum(block: bytearray) -> None:
+    """Recompute, in the first 4 KiB ``block`` of an EROFS image, the superblock crc32c
+    (it covers the rest of that block) when the image has one."""
+    compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
+    if compat & FEATURE_COMPAT_SB_CHKSUM:
+        sb = bytearray(block[SUPER_OFFSET:])
+        sb[4:8] = bytes(4)
+        block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
+
+
+def refresh_checksum(fh: BinaryIO) -> None:
+    """Recompute the superblock crc32c of the EROFS image open read-write as ``fh``
+    (after a change to its first 4 KiB, where the first inodes may live)."""
+    fh.seek(0)
+    block = bytearray(fh.read(4096))
+    _set_checksum(block)
+    fh.seek(0)
+    fh.write(block)
+
+
+#: the filesystems a region may hold (``region build --fs``); the first is the default
+FILESYSTEMS = ("erofs", "ext4")
+
+
+def filesystem_type(fh: BinaryIO, offset: int = DATAOFF) -> str:
+    """Return "ext4" if the filesystem at ``offset`` of the open image ``fh`` has ext4's
+    magic number, else "erofs" (what a damaged or foreign superblock is checked as)."""
+    fh.seek(offset + SUPER_OFFSET)
+    head = fh.read(64)
+    if len(head) == 64 and int.from_bytes(head[56:58], "little") == EXT4_MAGIC \
+            and int.from_bytes(head[:4], "little") != EROFS_MAGIC:
+        return "ext4"
+    return "erofs"
+
+
+def open_filesystem(fh: BinaryIO, offset: int = DATAOFF,
+                    length: int | None = None) -> FsImage:
+    """Return the reader of the region filesystem at ``offset`` of the open image ``fh``:
+    EROFS or ext4 (:func:`filesystem_type`); ErofsError if it is not readable."""
+    if filesystem_type(fh, offset) == "ext4":
+        return Ext4(fh, offset=offset, length=length)
+    return Erofs(fh, offset=offset, length=length)
 
 
 def fs_label(fs: Erofs) -> str:

@@ -5,12 +5,13 @@ host) and ``/.libshare/manifest.tsv`` (for the guests' POSIX sh), see
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
 from libshare.sharing.formats.erofs import (
-    Erofs,
     ErofsError,
+    FsImage,
 )
 from libshare.sharing.region.layout import fs_path
 from libshare.sharing.store import (
@@ -27,36 +28,52 @@ TSV_MANIFEST_PATH = "/.libshare/manifest.tsv"
 MANIFEST_VERSION = 1
 
 
-def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str) -> bytes:
+def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str,
+                   policy: str | None = None, trees: list[dict[str, Any]] | None = None,
+                   tree_tsv: bytes | None = None, filesystem: str = "erofs") -> bytes:
     """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``,
-    recording the erofs-utils version ``mkfs_version`` that formats the image."""
-    doc = {
+    recording the version ``mkfs_version`` of the tool that formats the image
+    (``mkfs_erofs``: erofs-utils; ``mke2fs``: e2fsprogs, with ``filesystem`` ext4), the
+    ``policy`` that chose them, and the guest ``trees`` laid out (their summaries) with
+    the SHA-256 of ``/.libshare/tree.tsv`` (``tree_tsv``)."""
+    doc: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "group": group,
-        "mkfs_erofs": mkfs_version,
+        "mkfs_erofs" if filesystem == "erofs" else "mke2fs": mkfs_version,
         "files": [{"path": fs_path(e), "sha256": e.sha256, "build_id": e.build_id,
                    "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
                   for e in sorted(entries, key=lambda x: x.sha256)],
     }
+    if filesystem != "erofs":
+        doc["filesystem"] = filesystem
+    if policy is not None:
+        doc["policy"] = policy
+    if trees:
+        doc["trees"] = trees
+        doc["tree_tsv_sha256"] = hashlib.sha256(tree_tsv or b"").hexdigest()
     return (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode()
 
 
-def tsv_manifest_bytes(entries: list[StoreEntry]) -> bytes:
+def tsv_manifest_bytes(entries: list[StoreEntry], skip: frozenset[str] = frozenset()
+                       ) -> bytes:
     """Return the text manifest for guests' POSIX sh: one ``sha256\\tsize\\tpath\\t
     guest_path`` line per guest path of each entry, sorted; guest paths a shell ``read``
     could mangle (control characters such as tab and newline, backslash) or that are not
     UTF-8 (:func:`libshare.sharing.store.path_problem`; an index written before names
-    were checked may hold them) are left out."""
+    were checked may hold them) are left out, and so are those in ``skip`` (the regular
+    files of the region's guest trees: guests take those from ``/.libshare/tree.tsv``,
+    with their modes and owners)."""
     lines = []
     for e in entries:
         for guest in e.paths:
-            if path_problem(guest) or "\\" in guest or not guest.startswith("/"):
+            if path_problem(guest) or "\\" in guest or not guest.startswith("/") \
+                    or guest in skip:
                 continue
             lines.append(f"{e.sha256}\t{e.size}\t{fs_path(e)}\t{guest}\n")
     return "".join(sorted(lines)).encode()
 
 
-def read_manifest(fs: Erofs) -> dict[str, Any]:
+def read_manifest(fs: FsImage) -> dict[str, Any]:
     """Return the parsed manifest of the region filesystem ``fs``; ErofsError if unusable."""
     ino = fs.lookup(MANIFEST_PATH)
     try:

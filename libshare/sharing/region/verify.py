@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from typing import Any
@@ -15,10 +16,18 @@ from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
     LAYOUT_FLAT_PLAIN,
     LAYOUT_NAMES,
-    Erofs,
     ErofsError,
+    FsImage,
+    Inode,
 )
-from libshare.sharing.region.layout import CHUNK, DATAOFF, DIGEST_NAME
+from libshare.sharing.region import tree
+from libshare.sharing.region.layout import (
+    CHUNK,
+    DATAOFF,
+    DIGEST_NAME,
+    filesystem_type,
+    open_filesystem,
+)
 from libshare.sharing.region.manifest import TSV_MANIFEST_PATH, read_manifest
 from libshare.util.digest import sha256_file
 from libshare.util.files import open_regular, os_error
@@ -31,7 +40,9 @@ def verify(path: str | os.PathLike[str], check_name: bool = True,
 
     Checks, in order: the layout (:func:`quick_verify`: size, zeros, PFN info block,
     EROFS superblock, zeros after the filesystem, a readable manifest), every listed
-    file (present, plain layout for DAX, size, SHA-256), the text manifest, optionally
+    file (present, plain layout for DAX, size, SHA-256), the text manifest, the guest
+    trees (every entry's kind, mode, owner, content or target as tree.tsv says, and
+    nothing else under /tree), optionally
     ``fsck.erofs --extract`` on a copy of the filesystem, and finally, if the file is
     named ``<sha256>.img``, that its SHA-256 matches the name.
     """
@@ -144,7 +155,7 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
         return (f"byte {gap + i} is not zero: bytes {gap} to {DATAOFF} (between the PFN "
                 "info block and the filesystem) must be zero")
     try:
-        fs = Erofs(fh, offset=info.dataoff, length=size - info.dataoff)
+        fs = open_filesystem(fh, offset=info.dataoff, length=size - info.dataoff)
         problem = _zero_tail_problem(fh, DATAOFF + fs.sb.blocks * fs.sb.block_size, size,
                                      quick=not content)
         if problem:
@@ -152,11 +163,12 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
         manifest = read_manifest(fs)
         if not content:
             return None
+        hashes: dict[int, str] = {}
         for item in manifest["files"]:
-            problem = _verify_file(fs, item)
+            problem = _verify_file(fs, item, hashes)
             if problem:
                 return problem
-        problem = _verify_tsv(fs, manifest)
+        problem = _verify_tsv(fs, manifest) or _verify_trees(fs, manifest, hashes)
         if problem:
             return problem
     except ErofsError as exc:
@@ -166,7 +178,7 @@ def _verify_open(fh: Any, size: int, content: bool = True) -> str | None:
     return None
 
 
-def _verify_tsv(fs: Erofs, manifest: dict[str, Any]) -> str | None:
+def _verify_tsv(fs: FsImage, manifest: dict[str, Any]) -> str | None:
     """Return a problem with the text manifest (every line must agree with the JSON
     manifest: guests trust it to pair their file's hash with a region path), or None.
     Images built before the text manifest existed have none: that is not a problem."""
@@ -182,7 +194,86 @@ def _verify_tsv(fs: Erofs, manifest: dict[str, Any]) -> str | None:
     return None
 
 
-def _verify_file(fs: Erofs, item: dict[str, Any]) -> str | None:
+def _sha256(fs: FsImage, ino: Inode, hashes: dict[int, str]) -> str:
+    """Return the hex SHA-256 of regular file ``ino`` (remembered per inode in ``hashes``:
+    a tree path and its object's /lib path share one inode)."""
+    if ino.nid not in hashes:
+        h = hashlib.sha256()
+        for chunk in fs.iter_chunks(ino, CHUNK):
+            h.update(chunk)
+        hashes[ino.nid] = h.hexdigest()
+    return hashes[ino.nid]
+
+
+def _walk_fs(fs: FsImage, ino: Inode, path: str, out: dict[str, Inode], limit: int) -> None:
+    """Add every entry below directory ``ino`` (at ``path``) to ``out`` (path -> inode);
+    ErofsError beyond ``limit`` entries (a loop)."""
+    for name, nid in sorted(fs.listdir(ino).items()):
+        child = fs.inode(nid)
+        out[f"{path}/{name}"] = child
+        if len(out) > limit:
+            raise ErofsError(f"more than {limit} entries under {tree.TREE_ROOT}")
+        if child.is_dir:
+            _walk_fs(fs, child, f"{path}/{name}", out, limit)
+
+
+def _verify_trees(fs: FsImage, manifest: dict[str, Any], hashes: dict[int, str]) -> str | None:
+    """Return a problem with the guest trees (``/.libshare/tree.tsv`` must be what the
+    manifest says and every line exactly what ``/tree/<tid>`` holds, nothing more: a
+    guest binds a whole directory on its word), or None. Images without trees have none."""
+    laid = manifest.get("trees") or []
+    if not laid:
+        return None
+    raw = fs.read_inode(fs.lookup(tree.TREE_TSV_PATH))
+    if hashlib.sha256(raw).hexdigest() != manifest.get("tree_tsv_sha256"):
+        return f"{tree.TREE_TSV_PATH} does not match the manifest"
+    lines: dict[str, list[list[str]]] = {}
+    for line in raw.decode("utf-8", "surrogateescape").splitlines():
+        f = line.split("\t")
+        if len(f) != 9:
+            return f"{tree.TREE_TSV_PATH}: malformed line {line[:80]!r}"
+        lines.setdefault(f[0], []).append(f)
+    for t in laid:
+        tid = t["tid"]
+        base = f"{tree.TREE_ROOT}/{tid}"
+        found: dict[str, Inode] = {}
+        _walk_fs(fs, fs.lookup(base), "", found, 1 << 22)
+        want = lines.pop(tid, [])
+        if {f[1] for f in want} != set(found):
+            extra = sorted(set(found) - {f[1] for f in want})[:1]
+            return (f"{base}: the filesystem and {tree.TREE_TSV_PATH} disagree "
+                    f"({'extra ' + extra[0] if extra else 'entries missing'})")
+        for _tid, path, kind, mode, uid, gid, size, payload, _offer in want:
+            problem = _tree_entry(fs, found[path], kind, mode, uid, gid, size, payload,
+                                  hashes)
+            if problem:
+                return f"{base}{path}: {problem}"
+    if lines:
+        return f"{tree.TREE_TSV_PATH} lists a tree the manifest does not"
+    return None
+
+
+def _tree_entry(fs: FsImage, ino: Inode, kind: str, mode: str, uid: str, gid: str,
+                size: str, payload: str, hashes: dict[int, str]) -> str | None:
+    """Return how inode ``ino`` differs from its tree.tsv line, or None."""
+    fmt = {"d": stat.S_IFDIR, "f": stat.S_IFREG, "l": stat.S_IFLNK}.get(kind)
+    if fmt is None or stat.S_IFMT(ino.mode) != fmt:
+        return f"kind {kind} in {tree.TREE_TSV_PATH}, mode {ino.mode:o} in the filesystem"
+    if kind == "l":
+        return None if fs.read_inode(ino).decode("utf-8", "surrogateescape") == payload \
+            else "link target differs"
+    if f"{stat.S_IMODE(ino.mode):o}" != mode or str(ino.uid) != uid or str(ino.gid) != gid:
+        return (f"mode/owner {stat.S_IMODE(ino.mode):o} {ino.uid}:{ino.gid}, "
+                f"{tree.TREE_TSV_PATH} says {mode} {uid}:{gid}")
+    if kind == "f":
+        if ino.layout != LAYOUT_FLAT_PLAIN:
+            return f"{LAYOUT_NAMES.get(ino.layout, ino.layout)} layout, DAX needs flat-plain"
+        if str(ino.size) != size or _sha256(fs, ino, hashes) != payload:
+            return "content does not match its line"
+    return None
+
+
+def _verify_file(fs: FsImage, item: dict[str, Any], hashes: dict[int, str]) -> str | None:
     """Return a problem with the manifest entry ``item`` in ``fs``, or None."""
     path = item["path"]
     ino = fs.lookup(path)
@@ -192,25 +283,36 @@ def _verify_file(fs: Erofs, item: dict[str, Any]) -> str | None:
         return f"{path}: {LAYOUT_NAMES.get(ino.layout, ino.layout)} layout, DAX needs flat-plain"
     if ino.size != item["size"]:
         return f"{path}: size {ino.size}, manifest says {item['size']}"
-    h = hashlib.sha256()
-    for chunk in fs.iter_chunks(ino, CHUNK):
-        h.update(chunk)
-    if h.hexdigest() != item["sha256"]:
-        return f"{path}: SHA-256 {h.hexdigest()} does not match the manifest"
+    actual = _sha256(fs, ino, hashes)
+    if actual != item["sha256"]:
+        return f"{path}: SHA-256 {actual} does not match the manifest"
     return None
 
 
 def fsck_region(path: str) -> str | None:
-    """Return a problem reported by ``fsck.erofs --extract`` on the image's filesystem,
-    or one line saying why it could not run (disk full: the copy needs room); None if
-    sound or if fsck.erofs is not installed.
+    """Return a problem reported by ``fsck.erofs --extract`` (``e2fsck -fn`` for ext4,
+    which reads the image at the filesystem's offset) on the image's filesystem, or one
+    line saying why it could not run (disk full: the copy needs room); None if sound or
+    if the tool is not installed.
 
     erofs-utils 1.5 has no offset option, so the filesystem part is copied to an
     unnamed temporary file (``O_TMPFILE``: nothing is left behind, even if killed) in
     the image's folder, which fsck.erofs reads as ``/proc/self/fd/N``.
     """
-    tool = shutil.which("fsck.erofs")
+    try:
+        with open_regular(path) as fh:
+            ext4 = filesystem_type(fh) == "ext4"
+    except OSError as exc:
+        return f"cannot read {path}: {os_error(exc, path=False)}"
+    tool = shutil.which("e2fsck" if ext4 else "fsck.erofs", path="/usr/sbin:/sbin:/usr/bin")
     if tool is None:
+        return None
+    if ext4:
+        proc = subprocess.run([tool, "-fn", f"{path}?offset={DATAOFF}"], capture_output=True,
+                              text=True, check=False)
+        if proc.returncode != 0:
+            lines = (proc.stdout or proc.stderr).strip().splitlines()
+            return f"e2fsck: {lines[-1] if lines else f'exit {proc.returncode}'}"
         return None
     try:
         with open_regular(path) as src, tempfile.TemporaryFile(

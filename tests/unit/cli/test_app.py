@@ -157,6 +157,7 @@ BAD = {
     "NAME": ["", "a/../../b", "bad\nname", "x" * 300, "\udcff", "-"],
     "DOMAIN": ["nosuch", "\udcff", "", "a/../../b", "x" * 300],
     "SHA256": ["nosuch", "", "00" * 32, "\udcff", "0" * 65],
+    "TREE": ["nosuch", "", "0000", "\udcff", "0" * 65],            # an imported tree
     "N": ["x", "-1", "0", "\u0661", "1e3", ""],
     "guests": ["x", "-1", "0", "99"],                 # demo: never started
     "SECONDS": ["x", "-1", "0", "nan", "inf", ""],

@@ -9,6 +9,7 @@ devices, mounts); skipped otherwise. Every mount and loop device is removed afte
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from libshare.errors import LibshareError
 from libshare.redirect import actions
 from libshare.sharing.region import build, layout
 from libshare.sharing.store import import_tree
+from libshare.util.digest import sha256_file
+from tests.support.images import make_guest_tree
 
 SCRIPT = guest_path("libshare-redirect")
 LIBDIR = "usr/lib/x86_64-linux-gnu"
@@ -91,16 +94,22 @@ class Fake:
         out = []
         with open("/proc/self/mountinfo") as fh:
             for line in fh:
-                mp = line.split()[4]
+                mp = _mount_point(line.split()[4])
                 if mp.startswith(str(self.base)):
                     out.append(mp)
         return out
 
 
+def _mount_point(field: str) -> str:
+    """Return a mount point as /proc/self/mountinfo writes it, unescaped (\\040...)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _umount_all(base: Path) -> None:
     for _ in range(3):
         with open("/proc/self/mountinfo") as fh:
-            mps = [line.split()[4] for line in fh if line.split()[4].startswith(str(base))]
+            mps = [_mount_point(line.split()[4]) for line in fh
+                   if line.split()[4].startswith(str(base))]
         for mp in reversed(mps):
             subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
 
@@ -132,8 +141,13 @@ def fake(tmp_path: Path) -> Iterator[Fake]:
         mnt.mkdir()
         subprocess.run(["mount", "-t", "erofs", "-o", "ro", loop, str(mnt)], check=True)
         try:
+            # (sha256, size, region path, guest path) of every file the region serves
             manifest = [line.split("\t") for line in
                         (mnt / ".libshare/manifest.tsv").read_text().splitlines()]
+            for line in (mnt / ".libshare/tree.tsv").read_text().splitlines():
+                tid, path, kind, _m, _u, _g, size, sha, _o = line.split("\t")
+                if kind == "f":
+                    manifest.append([sha, size, f"/tree/{tid}{path}", path])
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
         yield Fake(tmp_path, root, tmp_path / "run", loop, manifest)
@@ -173,7 +187,7 @@ def test_apply_binds_identical_files_only_and_remove_undoes_it(fake: Fake) -> No
     # a second apply binds nothing twice and reads no file again (verdict cache)
     again = fake.run_script("apply", "--no-restart")
     assert again["bound"] == "0" and again["already"] == "2" and again["hashed"] == "0"
-    assert again["cached"] == "1"                   # the differing file, not re-read
+    assert again["cached"] == "3"                   # every file looked at, none re-read
     assert len(fake.mounts()) == 3
     status = fake.run_script("status")
     assert status["binds"] == "2" and status["region_mounted"] == "1"
@@ -197,11 +211,21 @@ def test_remove_detach_lets_go_of_files_in_use(fake: Fake) -> None:
         assert held.read(4) == b"\x7fELF"                       # still readable
 
 
+def _verdicts(table: Path) -> dict[str, tuple[str, str]]:
+    """Return guest path -> (key, sha256) of the guest script's verdict table."""
+    out = {}
+    for line in table.read_text().splitlines():
+        path, key, sha = line.split("\t")
+        out[path] = (key, sha)
+    return out
+
+
 @needs_root
 def test_verdicts_follow_file_changes(fake: Fake) -> None:
     fake.run_script("apply", "--no-restart")
-    verdict = fake.root / "var/lib/libshare/verdicts" / LIBDIR / "libacl.so.1"
-    key, sha = verdict.read_text().split()
+    table = fake.root / "var/lib/libshare/verdicts.tsv"
+    acl = f"/{LIBDIR}/libacl.so.1"
+    key, sha = _verdicts(table)[acl]
     st = os.stat(fake.root / LIBDIR / "libacl.so.1")
     assert key.split(":")[:2] == [str(st.st_ino), str(st.st_size)]
     fake.run_script("remove", "--no-restart")
@@ -212,8 +236,11 @@ def test_verdicts_follow_file_changes(fake: Fake) -> None:
     shutil.copyfile(src, new)
     os.replace(new, fake.root / LIBDIR / "libacl.so.1")
     out = fake.run_script("apply", "--no-restart")
-    assert out["bound"] == "3" and out["hashed"] == "1" and out["cached"] == "2"
-    assert verdict.read_text().split()[1] == good[0] != sha
+    assert out["hashed"] == "1" and out["cached"] == "2"
+    assert _verdicts(table)[acl][1] == good[0] != sha
+    # every file of the tree is now identical: its directory is bound whole, once
+    assert out["bound"] == "1" and out["dirs_bound"] == "1" and out["files_bound"] == "0"
+    assert set(fake.mounts()) == {str(fake.run / "region"), str(fake.root / "usr/lib")}
     # and a file changed in place with the same size is re-read, then not bound
     fake.run_script("remove", "--no-restart")
     target = fake.root / LIBDIR / "libz.so.1"
@@ -232,6 +259,11 @@ def test_prime_records_verdicts_and_binds_nothing(fake: Fake) -> None:
     assert fake.mounts() == [] and not (fake.run / "binds").exists()
     out = fake.run_script("apply", "--no-restart", "--boot")
     assert out["bound"] == "2" and out["hashed"] == "0" and out["cached"] == "3"
+    assert out["plan"] == "kept"                      # prime's decision, not made again
+    # libshare's own state on the guest's disk leaves nothing in its page cache
+    state = fake.root / "var/lib/libshare"
+    for f in (state / "verdicts.tsv", state / "plan/list", state / "plan/served"):
+        assert f.exists() and _resident(f) == 0, f
 
 
 @needs_root
@@ -263,14 +295,14 @@ def test_read_only_root_keeps_verdicts_in_run_until_sync(fake: Fake) -> None:
     try:
         out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_STATE=str(state))
         assert out["bound"] == "2"
-        assert (fake.run / "verdicts" / LIBDIR / "libz.so.1").exists()
+        assert f"/{LIBDIR}/libz.so.1" in _verdicts(fake.run / "verdicts.tsv")
         fake.run_script("remove", "--no-restart", LIBSHARE_STATE=str(state))
     finally:
         subprocess.run(["umount", str(state)], check=True)
     out = fake.run_script("sync", root=False, LIBSHARE_STATE=str(state))
     assert out["synced"] == "1"
-    assert (state / "verdicts" / LIBDIR / "libz.so.1").exists()
-    assert not (fake.run / "verdicts").exists()
+    assert f"/{LIBDIR}/libz.so.1" in _verdicts(state / "verdicts.tsv")
+    assert not (fake.run / "verdicts.tsv").exists()
 
 
 @needs_root
@@ -388,6 +420,175 @@ def test_detect_and_initramfs_on_this_host() -> None:
                               capture_output=True, text=True, check=False, timeout=30)
         assert proc.returncode == 0
         assert actions.parse_kv(proc.stdout)["refused"].startswith("no initramfs tool")
+
+
+# ------------------------------------------------------------------ directory binds
+
+AWKS = [a for a in ("mawk", "gawk") if shutil.which(a)]
+
+
+@pytest.fixture
+def usr_fake(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Fake]:
+    """A fake guest whose /usr is the region's ``usr`` tree (libshare installed in it,
+    as ``guest install`` leaves a guest), and a region built from that tree (EROFS, or
+    the filesystem the test's ``fs`` parameter names)."""
+    tree = make_guest_tree(tmp_path)
+    cfg = Config(state_dir=tmp_path / "state")
+    import_tree(cfg.store_dir, [tree])
+    fs = getattr(request, "param", "erofs")
+    res = build.build_region(cfg, "t", policy="usr", filesystem=fs)
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", str(tree), str(root)], check=True)
+    script = root / "usr/sbin/libshare-redirect"
+    shutil.copyfile(SCRIPT, script)
+    os.chmod(script, 0o755)
+    loop = subprocess.run(["losetup", "-f", "--show", "-r", "-o", str(layout.DATAOFF),
+                           res.path], capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        yield Fake(tmp_path, root, tmp_path / "run", loop, [])
+    finally:
+        _umount_all(tmp_path)
+        subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def _binds(fake: Fake) -> dict[str, str]:
+    """Return guest path -> kind ("dir" or the sha256) of the binds recorded."""
+    return {f[0]: f[2] for f in (line.split("\t") for line in
+                                 (fake.run / "binds").read_text().splitlines())}
+
+
+def _dev(path: Path) -> int:
+    return os.stat(path).st_dev
+
+
+@needs_root
+@pytest.mark.parametrize(("awk", "usr_fake"), [(a, "erofs") for a in AWKS] + [("awk", "ext4")],
+                         indirect=["usr_fake"])
+def test_identical_usr_is_bound_in_a_few_directory_binds(usr_fake: Fake, awk: str) -> None:
+    fake = usr_fake
+    out = fake.run_script("apply", "--no-restart", LIBSHARE_AWK=awk)
+    assert out["differs_count"] == "0" and out["failed"] == "0"
+    dirs = {"/usr/bin", "/usr/sbin", "/usr/lib", "/usr/share"}
+    assert _binds(fake) == {d: "dir" for d in dirs}
+    assert out["dirs_bound"] == "4" and out["files_bound"] == "0" and out["bound"] == "4"
+    assert set(fake.mounts()) == {str(fake.run / "region")} | {str(fake.root) + d
+                                                               for d in dirs}
+    region = _dev(fake.run / "region")
+    r = fake.root
+    assert _dev(r / "usr/bin/hello") == region and _dev(r / "usr/lib/modules") == region
+    # the guest sees its own modes and owners, setuid and setgid included
+    assert os.stat(r / "usr/bin/suprog").st_mode & 0o7777 == 0o4755
+    sg = os.stat(r / "usr/bin/sgprog")
+    assert (sg.st_mode & 0o7777, sg.st_gid) == (0o2755, 42)
+    assert os.readlink(r / "usr/bin/prog2") == "prog"
+    assert (r / "usr/share/empty").is_dir() and (r / "usr/share/doc/other/read me").exists()
+    # never /usr itself, /usr/local stays writable, /etc is not the usr policy's
+    assert _dev(r / "usr/local/bin") == _dev(r) and os.access(r / "usr/local/bin", os.W_OK)
+    assert _dev(r / "etc/copyright") == _dev(r)
+    served = (fake.run / "manifest.tsv").read_text()
+    assert "\t/usr/bin/hello\n" in served and "/etc/copyright" not in served
+    assert out["plan"] == "new"
+    again = fake.run_script("apply", "--no-restart", LIBSHARE_AWK=awk)
+    assert again["bound"] == "0" and again["already"] == "4" and again["hashed"] == "0"
+    out = fake.run_script("remove", "--no-restart")
+    assert out["removed"] == "4" and fake.mounts() == []
+    assert _dev(r / "usr/bin/hello") == _dev(r)
+    # nothing changed: the next apply from scratch (a boot) reads the plan kept
+    out = fake.run_script("apply", "--no-restart", "--boot", LIBSHARE_AWK=awk)
+    assert out["plan"] == "kept" and _binds(fake) == {d: "dir" for d in dirs}
+    # ... without caching any of it: the guest's page cache holds none of libshare's state
+    plan = [str(fake.root / "var/lib/libshare/plan" / n) for n in ("list", "fstab", "want")]
+    res = subprocess.run(["fincore", "-n", "-b", "-o", "RES,FILE", *plan],
+                         capture_output=True, text=True, check=True).stdout
+    assert [ln.split()[0] for ln in res.splitlines()] == ["0"] * 3, res
+    assert out["identical"] == again["identical"] and out["bound"] == "4"
+    fake.run_script("remove", "--no-restart")
+
+
+@needs_root
+def test_a_differing_file_keeps_its_own_copy_and_nothing_else(usr_fake: Fake) -> None:
+    fake, r = usr_fake, usr_fake.root
+    hello = r / "usr/bin/hello"
+    data = bytearray(hello.read_bytes())
+    data[-2] ^= 1                                       # one byte, same size
+    hello.write_bytes(bytes(data))
+    out = fake.run_script("apply", "--no-restart")
+    assert out["differs"] == ["/usr/bin/hello"]
+    binds = _binds(fake)
+    assert "/usr/bin" not in binds and {"/usr/sbin", "/usr/lib", "/usr/share"} <= set(binds)
+    region = _dev(fake.run / "region")
+    assert _dev(hello) == _dev(r) and hello.read_bytes() == bytes(data)
+    for name in ("prog", "suprog", "sgprog"):           # every other file of /usr/bin
+        assert binds[f"/usr/bin/{name}"] != "dir" and _dev(r / "usr/bin" / name) == region
+    assert os.stat(r / "usr/bin/suprog").st_mode & 0o7777 == 0o4755
+    assert out["files_bound"] == "3" and out["dirs_bound"] == "3"
+
+
+@needs_root
+def test_extra_names_and_other_modes_are_never_covered(usr_fake: Fake) -> None:
+    fake, r = usr_fake, usr_fake.root
+    (r / "usr/share/doc/pkg/mine").write_text("only in this guest\n")
+    os.chmod(r / "usr/sbin/sprog", 0o700)
+    (r / "usr/lib/systemd/system/local.service").write_text("[Unit]\n")
+    out = fake.run_script("apply", "--no-restart")
+    binds = _binds(fake)
+    region = _dev(fake.run / "region")
+    # the extra file stays visible: its directories are not bound whole, but the
+    # identical directories beside it are, and its identical neighbours alone
+    assert "/usr/share" not in binds and binds["/usr/share/doc/other"] == "dir"
+    assert (r / "usr/share/doc/pkg/mine").read_text() == "only in this guest\n"
+    assert _dev(r / "usr/share/doc/pkg/copyright") == region
+    assert "/usr/share/doc/pkg/empty" not in binds             # nothing to serve
+    # a mode of its own: that file is not served (and /usr/sbin not whole)
+    assert "/usr/sbin" not in binds and "/usr/sbin/sprog" not in binds
+    assert os.stat(r / "usr/sbin/sprog").st_mode & 0o777 == 0o700
+    assert binds["/usr/sbin/libshare-redirect"] != "dir"
+    # names fstab cannot carry are bound alone (a space, a backslash)
+    assert _dev(r / "usr/lib/systemd/system/system-foo\\x2dbar.slice") == region
+    assert "/usr/lib/systemd/system/system-foo\\x2dbar.slice" in binds
+    assert out["failed"] == "0" and out["differs"] == ["/usr/sbin/sprog"]
+    out = fake.run_script("remove", "--no-restart")
+    assert fake.mounts() == []
+
+
+@needs_root
+def test_package_update_under_a_directory_bind(usr_fake: Fake) -> None:
+    """What the dpkg hooks do: remove every bind, dpkg changes files, apply again binds
+    what is still identical; putting the region's bytes back gives the directory back."""
+    fake, r = usr_fake, usr_fake.root
+    fake.run_script("apply", "--no-restart")
+    assert _binds(fake)["/usr/bin"] == "dir"
+    fake.run_script("remove", "--no-restart")
+    prog = r / "usr/bin/prog"
+    original = prog.read_bytes()
+    new = r / "usr/bin/prog.dpkg-new"
+    new.write_bytes(original + b"\0new version")
+    os.chmod(new, 0o755)
+    os.replace(new, prog)
+    out = fake.run_script("apply", "--no-restart")
+    assert out["differs"] == ["/usr/bin/prog"] and out["hashed"] == "0"   # other size
+    assert out["plan"] == "new"                               # not the plan kept before
+    assert "/usr/bin" not in _binds(fake) and _dev(prog) == _dev(r)
+    assert prog.read_bytes().endswith(b"new version")
+    fake.run_script("remove", "--no-restart")
+    prog.write_bytes(original)
+    out = fake.run_script("apply", "--no-restart")
+    assert _binds(fake)["/usr/bin"] == "dir" and out["hashed"] == "1"
+
+
+@needs_root
+def test_many_files_are_hashed_in_one_batch(usr_fake: Fake) -> None:
+    fake = usr_fake
+    out = fake.run_script("prime", LIBSHARE_HASH_DIRECT_MAX="0")
+    table = _verdicts(fake.root / "var/lib/libshare/verdicts.tsv")
+    files = [p for p in fake.root.rglob("*") if p.is_file() and not p.is_symlink()
+             and str(p.relative_to(fake.root)).startswith("usr/")]
+    assert out["hashed"] == str(len(files)) == str(len(table))
+    for p in files:
+        guest = "/" + str(p.relative_to(fake.root))
+        assert table[guest][1] == sha256_file(p), guest      # names with \\ and spaces too
+    assert out["identical"] == str(len(files)) and fake.mounts() == []
+    assert fake.run_script("prime")["hashed"] == "0"
 
 
 def test_status_reports_what_the_boot_did(tmp_path: Path) -> None:

@@ -17,6 +17,8 @@ from tests.support.images import shared_object
 
 LIBDIR = Path("/lib/x86_64-linux-gnu")
 LIBS = ["libz.so.1", "libacl.so.1", "libattr.so.1"]
+#: objects the tree below gives: its libraries and one plain file (/etc/hostname)
+OBJECTS = len(LIBS) + 1
 
 
 @pytest.fixture
@@ -44,9 +46,11 @@ def tree(tmp_path: Path) -> Path:
 def test_import_and_index(tmp_path: Path, tree: Path) -> None:
     sdir = tmp_path / "store"
     r = import_tree(sdir, [tree])
-    assert len(r.added) == len(LIBS)
-    assert r.skipped_counts() == {"not an ELF file": 1}
+    assert len(r.added) == OBJECTS and r.plain == 1
+    assert r.skipped_counts() == {}
     idx = load_index(sdir)
+    hostname = idx.entries[sha256_file(tree / "etc/hostname")]
+    assert hostname.elf_type == store.PLAIN and hostname.paths == ["/etc/hostname"]
     libz = sha256_file(LIBDIR / "libz.so.1")
     e = idx.entries[libz]
     assert e.soname == "libz.so.1" and e.name == "libz.so.1"
@@ -68,11 +72,11 @@ def test_import_is_idempotent(tmp_path: Path, tree: Path) -> None:
     mtime = (sdir / "index.json").stat().st_mtime_ns
     r = import_tree(sdir, [tree])
     assert r.added == [] and r.paths_added == 0 and not r.index_written
-    assert r.known == len(LIBS)
+    assert r.known == OBJECTS
     assert (sdir / "index.json").read_bytes() == before
     assert (sdir / "index.json").stat().st_mtime_ns == mtime
     objects = sorted(p.name for p in (sdir / "objects").rglob("*") if p.is_file())
-    assert len(objects) == len(LIBS)
+    assert len(objects) == OBJECTS
 
 
 def test_same_build_id_different_bytes_two_objects(tmp_path: Path, tree: Path) -> None:
@@ -125,8 +129,8 @@ def test_interrupted_import_leaves_nothing_visible(tmp_path: Path, tree: Path,
     assert not (sdir / "index.json").exists()
     # the next import completes the job
     r = import_tree(sdir, [tree])
-    assert len(load_index(sdir).entries) == len(LIBS)
-    assert len(r.added) == len(LIBS)
+    assert len(load_index(sdir).entries) == OBJECTS
+    assert len(r.added) == OBJECTS
 
 
 def test_stale_temporaries_are_removed(tmp_path: Path, tree: Path) -> None:
@@ -152,7 +156,7 @@ def test_file_changing_during_import_is_refused(tmp_path: Path, tree: Path,
     monkeypatch.setattr(store, "identify", stale)
     r = import_tree(sdir, [tree])
     assert any(s.reason == "file changed while being imported" for s in r.skipped)
-    assert len(r.added) == len(LIBS) - 1
+    assert len(r.added) == OBJECTS - 1
     assert all(sha256_file(p) == p.name
                for p in (sdir / "objects").rglob("*") if p.is_file())
 
@@ -184,7 +188,7 @@ def test_reimport_repairs_an_object_damaged_in_place(tmp_path: Path, tree: Path)
     assert obj.stat().st_size == size and sha256_file(obj) != libz
     r = import_tree(sdir, [tree])
     assert r.repaired == [libz] and r.as_dict()["repaired"] == [libz]
-    assert r.known == len(LIBS) and r.added == []
+    assert r.known == OBJECTS and r.added == []
     assert sha256_file(obj) == libz and obj.stat().st_mode & 0o777 == store.OBJECT_MODE
     assert import_tree(sdir, [tree]).repaired == []
 
@@ -229,8 +233,8 @@ def test_a_fifo_replacing_a_file_during_the_walk_is_skipped(
     reasons = {Path(s.path).name: s.reason for s in r.skipped}
     assert reasons["libz.so.1.0.0"] == "cannot read: is a FIFO, not a regular file"
     assert reasons["libacl.so.1.0.0"] == "cannot read: is a FIFO, not a regular file"
-    assert r.index_written and [e.soname for e in load_index(sdir).entries.values()] \
-        == ["libattr.so.1"]
+    assert r.index_written and [e.soname for e in load_index(sdir).entries.values()
+                                if e.elf_type != store.PLAIN] == ["libattr.so.1"]
     assert (lib / "libz.so.1.0.0").is_fifo()
 
 
@@ -333,3 +337,24 @@ def test_disk_full_import_is_one_line_and_leaves_the_store_consistent(
         if (state / "store").is_dir():
             store_consistent(state / "store")
         ballast.unlink()
+
+
+def test_proven_objects_are_not_hashed_again(tmp_path: Path, tree: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An import proves each object's hash; the next import reads none of them again
+    while their files are unchanged, and a write in place (mtime moves) is caught."""
+    sdir = tmp_path / "store"
+    import_tree(sdir, [tree])
+    proofs = store.load_proofs(sdir)
+    assert set(proofs) == set(load_index(sdir).entries)
+    hashed: list[str] = []
+    real = store.sha256_file
+    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(str(p)) or real(p))
+    r = import_tree(sdir, [tree])
+    assert hashed == [] and r.repaired == [] and r.known == OBJECTS
+    libz = sha256_file(LIBDIR / "libz.so.1")
+    damage(object_path(sdir, libz))
+    r = import_tree(sdir, [tree])
+    assert r.repaired == [libz] and len(hashed) == 1
+    assert store.is_proven(sdir, libz, object_path(sdir, libz).stat().st_size,
+                           store.load_proofs(sdir))

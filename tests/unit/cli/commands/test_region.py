@@ -49,11 +49,11 @@ def test_store_and_region_commands(tmp_path: Path, tree: Path,
     rc, out, _ = run(capsys, state, "store", "import", str(tree), "--json")
     assert rc == 0
     doc = json.loads(out)
-    assert doc["added"] == 2 and doc["skipped_counts"] == {"not an ELF file": 1}
+    assert doc["added"] == 3 and doc["plain"] == 1 and doc["skipped_counts"] == {}
     rc, out, _ = run(capsys, state, "store", "import", str(tree))
     assert rc == 0 and "0 new objects" in out
     rc, out, _ = run(capsys, state, "store", "ls", "--json")
-    assert {o["soname"] for o in json.loads(out)["objects"]} == {"libz.so.1", "libattr.so.1"}
+    assert {o["soname"] for o in json.loads(out)["objects"]} == {"libz.so.1", "libattr.so.1", None}
 
     rc, out, _ = run(capsys, state, "region", "build", "--group", "web", "--json")
     assert rc == 0
