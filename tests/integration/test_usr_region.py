@@ -4,8 +4,7 @@ own fincore, /proc/*/maps, mountinfo, kernel log) and from the host (smaps).
 
 One store is filled from the cached Debian image's whole root (read on the host from a
 raw copy through a read-only loop device); two regions are built from it: the ``usr``
-policy's, and today's library region (the ``libraries`` policy's objects as a plain
-selection: file binds only, as before directory binds). One guest (CI time: the demo's
+policy's, built from the image's whole tree with directory binds. One guest (CI time: the demo's
 test proves the identical guests, at most 64 binds, every /usr mapping on the pmem
 device): before libshare, the host's forecast of what the usr region would serve of its
 page cache (``survey --page-cache --forecast``) is checked against its own fincore, and
@@ -16,10 +15,9 @@ disk copies of /usr hold at most 5% of the idle baseline of 35.6 MB in its page 
 (at least 95% of it is the region's), /usr/lib is bound whole, every mapping of a /usr
 file is on the pmem device but its own bash, every other file of /usr/bin is the
 region's; a package upgrade under the directory binds (dpkg -i of a rebuilt ``hostname`` package)
-succeeds and its new file is the one used. Last, it is moved to the library region and
-restarted: it then caches at least twice what it caches with the usr region (each
-added guest costs the host that much more), and the boot-time binds of the usr region
-took at most 3 s more than the library region's.
+succeeds and its new file is the one used, and its own page cache holds at most half
+of what it held before libshare. How the usr region compares with the library region
+in boot time and page cache is measured by hand (bench), not in CI.
 """
 
 from __future__ import annotations
@@ -36,43 +34,37 @@ from typing import Any
 
 import pytest
 
-from libshare import domxml
 from libshare.config import Config
 from libshare.demo import story
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions
-from libshare.demo.debian.image import DebianImage, debian_image, image_root
-from libshare.domxml.memory import guest_ram_sizes
+from libshare.demo.debian.image import DebianImage, image_root
 from libshare.redirect import actions
-from libshare.sharing.accounting import guest_ram_usage, region_usage
-from libshare.sharing.region import build, policy
-from libshare.sharing.store import import_tree, load_index
+from libshare.sharing.accounting import region_usage
+from libshare.sharing.region import build
+from libshare.sharing.store import import_tree
 from libshare.virt import enrol
 from tests.integration.test_redirect import flip_last_byte, libshare, start_enrolled
 from tests.support.paths import open_to_qemu, state_base
 
 pytestmark = pytest.mark.integration
 
-USR, LIBS = "lstest-usr", "lstest-lib"
+USR = "lstest-usr"
 BASELINE_KB = story.IDLE_BASELINE_KB
 
 
 @dataclass
 class Regions:
-    """The two regions built from the image's tree, and what the test needs with them."""
+    """The usr region built from the image's tree, and what the test needs with it."""
 
     cfg: Config
     image: DebianImage
     usr: build.BuildResult
-    libs: build.BuildResult
     debs: Path
 
 
 @pytest.fixture(scope="module")
-def regions() -> Iterator[Regions]:
-    try:
-        image = debian_image()
-    except Exception as exc:  # no network and no cache: say so
-        pytest.skip(f"no Debian guest image: {exc}")
+def regions(debian_guest_image: DebianImage) -> Iterator[Regions]:
+    image = debian_guest_image
     with state_base("usr-") as base:
         cfg = Config(state_dir=base / "state")
         t0 = time.monotonic()
@@ -81,14 +73,11 @@ def regions() -> Iterator[Regions]:
         t1 = time.monotonic()
         usr = build.build_region(cfg, USR, policy="usr", trees_wanted=[tree])
         t2 = time.monotonic()
-        chosen = policy.plan_region(cfg.store_dir, load_index(cfg.store_dir), "libraries",
-                                    [tree]).entries
-        libs = build.build_region(cfg, LIBS, [e.sha256 for e in chosen])
         print(f"import {t1 - t0:.0f} s; usr region {usr.files} files, {usr.size >> 20} MiB, "
               f"{len(usr.trees[0]['offered'])} directories offered, built in "
-              f"{t2 - t1:.0f} s; libraries region {libs.files} files, {libs.size >> 20} MiB")
+              f"{t2 - t1:.0f} s")
         open_to_qemu(base, cfg)
-        yield Regions(cfg, image, usr, libs, image.directory.parent.parent / "debs")
+        yield Regions(cfg, image, usr, image.directory.parent.parent / "debs")
 
 
 # ------------------------------------------------------------------ guest ground truth
@@ -212,18 +201,7 @@ def test_usr_region_serves_the_page_cache(libvirt_conn: Any, domain_name: Callab
         assert g.sh("findmnt -n -o TARGET /usr/bin/ls || true").strip() == "/usr/bin/ls"
         assert g.sh("findmnt -n /usr/bin/hostname || true").strip() == ""
 
-        # ---- the library region: what each added guest costs then
-        ram_usr = guest_ram_usage(pid, guest_ram_sizes(domxml.parse(g.domain.XMLDesc(0))))
-        enrol.enable_domain(libvirt_conn, name, enrol.resolve_region(reg.cfg, LIBS, "nvdimm"))
-        g.restart(timeout=900)
-        vl = view(g)
-        print(line("libraries region", vl))
-        pid = g.qemu_pid()
-        assert pid
-        ram_lib = guest_ram_usage(pid, guest_ram_sizes(domxml.parse(g.domain.XMLDesc(0))))
-        print(f"guest RAM on the host: usr region {ram_usr}, libraries region {ram_lib}")
-        print(f"file page cache in its own RAM: usr {vu['cache_kb']} kB, libraries "
-              f"{vl['cache_kb']} kB (x{vl['cache_kb'] / max(vu['cache_kb'], 1):.1f})")
-        assert vl["cache_kb"] >= 2 * vu["cache_kb"]
-        assert vu["bind_seconds"] is not None and vl["bind_seconds"] is not None
-        assert vu["bind_seconds"] <= vl["bind_seconds"] + 3, (vu, vl)
+        # ---- what it caches of its own now, against before libshare
+        print(f"file page cache in its own RAM: {before['cache_kb']} kB before libshare, "
+              f"{vu['cache_kb']} kB with the usr region")
+        assert 2 * vu["cache_kb"] <= before["cache_kb"], (before, vu)
