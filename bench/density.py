@@ -90,9 +90,11 @@ from lxml import etree
 from bench.common import ROOT, machine, print_header, reproduce_command
 from libshare import domxml
 from libshare.config import Config
+from libshare.demo.story import DEMO_POLICY
 from libshare.domxml.memory import guest_ram_sizes
 from libshare.errors import LibshareError
 from libshare.sharing import accounting, ksm
+from libshare.sharing.region.policy import POLICIES
 
 #: inside the default state directory, which the hook trusts (config.trusted_state_dir)
 WORK = Path("/var/lib/libshare/bench-density")
@@ -432,8 +434,10 @@ def prepare_disk(conn: Any, image: Any, cfg: Config, spec: domxml.RegionSpec,
     return dataclasses.replace(image, path=disk)
 
 
-def setup(conn: Any, domain_type: str) -> Setup:
-    """Build (or reuse) the image, the bench's region and the prepared disk."""
+def setup(conn: Any, domain_type: str, policy: str) -> Setup:
+    """Build (or reuse) the image, the bench's region (its files chosen by ``policy``,
+    :mod:`libshare.sharing.region.policy`) and the prepared disk; return the Setup."""
+    from libshare import report
     from libshare.demo.debian.image import debian_image
     from libshare.demo.story import build_image_region
     from libshare.virt import enrol
@@ -443,16 +447,18 @@ def setup(conn: Any, domain_type: str) -> Setup:
     WORK.mkdir(parents=True, exist_ok=True)
     cfg = Config(state_dir=WORK / "state")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    built, guest_paths = build_image_region(cfg, image, say)
+    built = build_image_region(cfg, image, say, policy=policy)
+    guest_paths = report.region_guest_files(built.path)
     for p in (WORK.parent, WORK, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
               cfg.regions_dir / "groups"):
         p.chmod(0o755)
     spec = enrol.resolve_region(cfg, GROUP, "nvdimm")
-    say(f"region {built.path}: {built.files} libraries, {built.size >> 20} MiB")
+    say(f"region {built.path} ({policy} policy): {built.files} files, "
+        f"{built.size >> 20} MiB")
     disk = prepare_disk(conn, image, cfg, spec, domain_type)
     return Setup(cfg, spec, disk, guest_paths,
                  {"path": built.path, "digest": built.digest, "files": built.files,
-                  "size": built.size})
+                  "size": built.size, "policy": policy})
 
 
 # ------------------------------------------------------------------ one run
@@ -773,7 +779,10 @@ def markdown(doc: dict[str, Any]) -> str:
              f"(TCG when qemu), {MEMORY_MIB} MiB, 1 vCPU, Debian 12", "",
              "Host memory attributable to the guests = sum of guest-RAM mapping Pss (+ "
              "hugetlbfs pages) + sum of region mapping Pss, from each QEMU's smaps; saving "
-             "against `none` (`hp-none` for hugepage arms) at the same workload and N.", ""]
+             "against `none` (`hp-none` for hugepage arms) at the same workload and N.", "",
+             f"Region of the `libshare` arms: {doc['region'].get('files')} files, "
+             f"{doc['region'].get('size', 0) >> 20} MiB, the "
+             f"`{doc['region'].get('policy', 'libraries')}` policy.", ""]
     for w in sorted({r["workload"] for r in doc["summary"]}):
         lines.append(f"- `{w}`: {WORKLOAD_TEXT[w]}")
     lines += ["", "| arm | workload | N | boot s | after boot MiB | end MiB | saving MiB | "
@@ -873,6 +882,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workloads", help="comma-separated workloads (idle, service)")
     p.add_argument("--n", help="comma-separated guest counts")
     p.add_argument("--kvm", action="store_true", help="KVM guests (type='kvm') instead of TCG")
+    p.add_argument("--policy", default=DEMO_POLICY, choices=POLICIES,
+                   help=f"what the region holds (default {DEMO_POLICY}, as the demo's)")
     p.add_argument("--out", type=Path, help="results folder (bench/results/density[-quick])")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -892,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     failed: list[dict[str, Any]] = []
     hp_mode = ["libvirt"]
     with api.connect("qemu:///system") as conn:
-        st = setup(conn, domain_type)
+        st = setup(conn, domain_type, args.policy)
         for arm, w, n in plan:
             try:
                 try:
