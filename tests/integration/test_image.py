@@ -33,6 +33,7 @@ from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_
 from libshare.demo.debian.image import DebianImage, create_overlay, image_root
 from libshare.demo.story import build_image_region
 from libshare.redirect import actions
+from libshare.report import region_guest_files
 from libshare.sharing.accounting import smaps
 from libshare.virt import enrol
 from tests.support.paths import make_test_dir
@@ -68,7 +69,8 @@ def region(debian_guest_image: DebianImage) -> Iterator[Region]:
         work.chmod(0o755)
         cfg = Config(state_dir=top / "state")
         cfg.state_dir.mkdir(mode=0o755)
-        built, paths = build_image_region(cfg, image, print)
+        built = build_image_region(cfg, image, print, policy="libraries")
+        paths = region_guest_files(built.path)
         for d in (cfg.regions_dir, cfg.regions_dir / "images", cfg.regions_dir / "groups"):
             d.chmod(0o755)
         yield Region(cfg, Path(built.path), built.digest, paths, image, work)
