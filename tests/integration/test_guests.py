@@ -20,7 +20,6 @@ from libshare.demo.tiny.runner import GuestOptions, run_guest, running_guest
 
 pytestmark = pytest.mark.integration
 
-BOOT_BUDGET_S = 15.0
 NVDIMM_DIR = Path("/var/lib/libshare-test")
 
 
@@ -55,8 +54,8 @@ def test_guest_runs_script_and_reports_from_inside(
     loaded = set(lines["modules"].split(","))
     assert {"nfit", "nd_pmem", "erofs", "virtio_console"} <= loaded, lines["modules"]
     assert "LIBSHARE-INSMOD-FAILED" not in res.console
-    assert res.boot_seconds is not None and res.boot_seconds < BOOT_BUDGET_S
-    assert wall < BOOT_BUDGET_S + 10
+    # the guest says when its init ran (boot speed is the bench's: no budget here)
+    assert res.boot_seconds is not None and 0 < res.boot_seconds < wall
     assert not _domain_exists(libvirt_conn, name)
 
 
