@@ -3,14 +3,15 @@ RAM opened from the host, the guest optionally paused for the look (bounded: a w
 resumes it), and its kernel understood, from the per-boot cache when still valid, else
 by scanning guest RAM (:mod:`libshare.introspect.cache`). What is walked then is the
 caller's: libraries (:mod:`~libshare.introspect.survey`), page cache
-(:mod:`~libshare.introspect.pagecache`).
+(:mod:`~libshare.introspect.pagecache`). :func:`each_domain` takes one survey of each of
+several domains, a domain that fails not stopping the others.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,3 +82,19 @@ def look(conn: Any, name: str, pause: bool = False, backend: str = "proc",
         if out is not None:
             out.wall_seconds = time.perf_counter() - t0
             out.cpu_seconds = time.process_time() - c0
+
+
+def each_domain(names: list[str], survey: Callable[[str], Any],
+                single_raises: bool = True) -> tuple[list[Any], list[str]]:
+    """Return (the surveys ``survey(name)`` of ``names``, one "name: reason" per domain
+    that failed); with ``single_raises``, the error of a single domain is raised
+    instead."""
+    results, failures = [], []
+    for name in names:
+        try:
+            results.append(survey(name))
+        except LibshareError as exc:
+            if single_raises and len(names) == 1:
+                raise
+            failures.append(f"{name}: {exc}")
+    return results, failures

@@ -15,8 +15,10 @@ objects and imported trees), for each policy of :mod:`libshare.sharing.region.po
   (``region_bytes``, the policy's objects).
 
 Files the region serves already (a DAX mount) are neither cached in guest RAM nor
-counted. ``libshare survey --page-cache --forecast GROUP`` prints it; ``libshare report
---forecast`` may call :func:`forecast` too.
+counted. :func:`forecast_json` is its JSON form (the policies, and whether a guest's
+survey was partial or failed), as both commands print it: ``libshare survey --page-cache
+--forecast GROUP`` and ``libshare report --forecast GROUP``
+(:func:`libshare.report.group_forecast`).
 """
 
 from __future__ import annotations
@@ -132,3 +134,15 @@ def forecast(surveys: Sequence[SurveyLike], store_dir: Path, index: StoreIndex |
         pf.host_saves = sum(g.stop_caching for g in pf.guests) - pf.host_holds
         out.append(pf)
     return out
+
+
+def forecast_json(group: str, rows: Sequence[PolicyForecast], surveys: Sequence[Any],
+                  failures: Sequence[str]) -> dict[str, Any]:
+    """Return the JSON object of the forecast ``rows`` of ``group`` made from ``surveys``
+    (each with ``name``, ``partial``, ``errors``): ``group``, ``partial`` (a survey was
+    partial, its ``errors`` "name: error" each, or a guest could not be surveyed:
+    ``failed``, "name: reason" each), ``policies``."""
+    return {"group": group,
+            "partial": bool(failures) or any(s.partial for s in surveys),
+            "errors": [f"{s.name}: {e}" for s in surveys for e in s.errors],
+            "failed": list(failures), "policies": [r.as_dict() for r in rows]}

@@ -139,8 +139,32 @@ def test_hugepage_guests_are_never_read(tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(report, "_survey_page_cache", lambda *a: pytest.fail("read"))
     conn = FakeConnection(FakeDomain("h", enrolled("h", region=region, group="web")))
     rep = report.gather(conn, Config(state_dir=tmp_path / "s"), page_cache=True, proc=proc,
-                        ksm_dir=tmp_path / "ksm")
+                        ksm_dir=tmp_path / "ksm", forecast="web")
+    assert rep["forecast"]["partial"] and rep["forecast"]["failed"] == [
+        f"h: {report.HUGEPAGES}"]                     # nor read for the forecast
     [row] = rep["domains"]
     assert row["guest_ram"]["hugetlb_bytes"] == 200 * MiB
     assert row["guest_ram"]["resident_bytes"] == 200 * MiB
     assert "hugepages" in row["page_cache"]["error"]
+
+
+def test_forecast_reads_the_group_or_the_named_guests(host: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    walked: list[str] = []
+
+    def survey(conn: Any, name: str, cfg: Config) -> PageCacheSurvey:
+        walked.append(name)
+        return PageCacheSurvey(name, files=[cached("/usr/lib/libz.so.1", 120000, 65536)])
+
+    monkeypatch.setattr(report, "_survey_page_cache", survey)
+    fc = gather(host, forecast="web")["forecast"]
+    assert walked == ["a", "b"]                     # running and enrolled in web
+    assert fc["group"] == "web" and not fc["partial"] and fc["failed"] == []
+    assert [g["name"] for g in fc["policies"][0]["guests"]] == ["a", "b"]
+    walked.clear()
+    fc = gather(host, names=["c", "off"], forecast="web")["forecast"]
+    assert walked == ["c"]                          # not enrolled yet: read all the same
+    assert fc["partial"] and fc["failed"] == ["off: not running"]
+    assert gather(host)["forecast"] is None and walked == ["c"]
+    with pytest.raises(report.LibshareError, match="no running domains enrolled in group db"):
+        gather(host, forecast="db")

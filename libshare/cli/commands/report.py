@@ -1,5 +1,6 @@
 """``libshare report``: what libshare saves on this host now, per domain, per trust group
-and for the host, beside KSM (gathered by :mod:`libshare.report`), as tables, ``--json``,
+and for the host, beside KSM, and with ``--forecast GROUP`` what each region policy
+would save (gathered by :mod:`libshare.report`), as tables, ``--json``,
 a picture (``--png``, matplotlib) and node_exporter textfile-collector metrics
 (``--prometheus``, written atomically)."""
 
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from libshare import report
-from libshare.cli.options import add_json, libvirt_uri
+from libshare.cli.commands.survey import print_forecast
+from libshare.cli.options import add_json, add_trees, libvirt_uri
 from libshare.cli.output import print_json, print_table
 from libshare.config import Config
-from libshare.errors import LibshareError
+from libshare.domxml.metadata import check_group
+from libshare.errors import EXIT_FAILED, EXIT_OK, LibshareError, UsageError
 from libshare.util.files import atomic_write
 from libshare.util.units import human
 from libshare.virt import api
@@ -112,6 +115,12 @@ def prometheus_text(rep: dict[str, Any]) -> str:
               if k.startswith("pages_")])
     m.family("ksmd_cpu_seconds", "CPU seconds ksmd has used since boot.",
              [({}, ksm["ksmd_cpu_seconds"])])
+    fc = rep.get("forecast") or {}
+    m.family("forecast_saved_bytes", "Host memory a region of this policy would save for "
+             "the group, forecast from its guests' page cache (their cached bytes the "
+             "region would serve, minus the one copy the host would hold).",
+             [({"group": fc["group"], "policy": p["policy"]}, p["host_saves"])
+              for p in fc.get("policies", []) if not p["error"]])
     m.family("report_domains", "Running domains the report covers.", [({}, host["domains"])])
     m.family("report_cpu_seconds", "CPU seconds the report took to gather.",
              [({}, rep["cost"]["cpu_seconds"])])
@@ -279,12 +288,17 @@ def output_path(text: str, option: str) -> Path:
 
 
 def _report(args: argparse.Namespace, cfg: Config) -> int:
+    if args.trees and not args.forecast:
+        raise UsageError("--tree goes with --forecast")
+    if args.forecast is not None:
+        check_group(args.forecast, "--forecast", UsageError)
     png = output_path(args.png, "--png") if args.png else None
     prom = output_path(args.prometheus, "--prometheus") if args.prometheus else None
     if png:
         _pyplot()  # fail before gathering anything when matplotlib is missing
     with api.connect(libvirt_uri(args, cfg)) as conn:
-        rep = report.gather(conn, cfg, args.domains or None, page_cache=args.page_cache)
+        rep = report.gather(conn, cfg, args.domains or None, page_cache=args.page_cache,
+                            forecast=args.forecast, trees=args.trees)
     if prom:
         atomic_write(prom, prometheus_text(rep).encode())
     if png:
@@ -293,6 +307,8 @@ def _report(args: argparse.Namespace, cfg: Config) -> int:
         print_json(rep)
     else:
         print_report(rep)
+        if rep["forecast"]:
+            print_forecast(rep["forecast"])
         for name in rep["skipped"]:
             print(f"{name}: not running: nothing to report", file=sys.stderr)
     for d in rep["domains"]:
@@ -302,7 +318,10 @@ def _report(args: argparse.Namespace, cfg: Config) -> int:
         pc = d.get("page_cache") or {}
         if "error" in pc:
             print(f"{d['name']}: no page-cache survey: {pc['error']}", file=sys.stderr)
-    return 0
+    fc = rep["forecast"] or {}
+    for problem in fc.get("errors", []) + fc.get("failed", []):
+        print(f"libshare: forecast: {problem}", file=sys.stderr)
+    return EXIT_FAILED if fc.get("partial") else EXIT_OK
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -326,7 +345,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--prometheus", metavar="OUT",
                    help="also write node_exporter textfile-collector metrics to OUT "
                    "(atomically; e.g. /var/lib/prometheus/node-exporter/libshare.prom)")
-    # issue 12: '--forecast GROUP' (what a group's region would save, per policy) is to be
-    # wired here to the forecast function once it exists in libshare (not yet in main)
+    s.add_argument("--forecast", metavar="NAME",
+                   help="also forecast, before enrolment, what a region of each policy "
+                   "(built from the store's trees) would serve of trust group NAME: per "
+                   "guest the file pages it would stop caching, for the host what it "
+                   "would hold once and save; the guests are the DOMAINs, else the "
+                   "running domains enrolled in NAME (their page cache read from their "
+                   "memory, as --page-cache). Exit status 1 when a guest's survey fails "
+                   "or is partial (the forecast says partial)")
+    add_trees(s, "for --forecast to plan from")
     add_json(s)
     s.set_defaults(func=_report)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from libshare.cli.options import add_json, add_trees, int_between, libvirt_uri
@@ -117,20 +116,24 @@ def print_page_cache(s: Any, top: int) -> None:
                  for fs in s.filesystems if fs.files or fs.other_cached_bytes])
 
 
-def print_forecast(group: str, rows: list[Any]) -> None:
-    """Print the forecast ``rows`` (PolicyForecast) for ``group``."""
+def print_forecast(doc: dict[str, Any]) -> None:
+    """Print the forecast ``doc`` (:func:`libshare.sharing.forecast.forecast_json`): per
+    policy, the region's size, per guest what it would stop caching of what it caches,
+    and what the host would hold and save."""
     print()
-    print(f"forecast for group {group} (KiB; a guest stops caching what the region "
-          "would serve, the host holds it once):")
-    names = [g.name for g in next((r.guests for r in rows if not r.error), [])]
+    print(f"forecast for group {doc['group']}{' (partial)' if doc['partial'] else ''} "
+          "(KiB; a guest stops caching what the region would serve, the host holds it "
+          "once):")
+    rows = doc["policies"]
+    names = [g["name"] for g in next((r["guests"] for r in rows if not r["error"]), [])]
     table = []
     for r in rows:
-        if r.error:
-            table.append([r.policy, "-", *["-" for _ in names], "-", "-", r.error])
+        if r["error"]:
+            table.append([r["policy"], "-", *["-" for _ in names], "-", "-", r["error"]])
             continue
-        table.append([r.policy, _kib(r.region_bytes),
-                      *[f"{_kib(g.stop_caching)}/{_kib(g.cached)}" for g in r.guests],
-                      _kib(r.host_holds), _kib(r.host_saves), ""])
+        table.append([r["policy"], _kib(r["region_bytes"]),
+                      *[f"{_kib(g['stop_caching'])}/{_kib(g['cached'])}" for g in r["guests"]],
+                      _kib(r["host_holds"]), _kib(r["host_saves"]), ""])
     print_table(["POLICY", "REGION", *names, "HOST-HOLDS", "HOST-SAVES", ""], table)
 
 
@@ -139,18 +142,20 @@ def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
     """Survey the page cache of ``names`` (and forecast with ``--forecast``); print a
     table or JSON; return the exit status."""
     from libshare.introspect.pagecache import survey_domain_page_cache, to_json
-    from libshare.sharing.forecast import forecast
+    from libshare.introspect.session import each_domain
+    from libshare.sharing.forecast import forecast, forecast_json
 
     layout = _layout(args.offsets)
     cache_dir = None if args.no_cache else cfg.state_dir / "introspect"
     results, failures = each_domain(names, lambda name: survey_domain_page_cache(
         conn, name, pause=args.pause, backend=args.backend, layout=layout,
         cache_dir=cache_dir))
-    rows = forecast(results, cfg.store_dir, trees=args.trees) if args.forecast else []
+    fc = forecast_json(args.forecast, forecast(results, cfg.store_dir, trees=args.trees),
+                       results, failures) if args.forecast else None
     if args.json:
         doc: dict[str, Any] = {"domains": [to_json(s) for s in results], "failed": failures}
-        if args.forecast:
-            doc["forecast"] = {"group": args.forecast, "policies": [r.as_dict() for r in rows]}
+        if fc:
+            doc["forecast"] = fc
         print_json(doc)
     else:
         print_table(["DOMAIN", "KERNEL", "FILES", "CACHED-KIB", "REGION-KIB", "OTHER-KIB",
@@ -161,23 +166,9 @@ def run_page_cache(args: argparse.Namespace, cfg: Config, conn: Any,
                      for s in results])
         for s in results:
             print_page_cache(s, args.top or TOP)
-        if args.forecast:
-            print_forecast(args.forecast, rows)
+        if fc:
+            print_forecast(fc)
     return report_failures(results, failures, printed=not args.json)
-
-
-def each_domain(names: list[str], survey: Callable[[str], Any]) -> tuple[list[Any], list[str]]:
-    """Return (the surveys of ``names``, one "name: reason" per domain that failed); the
-    error of a single domain is raised instead."""
-    results, failures = [], []
-    for name in names:
-        try:
-            results.append(survey(name))
-        except LibshareError as exc:
-            if len(names) == 1:
-                raise
-            failures.append(f"{name}: {exc}")
-    return results, failures
 
 
 def report_failures(results: list[Any], failures: list[str], printed: bool) -> int:
@@ -195,6 +186,7 @@ def report_failures(results: list[Any], failures: list[str], printed: bool) -> i
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     """Survey the requested running domains; print a table or JSON; return the status."""
+    from libshare.introspect.session import each_domain
     from libshare.introspect.survey import DomainSurvey, summarize, survey_domain, to_json
     from libshare.virt import api
 

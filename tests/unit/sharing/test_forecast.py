@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
-from libshare.sharing.forecast import forecast
+from libshare.sharing.forecast import forecast, forecast_json
 from libshare.sharing.store import import_tree
 from tests.support.images import make_guest_tree
 
@@ -56,3 +56,20 @@ def test_a_policy_the_store_cannot_plan_says_why(tmp_path: Path) -> None:
     assert rows["usr"].error is None and rows["usr"].region_bytes == 0
     rows = forecast([], tmp_path / "empty", trees=["abcdef"])
     assert all("no tree" in (r.error or "") for r in rows)
+
+
+def test_json_is_partial_when_a_survey_is_partial_or_failed(tmp_path: Path) -> None:
+    root = make_guest_tree(tmp_path)
+    sdir = tmp_path / "store"
+    import_tree(sdir, [root])
+    whole = SimpleNamespace(name="a", partial=False, errors=[],
+                            files=[_file(root, "/usr/bin/prog", 8192)])
+    cut = SimpleNamespace(name="b", partial=True, errors=["inode list loops"], files=[])
+    rows = forecast([whole], sdir, which=["elf"])
+    doc = forecast_json("web", rows, [whole], [])
+    assert doc["group"] == "web" and doc["partial"] is False and doc["failed"] == []
+    assert [p["policy"] for p in doc["policies"]] == ["elf"]
+    assert doc["policies"][0]["stop_caching"] == 8192
+    doc = forecast_json("web", rows, [whole, cut], [])
+    assert doc["partial"] is True and doc["errors"] == ["b: inode list loops"]
+    assert forecast_json("web", rows, [whole], ["c: no BTF"])["partial"] is True

@@ -1,25 +1,33 @@
 """``libshare report`` through the real CLI entry point: the table, ``--json``, the
 Prometheus metrics (checked with prometheus_client's text-format parser), the PNG (a
-valid PNG naming the domains) and a clear failure when matplotlib is missing."""
+valid PNG naming the domains), a clear failure when matplotlib is missing, and
+``--forecast GROUP`` (the guests' page cache given; the walk itself is
+tests/unit/introspect/test_pagecache.py)."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from libshare import cli, report
 from libshare.cli.commands import report as report_cmd
 from libshare.config import Config
+from libshare.errors import LibshareError
+from libshare.introspect.pagecache import CachedFile, PageCacheSurvey
+from libshare.sharing.store import import_tree
 from libshare.virt import api
 from tests.support.domains import enrolled
-from tests.support.fakes import FakeDomain
+from tests.support.fakes import FakeConnection, FakeDomain
+from tests.support.images import make_guest_tree
 from tests.support.proc import qemu_maps, write_ksm, write_process
 
 MiB = 1 << 20
@@ -45,14 +53,14 @@ def fake_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
     @contextmanager
     def connect(uri: str) -> Iterator[object]:
         opened.append(uri)
-        yield object()
+        yield FakeConnection(*doms)
 
     real = report.gather
     monkeypatch.setattr(api, "connect", connect)
     monkeypatch.setattr(api, "all_domains", lambda conn: doms)
     monkeypatch.setattr(report, "qemu_pid", lambda name: pids.get(name))
-    monkeypatch.setattr(report, "gather", lambda conn, cfg, names=None, page_cache=False:
-                        real(conn, cfg, names, page_cache, proc, tmp_path / "ksm"))
+    monkeypatch.setattr(report, "gather", lambda conn, cfg, names=None, page_cache=False,
+                        **kw: real(conn, cfg, names, page_cache, proc, tmp_path / "ksm", **kw))
     monkeypatch.setenv("LIBSHARE_CONFIG", "")
     return opened
 
@@ -109,6 +117,7 @@ def test_png_and_prometheus(fake_host: list[str], tmp_path: Path,
     copied = {s.labels["domain"]: s.value for s in families["libshare_region_copied_bytes"].samples}
     assert copied == {"web-a": 0, ODD: 4096}          # the odd name survives escaping
     assert families["libshare_ksm_running"].samples[0].value == 0
+    assert "libshare_forecast_saved_bytes" not in families   # no --forecast, no family
     assert not list(prom.parent.glob(".libshare.prom.*"))   # no temporary left
 
 
@@ -132,11 +141,115 @@ def test_png_without_matplotlib_fails_before_anything(fake_host: list[str], tmp_
     assert fake_host == [] and not prom.exists() and not (tmp_path / "r.png").exists()
 
 
+# ------------------------------------------------------------------ --forecast
+
+@pytest.fixture
+def cached(fake_host: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+           ) -> dict[str, Any]:
+    """The store holds a guest tree; each guest of ``fake_host`` caches two of its files
+    (/usr/bin/prog, 8 KiB, and a /usr/share document, 4 KiB) and one file its region
+    serves. Returns the settings: ``partial`` (names whose survey is partial), ``fail``
+    (names whose survey fails) and ``walked`` (the names surveyed)."""
+    root = make_guest_tree(tmp_path)
+    import_tree(tmp_path / "state" / "store", [root])
+    opts: dict[str, Any] = {"partial": set(), "fail": set(), "walked": []}
+
+    def survey(conn: object, name: str, cfg: Config) -> PageCacheSurvey:
+        opts["walked"].append(name)
+        if name in opts["fail"]:
+            raise LibshareError(f"{name}: cannot understand the guest kernel: no BTF")
+
+        def f(path: str, n: int, region: bool = False) -> CachedFile:
+            return CachedFile("254:1", "erofs" if region else "ext4", 1, path,
+                              os.path.getsize(root / path.lstrip("/")), n, region)
+        out = PageCacheSurvey(name, "6.1.0-test", [
+            f("/usr/bin/prog", 8192), f("/usr/share/doc/pkg/copyright", 4096),
+            f("/usr/lib/x86_64-linux-gnu/libz.so.1", 65536, region=True)])
+        if name in opts["partial"]:
+            out.error("inode list loops")
+        return out
+
+    monkeypatch.setattr(report, "_survey_page_cache", survey)
+    return opts
+
+
+def test_forecast_per_policy_in_json_text_and_metrics(
+        cached: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prom = tmp_path / "libshare.prom"
+    rc, out, err = run(capsys, tmp_path, "--forecast", "web", "--json", "--prometheus",
+                       str(prom))
+    assert rc == 0, err
+    fc = json.loads(out)["forecast"]
+    assert cached["walked"] == ["web-a", ODD]          # the group's running guests
+    assert fc["group"] == "web" and fc["partial"] is False and fc["failed"] == []
+    pol = {p["policy"]: p for p in fc["policies"]}
+    assert pol["libraries"]["stop_caching"] == 0
+    assert pol["elf"]["stop_caching"] == 2 * 8192 and pol["elf"]["host_saves"] == 8192
+    assert pol["usr"]["stop_caching"] == 2 * 12288 and pol["usr"]["host_holds"] == 12288
+    assert [g["name"] for g in pol["usr"]["guests"]] == ["web-a", ODD]
+    saved = {s.labels["policy"]: s.value for s in
+             {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+             ["libshare_forecast_saved_bytes"].samples if s.labels["group"] == "web"}
+    assert saved["elf"] == 8192 and saved["usr"] == 12288 and saved["libraries"] == 0
+    rc, out, _ = run(capsys, tmp_path, "--forecast", "web")
+    assert rc == 0
+    assert "forecast for group web (KiB" in out and "HOST-SAVES" in out
+    usr = next(line for line in out.splitlines() if line.startswith("usr "))
+    assert usr.split()[2:4] == ["12/12", "12/12"]      # per guest: stops caching / caches
+    rc, out, _ = run(capsys, tmp_path, "--json")
+    assert rc == 0 and json.loads(out)["forecast"] is None and len(cached["walked"]) == 4
+
+
+def test_forecast_of_named_domains(cached: dict[str, Any], tmp_path: Path,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = run(capsys, tmp_path, "web-a", "--forecast", "web", "--json")
+    assert rc == 0 and cached["walked"] == ["web-a"]
+    pol = {p["policy"]: p for p in json.loads(out)["forecast"]["policies"]}
+    assert pol["elf"]["stop_caching"] == 8192 and pol["elf"]["host_saves"] == 0
+
+
+def test_a_partial_or_failed_survey_makes_the_forecast_partial(
+        cached: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cached["partial"].add(ODD)
+    rc, out, err = run(capsys, tmp_path, "--forecast", "web", "--json")
+    fc = json.loads(out)["forecast"]
+    assert rc == 1 and fc["partial"] is True and fc["failed"] == []
+    assert fc["errors"] == [f"{ODD}: inode list loops"]
+    assert f"libshare: forecast: {ODD}: inode list loops\n" in err
+    cached["partial"].clear()
+    cached["fail"].add(ODD)
+    rc, out, err = run(capsys, tmp_path, "--forecast", "web")
+    assert rc == 1 and "forecast for group web (partial)" in out
+    assert f"libshare: forecast: {ODD}: {ODD}: cannot understand" in err
+    usr = next(line for line in out.splitlines() if line.startswith("usr "))
+    assert usr.split()[2:3] == ["12/12"]              # the guest that was read
+
+
+def test_forecast_bad_group_no_guests_and_tree_alone(
+        cached: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for argv in (["--forecast", "b@d"], ["--forecast", ""], ["--tree", "x"]):
+        rc, out, err = run(capsys, tmp_path, *argv)
+        assert rc == 2 and out == "" and err.count("\n") == 1, (argv, err)
+    assert cached["walked"] == []
+    rc, out, err = run(capsys, tmp_path, "--forecast", "db")      # no guest of group db
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert "no running domains enrolled in group db" in err and cached["walked"] == []
+
+
 def test_prometheus_text_skips_unknown_values() -> None:
     text = report_cmd.prometheus_text({
         "domains": [], "groups": [], "time": 1.0, "cost": {"cpu_seconds": 0.01},
         "host": {"domains": 0, "region_saved_bytes": 0, "region_copied_bytes": 0,
                  "ksm": {"available": False, "running": False, "counters": {},
-                         "saved_bytes": 0, "ksmd_cpu_seconds": None}}})
+                         "saved_bytes": 0, "ksmd_cpu_seconds": None}},
+        "forecast": {"group": "web", "partial": False, "failed": [], "policies": [
+            {"policy": "elf", "error": None, "host_saves": 8192},
+            {"policy": "usr", "error": "no tree in the store", "host_saves": 0}]}})
     assert "ksm_running" not in text and "ksmd_cpu_seconds" not in text
+    assert "# TYPE libshare_forecast_saved_bytes gauge\n" in text
+    assert 'libshare_forecast_saved_bytes{group="web",policy="elf"} 8192\n' in text
+    assert 'policy="usr"' not in text                  # a policy without figures
     assert "libshare_host_region_saved_bytes 0\n" in text

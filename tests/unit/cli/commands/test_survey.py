@@ -65,6 +65,7 @@ def test_forecast_per_policy(guests: Path, tmp_path: Path,
     assert rc == 0
     doc = json.loads(out)
     assert [d["name"] for d in doc["domains"]] == ["g1", "g2"]      # the group's guests
+    assert doc["forecast"]["partial"] is False and doc["forecast"]["failed"] == []
     pol = {p["policy"]: p for p in doc["forecast"]["policies"]}
     assert pol["libraries"]["stop_caching"] == 0
     assert pol["elf"]["stop_caching"] == 2 * 8192 and pol["elf"]["host_saves"] == 8192
