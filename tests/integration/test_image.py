@@ -159,10 +159,11 @@ def test_prepare_status_unprepare(region: Region, libvirt_conn: Any,
             else:
                 assert host.read_bytes() == data, path
         assert (root / "usr/lib/dracut/modules.d/90libshare").exists() is False
-        verdicts = root / "var/lib/libshare/verdicts"
+        # the verdict table: "guest-path TAB key TAB sha256" per line
         libc = "usr/lib/x86_64-linux-gnu/libc.so.6"
-        assert (verdicts / libc).read_text().split()[1] == \
-            hashlib.sha256((root / libc).read_bytes()).hexdigest()
+        table = (root / "var/lib/libshare/verdicts.tsv").read_text()
+        rows = {ln.split("\t")[0]: ln.split("\t") for ln in table.splitlines() if ln}
+        assert rows["/" + libc][2] == hashlib.sha256((root / libc).read_bytes()).hexdigest()
         listing = initramfs_listing(root, kernel)
         assert "usr/lib/libshare/libshare-redirect" in listing
         assert "scripts/init-bottom/libshare" in listing
