@@ -360,16 +360,19 @@ def proof_key(st: os.stat_result) -> str:
     return stat_key(st, ctime=False)
 
 
-def is_proven(store_dir: Path, entry_sha: str, size: int, proofs: dict[str, str]) -> bool:
+def is_proven(store_dir: Path, entry_sha: str, size: int, proofs: dict[str, str],
+              st: os.stat_result | None = None) -> bool:
     """Return True if the object ``entry_sha`` is unchanged (and of ``size`` bytes) since
-    an import proved its SHA-256."""
+    an import proved its SHA-256; ``st`` is the object file's stat when the caller has
+    it already (else it is taken now)."""
     want = proofs.get(entry_sha)
     if not want:
         return False
-    try:
-        st = object_path(store_dir, entry_sha).stat()
-    except OSError:
-        return False
+    if st is None:
+        try:
+            st = object_path(store_dir, entry_sha).stat()
+        except OSError:
+            return False
     return st.st_size == size and proof_key(st) == want
 
 

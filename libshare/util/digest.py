@@ -101,9 +101,20 @@ def cached_sha256_open(fh: BinaryIO, real: str, cache: Path | None) -> str:
     fh.seek(0)
     digest = sha256_stream(fh)
     if cache is not None and stat_key(os.fstat(fh.fileno())) == stat_key(st):
-        entries[real] = f"{stat_key(st)}={digest}"
-        save_entries(cache, entries)
+        remember(cache, real, st, digest, entries)
     return digest
+
+
+def remember(cache: Path, real: str, st: os.stat_result, digest: str,
+             entries: dict[str, str] | None = None) -> None:
+    """Record in the cache file ``cache`` that the file whose real path is ``real`` has
+    the hex SHA-256 ``digest`` while its stat is ``st`` (for a file whose bytes the
+    caller hashed itself: a build that wrote and hashed an image); ``entries``: the
+    cache's entries when the caller has loaded them. Returns nothing; errors are
+    ignored as in :func:`save_entries`."""
+    entries = load_entries(cache) if entries is None else entries
+    entries[real] = f"{stat_key(st)}={digest}"
+    save_entries(cache, entries)
 
 
 def forget(cache: Path, paths: list[str] | None = None) -> list[str]:

@@ -93,10 +93,7 @@ def cmd_build(args: argparse.Namespace, cfg: Config) -> int:
         print(f"tree    {t['tid']}: {t['files']} files, {len(t['offered'])} directories "
               "guests may bind whole")
     print(f"group   {result.group} -> {result.link}{'' if result.new else ' (image existed)'}")
-    if result.filesystem == "erofs":
-        print(f"mkfs    erofs-utils {result.mkfs_erofs}")
-    else:
-        print(f"fs      {result.filesystem}")
+    print(f"fs      {result.filesystem}, written by {result.writer}")
     return 0
 
 

@@ -1,11 +1,12 @@
 """Building a group's region image from the store and making it the group's current one.
 
-Selection of store objects, staging them (hashed as they are staged), mkfs.erofs with
-the options that make the result deterministic, the PFN head and zero tail, and
-publishing under the regions lock: the image as ``images/DIGEST.img``, then the group's
-link switched atomically. On any failure or interrupt nothing is published. The image
-layout, names and the determinism rules are described once, in
-:mod:`libshare.sharing.region.layout`.
+Selection of store objects, staging them (:mod:`libshare.sharing.region.staging`: in
+memory for EROFS, on disk for ext4), writing the image in one pass (the PFN head, the
+filesystem, the zero tail; hashed as it is written, the store objects the store has not
+proved checked as they are read), and publishing under the regions lock: the image as
+``images/DIGEST.img``, then the group's link switched atomically. On any failure or
+interrupt nothing is published. The image layout, names and the determinism rules are
+described once, in :mod:`libshare.sharing.region.layout`.
 """
 
 from __future__ import annotations
@@ -14,21 +15,25 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import itertools
 import os
+import queue
 import re
 import shutil
-import stat
 import subprocess
 import tempfile
-import time
+import threading
 import uuid as uuidlib
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from libshare.config import Config
 from libshare.errors import LibshareError, UsageError
-from libshare.sharing.formats import pfn
+from libshare.sharing.formats import erofs_write, pfn
+from libshare.sharing.formats.erofs import ErofsError
 from libshare.sharing.region import ext4fs
 from libshare.sharing.region import policy as policies
 from libshare.sharing.region import tree as trees
@@ -36,37 +41,30 @@ from libshare.sharing.region.layout import (
     CHUNK,
     DATAOFF,
     FILESYSTEMS,
+    FS_LABEL,
     IMAGE_MODE,
     check_group,
     fs_path,
     locked,
     pfn_uuid,
     remove_leftovers,
-    set_fs_label,
 )
 from libshare.sharing.region.manifest import manifest_bytes, tsv_manifest_bytes
+from libshare.sharing.region.staging import DiskStaging, MemoryStaging, Staging
 from libshare.sharing.store import (
-    OBJECT_MODE,
     StoreEntry,
     StoreIndex,
     check_object,
-    corrupt_object_problem,
     is_proven,
     load_index,
     load_proofs,
     object_path,
 )
 from libshare.sharing.store import locked as store_locked
-from libshare.util.digest import cached_sha256, copy_sha256, sha256_file
-from libshare.util.files import fsync_dir, open_regular, os_error, read_regular
+from libshare.util.digest import cached_sha256, remember, stat_key
+from libshare.util.files import fsync_dir, os_error, read_regular
 from libshare.util.progress import Progress
 from libshare.util.units import REGION_ALIGN, human, round_up
-
-MKFS_VERSION = re.compile(r"^mkfs\.erofs(?:\s+\(erofs-utils\))?\s+v?([0-9][\w.+~:-]*)",
-                          re.MULTILINE)
-#: seconds between progress ticks while mkfs.erofs runs
-TICK = 0.2
-MKFS_OPTIONS = ["--quiet", "-x-1", "-T0", "--all-root", "-Enoinline_data"]
 
 
 @dataclass
@@ -82,8 +80,8 @@ class BuildResult:
     fs_size: int         # bytes of the EROFS filesystem
     data_size: int       # sum of the library sizes
     new: bool            # False if an identical image already existed
-    mkfs_erofs: str      # erofs-utils version that formatted it (also in the manifest)
-    filesystem: str = "erofs"  # erofs or ext4 (mkfs_erofs is "" for ext4)
+    writer: str          # what wrote the filesystem (also in the manifest)
+    filesystem: str = "erofs"  # erofs or ext4
     policy: str = "select"   # what chose the files (region.policy), "select" for a list
     trees: list[dict[str, Any]] = field(default_factory=list)  # guest trees laid out
 
@@ -163,110 +161,27 @@ def select_entries(index: StoreIndex, selection: str | list[str]) -> list[StoreE
 
 
 
-def _stage(store_dir: Path, entries: list[StoreEntry], root: Path, manifest: bytes,
+def _stage(store_dir: Path, entries: list[StoreEntry], stage: Staging, manifest: bytes,
            progress: Progress | None, in_trees: frozenset[str] = frozenset()) -> None:
-    """Fill the staging tree ``root`` with the objects of ``entries`` and the manifests
-    (JSON and TSV).
+    """Put the objects of ``entries`` and the manifests (JSON and TSV) in ``stage``.
 
-    Each object is hashed as it is staged (one read: the hard link mkfs.erofs will read,
-    or the copy being written) unless the store proved it and its file is unchanged
-    since (:func:`libshare.sharing.store.is_proven`), so a store object damaged in place
-    is never published. Raises LibshareError naming the first corrupt object.
+    Each object is hashed once (as it is staged on disk, as the image is written in
+    memory) unless the store proved it and its file is unchanged since (:func:`libshare.
+    sharing.store.is_proven`), so a store object damaged in place is never published
+    (LibshareError naming it).
     """
     total = len(entries)
     proofs = load_proofs(store_dir)
     for n, e in enumerate(entries, 1):
         if progress:
             progress("stage", n, total, "files")
-        dest = root / fs_path(e).lstrip("/")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        src = object_path(store_dir, e.sha256)
-        proven = is_proven(store_dir, e.sha256, e.size, proofs)
-        linked = False
-        if stat.S_IMODE(src.stat().st_mode) == OBJECT_MODE:
-            try:
-                os.link(src, dest)
-                linked = True
-            except OSError:
-                pass
-        if linked and proven:
-            actual = e.sha256            # unchanged since an import proved it
-        elif linked:
-            actual = sha256_file(dest)
-        else:
-            with open_regular(src) as fin, open(dest, "wb") as fout:
-                actual = copy_sha256(fin, fout)
-            os.chmod(dest, OBJECT_MODE)
-        if actual != e.sha256:
-            raise LibshareError(corrupt_object_problem(e, actual))
-    meta = root / ".libshare"
-    meta.mkdir()
-    (meta / "manifest.json").write_bytes(manifest)
-    os.chmod(meta / "manifest.json", 0o444)
-    (meta / "manifest.tsv").write_bytes(tsv_manifest_bytes(entries, in_trees))
-    os.chmod(meta / "manifest.tsv", 0o444)
-    for dirpath, _dirs, _files in os.walk(root):
-        os.chmod(dirpath, 0o755)
-        os.utime(dirpath, (0, 0))
-
-
-def _find_mkfs() -> str:
-    """Return the path of mkfs.erofs; raise LibshareError if it is not installed."""
-    mkfs = shutil.which("mkfs.erofs")
-    if mkfs is None:
-        raise LibshareError("mkfs.erofs not found (install erofs-utils)")
-    return mkfs
-
-
-@functools.lru_cache(maxsize=4)
-def mkfs_erofs_version(mkfs: str) -> str:
-    """Return the erofs-utils version of the mkfs.erofs at ``mkfs`` ("1.5"), "unknown"
-    when neither ``mkfs.erofs --version`` nor dpkg tells it.
-
-    erofs-utils 1.5 prints "mkfs.erofs 1.5" and then rejects ``--version`` (exit 1);
-    later versions print "mkfs.erofs (erofs-utils) 1.7.1". Images are byte-identical
-    only for identical inputs and the same version: it goes into the manifest.
-    """
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        proc = subprocess.run([mkfs, "--version"], capture_output=True, text=True,
-                              check=False, timeout=10)
-        m = MKFS_VERSION.search(proc.stdout + "\n" + proc.stderr)
-        if m:
-            return m.group(1)
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        proc = subprocess.run(["dpkg-query", "-W", "-f=${Version}", "erofs-utils"],
-                              capture_output=True, text=True, check=False, timeout=10)
-        if proc.returncode == 0 and proc.stdout.strip():
-            return proc.stdout.strip()
-    return "unknown"
-
-
-def _mkfs(mkfs: str, fs_uuid: str, out: Path, root: Path,
-          progress: Progress | None = None) -> None:
-    """Run mkfs.erofs and label the result (FS_LABEL); raise LibshareError with its last
-    error line on failure. While it runs, ``progress("mkfs.erofs", seconds, 0)`` ticks
-    every TICK seconds (total 0: no known end, the printer shows elapsed time)."""
-    cmd = [mkfs, *MKFS_OPTIONS, f"-U{fs_uuid}", str(out), str(root)]
-    start = time.monotonic()
-    if progress:
-        progress("mkfs.erofs", 0, 0)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
-        try:
-            while True:
-                try:
-                    stdout, stderr = proc.communicate(timeout=TICK)
-                    break
-                except subprocess.TimeoutExpired:
-                    if progress:
-                        progress("mkfs.erofs", int(time.monotonic() - start), 0)
-        except BaseException:
-            proc.kill()
-            raise
-    if proc.returncode != 0 or not out.exists():
-        lines = (stderr or stdout).strip().splitlines()
-        raise LibshareError(f"mkfs.erofs failed: {lines[-1] if lines else proc.returncode}")
-    set_fs_label(out)
+        src = os.fspath(object_path(store_dir, e.sha256))
+        st = os.stat(src)
+        stage.add_object(fs_path(e), src, st, e,
+                         is_proven(store_dir, e.sha256, e.size, proofs, st))
+    stage.mkdir("/.libshare")
+    stage.write("/.libshare/manifest.json", manifest, 0o444)
+    stage.write("/.libshare/manifest.tsv", tsv_manifest_bytes(entries, in_trees), 0o444)
 
 
 #: fallocate(2) mode that shifts a file's blocks up to insert a hole (ext4, xfs)
@@ -289,15 +204,15 @@ def _insert_head(path: Path, length: int) -> bool:
 
 
 def _image_in_place(tmp: Path, block: bytes, fs_image: Path, total: int,
-                    progress: Progress | None) -> str | None:
+                    progress: Progress | None) -> tuple[str, os.stat_result] | None:
     """Make the filesystem image ``fs_image`` the whole image at ``tmp`` without copying
     it: insert the 2 MiB head in front of its blocks (``fallocate`` INSERT_RANGE), write
-    the head and the zero tail, hash it (one read, mostly from the page cache), fsync;
-    return its hex SHA-256, or None (nothing changed) where the filesystem cannot."""
+    the head and the zero tail, then hash it (one read, mostly from the page cache)
+    while it is fsync'ed; return its hex SHA-256 and its stat while it had those bytes,
+    or None (nothing changed) where the filesystem cannot."""
     if not _insert_head(fs_image, DATAOFF):
         return None
     os.replace(fs_image, tmp)
-    h = hashlib.sha256()
     head = bytes(pfn.INFO_OFFSET) + block
     head += bytes(DATAOFF - len(head))
     with open(tmp, "r+b") as out:
@@ -310,54 +225,163 @@ def _image_in_place(tmp: Path, block: bytes, fs_image: Path, total: int,
             out.write(zeros[:n])
             pad -= n
         out.flush()
-        out.seek(0)
-        done = 0
-        while chunk := out.read(CHUNK):
-            h.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress("hash", done, total, "bytes")
         os.fchmod(out.fileno(), IMAGE_MODE)
-        os.fsync(out.fileno())
-    return h.hexdigest()
+        before = os.fstat(out.fileno())
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            synced = pool.submit(os.fsync, out.fileno())   # the disk writes, we read
+            h = hashlib.sha256()
+            done = 0
+            with open(tmp, "rb") as back:
+                while chunk := back.read(CHUNK):
+                    h.update(chunk)
+                    done += len(chunk)
+                    if progress:
+                        progress("hash", done, total, "bytes")
+            synced.result()
+        if stat_key(os.fstat(out.fileno())) != stat_key(before):
+            raise LibshareError(f"{tmp} changed while being hashed")
+    return h.hexdigest(), before
 
 
 def _write_image(tmp: Path, block: bytes, fs_image: Path, total: int,
-                 progress: Progress | None) -> str:
-    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256. The
-    filesystem image becomes it in place where its filesystem allows
+                 progress: Progress | None) -> tuple[str, os.stat_result]:
+    """Write the whole image to ``tmp`` (fsync'ed); return its hex SHA-256 and its stat
+    once written. The filesystem image becomes it in place where its filesystem allows
     (:func:`_image_in_place`), else it is copied behind the head."""
-    digest = _image_in_place(tmp, block, fs_image, total, progress)
-    if digest is not None:
-        return digest
-    h = hashlib.sha256()
-    head = bytes(pfn.INFO_OFFSET) + block
-    head += bytes(DATAOFF - len(head))
-    written = 0
-    with open(tmp, "wb") as out:
-        out.write(head)
-        h.update(head)
-        written += len(head)
+    done = _image_in_place(tmp, block, fs_image, total, progress)
+    if done is not None:
+        return done
+
+    def pieces() -> Iterator[bytes]:
+        yield _head(block)
         with open(fs_image, "rb") as fs:
             while chunk := fs.read(CHUNK):
-                out.write(chunk)
-                h.update(chunk)
-                written += len(chunk)
+                yield chunk
+
+    return _write_stream(tmp, pieces(), total, progress)
+
+
+def _write_plan(tmp: Path, block: bytes, fs_plan: erofs_write.Plan, total: int,
+                progress: Progress | None,
+                proved: Callable[[erofs_write.File, str], None]) -> tuple[str, os.stat_result]:
+    """Write the whole image to ``tmp``: the head, the EROFS filesystem ``fs_plan``
+    (:meth:`~libshare.sharing.formats.erofs_write.Plan.chunks`, each store object read
+    once and, where ``proved`` is asked, hashed), the zero tail; fsync it; return its hex
+    SHA-256 and its stat once written. Raises LibshareError if a store object changed."""
+    try:
+        digest, st = _write_stream(tmp, itertools.chain([_head(block)],
+                                                        fs_plan.chunks(proved)),
+                                   total, progress)
+    except ErofsError as exc:
+        raise LibshareError(f"region build: {exc}") from exc
+    if st.st_size != total or total < DATAOFF + fs_plan.size:
+        raise LibshareError(f"region build: wrote {st.st_size} bytes, {total} planned")
+    return digest, st
+
+
+def _head(block: bytes) -> bytes:
+    """Return the image's first DATAOFF bytes: zeros, the PFN info ``block``, zeros."""
+    head = bytes(pfn.INFO_OFFSET) + block
+    return head + bytes(DATAOFF - len(head))
+
+
+#: bytes written between two starts of write-back (sync_file_range): the disk works
+#: while the build goes on, and the final fsync has little left to wait for
+WRITEBACK = 32 * 1024 * 1024
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def _write_stream(tmp: Path, pieces: Iterable[bytes], total: int,
+                  progress: Progress | None) -> tuple[str, os.stat_result]:
+    """Write ``pieces`` to the new file ``tmp`` and real zeros up to ``total`` bytes,
+    fsync it; return the hex SHA-256 of what was written and the file's stat then.
+
+    The SHA-256 is computed in a thread of its own (hashlib releases the GIL), beside the
+    reads and writes; write-back is started every WRITEBACK bytes. LibshareError if the
+    pieces are longer than ``total``.
+    """
+    h = hashlib.sha256()
+    todo: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+
+    def hasher() -> None:
+        while (item := todo.get()) is not None:
+            h.update(item)
+
+    worker = threading.Thread(target=hasher, name="region-hash", daemon=True)
+    worker.start()
+    written = started = 0
+    try:
+        with open(tmp, "wb") as out:
+            fd = out.fileno()
+
+            def put(piece: bytes) -> None:
+                nonlocal written, started
+                out.write(piece)
+                todo.put(piece)
+                written += len(piece)
+                if written - started >= WRITEBACK:
+                    out.flush()
+                    _start_writeback(fd, started, written - started)
+                    started = written
                 if progress:
                     progress("write", written, total, "bytes")
-        pad = total - written
-        zeros = bytes(min(CHUNK, pad))
-        while pad > 0:  # write real zeros: a sparse hole would cost a guest nothing, but
-            n = min(pad, len(zeros))  # we want the size on disk to be honest and stable
-            out.write(zeros[:n])
-            h.update(zeros[:n])
-            pad -= n
-        if progress:
-            progress("write", total, total, "bytes")
-        out.flush()
-        os.fchmod(out.fileno(), IMAGE_MODE)
-        os.fsync(out.fileno())
-    return h.hexdigest()
+
+            for piece in pieces:
+                put(piece)
+            if written > total:
+                raise LibshareError(f"region build: {written} bytes for an image of {total}")
+            # write real zeros: a sparse hole would cost a guest nothing, but we want the
+            # size on disk to be honest and stable
+            zeros = bytes(min(CHUNK, total - written))
+            while written < total:
+                put(zeros[:min(len(zeros), total - written)])
+            out.flush()
+            os.fchmod(fd, IMAGE_MODE)
+            os.fsync(fd)
+            st = os.fstat(fd)
+    finally:
+        todo.put(None)
+        worker.join()
+    return h.hexdigest(), st
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing ``length`` bytes at ``offset`` of ``fd`` to disk without waiting
+    (``sync_file_range``); returns nothing, does nothing where the call is missing."""
+    with contextlib.suppress(OSError, AttributeError):
+        _libc().sync_file_range(fd, ctypes.c_long(offset), ctypes.c_long(length),
+                                SYNC_FILE_RANGE_WRITE)
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL:
+    """Return the C library (for the calls Python's os module lacks)."""
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _start_removal(path: Path) -> subprocess.Popen[bytes] | None:
+    """Start removing the tree ``path`` in a process of its own (``rm -rf``: tens of
+    thousands of links and directories for a whole /usr, removed while the image is
+    hashed and written); return it, or None if it cannot start (the caller's
+    ``shutil.rmtree`` then removes the tree)."""
+    try:
+        return subprocess.Popen(["rm", "-rf", "--one-file-system", "--", str(path)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    except OSError:
+        return None
+
+
+def _publish_digest(cfg: Config, final: Path, digest: str, st: os.stat_result) -> None:
+    """Record the digest of the image just published at ``final`` in the digest cache
+    (the hook's prepare check reads it: a cold hash of a multi-GiB image could exceed
+    the hook's time limit); ``st`` is its stat while it was hashed. Raises
+    LibshareError if the file is not that one any more."""
+    now = final.stat()
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != \
+            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+        raise LibshareError(f"{final} changed while being built")
+    remember(cfg.digest_cache, os.path.realpath(final), now, digest)
 
 
 def switch_group_link(cfg: Config, group: str, image: Path) -> Path:
@@ -407,16 +431,13 @@ def build_region(cfg: Config, group: str, selection: str | list[str] = "all",
         raise UsageError("a selection and a policy or trees exclude each other")
     if filesystem not in FILESYSTEMS:
         raise UsageError(f"unknown filesystem {filesystem!r} (one of {', '.join(FILESYSTEMS)})")
-    if filesystem == "erofs":
-        mkfs = _find_mkfs()
-        version = mkfs_erofs_version(mkfs)
-    else:
-        mkfs, version = "", ext4fs.mke2fs_version()
+    writer = erofs_write.WRITER if filesystem == "erofs" else \
+        f"mke2fs {ext4fs.mke2fs_version()}"
     want = _Wanted(policy, trees_wanted, observed, filesystem)
     try:
         with locked(cfg), store_locked(cfg.store_dir, shared=True):
             remove_leftovers(cfg)
-            return _build_locked(cfg, group, selection, size, mkfs, version, progress, want)
+            return _build_locked(cfg, group, selection, size, writer, progress, want)
     except OSError as exc:
         raise LibshareError(f"region build failed: {os_error(exc)}; nothing was "
                             "published") from exc
@@ -433,8 +454,7 @@ class _Wanted:
 
 
 def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int | None,
-                  mkfs: str, version: str, progress: Progress | None,
-                  want: _Wanted) -> BuildResult:
+                  writer: str, progress: Progress | None, want: _Wanted) -> BuildResult:
     """Build and publish ``group``'s image (see :func:`build_region`; the caller holds
     the locks); return the :class:`BuildResult`."""
     index = load_index(cfg.store_dir)
@@ -456,28 +476,37 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
         if problem:
             raise LibshareError(problem)
     tree_tsv = trees.tsv_bytes(laid)
-    manifest = manifest_bytes(entries, group, version, plan.policy,
+    manifest = manifest_bytes(entries, group, writer, plan.policy,
                               [t.summary() for t in laid], tree_tsv, want.filesystem)
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
+    in_trees = frozenset(e.path for t in laid for e in t.entries if e.kind == "f")
+    lib_paths = {e.sha256: fs_path(e) for e in entries}
+    staging: Path | None = None
     tmp_image: Path | None = None
+    remover: subprocess.Popen[bytes] | None = None
     try:
-        root = staging / "root"
-        root.mkdir()
-        _stage(cfg.store_dir, entries, root, manifest, progress,
-               frozenset(e.path for t in laid for e in t.entries if e.kind == "f"))
-        patch = trees.stage_trees(root, laid, {e.sha256: fs_path(e) for e in entries})
-        fs_image = staging / f"fs.{want.filesystem}"
         if want.filesystem == "erofs":
-            _mkfs(mkfs, fs_uuid, fs_image, root, progress)
-            trees.patch_inodes(fs_image, patch)
+            mem = MemoryStaging()
+            _stage(cfg.store_dir, entries, mem, manifest, progress, in_trees)
+            mem.apply(trees.stage_trees(mem, laid, lib_paths))
+            fs_plan = erofs_write.Plan(mem.root, uuidlib.UUID(fs_uuid).bytes,
+                                       FS_LABEL.encode())
+            fs_size = fs_plan.size
         else:
+            staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
+            disk = DiskStaging(staging / "root")
+            disk.root.mkdir()
+            _stage(cfg.store_dir, entries, disk, manifest, progress, in_trees)
+            patch = trees.stage_trees(disk, laid, lib_paths)
+            disk.fix_dir_modes()
+            fs_image = staging / "fs.ext4"
             if progress:
                 progress("mkfs.ext4", 0, 0)
-            ext4fs.mkfs_ext4(root, fs_image, fs_uuid, patch)
-        fs_size = fs_image.stat().st_size
+            ext4fs.mkfs_ext4(disk.root, fs_image, fs_uuid, patch)
+            remover = _start_removal(disk.root)     # mkfs has read it: gone while we write
+            fs_size = fs_image.stat().st_size
         need = DATAOFF + round_up(fs_size, REGION_ALIGN)
         total = need if size is None else round_up(size, REGION_ALIGN)
         if total < need:
@@ -488,11 +517,13 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
         fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
         os.close(fd)
         tmp_image = Path(name)
-        digest = _write_image(tmp_image, block, fs_image, total, progress)
+        if want.filesystem == "erofs":
+            digest, written = _write_plan(tmp_image, block, fs_plan, total, progress,
+                                          mem.proved)
+        else:
+            digest, written = _write_image(tmp_image, block, fs_image, total, progress)
         final = cfg.region_image(digest)
         # an existing image of that name is reused only if its bytes still match
-        # (this also primes the digest cache the hook's prepare check reads: a cold
-        # hash of a multi-GiB image could exceed the hook's time limit)
         new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
         if new:
             os.replace(tmp_image, final)
@@ -500,18 +531,21 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
             tmp_image.unlink()
         tmp_image = None
         fsync_dir(images)
-        if new and cached_sha256(final, cfg.digest_cache) != digest:
-            raise LibshareError(f"{final} changed while being built")
+        if new:
+            _publish_digest(cfg, final, digest, written)
         link = switch_group_link(cfg, group, final)
     finally:
         if tmp_image is not None:
             with contextlib.suppress(OSError):
                 tmp_image.unlink()
-        shutil.rmtree(staging, ignore_errors=True)
+        if remover is not None:
+            remover.wait()
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
-                       mkfs_erofs=version if want.filesystem == "erofs" else "",
+                       writer=writer,
                        filesystem=want.filesystem, policy=plan.policy,
                        trees=[t.summary() for t in laid])
 

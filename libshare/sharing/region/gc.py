@@ -36,7 +36,7 @@ class ImageInfo:
     groups: list[str] = field(default_factory=list)
     files: int | None = None
     manifest_group: str | None = None
-    mkfs_erofs: str | None = None      # from the manifest (None: built before it was kept)
+    writer: str | None = None          # what wrote the filesystem (manifest; None: unknown)
     filesystem: str | None = None      # erofs or ext4 (from the manifest)
 
     def as_dict(self) -> dict[str, Any]:
@@ -90,10 +90,21 @@ def list_images(cfg: Config, read_manifests: bool = True) -> list[ImageInfo]:
         if doc is not None:
             info.files = len(doc["files"])
             info.manifest_group = doc.get("group")
-            info.mkfs_erofs = doc.get("mkfs_erofs")
+            info.writer = manifest_writer(doc)
             info.filesystem = doc.get("filesystem", "erofs")
         out.append(info)
     return out
+
+
+def manifest_writer(doc: dict[str, Any]) -> str | None:
+    """Return what wrote the filesystem of the image whose manifest is ``doc``
+    ("libshare-erofs 1", "mke2fs 1.47.0", "mkfs.erofs 1.5" for images built before
+    libshare wrote EROFS itself), None if the manifest does not say."""
+    for key, tool in (("writer", ""), ("mkfs_erofs", "mkfs.erofs "), ("mke2fs", "mke2fs ")):
+        value = doc.get(key)
+        if isinstance(value, str) and value:
+            return tool + value
+    return None
 
 
 def image_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:

@@ -12,8 +12,8 @@ Image layout (the guest sees the file as a label-less NVDIMM namespace)::
              dataoff 2 MiB, npfns = (size - 2 MiB) / 4 KiB  -> the guest builds an
              fsdax device /dev/pmem0 that starts at 2 MiB
     8 KiB    zeros up to 2 MiB
-    2 MiB    EROFS filesystem (mkfs.erofs, uncompressed, 4 KiB blocks,
-             -Enoinline_data so every file is block-aligned and DAX-mappable)
+    2 MiB    EROFS filesystem (libshare.sharing.formats.erofs_write: uncompressed,
+             4 KiB blocks, every file block-aligned and DAX-mappable)
     ...      zeros up to the total size, a multiple of 2 MiB
 
 Inside the filesystem every store object lives at a path that depends only on its
@@ -27,17 +27,18 @@ for POSIX sh in guests (libshare/data/guest/libshare-redirect): one line per gue
 ``sha256 TAB size TAB path-in-image TAB guest-path``, sorted; guest paths holding a tab,
 newline or backslash are left out of it (no shell can read them back safely).
 
-The filesystem carries the label ``libshare`` (EROFS ``volume_name``; erofs-utils 1.5 has
-no ``-L``, so the superblock is patched after mkfs and its crc32c recomputed): guests find
-the region among their /dev/pmem* devices with ``blkid`` by label, not by device order.
+The filesystem carries the label ``libshare`` (EROFS ``volume_name``): guests find the
+region among their /dev/pmem* devices with ``blkid`` by label, not by device order.
 
-Determinism: the staging tree has fixed modes, mkfs.erofs gets ``-T0`` (all times 0),
-``--all-root``, ``-x-1`` (no xattrs) and a UUID derived from the manifest; the PFN
-uuid derives from the filesystem UUID. The same store objects, selection, group and
-erofs-utils version give the byte-identical image on every host; the version is part of
-the manifest (``mkfs_erofs``), so a fleet must run one erofs-utils version (1.5 on
-Debian 12) to build one file. The group name is part of the manifest,
-so two trust groups never share one image file (nor its host page cache).
+Determinism: libshare writes the EROFS filesystem itself, from the tree in memory (no
+staging tree, no mkfs.erofs): all times 0, no xattrs, modes and owners as staged, a UUID
+derived from the manifest; the PFN uuid derives from the filesystem UUID. The same store
+objects, selection and group give the byte-identical image on every host, whatever
+erofs-utils it has; the writer's version (``writer`` in the manifest,
+:data:`libshare.sharing.formats.erofs_write.WRITER`) changes whenever its bytes would.
+(ext4 regions are made by mke2fs: there the e2fsprogs version is the writer.) The group
+name is part of the manifest, so two trust groups never share one image file (nor its
+host page cache).
 """
 
 from __future__ import annotations
@@ -46,20 +47,17 @@ import contextlib
 import re
 import shutil
 import uuid as uuidlib
-from pathlib import Path
 from typing import BinaryIO
 
 from libshare.config import Config
 from libshare.domxml import metadata
-from libshare.errors import LibshareError, UsageError
+from libshare.errors import UsageError
 from libshare.sharing.formats import pfn
 from libshare.sharing.formats.erofs import (
     EROFS_MAGIC,
-    FEATURE_COMPAT_SB_CHKSUM,
     SUPER_OFFSET,
     Erofs,
     FsImage,
-    crc32c_raw,
 )
 from libshare.sharing.formats.ext4 import EXT4_MAGIC, Ext4
 from libshare.sharing.store import (
@@ -92,50 +90,6 @@ IMAGE_MODE = 0o644
 def fs_path(entry: StoreEntry) -> str:
     """Return the stable path of ``entry`` inside the region filesystem."""
     return f"/lib/{entry.sha256[:2]}/{entry.sha256}/{entry.name}"
-
-
-def set_fs_label(fs_image: Path, label: str = FS_LABEL) -> None:
-    """Write ``label`` into the EROFS superblock's volume_name of the filesystem image
-    ``fs_image`` and recompute the superblock crc32c when the image has one.
-
-    Returns nothing; raises LibshareError if the label is too long or the file is not
-    an EROFS image with 4 KiB blocks.
-    """
-    raw = label.encode()
-    if not raw or len(raw) > 16:
-        raise LibshareError(f"filesystem label {label!r} must be 1 to 16 bytes")
-    with open(fs_image, "r+b") as fh:
-        fh.seek(0)
-        block = bytearray(fh.read(4096))
-        if len(block) != 4096 or int.from_bytes(
-                block[SUPER_OFFSET:SUPER_OFFSET + 4], "little") != 0xE0F5E1E2 \
-                or block[SUPER_OFFSET + 12] != 12:
-            raise LibshareError(f"{fs_image}: not an EROFS image with 4 KiB blocks")
-        name = SUPER_OFFSET + 64
-        block[name:name + 16] = raw.ljust(16, b"\0")
-        _set_checksum(block)
-        fh.seek(0)
-        fh.write(block)
-
-
-def _set_checksum(block: bytearray) -> None:
-    """Recompute, in the first 4 KiB ``block`` of an EROFS image, the superblock crc32c
-    (it covers the rest of that block) when the image has one."""
-    compat = int.from_bytes(block[SUPER_OFFSET + 8:SUPER_OFFSET + 12], "little")
-    if compat & FEATURE_COMPAT_SB_CHKSUM:
-        sb = bytearray(block[SUPER_OFFSET:])
-        sb[4:8] = bytes(4)
-        block[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc32c_raw(bytes(sb)).to_bytes(4, "little")
-
-
-def refresh_checksum(fh: BinaryIO) -> None:
-    """Recompute the superblock crc32c of the EROFS image open read-write as ``fh``
-    (after a change to its first 4 KiB, where the first inodes may live)."""
-    fh.seek(0)
-    block = bytearray(fh.read(4096))
-    _set_checksum(block)
-    fh.seek(0)
-    fh.write(block)
 
 
 #: the filesystems a region may hold (``region build --fs``); the first is the default

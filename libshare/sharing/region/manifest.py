@@ -28,18 +28,18 @@ TSV_MANIFEST_PATH = "/.libshare/manifest.tsv"
 MANIFEST_VERSION = 1
 
 
-def manifest_bytes(entries: list[StoreEntry], group: str, mkfs_version: str,
+def manifest_bytes(entries: list[StoreEntry], group: str, writer: str,
                    policy: str | None = None, trees: list[dict[str, Any]] | None = None,
                    tree_tsv: bytes | None = None, filesystem: str = "erofs") -> bytes:
     """Return the canonical manifest (JSON, sorted, no timestamps) for ``entries``,
-    recording the version ``mkfs_version`` of the tool that formats the image
-    (``mkfs_erofs``: erofs-utils; ``mke2fs``: e2fsprogs, with ``filesystem`` ext4), the
+    recording what wrote the filesystem (``writer``: "libshare-erofs N", :data:`libshare.
+    sharing.formats.erofs_write.WRITER`, or "mke2fs VERSION" with ``filesystem`` ext4), the
     ``policy`` that chose them, and the guest ``trees`` laid out (their summaries) with
     the SHA-256 of ``/.libshare/tree.tsv`` (``tree_tsv``)."""
     doc: dict[str, Any] = {
         "version": MANIFEST_VERSION,
         "group": group,
-        "mkfs_erofs" if filesystem == "erofs" else "mke2fs": mkfs_version,
+        "writer": writer,
         "files": [{"path": fs_path(e), "sha256": e.sha256, "build_id": e.build_id,
                    "soname": e.soname, "size": e.size, "guest_paths": sorted(e.paths)}
                   for e in sorted(entries, key=lambda x: x.sha256)],

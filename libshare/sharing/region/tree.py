@@ -21,8 +21,8 @@ Inodes: the data of each store object is stored once. Its ``/lib/...`` path (see
 metadata share one inode: the permission bits of its first tree entry without setuid,
 setgid or sticky bits, owned by root (mode 0555 when no tree holds it). A tree entry
 with other metadata (a setuid or group-owned program) gets an inode of its own with
-exactly that metadata. Directories carry their tree's metadata. mkfs.erofs runs with
-``--all-root``; :func:`patch_inodes` then writes modes and owners into the inodes.
+exactly that metadata. Directories carry their tree's metadata: :func:`stage_trees` says
+which inodes get what (the EROFS writer takes it in memory, ext4's build by debugfs).
 
 ``/.libshare/tree.tsv``, for the guest script, one line per entry of each tree but its
 root, sorted by tid then path::
@@ -40,17 +40,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from libshare.errors import LibshareError
-from libshare.sharing.formats.erofs import Erofs, ErofsError
-from libshare.sharing.region.layout import refresh_checksum
+from libshare.sharing.region.staging import Staging
 from libshare.sharing.store import OBJECT_MODE
 from libshare.sharing.trees import TreeEntry, TreeRecord
-from libshare.util.digest import copy_sha256
 
 #: subtrees never bound whole: they stay writable in guests (local installs)
 NO_DIR_BIND = ("/usr/local",)
@@ -195,12 +190,13 @@ def primary_meta(laid: list[LaidTree]) -> dict[str, Meta]:
     return out
 
 
-def stage_trees(root: Path, laid: list[LaidTree], lib_paths: dict[str, str]
+def stage_trees(stage: Staging, laid: list[LaidTree], lib_paths: dict[str, str]
                 ) -> dict[str, Meta]:
-    """Lay the trees ``laid`` out in the staging tree ``root`` (``lib_paths``: sha256 ->
-    staged ``/lib/...`` path of every object, already staged) and write
-    ``/.libshare/tree.tsv``; return the metadata :func:`patch_inodes` must write, per
-    region path (one path per inode, plus every directory of the trees)."""
+    """Lay the trees ``laid`` out in ``stage`` (``lib_paths``: sha256 -> staged
+    ``/lib/...`` path of every object, already staged) and write ``/.libshare/tree.tsv``;
+    return the metadata the filesystem's inodes must get (:meth:`~libshare.sharing.
+    region.staging.MemoryStaging.apply`, ext4's debugfs), per region path (one path per
+    inode, plus every directory of the trees)."""
     primary = primary_meta(laid)
     patch: dict[str, Meta] = {}
     for sha, meta in primary.items():
@@ -208,82 +204,29 @@ def stage_trees(root: Path, laid: list[LaidTree], lib_paths: dict[str, str]
             patch[lib_paths[sha]] = meta
     variants: dict[tuple[str, Meta], str] = {}
     for t in laid:
-        (root / TREE_ROOT.lstrip("/") / t.tid).mkdir(parents=True, exist_ok=True)
+        stage.mkdir(f"{TREE_ROOT}/{t.tid}", parents=True)
         patch[f"{TREE_ROOT}/{t.tid}"] = (0o755, 0, 0)
         for e in t.entries:
             rpath = t.region_path(e.path)
-            dest = root / rpath.lstrip("/")
             meta = (e.mode, e.uid, e.gid)
             if e.kind == "d":
-                dest.mkdir()
+                stage.mkdir(rpath)
                 patch[rpath] = meta
             elif e.kind == "l":
-                os.symlink(e.payload or "", dest)
+                stage.symlink(e.payload or "", rpath)
             elif e.path in t.extra:
-                dest.write_bytes(t.extra[e.path])
+                stage.write(rpath, t.extra[e.path], e.mode)
                 patch[rpath] = meta
             else:
                 sha = e.payload or ""
                 if meta == primary[sha]:
-                    os.link(root / lib_paths[sha].lstrip("/"), dest)
+                    stage.link(lib_paths[sha], rpath)
                 elif (sha, meta) in variants:
-                    os.link(root / variants[(sha, meta)].lstrip("/"), dest)
+                    stage.link(variants[(sha, meta)], rpath)
                 else:
-                    with open(root / lib_paths[sha].lstrip("/"), "rb") as fin, \
-                            open(dest, "wb") as fout:
-                        if copy_sha256(fin, fout) != sha:
-                            raise LibshareError(f"region build: the store object {sha} "
-                                                "changed while being staged")
+                    stage.copy(lib_paths[sha], rpath, sha)
                     variants[(sha, meta)] = rpath
                     patch[rpath] = meta
-    out = root / TREE_TSV_PATH.lstrip("/")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(tsv_bytes(laid))
-    os.chmod(out, 0o444)
+    stage.mkdir(os.path.dirname(TREE_TSV_PATH), parents=True)
+    stage.write(TREE_TSV_PATH, tsv_bytes(laid), 0o444)
     return patch
-
-
-# compact (32-byte) and extended (64-byte) EROFS inodes: i_mode at 4; uid/gid as u16 at
-# 24/26 (compact) or u32 at 24/28 (extended)
-_COMPACT_IDS = struct.Struct("<HH")
-_EXTENDED_IDS = struct.Struct("<II")
-
-
-def patch_inodes(fs_image: Path, patch: dict[str, Meta]) -> int:
-    """Write the permission bits, uid and gid of ``patch`` (region path -> metadata) into
-    the inodes of the EROFS image ``fs_image`` (the file type bits are kept); return the
-    number of inodes changed. Raises LibshareError if a path is missing or two paths of
-    one inode want different metadata."""
-    done: dict[int, Meta] = {}
-    with open(fs_image, "r+b") as fh:
-        fs = Erofs(fh)
-        listings: dict[int, dict[str, int]] = {}
-        try:
-            for path in sorted(patch):
-                nid = fs.sb.root_nid
-                for part in [p for p in path.split("/") if p]:
-                    if nid not in listings:
-                        listings[nid] = fs.listdir(fs.inode(nid))
-                    nid = listings[nid][part]
-                meta = patch[path]
-                if done.get(nid, meta) != meta:
-                    raise LibshareError(f"region build: {path} shares an inode with another "
-                                        "path of different metadata")
-                done[nid] = meta
-        except (KeyError, ErofsError) as exc:
-            raise LibshareError(f"region build: cannot patch inode metadata: {exc}") from exc
-        base = fs.sb.meta_blkaddr * fs.sb.block_size
-        for nid, (mode, uid, gid) in sorted(done.items()):
-            pos = base + nid * 32
-            fh.seek(pos)
-            head = fh.read(32)
-            i_format, _icount, i_mode = struct.unpack_from("<HHH", head)
-            fh.seek(pos + 4)
-            fh.write(struct.pack("<H", (i_mode & 0o170000) | (mode & 0o7777)))
-            fh.seek(pos + 24)
-            if i_format & 1:
-                fh.write(_EXTENDED_IDS.pack(uid, gid))
-            else:
-                fh.write(_COMPACT_IDS.pack(uid, gid))
-        refresh_checksum(fh)
-    return len(done)

@@ -104,7 +104,7 @@ def test_gc_during_a_build_keeps_the_image_the_build_makes_current(
     then sees the group link the build switched: the new image stays."""
     cfg = make_cfg(tmp_path)
     old = build.build_region(cfg, "web")
-    real = build._write_image
+    real = build._write_stream
     writing = threading.Event()
 
     def slow_write(*args: Any, **kw: Any) -> str:
@@ -112,7 +112,7 @@ def test_gc_during_a_build_keeps_the_image_the_build_makes_current(
         time.sleep(0.5)          # gc starts meanwhile
         return real(*args, **kw)
 
-    monkeypatch.setattr(build, "_write_image", slow_write)
+    monkeypatch.setattr(build, "_write_stream", slow_write)
     built: list[build.BuildResult] = []
     b = threading.Thread(target=lambda: built.append(
         build.build_region(cfg, "web", size=16 * MiB)))
