@@ -84,6 +84,9 @@ def run_with_fake_domain(body: str) -> subprocess.CompletedProcess[str]:
     sys, time and libshare's qemu module and starts ``class D(FakeDomain):`` (body
     goes on with its methods, then the code using it); return the finished process."""
     prelude = ("import os, signal, sys, time\n"
+               # a run started in the background inherits SIGINT ignored: Ctrl-C's
+               # usual effect is what these tests are about
+               "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
                "from libshare.introspect import qemu\n"
                f"sys.path.insert(0, {str(PROJECT_ROOT)!r})\n"
                "from tests.support.fakes import FakeDomain\n"
@@ -191,6 +194,10 @@ def test_paused_signal_during_suspend_still_resumes() -> None:
                 pass
 
     dom = D()
-    with pytest.raises(KeyboardInterrupt), qemu.paused(dom, timeout=30):
-        pass
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if ignored
+    try:
+        with pytest.raises(KeyboardInterrupt), qemu.paused(dom, timeout=30):
+            pass
+    finally:
+        signal.signal(signal.SIGINT, before)
     assert dom.calls == ["suspend", "resume"]
