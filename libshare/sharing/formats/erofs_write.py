@@ -13,13 +13,16 @@ What is written, and why:
 * block 0: the superblock at 1024 (magic, crc32c over the rest of the block, 4 KiB
   blocks, the UUID and volume label given, ``meta_blkaddr`` 0, features SB_CHKSUM and
   MTIME as mkfs.erofs 1.5 sets them), the inode table from 1152 (the root first, nid 36)
-  running on into the next blocks;
+  running on into the next blocks, each inode 32-byte aligned with its inline tail;
 * inodes compact (32 bytes) unless a size of 4 GiB or more, an owner above 65535 or a
   link count above 65535 needs the extended form (64 bytes, never across a block);
   no xattrs; every time 0 (compact inodes take the superblock's build time, 0);
-* every inode FLAT_PLAIN: its data in whole blocks of its own from ``raw_blkaddr``,
-  zero-padded (regular files must be block-aligned for DAX; directories and symlinks
-  are plain as with ``mkfs.erofs -Enoinline_data``); empty inodes have no block;
+* regular files FLAT_PLAIN: their data in whole blocks of their own from
+  ``raw_blkaddr``, zero-padded (block-aligned: what DAX maps); directories and symlinks
+  FLAT_INLINE where their last partial block fits after the inode in its block (as
+  mkfs.erofs does: a lookup reads one block, and a region of 10,000 one-entry hash
+  directories is not 40 MB of nearly empty blocks), else plain; empty inodes have no
+  block;
 * directories: blocks of 12-byte dirents then names, ``.`` and ``..`` included, names
   sorted bytewise across the whole directory (the kernel's lookup is a binary search),
   each block holding as many entries as fit; the size counts the last block's used
@@ -41,6 +44,8 @@ from libshare.sharing.formats.erofs import (
     DIRENT,
     EROFS_MAGIC,
     FEATURE_COMPAT_SB_CHKSUM,
+    LAYOUT_FLAT_INLINE,
+    LAYOUT_FLAT_PLAIN,
     SUPER_OFFSET,
     ErofsError,
     crc32c_raw,
@@ -134,8 +139,19 @@ class _Slot:
     nlink: int = 0
     size: int = 0
     blkaddr: int = NULL_ADDR
+    tail: int = 0            # bytes kept inline after the inode (FLAT_INLINE), else 0
     body: bytes = b""        # directory blocks or symlink target (files: read later)
     parent: Dir | None = None
+
+    @property
+    def isize(self) -> int:
+        """Return the inode's size on disk (32 or 64 bytes)."""
+        return 64 if self.extended else 32
+
+    @property
+    def blocks(self) -> int:
+        """Return the number of data blocks of its own (the inline tail excluded)."""
+        return -(-(self.size - self.tail) // BLOCK)
 
 
 class Plan:
@@ -152,6 +168,7 @@ class Plan:
         self.slots: dict[int, _Slot] = {}
         self.order: list[_Slot] = []
         self._walk(root)
+        self._sizes()
         self._assign_nids()
         self._assign_blocks()
 
@@ -177,18 +194,33 @@ class Plan:
                 for name in sorted(node.entries, reverse=True):
                     stack.append((node.entries[name], node))
 
+    def _sizes(self) -> None:
+        """Set each inode's size, form (compact or extended) and inline tail: the last
+        partial block of a directory or symlink goes right after its inode (FLAT_INLINE,
+        as mkfs.erofs does: a lookup reads the inode's block only), files never (DAX
+        maps whole blocks)."""
+        for slot in self.order:
+            n = slot.node
+            if isinstance(n, Dir):
+                slot.size = _dir_size(self._dir_items(slot))
+            elif isinstance(n, Symlink):
+                slot.size = len(n.target)
+            elif isinstance(n, File):
+                slot.size = n.size
+            slot.extended = slot.size >= 1 << 32 or n.uid > 0xFFFF or n.gid > 0xFFFF \
+                or slot.nlink > 0xFFFF
+            if not isinstance(n, File) and slot.size % BLOCK \
+                    and slot.isize + slot.size % BLOCK <= BLOCK:
+                slot.tail = slot.size % BLOCK
+
     def _assign_nids(self) -> None:
         pos = FIRST_INODE
         for slot in self.order:
-            n = slot.node
-            size = n.size if isinstance(n, File) else 0
-            slot.extended = size >= 1 << 32 or n.uid > 0xFFFF or n.gid > 0xFFFF \
-                or slot.nlink > 0xFFFF
-            isize = 64 if slot.extended else 32
-            if pos % BLOCK + isize > BLOCK:        # an inode never spans two blocks
+            need = slot.isize + slot.tail
+            if pos % BLOCK + need > BLOCK:   # an inode and its tail never span two blocks
                 pos += BLOCK - pos % BLOCK
             slot.nid = pos // 32
-            pos += isize
+            pos += -(-need // 32) * 32
         self.meta_blocks = -(-pos // BLOCK)
 
     def _assign_blocks(self) -> None:
@@ -196,62 +228,60 @@ class Plan:
             n = slot.node
             if isinstance(n, Dir):
                 slot.body = self._dir_blocks(slot)
-                slot.size = len(slot.body)
+                if len(slot.body) != slot.size:
+                    raise AssertionError("directory size changed between two passes")
             elif isinstance(n, Symlink):
                 slot.body = n.target
-                slot.size = len(n.target)
-            elif isinstance(n, File):
-                slot.size = n.size
         blk = self.meta_blocks
         for kind in (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG):
             for slot in self.order:
-                if slot.node.kind != kind or slot.size == 0:
+                if slot.node.kind != kind or slot.blocks == 0:
                     continue
                 slot.blkaddr = blk
-                blk += -(-slot.size // BLOCK)
+                blk += slot.blocks
         if blk >= 1 << 32:
             raise ErofsError("the tree needs more than 2^32 blocks")
         self.blocks = blk
         self.size = blk * BLOCK
 
-    def _dir_blocks(self, slot: _Slot) -> bytes:
+    def _dir_items(self, slot: _Slot) -> list[tuple[bytes, Node]]:
+        """Return the entries of directory ``slot`` with . and .., sorted bytewise."""
         d = slot.node
         assert isinstance(d, Dir) and slot.parent is not None
-        items = [(b".", slot), (b"..", self.slots[id(slot.parent)])]
-        items += [(name, self.slots[id(c)]) for name, c in d.entries.items()]
+        items: list[tuple[bytes, Node]] = [(b".", d), (b"..", slot.parent)]
+        items += list(d.entries.items())
         items.sort(key=lambda t: t[0])
+        return items
+
+    def _dir_blocks(self, slot: _Slot) -> bytes:
+        items = self._dir_items(slot)
         blocks: list[bytes] = []
-        i = 0
-        while i < len(items):
-            used, j = 0, i
-            while j < len(items) and used + DIRENT.size + len(items[j][0]) <= BLOCK:
-                used += DIRENT.size + len(items[j][0])
-                j += 1
-            part = items[i:j]
+        for _used, part in _dir_split(items):
             heads, names = bytearray(), bytearray()
             nameoff = DIRENT.size * len(part)
-            for name, s in part:
-                heads += DIRENT.pack(s.nid, nameoff + len(names),
-                                     _FILE_TYPE[s.node.kind], 0)
+            for name, node in part:
+                child = self.slots[id(node)]
+                heads += DIRENT.pack(child.nid, nameoff + len(names),
+                                     _FILE_TYPE[node.kind], 0)
                 names += name
             blocks.append(bytes(heads + names))
-            i = j
-        body = b"".join(b.ljust(BLOCK, b"\0") for b in blocks[:-1]) + blocks[-1]
-        return body
+        return b"".join(b.ljust(BLOCK, b"\0") for b in blocks[:-1]) + blocks[-1]
 
     # -- the bytes
     def _inode(self, slot: _Slot) -> bytes:
         n = slot.node
         mode = n.kind | (n.mode & 0o7777)
         ino = slot.nid            # only for 32-bit stat; unique like the nid
+        layout = (LAYOUT_FLAT_INLINE if slot.tail else LAYOUT_FLAT_PLAIN) << 1
         if slot.extended:
-            return _EXTENDED.pack(1, 0, mode, 0, slot.size, slot.blkaddr, ino, n.uid,
-                                  n.gid, 0, 0, slot.nlink)
-        return _COMPACT.pack(0, 0, mode, slot.nlink, slot.size, 0, slot.blkaddr, ino,
+            return _EXTENDED.pack(layout | 1, 0, mode, 0, slot.size, slot.blkaddr, ino,
+                                  n.uid, n.gid, 0, 0, slot.nlink)
+        return _COMPACT.pack(layout, 0, mode, slot.nlink, slot.size, 0, slot.blkaddr, ino,
                              n.uid, n.gid, 0)
 
     def meta(self) -> bytes:
-        """Return the superblock block and the inode table (``meta_blocks`` blocks)."""
+        """Return the superblock block and the inode table with the inline tails
+        (``meta_blocks`` blocks)."""
         out = bytearray(self.meta_blocks * BLOCK)
         root = self.order[0]
         sb = _SUPER.pack(EROFS_MAGIC, 0, FEATURE_COMPAT_SB_CHKSUM | FEATURE_COMPAT_MTIME,
@@ -260,6 +290,8 @@ class Plan:
         out[SUPER_OFFSET:SUPER_OFFSET + len(sb)] = sb
         for slot in self.order:
             raw = self._inode(slot)
+            if slot.tail:
+                raw += slot.body[slot.size - slot.tail:]
             out[slot.nid * 32:slot.nid * 32 + len(raw)] = raw
         crc = crc32c_raw(bytes(out[SUPER_OFFSET:BLOCK]))    # checksum field still 0
         out[SUPER_OFFSET + 4:SUPER_OFFSET + 8] = crc.to_bytes(4, "little")
@@ -273,16 +305,40 @@ class Plan:
         yield self.meta()
         for kind in (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG):
             for slot in self.order:
-                if slot.node.kind != kind or slot.size == 0:
+                if slot.node.kind != kind or slot.blocks == 0:
                     continue
                 if kind == stat.S_IFREG:
                     node = slot.node
                     assert isinstance(node, File)
                     yield from _file_chunks(node, proved)
+                    if slot.size % BLOCK:
+                        yield bytes(BLOCK - slot.size % BLOCK)
                 else:
-                    yield slot.body
-                if slot.size % BLOCK:
-                    yield bytes(BLOCK - slot.size % BLOCK)
+                    own = slot.body[:slot.size - slot.tail]
+                    yield own
+                    if len(own) % BLOCK:
+                        yield bytes(BLOCK - len(own) % BLOCK)
+
+
+def _dir_split(items: list[tuple[bytes, Node]]) -> list[tuple[int, list[tuple[bytes, Node]]]]:
+    """Return the directory entries ``items`` cut into blocks: (bytes used, entries) per
+    block, each holding as many 12-byte dirents and their names as fit."""
+    out: list[tuple[int, list[tuple[bytes, Node]]]] = []
+    i = 0
+    while i < len(items):
+        used, j = 0, i
+        while j < len(items) and used + DIRENT.size + len(items[j][0]) <= BLOCK:
+            used += DIRENT.size + len(items[j][0])
+            j += 1
+        out.append((used, items[i:j]))
+        i = j
+    return out
+
+
+def _dir_size(items: list[tuple[bytes, Node]]) -> int:
+    """Return a directory's size: whole blocks but the last, which counts its used bytes."""
+    parts = _dir_split(items)
+    return BLOCK * (len(parts) - 1) + parts[-1][0]
 
 
 def _file_chunks(node: File, proved: Callable[[File, str], None] | None) -> Iterator[bytes]:

@@ -147,6 +147,11 @@ def test_same_tree_same_bytes_and_files_are_block_aligned(tmp_path: Path) -> Non
         ino = fs.lookup("/lib/big")
         assert ino.layout == 0 and ino.raw_blkaddr * 4096 % 4096 == 0
         assert fs.read_inode(ino) == (tmp_path / "big").read_bytes()
+        # directories and symlinks keep their last partial block after the inode
+        assert fs.lookup("/lib").layout == 2 and fs.lookup("/link").layout == 2
+        many = fs.lookup("/many")
+        assert many.layout == 2 and many.size > 4 * 4096 and many.raw_blkaddr != 0xFFFFFFFF
+        assert len(fs.listdir(many)) == 701 and fs.read_inode(fs.lookup("/link")) == b"lib/big"
 
 
 def test_bad_trees_are_refused(tmp_path: Path) -> None:
