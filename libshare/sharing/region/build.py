@@ -453,6 +453,47 @@ class _Wanted:
     filesystem: str
 
 
+#: writes the whole image to a path: (path, PFN block, total bytes) -> (digest, stat)
+ImageWriter = Callable[[Path, bytes, int], tuple[str, os.stat_result]]
+
+
+def _filesystem(cfg: Config, filesystem: str, entries: list[StoreEntry],
+                laid: list[trees.LaidTree], manifest: bytes, fs_uuid: str, staging: Path,
+                progress: Progress | None,
+                remover: list[subprocess.Popen[bytes]]) -> tuple[int, ImageWriter]:
+    """Stage the region's content for ``filesystem`` and make its filesystem; return its
+    size in bytes and what writes the whole image.
+
+    EROFS: staged in memory, planned (:class:`~libshare.sharing.formats.erofs_write.
+    Plan`), written later in one pass. ext4: staged under ``staging``, formatted by
+    mkfs.ext4, the staging tree then removed in the background (its process appended to
+    ``remover``, for the caller to wait for).
+    """
+    in_trees = frozenset(e.path for t in laid for e in t.entries if e.kind == "f")
+    lib_paths = {e.sha256: fs_path(e) for e in entries}
+    if filesystem == "erofs":
+        mem = MemoryStaging()
+        _stage(cfg.store_dir, entries, mem, manifest, progress, in_trees)
+        mem.apply(trees.stage_trees(mem, laid, lib_paths))
+        fs_plan = erofs_write.Plan(mem.root, uuidlib.UUID(fs_uuid).bytes, FS_LABEL.encode())
+        return fs_plan.size, lambda tmp, block, total: _write_plan(
+            tmp, block, fs_plan, total, progress, mem.proved)
+    disk = DiskStaging(staging / "root")
+    disk.root.mkdir()
+    _stage(cfg.store_dir, entries, disk, manifest, progress, in_trees)
+    patch = trees.stage_trees(disk, laid, lib_paths)
+    disk.fix_dir_modes()
+    fs_image = staging / "fs.ext4"
+    if progress:
+        progress("mkfs.ext4", 0, 0)
+    ext4fs.mkfs_ext4(disk.root, fs_image, fs_uuid, patch)
+    proc = _start_removal(disk.root)          # mkfs has read it: gone while we write
+    if proc is not None:
+        remover.append(proc)
+    return fs_image.stat().st_size, lambda tmp, block, total: _write_image(
+        tmp, block, fs_image, total, progress)
+
+
 def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int | None,
                   writer: str, progress: Progress | None, want: _Wanted) -> BuildResult:
     """Build and publish ``group``'s image (see :func:`build_region`; the caller holds
@@ -481,32 +522,12 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
     fs_uuid = str(pfn_uuid(hashlib.sha256(b"libshare-region-fs\0" + manifest).digest()))
     images = cfg.regions_dir / "images"
     images.mkdir(parents=True, exist_ok=True)
-    in_trees = frozenset(e.path for t in laid for e in t.entries if e.kind == "f")
-    lib_paths = {e.sha256: fs_path(e) for e in entries}
-    staging: Path | None = None
+    staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
     tmp_image: Path | None = None
-    remover: subprocess.Popen[bytes] | None = None
+    remover: list[subprocess.Popen[bytes]] = []
     try:
-        if want.filesystem == "erofs":
-            mem = MemoryStaging()
-            _stage(cfg.store_dir, entries, mem, manifest, progress, in_trees)
-            mem.apply(trees.stage_trees(mem, laid, lib_paths))
-            fs_plan = erofs_write.Plan(mem.root, uuidlib.UUID(fs_uuid).bytes,
-                                       FS_LABEL.encode())
-            fs_size = fs_plan.size
-        else:
-            staging = Path(tempfile.mkdtemp(prefix=".build-", dir=cfg.regions_dir))
-            disk = DiskStaging(staging / "root")
-            disk.root.mkdir()
-            _stage(cfg.store_dir, entries, disk, manifest, progress, in_trees)
-            patch = trees.stage_trees(disk, laid, lib_paths)
-            disk.fix_dir_modes()
-            fs_image = staging / "fs.ext4"
-            if progress:
-                progress("mkfs.ext4", 0, 0)
-            ext4fs.mkfs_ext4(disk.root, fs_image, fs_uuid, patch)
-            remover = _start_removal(disk.root)     # mkfs has read it: gone while we write
-            fs_size = fs_image.stat().st_size
+        fs_size, write = _filesystem(cfg, want.filesystem, entries, laid, manifest, fs_uuid,
+                                     staging, progress, remover)
         need = DATAOFF + round_up(fs_size, REGION_ALIGN)
         total = need if size is None else round_up(size, REGION_ALIGN)
         if total < need:
@@ -517,11 +538,7 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
         fd, name = tempfile.mkstemp(prefix=".tmp-", suffix=".img", dir=images)
         os.close(fd)
         tmp_image = Path(name)
-        if want.filesystem == "erofs":
-            digest, written = _write_plan(tmp_image, block, fs_plan, total, progress,
-                                          mem.proved)
-        else:
-            digest, written = _write_image(tmp_image, block, fs_image, total, progress)
+        digest, written = write(tmp_image, block, total)
         final = cfg.region_image(digest)
         # an existing image of that name is reused only if its bytes still match
         new = not (final.exists() and cached_sha256(final, cfg.digest_cache) == digest)
@@ -538,10 +555,9 @@ def _build_locked(cfg: Config, group: str, selection: str | list[str], size: int
         if tmp_image is not None:
             with contextlib.suppress(OSError):
                 tmp_image.unlink()
-        if remover is not None:
-            remover.wait()
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        for proc in remover:
+            proc.wait()
+        shutil.rmtree(staging, ignore_errors=True)
     return BuildResult(path=str(final), digest=digest, size=total, files=len(entries),
                        group=group, link=str(link), fs_size=fs_size,
                        data_size=sum(e.size for e in entries), new=new,
