@@ -141,6 +141,8 @@ class _Slot:
     blkaddr: int = NULL_ADDR
     tail: int = 0            # bytes kept inline after the inode (FLAT_INLINE), else 0
     body: bytes = b""        # directory blocks or symlink target (files: read later)
+    parts: list[tuple[int, list[tuple[bytes, Node]]]] = field(default_factory=list)
+    # ^ a directory's entries cut into blocks (_dir_split), once: sizes, then bytes
     parent: Dir | None = None
 
     @property
@@ -202,7 +204,8 @@ class Plan:
         for slot in self.order:
             n = slot.node
             if isinstance(n, Dir):
-                slot.size = _dir_size(self._dir_items(slot))
+                slot.parts = _dir_split(self._dir_items(slot))
+                slot.size = BLOCK * (len(slot.parts) - 1) + slot.parts[-1][0]
             elif isinstance(n, Symlink):
                 slot.size = len(n.target)
             elif isinstance(n, File):
@@ -228,17 +231,15 @@ class Plan:
             n = slot.node
             if isinstance(n, Dir):
                 slot.body = self._dir_blocks(slot)
-                if len(slot.body) != slot.size:
-                    raise AssertionError("directory size changed between two passes")
             elif isinstance(n, Symlink):
                 slot.body = n.target
+        #: the inodes with blocks of their own, in the order their data is laid out
+        self.data = [slot for kind in (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG)
+                     for slot in self.order if slot.node.kind == kind and slot.blocks]
         blk = self.meta_blocks
-        for kind in (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG):
-            for slot in self.order:
-                if slot.node.kind != kind or slot.blocks == 0:
-                    continue
-                slot.blkaddr = blk
-                blk += slot.blocks
+        for slot in self.data:
+            slot.blkaddr = blk
+            blk += slot.blocks
         if blk >= 1 << 32:
             raise ErofsError("the tree needs more than 2^32 blocks")
         self.blocks = blk
@@ -254,9 +255,8 @@ class Plan:
         return items
 
     def _dir_blocks(self, slot: _Slot) -> bytes:
-        items = self._dir_items(slot)
         blocks: list[bytes] = []
-        for _used, part in _dir_split(items):
+        for _used, part in slot.parts:
             heads, names = bytearray(), bytearray()
             nameoff = DIRENT.size * len(part)
             for name, node in part:
@@ -301,23 +301,30 @@ class Plan:
         """Yield the filesystem's bytes in order (``size`` bytes in all). A file with
         ``expect`` is hashed as it is read and ``proved(file, sha256)`` is called with
         what it hashed to (the caller raises on a mismatch). Raises ErofsError if a
-        file's length is not its ``size``; OSError if it cannot be read."""
-        yield self.meta()
-        for kind in (stat.S_IFDIR, stat.S_IFLNK, stat.S_IFREG):
-            for slot in self.order:
-                if slot.node.kind != kind or slot.blocks == 0:
-                    continue
-                if kind == stat.S_IFREG:
-                    node = slot.node
-                    assert isinstance(node, File)
-                    yield from _file_chunks(node, proved)
-                    if slot.size % BLOCK:
-                        yield bytes(BLOCK - slot.size % BLOCK)
-                else:
-                    own = slot.body[:slot.size - slot.tail]
-                    yield own
-                    if len(own) % BLOCK:
-                        yield bytes(BLOCK - len(own) % BLOCK)
+        file's length is not its ``size`` or the bytes are not the plan's; OSError if a
+        file cannot be read."""
+        meta = self.meta()
+        yield meta
+        done = len(meta)
+        for slot in self.data:
+            if done != slot.blkaddr * BLOCK:
+                raise ErofsError(f"inode {slot.nid}: data at byte {done}, planned at "
+                                 f"block {slot.blkaddr}")
+            node = slot.node
+            if isinstance(node, File):
+                for piece in _file_chunks(node, proved):
+                    done += len(piece)
+                    yield piece
+            else:
+                own = slot.body[:slot.size - slot.tail]
+                done += len(own)
+                yield own
+            if done % BLOCK:
+                pad = BLOCK - done % BLOCK
+                done += pad
+                yield bytes(pad)
+        if done != self.size:
+            raise ErofsError(f"{done} bytes of filesystem written, {self.size} planned")
 
 
 def _dir_split(items: list[tuple[bytes, Node]]) -> list[tuple[int, list[tuple[bytes, Node]]]]:
@@ -333,12 +340,6 @@ def _dir_split(items: list[tuple[bytes, Node]]) -> list[tuple[int, list[tuple[by
         out.append((used, items[i:j]))
         i = j
     return out
-
-
-def _dir_size(items: list[tuple[bytes, Node]]) -> int:
-    """Return a directory's size: whole blocks but the last, which counts its used bytes."""
-    parts = _dir_split(items)
-    return BLOCK * (len(parts) - 1) + parts[-1][0]
 
 
 def _file_chunks(node: File, proved: Callable[[File, str], None] | None) -> Iterator[bytes]:

@@ -78,7 +78,6 @@ class MemoryStaging(Staging):
     def __init__(self) -> None:
         self.root = ew.Dir(DIR_MODE)
         self._entry: dict[int, StoreEntry] = {}      # id(File) -> its store object
-        self._copy: dict[int, str] = {}              # id(File) -> sha256 (tree copies)
 
     def _parent(self, rpath: str, make: bool) -> tuple[ew.Dir, bytes]:
         """Return the directory holding ``rpath`` (made where ``make``) and its name."""
@@ -145,9 +144,8 @@ class MemoryStaging(Staging):
         src = self.node(existing)
         if not isinstance(src, ew.File):
             raise LibshareError(f"region build: {existing} is not a file")
-        f = ew.File(src.mode, size=src.size, path=src.path, data=src.data, expect=sha256)
-        self._copy[id(f)] = sha256
-        self._put(rpath, f)
+        self._put(rpath, ew.File(src.mode, size=src.size, path=src.path, data=src.data,
+                                 expect=sha256))
 
     def apply(self, patch: dict[str, tuple[int, int, int]]) -> None:
         """Give each region path of ``patch`` its (permission bits, uid, gid); raise
@@ -170,7 +168,7 @@ class MemoryStaging(Staging):
         entry = self._entry.get(id(f))
         if entry is not None:
             raise LibshareError(corrupt_object_problem(entry, actual))
-        raise _changed(self._copy.get(id(f), f.expect or ""))
+        raise _changed(f.expect or "")
 
 
 class DiskStaging(Staging):
