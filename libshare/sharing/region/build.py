@@ -192,7 +192,7 @@ def _insert_head(path: Path, length: int) -> bool:
     """Insert ``length`` bytes (a multiple of the filesystem's block size) of hole at the
     start of the file ``path``, in place; return False where the filesystem cannot."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        libc = _libc()
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return False
@@ -213,10 +213,8 @@ def _image_in_place(tmp: Path, block: bytes, fs_image: Path, total: int,
     if not _insert_head(fs_image, DATAOFF):
         return None
     os.replace(fs_image, tmp)
-    head = bytes(pfn.INFO_OFFSET) + block
-    head += bytes(DATAOFF - len(head))
     with open(tmp, "r+b") as out:
-        out.write(head)
+        out.write(_head(block))
         out.seek(0, os.SEEK_END)
         pad = total - out.tell()
         zeros = bytes(min(CHUNK, max(pad, 0)))
@@ -269,14 +267,10 @@ def _write_plan(tmp: Path, block: bytes, fs_plan: erofs_write.Plan, total: int,
     once and, where ``proved`` is asked, hashed), the zero tail; fsync it; return its hex
     SHA-256 and its stat once written. Raises LibshareError if a store object changed."""
     try:
-        digest, st = _write_stream(tmp, itertools.chain([_head(block)],
-                                                        fs_plan.chunks(proved)),
-                                   total, progress)
+        return _write_stream(tmp, itertools.chain([_head(block)], fs_plan.chunks(proved)),
+                             total, progress)
     except ErofsError as exc:
         raise LibshareError(f"region build: {exc}") from exc
-    if st.st_size != total or total < DATAOFF + fs_plan.size:
-        raise LibshareError(f"region build: wrote {st.st_size} bytes, {total} planned")
-    return digest, st
 
 
 def _head(block: bytes) -> bytes:
@@ -378,8 +372,7 @@ def _publish_digest(cfg: Config, final: Path, digest: str, st: os.stat_result) -
     the hook's time limit); ``st`` is its stat while it was hashed. Raises
     LibshareError if the file is not that one any more."""
     now = final.stat()
-    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != \
-            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
+    if stat_key(now, ctime=False) != stat_key(st, ctime=False):   # a rename moves ctime
         raise LibshareError(f"{final} changed while being built")
     remember(cfg.digest_cache, os.path.realpath(final), now, digest)
 
