@@ -145,11 +145,13 @@ def page_cache_figures(survey: Any, guest_files: dict[str, int]) -> dict[str, An
 
 def domain_row(conn: Any, dom: Any, cfg: Config, page_cache: bool = False,
                guest_files: Callable[[str], dict[str, int]] = region_guest_files,
-               proc: Path = accounting.PROC) -> dict[str, Any] | None:
+               proc: Path = accounting.PROC,
+               surveys: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Return the report row of domain ``dom`` on libvirt connection ``conn``, or None when it is not running (or its
     QEMU is gone): ``name``, ``enrolled``, ``group``, ``model``, ``qemu_pid``, the figures
     of :func:`domain_memory` and, with ``page_cache``, ``page_cache``
-    (:func:`page_cache_figures`, or ``{"error": why}``). A region shared through ivshmem
+    (:func:`page_cache_figures`, or ``{"error": why}``; the survey itself is kept in
+    ``surveys`` by domain name when given). A region shared through ivshmem
     (``/dev/shm``, guest writes shared) is not accounted: ``region`` is None."""
     name = dom.name()
     pid = qemu_pid(name) if api.is_active(dom) else None
@@ -174,6 +176,8 @@ def domain_row(conn: Any, dom: Any, cfg: Config, page_cache: bool = False,
     elif page_cache and mem["region_path"]:
         try:
             seen = _survey_page_cache(conn, name, cfg)
+            if surveys is not None:
+                surveys[name] = seen
             row["page_cache"] = page_cache_figures(seen, guest_files(mem["region_path"]))
         except LibshareError as exc:
             row["page_cache"] = {"error": str(exc)}
@@ -185,13 +189,14 @@ HUGEPAGES = ("guest RAM on hugepages: not read (reading it through /proc/PID/mem
 
 
 def group_forecast(conn: Any, cfg: Config, group: str, names: list[str] | None,
-                   rows: list[dict[str, Any]],
-                   trees: list[str] | None = None) -> dict[str, Any]:
+                   rows: list[dict[str, Any]], trees: list[str] | None = None,
+                   taken: dict[str, Any] | None = None) -> dict[str, Any]:
     """Return the forecast of trust group ``group`` (:func:`~libshare.sharing.forecast.
     forecast_json`, the store's trees ``trees``, default all) for the running domains
     ``names`` (default: those enrolled in ``group``), from their page cache read now;
     ``rows`` are the report's rows (a domain without one is not running; one on
-    hugepages is not read). Raises LibshareError when ``group`` has no running domain."""
+    hugepages is not read; ``taken``: page-cache surveys the report took already, by
+    name, not walked again). Raises LibshareError when ``group`` has no running domain."""
     from libshare.introspect.session import each_domain
     from libshare.sharing.forecast import forecast, forecast_json
 
@@ -207,6 +212,8 @@ def group_forecast(conn: Any, cfg: Config, group: str, names: list[str] | None,
             raise LibshareError("not running")
         if row["guest_ram"]["hugetlb_bytes"]:
             raise LibshareError(HUGEPAGES)
+        if taken and name in taken:
+            return taken[name]
         return _survey_page_cache(conn, name, cfg)
 
     surveys, failures = each_domain(names, survey, single_raises=False)
@@ -297,6 +304,7 @@ def gather(conn: Any, cfg: Config, names: list[str] | None = None,
     doms = [api.lookup(conn, n) for n in names] if names else api.all_domains(conn)
     rows, skipped = [], []
     manifests: dict[str, dict[str, int]] = {}
+    surveys: dict[str, Any] = {}           # page-cache walks, taken once for both uses
 
     def guest_files(path: str) -> dict[str, int]:
         if path not in manifests:
@@ -305,7 +313,7 @@ def gather(conn: Any, cfg: Config, names: list[str] | None = None,
 
     for dom in doms:
         with contextlib.suppress(LibshareError) if not names else contextlib.nullcontext():
-            row = domain_row(conn, dom, cfg, page_cache, guest_files, proc)
+            row = domain_row(conn, dom, cfg, page_cache, guest_files, proc, surveys)
             if row is None:
                 skipped.append(dom.name())
             else:
@@ -313,7 +321,7 @@ def gather(conn: Any, cfg: Config, names: list[str] | None = None,
     out = build_report(rows, ksm.host_ksm(ksm_dir, proc))
     out["skipped"] = skipped if names else []
     out["page_cache_surveyed"] = page_cache
-    out["forecast"] = (group_forecast(conn, cfg, forecast, names, rows, trees)
+    out["forecast"] = (group_forecast(conn, cfg, forecast, names, rows, trees, surveys)
                        if forecast is not None else None)
     out["cost"] = {"cpu_seconds": round(time.process_time() - c0, 4),
                    "wall_seconds": round(time.perf_counter() - t0, 4)}

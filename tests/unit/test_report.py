@@ -168,3 +168,7 @@ def test_forecast_reads_the_group_or_the_named_guests(host: dict[str, Any],
     assert gather(host)["forecast"] is None and walked == ["c"]
     with pytest.raises(report.LibshareError, match="no running domains enrolled in group db"):
         gather(host, forecast="db")
+    walked.clear()                          # --page-cache and --forecast: one walk each
+    rep = gather(host, page_cache=True, forecast="web")
+    assert walked == ["a", "b"], walked     # not a, b, a, b
+    assert [g["name"] for g in rep["forecast"]["policies"][0]["guests"]] == ["a", "b"]
