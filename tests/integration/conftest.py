@@ -35,6 +35,12 @@ _HERE = Path(__file__).parent
 _TAGGED = re.compile(rf"^{PREFIX}p(\d+)-")
 #: an untagged lstest-* domain is a leftover once it has run this long (or is shut off)
 UNTAGGED_MAX_AGE = 600.0
+#: the files that take longest (minutes of TCG guest time), run first: pytest-xdist
+#: (``--dist loadfile``, scripts/test) hands the files out to its workers in this order,
+#: and the unit tests fill the gaps; the rest follow in collection order
+LONGEST_FIRST = ("test_demo.py", "test_usr_region.py", "test_redirect.py",
+                 "test_ansible.py", "test_debian_guest.py", "test_image.py",
+                 "test_pagecache.py", "test_survey_debian.py", "test_migration.py")
 
 
 def _skip_reason() -> str | None:
@@ -54,8 +60,18 @@ def _skip_reason() -> str | None:
     return None
 
 
+def _rank(item: pytest.Item) -> int:
+    """Return where test ``item`` goes in the run: its file's place in LONGEST_FIRST,
+    then the other integration tests, then the unit tests."""
+    name = Path(str(item.fspath)).name
+    if _HERE not in Path(str(item.fspath)).parents:
+        return len(LONGEST_FIRST) + 1
+    return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the tests of this directory ``integration`` and skip them if they cannot run."""
+    """Mark the tests of this directory ``integration`` and skip them if they cannot run;
+    put them first, the longest files first (a stable sort: see LONGEST_FIRST)."""
     mine = [it for it in items if _HERE in Path(str(it.fspath)).parents]
     if not mine:
         return
@@ -64,6 +80,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.integration)
         if reason:
             item.add_marker(pytest.mark.skip(reason=reason))
+    items.sort(key=_rank)
 
 
 def _is_leftover(conn: Any, dom: Any) -> bool:
