@@ -44,7 +44,9 @@ from libshare.demo.tiny.kernel import DEFAULT_MODULES, KernelPackage, fetch_kern
 
 _END_RE = re.compile(rf"^{END_MARKER} rc=(\d+)\s*$", re.M)
 _BEGIN_RE = re.compile(rf"^{BEGIN_MARKER}\s*$", re.M)
-_READY_RE = re.compile(rf"^{READY_MARKER}(?: (.*?))?\s*$", re.M)
+#: only a whole line (the console is read while the guest writes it: on a busy host
+#: "LIBSHARE-READY r" can be all there is of "LIBSHARE-READY read" yet)
+READY_LINE = re.compile(rf"^{READY_MARKER}(?: ([^\r\n]*?))?[ \t\r]*\n", re.M)
 
 
 
@@ -146,7 +148,7 @@ class RunningGuest(Guest):
 
     def wait_ready(self, timeout: float = 60.0) -> str:
         """Wait for the script's ``ready`` marker; return the text after it (may be empty)."""
-        return self.wait_for(_READY_RE, timeout).group(1) or ""
+        return self.wait_for(READY_LINE, timeout).group(1) or ""
 
     def wait_end(self, timeout: float = 120.0) -> GuestResult:
         """Wait until the end marker shows up or the guest stops (at most ``timeout``
