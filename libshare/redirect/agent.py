@@ -60,6 +60,11 @@ class AgentTimeout(AgentError):
     """A program started through the agent did not finish in the time allowed."""
 
 
+class AgentBusy(AgentError):
+    """The agent did not answer one command in time, or its channel is not connected
+    now (libvirt's VIR_ERR_AGENT_UNRESPONSIVE): it may answer the next one."""
+
+
 @dataclass(frozen=True)
 class ExecResult:
     """What a program run with :meth:`GuestAgent.exec` left: exit code ``rc`` (None when
@@ -111,8 +116,8 @@ def libvirt_transport(domain: Any) -> Transport:
             msg = _one_line(exc.get_error_message() or str(exc))
             if code in (getattr(libvirt, "VIR_ERR_AGENT_UNRESPONSIVE", 86),
                         getattr(libvirt, "VIR_ERR_AGENT_UNSYNCED", 97)):
-                raise AgentError(f"guest agent of {name} is not responding (is "
-                                 f"qemu-guest-agent installed and running?): {msg}") from exc
+                raise AgentBusy(f"guest agent of {name} is not responding (is "
+                                f"qemu-guest-agent installed and running?): {msg}") from exc
             if code == getattr(libvirt, "VIR_ERR_OPERATION_INVALID", 55):
                 raise AgentError(f"guest agent of {name} cannot be used: {msg}") from exc
             raise AgentError(f"guest agent of {name}: {msg}") from exc
@@ -234,7 +239,17 @@ class GuestAgent:
         deadline = self._clock() + timeout
         delay = _POLL_FIRST
         while True:
-            status = self.command("guest-exec-status", {"pid": pid})
+            try:
+                status = self.command("guest-exec-status", {"pid": pid})
+            except AgentBusy:
+                # a status query is safe to repeat: on a busy host one can take longer
+                # than the command's timeout (libvirt then gives up on that reply only)
+                if self._clock() >= deadline:
+                    raise
+                log.debug("%s: %s: status of pid %d not answered in time; asking again",
+                          self.name, what, pid)
+                self._sleep(_POLL_MAX)
+                continue
             if not isinstance(status, dict):
                 raise AgentError(f"guest agent of {self.name} sent a malformed status of "
                                  f"pid {pid}")

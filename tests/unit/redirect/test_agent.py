@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from libshare.errors import LibshareError
-from libshare.redirect.agent import CHUNK, AgentError, AgentTimeout, ExecResult, GuestAgent
+from libshare.redirect.agent import (
+    CHUNK,
+    AgentBusy,
+    AgentError,
+    AgentTimeout,
+    ExecResult,
+    GuestAgent,
+)
 
 
 class GuestSideAgent:
@@ -179,6 +186,40 @@ def test_exec_timeout_kills_and_raises(fake: GuestSideAgent) -> None:
     assert kills and kills[0]["arguments"]["arg"] == ["-KILL", "1001"]
     assert fake.procs[1001]["killed"]
     assert 3 <= clock.now < 5  # bounded: polls stop soon after the deadline
+
+
+def test_exec_asks_again_for_a_status_not_answered_in_time(fake: GuestSideAgent) -> None:
+    clock = Clock()
+    busy = {"left": 2}
+
+    def transport(text: str, timeout: int) -> str:
+        if json.loads(text)["execute"] == "guest-exec-status" and busy["left"]:
+            busy["left"] -= 1
+            fake.sent.append(json.loads(text))
+            clock.sleep(timeout)           # libvirt waited that long, then gave up
+            raise AgentBusy("guest agent of web1 is not responding: Guest agent not "
+                            "available for now")
+        return fake(text, timeout)
+
+    agent = GuestAgent(transport, "web1", clock=clock, sleep=clock.sleep)
+    res = agent.exec(["echo", "hi"], timeout=60)
+    assert res.rc == 0 and busy["left"] == 0
+    assert [m["execute"] for m in fake.sent].count("guest-exec-status") == 2 + 2
+
+
+def test_exec_busy_agent_past_the_deadline_raises(fake: GuestSideAgent) -> None:
+    clock = Clock()
+
+    def transport(text: str, timeout: int) -> str:
+        if json.loads(text)["execute"] == "guest-exec-status":
+            clock.sleep(timeout)
+            raise AgentBusy("guest agent of web1 is not responding")
+        return fake(text, timeout)
+
+    agent = GuestAgent(transport, "web1", clock=clock, sleep=clock.sleep)
+    with pytest.raises(AgentBusy):
+        agent.exec(["echo", "hi"], timeout=30)
+    assert 30 <= clock.now < 60        # bounded by the exec's own timeout
 
 
 def test_exec_signal_gives_no_rc(agent: GuestAgent, fake: GuestSideAgent) -> None:
