@@ -61,6 +61,10 @@ disk prepared. ``--quick``: idle at N=2 for none, ksm-fast, libshare, 150 s each
 10 minutes. ``--arms``, ``--workloads``, ``--n``, ``--duration`` choose by hand (every
 named arm at every named workload and N).
 
+``--policy`` chooses the region's files (default the demo's, ``usr``); ``observed``
+builds it from what one guest of the prepared disk caches 60 s after a boot without
+a region (introspection), the disk itself prepared against the ``usr`` region.
+
 Needs root and a running system libvirtd. Usage (from the project root):
 ``.venv/bin/python -m bench.density [--quick] [--out DIR] [--kvm]``
 """
@@ -436,6 +440,28 @@ def prepare_disk(conn: Any, image: Any, cfg: Config, spec: domxml.RegionSpec,
     return dataclasses.replace(image, path=disk)
 
 
+def scout_page_cache(conn: Any, disk: Any, cfg: Config, domain_type: str) -> set[str]:
+    """Boot one guest of the prepared ``disk`` without a region, idle 60 s after its
+    boot (the idle baseline's moment), and return the guest paths of the files in its
+    page cache (introspection, as ``region build --policy observed``)."""
+    from libshare.demo.debian.guest import DebianGuestOptions, defined_debian_guest
+    from libshare.demo.story import wait_idle
+    from libshare.introspect.pagecache import survey_domain_page_cache
+    from libshare.sharing.region.policy import observed_paths
+
+    name = f"lstest-p{os.getpid()}-dens-scout"
+    opts = DebianGuestOptions(image=disk, memory_mib=MEMORY_MIB, boot_timeout=BOOT_TIMEOUT,
+                              domain_type=domain_type, customize=[free_page_reporting])
+    with defined_debian_guest(conn, name, opts) as defined:
+        g = defined.start()
+        wait_idle(g)
+        seen = survey_domain_page_cache(conn, name, pause=True,
+                                        cache_dir=cfg.state_dir / "introspect")
+    if seen.partial:
+        say(f"{name}: the page-cache walk ended partial: {seen.errors[:2]}")
+    return observed_paths([seen])
+
+
 def setup(conn: Any, domain_type: str, policy: str) -> Setup:
     """Build (or reuse) the image, the bench's region (its files chosen by ``policy``,
     :mod:`libshare.sharing.region.policy`) and the prepared disk; return the Setup."""
@@ -449,15 +475,25 @@ def setup(conn: Any, domain_type: str, policy: str) -> Setup:
     WORK.mkdir(parents=True, exist_ok=True)
     cfg = Config(state_dir=WORK / "state")
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    built = build_image_region(cfg, image, say, policy=policy)
-    guest_paths = report.region_guest_files(built.path)
+    # observed: the disk is prepared against the usr region, then the region is rebuilt
+    # from what a guest of that disk caches without a region (the guests' plan is then
+    # made again at their boot, as after any rebuild of their group's region)
+    built = build_image_region(cfg, image, say, policy="usr" if policy == "observed"
+                               else policy)
     for p in (WORK.parent, WORK, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
               cfg.regions_dir / "groups"):
         p.chmod(0o755)
     spec = enrol.resolve_region(cfg, GROUP, "nvdimm")
-    say(f"region {built.path} ({policy} policy): {built.files} files, "
+    say(f"region {built.path} ({built.policy} policy): {built.files} files, "
         f"{built.size >> 20} MiB")
     disk = prepare_disk(conn, image, cfg, spec, domain_type)
+    if policy == "observed":
+        seen = scout_page_cache(conn, disk, cfg, domain_type)
+        built = build_image_region(cfg, image, say, policy="observed", observed=seen)
+        spec = enrol.resolve_region(cfg, GROUP, "nvdimm")
+        say(f"region {built.path} (observed policy, {len(seen)} paths cached): "
+            f"{built.files} files, {built.size >> 20} MiB")
+    guest_paths = report.region_guest_files(built.path)
     return Setup(cfg, spec, disk, guest_paths,
                  {"path": built.path, "digest": built.digest, "files": built.files,
                   "size": built.size, "policy": policy})
