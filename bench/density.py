@@ -94,7 +94,7 @@ from lxml import etree
 from bench.common import ROOT, machine, print_header, reproduce_command
 from libshare import domxml
 from libshare.config import Config
-from libshare.demo.story import DEMO_POLICY
+from libshare.demo.story import DEMO_POLICY, GROUP
 from libshare.domxml.memory import guest_ram_sizes
 from libshare.errors import LibshareError
 from libshare.sharing import accounting, ksm
@@ -102,7 +102,6 @@ from libshare.sharing.region.policy import POLICIES
 
 #: inside the default state directory, which the hook trusts (config.trusted_state_dir)
 WORK = Path("/var/lib/libshare/bench-density")
-GROUP = "demo"  # the group libshare.demo.story.build_image_region builds
 MEMORY_MIB = 512
 HUGEPAGE_KB = 2048
 SAMPLE_SECONDS = 10.0
@@ -467,7 +466,8 @@ def setup(conn: Any, domain_type: str, policy: str) -> Setup:
     :mod:`libshare.sharing.region.policy`) and the prepared disk; return the Setup."""
     from libshare import report
     from libshare.demo.debian.image import debian_image
-    from libshare.demo.story import build_image_region
+    from libshare.demo.story import import_image
+    from libshare.sharing.region import build
     from libshare.virt import enrol
 
     image = debian_image(extra_packages=("nginx", "python3"))
@@ -478,8 +478,9 @@ def setup(conn: Any, domain_type: str, policy: str) -> Setup:
     # observed: the disk is prepared against the usr region, then the region is rebuilt
     # from what a guest of that disk caches without a region (the guests' plan is then
     # made again at their boot, as after any rebuild of their group's region)
-    built = build_image_region(cfg, image, say, policy="usr" if policy == "observed"
-                               else policy)
+    trees = import_image(cfg, image, say)
+    built = build.build_region(cfg, GROUP, policy="usr" if policy == "observed" else policy,
+                               trees_wanted=trees)
     for p in (WORK.parent, WORK, cfg.state_dir, cfg.regions_dir, cfg.regions_dir / "images",
               cfg.regions_dir / "groups"):
         p.chmod(0o755)
@@ -489,7 +490,8 @@ def setup(conn: Any, domain_type: str, policy: str) -> Setup:
     disk = prepare_disk(conn, image, cfg, spec, domain_type)
     if policy == "observed":
         seen = scout_page_cache(conn, disk, cfg, domain_type)
-        built = build_image_region(cfg, image, say, policy="observed", observed=seen)
+        built = build.build_region(cfg, GROUP, policy="observed", trees_wanted=trees,
+                                   observed=seen)
         spec = enrol.resolve_region(cfg, GROUP, "nvdimm")
         say(f"region {built.path} (observed policy, {len(seen)} paths cached): "
             f"{built.files} files, {built.size >> 20} MiB")

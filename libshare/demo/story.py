@@ -258,19 +258,23 @@ class _Clock:
         self.say(f"[{self.elapsed():5.0f} s] {msg}")
 
 
-def build_image_region(cfg: Config, image: DebianImage, say: Callable[[str], None],
-                       policy: str = DEMO_POLICY,
-                       observed: set[str] | None = None) -> build.BuildResult:
+def import_image(cfg: Config, image: DebianImage, say: Callable[[str], None]) -> list[str]:
     """Import the Debian image's whole root (read on the host through
-    :func:`~libshare.demo.debian.image.image_root`, read-only) into the store and build
-    the ``demo`` group's region from its tree with ``policy`` (``observed``: the guest
-    paths of that policy); return the build result."""
+    :func:`~libshare.demo.debian.image.image_root`, read-only) into the store; return its
+    tree (``trees_wanted`` of :func:`~libshare.sharing.region.build.build_region`)."""
     with image_root(image, workdir=cfg.state_dir) as root:
         imported = import_tree(cfg.store_dir, [root])
     say(f"imported the image into the store ({imported.files_seen} files, "
         f"{len(imported.added)} new objects)")
-    return build.build_region(cfg, GROUP, policy=policy, trees_wanted=imported.trees,
-                              observed=observed)
+    return imported.trees
+
+
+def build_image_region(cfg: Config, image: DebianImage, say: Callable[[str], None],
+                       policy: str = DEMO_POLICY) -> build.BuildResult:
+    """Import the Debian image (:func:`import_image`) and build the ``demo`` group's
+    region from its tree with ``policy``; return the build result."""
+    return build.build_region(cfg, GROUP, policy=policy,
+                              trees_wanted=import_image(cfg, image, say))
 
 
 #: run inside a guest: the region's device (if mounted), the binds on it (mountinfo:

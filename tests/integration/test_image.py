@@ -31,7 +31,7 @@ import pytest
 from libshare.config import Config
 from libshare.demo.debian.guest import DebianGuest, DebianGuestOptions, defined_debian_guest
 from libshare.demo.debian.image import DebianImage, create_overlay, image_root
-from libshare.demo.story import build_image_region
+from libshare.demo.story import GROUP, build_image_region
 from libshare.redirect import actions
 from libshare.report import region_guest_files
 from libshare.sharing.accounting import smaps
@@ -40,7 +40,6 @@ from tests.support.paths import make_test_dir
 
 pytestmark = pytest.mark.integration
 
-GROUP = "demo"          # the group build_image_region builds
 LIBSHARE = [sys.executable, "-m", "libshare"]
 
 
