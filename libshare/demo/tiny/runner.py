@@ -42,10 +42,11 @@ from libshare.demo.tiny.initramfs import (
 )
 from libshare.demo.tiny.kernel import DEFAULT_MODULES, KernelPackage, fetch_kernel
 
-_END_RE = re.compile(rf"^{END_MARKER} rc=(\d+)\s*$", re.M)
+#: the markers count only as whole lines (the console is read while the guest writes
+#: it: on a busy host "LIBSHARE-READY r" can be all there is of "LIBSHARE-READY read"
+#: yet, and "rc=1" of "rc=12")
+END_LINE = re.compile(rf"^{END_MARKER} rc=(\d+)[ \t\r]*\n", re.M)
 _BEGIN_RE = re.compile(rf"^{BEGIN_MARKER}\s*$", re.M)
-#: only a whole line (the console is read while the guest writes it: on a busy host
-#: "LIBSHARE-READY r" can be all there is of "LIBSHARE-READY read" yet)
 READY_LINE = re.compile(rf"^{READY_MARKER}(?: ([^\r\n]*?))?[ \t\r]*\n", re.M)
 
 
@@ -105,7 +106,7 @@ def parse_console(text: str) -> tuple[str, int | None, float | None]:
     uptime on the booted marker (None if absent)."""
     text = text.replace("\r", "")
     begin = _BEGIN_RE.search(text)
-    end = _END_RE.search(text, begin.end() if begin else 0)
+    end = END_LINE.search(text, begin.end() if begin else 0)
     start = begin.end() + 1 if begin else 0
     output = text[start:end.start()] if end else text[start:]
     booted = re.search(rf"^{BOOTED_MARKER} ([0-9.]+)", text, re.M)
@@ -155,14 +156,14 @@ class RunningGuest(Guest):
         seconds); return the :class:`GuestResult` (``timed_out`` set if neither came)."""
         deadline = time.monotonic() + timeout
         timed_out = False
-        while not _END_RE.search(self.console()) and self.is_active():
+        while not END_LINE.search(self.console()) and self.is_active():
             if time.monotonic() > deadline:
                 timed_out = True
                 break
             time.sleep(POLL_SECONDS)
         # the end marker may be printed just before the guest powers off; give the
         # console a moment to flush when the guest stopped without one
-        if not timed_out and not _END_RE.search(self.console()):
+        if not timed_out and not END_LINE.search(self.console()):
             time.sleep(POLL_SECONDS)
         return self.result(timed_out=timed_out)
 

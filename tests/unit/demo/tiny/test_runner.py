@@ -1,7 +1,7 @@
 """The tiny guest runner's console markers, read while the guest is still writing."""
 
-from libshare.demo.tiny.initramfs import READY_MARKER
-from libshare.demo.tiny.runner import READY_LINE
+from libshare.demo.tiny.initramfs import END_MARKER, READY_MARKER
+from libshare.demo.tiny.runner import END_LINE, READY_LINE
 
 
 def test_ready_marker_needs_its_whole_line() -> None:
@@ -15,3 +15,9 @@ def test_ready_marker_without_text() -> None:
     m = READY_LINE.search(f"{READY_MARKER}\n")
     assert m and (m.group(1) or "") == ""
     assert READY_LINE.search(f"{READY_MARKER}") is None
+
+
+def test_end_marker_needs_its_whole_line() -> None:
+    assert END_LINE.search(f"out\n{END_MARKER} rc=1") is None      # "rc=12" half written
+    m = END_LINE.search(f"out\r\n{END_MARKER} rc=12\r\n")
+    assert m and m.group(1) == "12"
