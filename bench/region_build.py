@@ -93,10 +93,14 @@ def timed_build(cfg: Config, group: str, **kw: Any) -> tuple[float, build.BuildR
 def compare(cfg: Config, repeat: int, plain: Any, **kw: Any) -> dict[str, Any]:
     """Time ``repeat`` region builds and as many plain mkfs runs (``plain()``: seconds
     without and with fsync), alternating; return the medians, every sample, the ratios
-    and the last build's result (key ``res``)."""
+    and the last build's result (key ``res``). The previous build's image is removed
+    before the next build (untimed, as plain mkfs's output is): otherwise the next build
+    finds its image already published and times the removal of its own copy."""
     builds, mkfs, mkfs_sync = [], [], []
     res = None
     for i in range(repeat):
+        if res is not None:     # each build writes a new image, as each mkfs a new file
+            Path(res.path).unlink()
         t, res = timed_build(cfg, f"bench{i}", **kw)
         builds.append(round(t, 3))
         a, b = plain()

@@ -225,7 +225,13 @@ class ImportResult:
 
 def object_path(store_dir: Path, sha256: str) -> Path:
     """Return where the object with hex SHA-256 ``sha256`` lives in the store."""
-    return store_dir / "objects" / sha256[:2] / sha256
+    return Path(object_file(store_dir, sha256))
+
+
+def object_file(store_dir: Path, sha256: str) -> str:
+    """Return :func:`object_path` as a string (no Path made: a region build asks for
+    tens of thousands)."""
+    return f"{os.fspath(store_dir)}/objects/{sha256[:2]}/{sha256}"
 
 
 def index_path(store_dir: Path) -> Path:
@@ -677,16 +683,26 @@ def check_object(store_dir: Path, entry: StoreEntry) -> str | None:
     Cheap (one ``stat``): the bytes are not hashed here; :func:`corrupt_object_problem`
     words the error for an object whose SHA-256 turned out wrong.
     """
-    path = object_path(store_dir, entry.sha256)
     try:
-        size = path.stat().st_size
+        stat_object(store_dir, entry)
+    except LibshareError as exc:
+        return str(exc)
+    return None
+
+
+def stat_object(store_dir: Path, entry: StoreEntry) -> os.stat_result:
+    """Return the stat of ``entry``'s object file (one ``stat``, no hashing); raises
+    LibshareError if it is missing, unreadable or not of the indexed size."""
+    try:
+        st = os.stat(object_file(store_dir, entry.sha256))
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            return f"object {entry.sha256} missing from the store"
-        return f"object {entry.sha256}: {exc.strerror}"
-    if size != entry.size:
-        return f"object {entry.sha256} has size {size}, index says {entry.size}"
-    return None
+            raise LibshareError(f"object {entry.sha256} missing from the store") from exc
+        raise LibshareError(f"object {entry.sha256}: {exc.strerror}") from exc
+    if st.st_size != entry.size:
+        raise LibshareError(f"object {entry.sha256} has size {st.st_size}, index says "
+                            f"{entry.size}")
+    return st
 
 
 def corrupt_object_problem(entry: StoreEntry, actual: str) -> str:

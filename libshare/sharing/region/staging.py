@@ -81,7 +81,7 @@ class MemoryStaging(Staging):
 
     def _parent(self, rpath: str, make: bool) -> tuple[ew.Dir, bytes]:
         """Return the directory holding ``rpath`` (made where ``make``) and its name."""
-        parts = [os.fsencode(p) for p in rpath.split("/") if p]
+        parts = [p for p in os.fsencode(rpath).split(b"/") if p]
         if not parts:
             raise LibshareError(f"region build: bad region path {rpath!r}")
         d = self.root

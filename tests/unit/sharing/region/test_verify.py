@@ -133,7 +133,7 @@ def test_verify_catches_text_manifest_mismatch(tmp_path: Path,
     a, b = entries[0], entries[1]
     swapped = f"{a.sha256}\t{a.size}\t{layout.fs_path(b)}\t{sorted(a.paths)[0]}"
     monkeypatch.setattr(build, "tsv_manifest_bytes",
-                        lambda e, skip=frozenset(): (swapped + "\n").encode())
+                        lambda e, skip=frozenset(), rpaths=None: (swapped + "\n").encode())
     res = build.build_region(cfg, "web")
     problem = verify.verify(res.path)
     assert problem and "manifest.tsv line 1" in problem, problem
