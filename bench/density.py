@@ -365,6 +365,9 @@ class Setup:
     region: dict[str, Any]
     #: seconds after its boot each guest compacts its memory (None: never; --compact)
     compact_after: float | None = None
+    #: the free page reporting order each guest is set to once booted (None: the
+    #: kernel's, pageblock_order 9 = 2 MiB; --report-order)
+    report_order: int | None = None
 
 
 def prepared_key(image: Any, digest: str) -> str:
@@ -680,6 +683,11 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
                 # until the run ends (stop), which is never later than this bound
                 loads[g.name] = LoadGenerator(port, t0 + BOOT_TIMEOUT + duration + 60, stop)
                 loads[g.name].start()
+            if st.report_order is not None:
+                # report free blocks from 2^order pages up (the kernel's default is 2
+                # MiB: a guest's scattered free pages cost the host as used ones)
+                guest_sh(g, f"echo {st.report_order} > "
+                            "/sys/module/page_reporting/parameters/page_reporting_order")
             if st.compact_after is not None and not stop.wait(st.compact_after):
                 # free whole 2 MiB blocks: free page reporting gives the host back only
                 # those, and a guest's scattered free pages cost the host as used ones
@@ -744,7 +752,7 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
             if g.name in booted:
                 views[g.name] = guest_view(g.domain, timeout=60)
     record = {"arm": arm, "workload": workload, "n": n, "duration_s": duration,
-              "compacted_at_s": compacted,
+              "compacted_at_s": compacted, "report_order": st.report_order,
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
               "boot_s": {name.rsplit("-", 1)[1]: round(v, 1) for name, v in booted.items()},
               "errors": errors, "other_running_guests": other_guests(conn, mine),
@@ -934,6 +942,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compact", type=float, metavar="SECONDS",
                    help="each guest compacts its memory this long after its boot "
                         "(echo 1 > /proc/sys/vm/compact_memory; default: never)")
+    p.add_argument("--report-order", type=int, metavar="ORDER", choices=range(0, 10),
+                   help="each guest, once booted, reports free blocks of 2^ORDER pages "
+                        "and up to the host (page_reporting.page_reporting_order; "
+                        "default: the kernel's 9, 2 MiB)")
     p.add_argument("--out", type=Path, help="results folder (bench/results/density[-quick])")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
@@ -955,6 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     with api.connect("qemu:///system") as conn:
         st = setup(conn, domain_type, args.policy)
         st.compact_after = args.compact
+        st.report_order = args.report_order
         for arm, w, n in plan:
             try:
                 try:
