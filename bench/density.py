@@ -837,7 +837,11 @@ def markdown(doc: dict[str, Any]) -> str:
              "against `none` (`hp-none` for hugepage arms) at the same workload and N.", "",
              f"Region of the `libshare` arms: {doc['region'].get('files')} files, "
              f"{doc['region'].get('size', 0) >> 20} MiB, the "
-             f"`{doc['region'].get('policy', 'libraries')}` policy.", ""]
+             f"`{doc['region'].get('policy', 'libraries')}` policy.", "",
+             "Free page reporting (the guests' page_reporting_order): "
+             + ("the kernel's, 2 MiB blocks" if doc.get("report_order") is None else
+                f"order {doc['report_order']}, blocks of {4 << doc['report_order']} KiB "
+                "and up (--report-order)") + ".", ""]
     for w in sorted({r["workload"] for r in doc["summary"]}):
         lines.append(f"- `{w}`: {WORKLOAD_TEXT[w]}")
     lines += ["", "| arm | workload | N | boot s | after boot MiB | end MiB | saving MiB | "
@@ -983,7 +987,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"plan": "quick" if args.quick else ("custom" if args.arms or args.n else "full"),
            "command": reproduce_command("bench.density"), "machine": machine(),
            "domain_type": domain_type, "duration_s": duration, "region": st.region,
-           "workloads": WORKLOAD_TEXT, "summary": summarise(runs), "failed": failed,
+           "report_order": st.report_order, "workloads": WORKLOAD_TEXT, "summary": summarise(runs), "failed": failed,
            "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "density.json").write_text(json.dumps(doc, indent=1) + "\n")
