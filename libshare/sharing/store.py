@@ -677,22 +677,13 @@ def remove_objects(store_dir: Path, items: Iterable[str],
     return result
 
 
-def check_object(store_dir: Path, entry: StoreEntry) -> str | None:
-    """Return a problem with ``entry``'s object file (missing, wrong size), or None.
+def stat_object(store_dir: Path, entry: StoreEntry) -> os.stat_result:
+    """Return the stat of ``entry``'s object file; raises LibshareError if it is
+    missing, unreadable or not of the indexed size.
 
     Cheap (one ``stat``): the bytes are not hashed here; :func:`corrupt_object_problem`
     words the error for an object whose SHA-256 turned out wrong.
     """
-    try:
-        stat_object(store_dir, entry)
-    except LibshareError as exc:
-        return str(exc)
-    return None
-
-
-def stat_object(store_dir: Path, entry: StoreEntry) -> os.stat_result:
-    """Return the stat of ``entry``'s object file (one ``stat``, no hashing); raises
-    LibshareError if it is missing, unreadable or not of the indexed size."""
     try:
         st = os.stat(object_file(store_dir, entry.sha256))
     except OSError as exc:

@@ -290,7 +290,8 @@ def store_consistent(sdir: Path) -> None:
     index = load_index(sdir)
     stored = {p.name for p in (sdir / "objects").rglob("*") if p.is_file()}
     assert stored == set(index.entries), (len(stored), len(index.entries))
-    assert all(store.check_object(sdir, e) is None for e in index.entries.values())
+    for e in index.entries.values():
+        store.stat_object(sdir, e)         # raises for one missing or of another size
     assert not (sdir / "tmp").is_dir() or list((sdir / "tmp").iterdir()) == []
 
 
