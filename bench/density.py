@@ -752,7 +752,7 @@ def _run_guests(conn: Any, st: Setup, arm: str, workload: str, n: int, duration:
             if g.name in booted:
                 views[g.name] = guest_view(g.domain, timeout=60)
     record = {"arm": arm, "workload": workload, "n": n, "duration_s": duration,
-              "compacted_at_s": compacted, "report_order": st.report_order,
+              "compacted_at_s": compacted,
               "loadavg_start": load_start, "loadavg_end": os.getloadavg(),
               "boot_s": {name.rsplit("-", 1)[1]: round(v, 1) for name, v in booted.items()},
               "errors": errors, "other_running_guests": other_guests(conn, mine),
@@ -987,8 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"plan": "quick" if args.quick else ("custom" if args.arms or args.n else "full"),
            "command": reproduce_command("bench.density"), "machine": machine(),
            "domain_type": domain_type, "duration_s": duration, "region": st.region,
-           "report_order": st.report_order, "workloads": WORKLOAD_TEXT, "summary": summarise(runs), "failed": failed,
-           "runs": runs}
+           "report_order": st.report_order, "workloads": WORKLOAD_TEXT,
+           "summary": summarise(runs), "failed": failed, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "density.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "density.md").write_text(markdown(doc))
